@@ -1,0 +1,270 @@
+"""Weights in and out: Hugging Face safetensors checkpoints, and orbax for our own layout.
+
+`load_hf_params` streams. Each leaf is built with `jax.make_array_from_callback`, whose
+callback is asked for one device shard at a time (an index in *our* layout) and reads only
+what that shard needs from the memory-mapped safetensors files: for stacked block leaves, only
+the layers on the shard's slice of the leading L axis. With pipeline shardings such as
+`P('pp', None, 'tp', None)` a stage therefore reads only its own layers, and the host never
+holds more than one leaf's local shards at once, let alone a second copy of the model.
+
+Everything is validated (tensor present, HF shape as `config.json` implies) before the first
+byte of weights is read, so a wrong checkpoint fails in a second with a one-line `JaxppError`
+instead of an XLA shape error minutes into a load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from jaxpp.errors import JaxppError
+from jaxpp.model import params as params_lib
+from jaxpp.model.config import LlamaConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _existing_dir(ckpt_dir) -> pathlib.Path:
+  d = pathlib.Path(ckpt_dir)
+  if not d.is_dir():
+    raise JaxppError(f"checkpoint directory {d} does not exist")
+  return d
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxppError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                     ) from None
+  if not isinstance(data, dict):
+    raise JaxppError(f"{path}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def load_config(ckpt_dir) -> LlamaConfig:
+  """The architecture from `config.json`; `generation_config.json` (if any) adds EOS ids.
+
+  Chat models list their end-of-turn tokens only in `generation_config.json`, so it is read
+  too; without it generation would run past the end of a reply.
+  """
+  d = _existing_dir(ckpt_dir)
+  config_path = d / "config.json"
+  if not config_path.is_file():
+    raise JaxppError(f"checkpoint {d}: no config.json")
+  generation_path = d / "generation_config.json"
+  generation = _read_json(generation_path) if generation_path.is_file() else None
+  return LlamaConfig.from_hf(_read_json(config_path), generation=generation,
+                             source=str(config_path))
+
+
+# --- Hugging Face safetensors ----------------------------------------------------------------
+
+
+def _tensor_files(d: pathlib.Path) -> dict[str, pathlib.Path] | pathlib.Path:
+  """Tensor name -> file for a sharded checkpoint, or the one file of an unsharded one."""
+  single, index = d / SINGLE_FILE, d / INDEX_FILE
+  if single.is_file():
+    return single
+  if not index.is_file():
+    raise JaxppError(f"checkpoint {d}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+  weight_map = _read_json(index).get("weight_map")
+  if not isinstance(weight_map, dict):
+    raise JaxppError(f"{index}: no 'weight_map' object")
+  files = {name: d / fname for name, fname in weight_map.items()}
+  for fname in sorted(set(weight_map.values())):
+    if not (d / fname).is_file():
+      raise JaxppError(f"checkpoint {d}: {INDEX_FILE} names missing file {fname!r}")
+  return files
+
+
+def _host_device() -> jax.Device:
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    raise JaxppError("loading safetensors needs JAX's cpu backend; add 'cpu' to "
+                     "JAX_PLATFORMS (e.g. JAX_PLATFORMS=cuda,cpu)") from None
+
+
+class _Reader:
+  """Keeps safetensors files open (memory-mapped, once each) and reads one tensor at a time.
+
+  safetensors' numpy framework cannot return bfloat16, so the flax framework is used with
+  the CPU device as default: tensors land in host memory and `np.asarray` views them as
+  ml_dtypes arrays, which are then sliced and cast on the host before placement.
+  """
+
+  def __init__(self, d: pathlib.Path, stack: contextlib.ExitStack):
+    self._dir = d
+    self._stack = stack
+    self._files = _tensor_files(d)
+    self._handles: dict[pathlib.Path, Any] = {}
+    self._host = _host_device()
+    if isinstance(self._files, pathlib.Path):
+      self._names = set(self._open(self._files).keys())
+    else:
+      self._names = set(self._files)
+
+  def _open(self, file: pathlib.Path):
+    if file not in self._handles:
+      with jax.default_device(self._host):
+        self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="flax"))
+    return self._handles[file]
+
+  def _slice(self, name: str):
+    file = self._files if isinstance(self._files, pathlib.Path) else self._files[name]
+    try:
+      return self._open(file).get_slice(name)
+    except SafetensorError:  # only possible when the index lies about which file holds it
+      raise JaxppError(f"checkpoint {self._dir}: {INDEX_FILE} maps tensor {name!r} to "
+                       f"{file.name!r}, which does not contain it") from None
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    if name not in self._names:
+      raise JaxppError(f"checkpoint {self._dir}: missing tensor {name!r}")
+    return tuple(self._slice(name).get_shape())
+
+  def read(self, name: str) -> np.ndarray:
+    with jax.default_device(self._host):
+      return np.asarray(self._slice(name)[:])
+
+
+def _hf_names(path: params_lib.Path, cfg: LlamaConfig) -> list[str]:
+  src = params_lib.HF_SOURCES[path]
+  if src.stacked:
+    return [src.name.format(i=i) for i in range(cfg.num_layers)]
+  return [src.name]
+
+
+def _validate(reader: _Reader, cfg: LlamaConfig, d: pathlib.Path) -> None:
+  """Every tensor the config implies is present with the shape the config implies."""
+  for path in params_lib.leaf_shapes(cfg):
+    want = params_lib.hf_shape(path, cfg)
+    for name in _hf_names(path, cfg):
+      got = reader.shape(name)
+      if got != want:
+        raise JaxppError(f"checkpoint {d}: tensor {name!r} has shape {got} but config.json "
+                         f"implies {want}")
+
+
+def _leaf_callback(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype: np.dtype,
+                   shape: tuple[int, ...], layer_index: np.ndarray):
+  """The `make_array_from_callback` callback for one leaf: index in our layout -> host data.
+
+  Stacked leaves lead with `layer_index.shape` (e.g. [L], or [pp, v, layers_per_chunk] for
+  a pipeline): the callback reads only the model layers its shard's slice of those axes
+  names, and fills padding slots (-1) with zeros. Shards that share an index (replication,
+  e.g. over 'tp' for a norm scale) are read once; the memo lives only while this leaf is
+  being built.
+  """
+  src = params_lib.HF_SOURCES[path]
+  memo: dict[tuple, np.ndarray] = {}
+  lead = layer_index.ndim if src.stacked else 0
+
+  def callback(index: tuple[slice, ...]) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    key = tuple(s.indices(n) for s, n in zip(index, shape))  # slices are unhashable on 3.11
+    if key not in memo:
+      if src.stacked:  # read only the layers on this shard's slice of the layer axes
+        layers = layer_index[index[:lead]]
+        rest = tuple(len(range(*k)) for k in key[lead:])
+        out = np.zeros(layers.shape + rest, dtype)
+        for pos, i in np.ndenumerate(layers):
+          if i >= 0:
+            out[pos] = src.to_ours(reader.read(src.name.format(i=i)), cfg)[index[lead:]]
+        memo[key] = out
+      else:
+        memo[key] = src.to_ours(reader.read(src.name), cfg)[index].astype(dtype)
+    return memo[key]
+
+  return callback
+
+
+def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
+                   layer_index: np.ndarray | None = None) -> dict:
+  """Reads a HF Llama safetensors checkpoint into our params pytree, placed as asked.
+
+  Args:
+    ckpt_dir: directory with `model.safetensors` or `model.safetensors.index.json` + shards.
+    cfg: the architecture (usually `load_config(ckpt_dir)`); shapes are checked against it.
+    dtype: dtype of the weight leaves; norm scales are always float32.
+    shardings: a pytree like the params of `jax.sharding.Sharding`s, or None for everything
+      on `jax.devices()[0]`.
+    layer_index: int array giving the model layer at each slot of the stacked leaves'
+      leading axes (-1 = zero padding); default `arange(L)`. A pipeline passes
+      `Partition.layer_index()` ([pp, v, layers_per_chunk]).
+
+  Returns a nested dict with the structure of `params.abstract_params(cfg, dtype)`. With tied
+  embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the files is ignored).
+  """
+  d = _existing_dir(ckpt_dir)
+  layer_index = np.arange(cfg.num_layers) if layer_index is None else np.asarray(layer_index)
+  abstract = params_lib.flatten(params_lib.abstract_params(cfg, dtype, layer_index.shape))
+  if shardings is None:
+    flat_shardings = {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in abstract}
+  else:
+    flat_shardings = params_lib.flatten(shardings)
+    if set(flat_shardings) != set(abstract):
+      missing = sorted("/".join(p) for p in set(abstract) - set(flat_shardings))
+      extra = sorted("/".join(p) for p in set(flat_shardings) - set(abstract))
+      raise JaxppError(f"shardings do not match the params tree: missing {missing}, "
+                       f"unexpected {extra}")
+  out = {}
+  with contextlib.ExitStack() as stack:
+    reader = _Reader(d, stack)
+    _validate(reader, cfg, d)
+    for path, aval in abstract.items():
+      callback = _leaf_callback(reader, path, cfg, np.dtype(aval.dtype), aval.shape,
+                                layer_index)
+      out[path] = jax.make_array_from_callback(aval.shape, flat_shardings[path], callback)
+  return params_lib.nest(out)
+
+
+# --- orbax -----------------------------------------------------------------------------------
+
+
+def _orbax_path(path) -> str:
+  """orbax wants absolute paths; remote URLs (gs://...) pass through untouched."""
+  s = os.fspath(path)
+  return s if "://" in s else str(pathlib.Path(s).expanduser().resolve())
+
+
+def save_params(path, params, *, force: bool = False) -> None:
+  """Writes params (any sharding) as an orbax checkpoint; blocks until it is on disk.
+
+  A converted checkpoint restores straight onto a pipeline's shardings, skipping the
+  per-layer transposes of the HF path. An existing `path` is an error unless `force`.
+  """
+  import orbax.checkpoint as ocp  # imported lazily: orbax pulls in a lot at import time
+
+  target = _orbax_path(path)
+  if not force and "://" not in target and os.path.exists(target):
+    raise JaxppError(f"orbax checkpoint {target} already exists (pass force=True to overwrite)")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, params, force=force)
+    ckptr.wait_until_finished()
+
+
+def restore_params(path, target) -> dict:
+  """Restores params saved by `save_params` onto `target`'s shapes, dtypes and shardings.
+
+  `target` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, e.g.
+  `params.abstract_params(cfg, dtype)` with shardings attached; each device reads only its
+  own shard, so the restore sharding need not match the one that was saved.
+  """
+  import orbax.checkpoint as ocp
+
+  source = _orbax_path(path)
+  if "://" not in source and not os.path.isdir(source):
+    raise JaxppError(f"orbax checkpoint {source} does not exist")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(source, target)

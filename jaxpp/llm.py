@@ -1,0 +1,215 @@
+"""`jaxpp.LLM`: load a checkpoint once, generate completions for batches of prompts.
+
+The user-facing front of the library. It turns prompts (text or token ids) into padded
+arrays, runs prefill and then decode chunks until every row is finished, and turns the
+emitted ids back into `Completion`s. The programs underneath are the pipeline's (`pipeline.py`),
+for every layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpp import checkpoint, generate, partition, pipeline, sampling
+from jaxpp import mesh as mesh_lib
+from jaxpp.errors import JaxppError
+from jaxpp.model import params as params_lib
+from jaxpp.model.config import LlamaConfig
+from jaxpp.tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass
+class Completion:
+  """One prompt's result. `finish_reason` is "stop" (a stop token) or "length"."""
+
+  token_ids: list[int]
+  text: str | None
+  finish_reason: str
+  prompt_tokens: int
+
+
+def resolve_dtype(name: str):
+  if name not in DTYPES:
+    raise JaxppError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Pads lengths to powers of two so a handful of programs serve every prompt length."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class LLM:
+  """A model placed on a (pp x tp) mesh from a Hugging Face checkpoint, ready to generate.
+
+  Every layout, pp = tp = 1 included, runs through the pipeline executor; the single-device
+  reference in `generate.py` exists to check it.
+  """
+
+  def __init__(self, checkpoint_dir: str | pathlib.Path, *, pp: int = 1, tp: int = 1,
+               virtual_stages: int = 1, microbatches: int | None = None,
+               layer_split: str = "even", dtype: str = "bfloat16",
+               max_len: int | None = None, decode_chunk: int = 16, devices=None):
+    config = checkpoint.load_config(checkpoint_dir)
+    pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
+                         microbatches=microbatches, layer_split=layer_split, devices=devices)
+    params = checkpoint.load_hf_params(checkpoint_dir, config, resolve_dtype(dtype),
+                                       shardings=pipe.param_shardings(),
+                                       layer_index=pipe.partition.layer_index())
+    self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
+                decode_chunk)
+
+  @classmethod
+  def from_params(cls, config: LlamaConfig, params, *, tokenizer: Tokenizer | None = None,
+                  max_len: int | None = None, decode_chunk: int = 16, **layout) -> "LLM":
+    """Places params held in the plain [L, ...] layout (random weights, tests) on a mesh."""
+    pipe = make_pipeline(config, **layout)
+    index = pipe.partition.layer_index()
+
+    def restack(path, leaf):
+      if path[0] != "blocks":
+        return leaf
+      host = np.asarray(leaf)
+      return np.where((index >= 0).reshape(index.shape + (1,) * (host.ndim - 1)),
+                      host[np.maximum(index, 0)], 0).astype(host.dtype)
+
+    flat = params_lib.flatten(params)
+    shardings = params_lib.flatten(pipe.param_shardings())
+    placed = {p: jax.device_put(restack(p, x), shardings[p]) for p, x in flat.items()}
+    self = cls.__new__(cls)
+    self._setup(config, pipe, params_lib.nest(placed), tokenizer, max_len, decode_chunk)
+    return self
+
+  def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
+    self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
+    self.dtype = params["embed"].dtype
+    limit = config.max_position_embeddings
+    self.max_len = max_len or min(limit, 4096)
+    if self.max_len > limit:
+      raise JaxppError(f"max_len={self.max_len} exceeds the model's "
+                       f"max_position_embeddings={limit}")
+    if decode_chunk < 1:
+      raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
+    self.decode_chunk = decode_chunk
+
+  def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Token ids for each prompt; text needs the checkpoint's tokenizer.json."""
+    ids = []
+    for i, p in enumerate(prompts):
+      if isinstance(p, str):
+        if self.tokenizer is None:
+          raise JaxppError("text prompts need a tokenizer.json in the checkpoint; "
+                           "pass token ids instead")
+        p = self.tokenizer.encode(p)
+      p = [int(t) for t in p]
+      if not p:
+        raise JaxppError(f"prompt {i} is empty")
+      bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+      if bad:
+        raise JaxppError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                         f"[0, {self.config.vocab_size})")
+      if len(p) >= self.max_len:
+        raise JaxppError(f"prompt {i} has {len(p)} tokens; the context (max_len) is "
+                         f"{self.max_len}, leaving no room to generate")
+      ids.append(p)
+    return ids
+
+  def _prefill(self, ids: list[list[int]], params_s: sampling.SamplingParams, *,
+               with_logits: bool = False):
+    """Splits prompts into micro-batches and runs the pipeline's prefill over them."""
+    B, M = len(ids), self.pipeline.microbatches
+    lengths = np.array([len(p) for p in ids], np.int32)
+    tokens = np.zeros((B, min(bucket(int(lengths.max())), self.max_len)), np.int32)
+    for i, p in enumerate(ids):
+      tokens[i, :len(p)] = p
+    mb = lambda a, fill: jnp.asarray(pipeline.to_microbatches(np.asarray(a), M, fill))
+    params_s = sampling.SamplingParams(*(mb(a, 0) for a in params_s))
+    lengths_mb = mb(lengths, 1)
+    cache = self.pipeline.init_cache(lengths_mb.shape[1], self.max_len, self.dtype)
+    out = self.pipeline.prefill(self.params, cache, mb(tokens, 0), lengths_mb, params_s,
+                                do_sample=params_s.needs_sampling(), with_logits=with_logits)
+    return out, lengths_mb, params_s
+
+  def prompt_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
+    """f32[B, V]: next-token logits after each prompt (the distribution of token one)."""
+    ids = self.encode(prompts)
+    (_, _, logits), _, _ = self._prefill(ids, sampling.SamplingParams.make(len(ids)),
+                                         with_logits=True)
+    return np.asarray(logits).reshape(-1, logits.shape[-1])[:len(ids)]
+
+  def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
+               temperature=0.0, top_k=0, top_p=1.0, seed=0) -> list[Completion]:
+    """One completion per prompt. Sampling knobs are scalars or one value per prompt."""
+    if max_new_tokens < 1:
+      raise JaxppError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    ids = self.encode(prompts)
+    B = len(ids)
+    params_s = sampling.SamplingParams.make(B, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, seed=seed)
+    do_sample = params_s.needs_sampling()
+    (first, cache), lengths, params_s = self._prefill(ids, params_s)
+    eos = self.config.eos_token_ids
+    max_new = pipeline.to_microbatches(np.full(B, max_new_tokens, np.int32),
+                                       self.pipeline.microbatches, 1)
+    state = generate.start_state(first, lengths, jnp.asarray(max_new), eos, self.max_len)
+    out = [np.asarray(first)[..., None]]
+    while not bool(jnp.all(state.done)):
+      cache, state, emitted = self.pipeline.decode(
+          self.params, cache, state, params_s, steps=self.decode_chunk,
+          do_sample=do_sample, eos_ids=eos)
+      out.append(np.asarray(emitted))
+    rows = np.concatenate(out, -1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    return [self._completion(row, len(p)) for row, p in zip(rows[:B], ids)]
+
+  def _completion(self, row: np.ndarray, prompt_tokens: int) -> Completion:
+    ids = [int(t) for t in row if t >= 0]
+    reason = "stop" if ids and ids[-1] in self.config.eos_token_ids else "length"
+    text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+    return Completion(ids, text, reason, prompt_tokens)
+
+
+def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,
+                  microbatches: int | None = None, layer_split: str = "even",
+                  devices=None) -> pipeline.Pipeline:
+  """Checks a layout and builds its pipeline; every mistake is reported before compiling.
+
+  `devices` defaults to the first pp*tp devices, so a small layout runs on a big host.
+  `microbatches` defaults to pp (the fewest that keep the decode ring full).
+  `layer_split` is "even", "balanced" (parameter counts: the embedding weighs on the first
+  chunk and the LM head on the last), or explicit per-chunk counts like "21,20,20,19".
+  """
+  m = pp if microbatches is None else microbatches
+  if devices is None:
+    available = jax.devices()
+    if pp * tp > len(available):
+      raise JaxppError(f"pp*tp = {pp}*{tp} = {pp * tp} but only {len(available)} devices "
+                       "are available")
+    devices = available[:pp * tp]
+  mesh = mesh_lib.make_mesh(pp=pp, tp=tp, devices=devices)
+  pipeline.check_microbatches(pp, m, virtual_stages)
+  L = config.num_layers
+  if layer_split == "even":
+    part = partition.even(L, pp, virtual_stages)
+  elif layer_split == "balanced":
+    block = config.block_param_count()
+    vocab = config.vocab_size * config.hidden_size
+    part = partition.balanced(L, pp, virtual_stages, layer_cost=block, embed_cost=vocab,
+                              head_cost=vocab)
+  else:
+    part = partition.explicit(layer_split, L, pp, virtual_stages)
+  return pipeline.Pipeline(config, mesh, part, m)
+
+
+def devices_summary() -> str:
+  """One line naming the backend and devices, for logs."""
+  devs = jax.devices()
+  return f"{len(devs)} x {devs[0].platform} ({devs[0].device_kind})"

@@ -1,0 +1,160 @@
+"""The parameter pytree of a Llama-family model: its shapes and where each leaf comes from.
+
+Layout (dimension alphabet: L layers, D model, F ffn, N/K query/kv heads, H head dim, V vocab):
+
+    embed                 [V, D]
+    blocks/attn_norm/scale [L, D]
+    blocks/attn/wq        [L, D, N, H]      blocks/attn/wk, wv  [L, D, K, H]
+    blocks/attn/wo        [L, N, H, D]
+    blocks/mlp_norm/scale [L, D]
+    blocks/mlp/w_gate     [L, D, F]         blocks/mlp/w_up     [L, D, F]
+    blocks/mlp/w_down     [L, F, D]
+    final_norm/scale      [D]
+    lm_head               [D, V]            (absent when embeddings are tied)
+
+Block leaves are stacked along a leading layer axis so a pipeline stage can `lax.scan` over
+its own slice; `blocks` indexed at one layer is exactly the params of `model.llama.Block`.
+Each leaf is stored input-dim first so the einsums read `'BTD,DNH->BTNH'` and tensor
+parallelism shards the head / ffn axis. Hugging Face stores `[out, in]`; `HF_SOURCES` says
+which HF tensor each leaf comes from and how to turn one layer of it into ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxpp.model.config import LlamaConfig
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+  """One leaf's origin: the HF tensor name (with `{i}` for the layer) and the conversion."""
+
+  name: str
+  to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+  stacked: bool  # True for per-layer tensors stacked along our leading L axis
+
+
+def _heads(n_attr: str):
+  def convert(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H, D] -> [D, n, H]
+    return w.T.reshape(c.hidden_size, getattr(c, n_attr), c.head_dim)
+  return convert
+
+
+def _out_proj(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [D, N*H] -> [N, H, D]
+  return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _transpose(w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+  del c
+  return w.T
+
+
+def _same(w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+  del c
+  return w
+
+
+_LAYER = "model.layers.{i}."
+HF_SOURCES: dict[Path, HFSource] = {
+    ("embed",): HFSource("model.embed_tokens.weight", _same, False),
+    ("blocks", "attn_norm", "scale"): HFSource(_LAYER + "input_layernorm.weight", _same, True),
+    ("blocks", "attn", "wq"): HFSource(_LAYER + "self_attn.q_proj.weight", _heads("num_heads"),
+                                       True),
+    ("blocks", "attn", "wk"): HFSource(_LAYER + "self_attn.k_proj.weight",
+                                       _heads("num_kv_heads"), True),
+    ("blocks", "attn", "wv"): HFSource(_LAYER + "self_attn.v_proj.weight",
+                                       _heads("num_kv_heads"), True),
+    ("blocks", "attn", "wo"): HFSource(_LAYER + "self_attn.o_proj.weight", _out_proj, True),
+    ("blocks", "mlp_norm", "scale"): HFSource(_LAYER + "post_attention_layernorm.weight",
+                                              _same, True),
+    ("blocks", "mlp", "w_gate"): HFSource(_LAYER + "mlp.gate_proj.weight", _transpose, True),
+    ("blocks", "mlp", "w_up"): HFSource(_LAYER + "mlp.up_proj.weight", _transpose, True),
+    ("blocks", "mlp", "w_down"): HFSource(_LAYER + "mlp.down_proj.weight", _transpose, True),
+    ("final_norm", "scale"): HFSource("model.norm.weight", _same, False),
+    ("lm_head",): HFSource("lm_head.weight", _transpose, False),
+}
+
+
+def leaf_shapes(c: LlamaConfig) -> dict[Path, tuple[int, ...]]:
+  """Our shape for every leaf (stacked leaves include the leading L)."""
+  L, D, F, N, K, H, V = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
+                         c.num_kv_heads, c.head_dim, c.vocab_size)
+  shapes = {
+      ("embed",): (V, D),
+      ("blocks", "attn_norm", "scale"): (L, D),
+      ("blocks", "attn", "wq"): (L, D, N, H),
+      ("blocks", "attn", "wk"): (L, D, K, H),
+      ("blocks", "attn", "wv"): (L, D, K, H),
+      ("blocks", "attn", "wo"): (L, N, H, D),
+      ("blocks", "mlp_norm", "scale"): (L, D),
+      ("blocks", "mlp", "w_gate"): (L, D, F),
+      ("blocks", "mlp", "w_up"): (L, D, F),
+      ("blocks", "mlp", "w_down"): (L, F, D),
+      ("final_norm", "scale"): (D,),
+      ("lm_head",): (D, V),
+  }
+  if c.tie_word_embeddings:
+    del shapes[("lm_head",)]
+  return shapes
+
+
+def hf_shape(path: Path, c: LlamaConfig) -> tuple[int, ...]:
+  """The shape the HF tensor behind `path` must have (one layer for stacked leaves)."""
+  ours = leaf_shapes(c)[path]
+  if HF_SOURCES[path].stacked:
+    ours = ours[1:]
+  if path[-1] in ("wq", "wk", "wv"):
+    return (ours[1] * ours[2], ours[0])
+  if path[-1] == "wo":
+    return (ours[2], ours[0] * ours[1])
+  if len(ours) == 2 and path != ("embed",):
+    return (ours[1], ours[0])
+  return ours
+
+
+def nest(flat: dict[Path, object]) -> dict:
+  """{('a','b'): x} -> {'a': {'b': x}}."""
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return tree
+
+
+def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
+  """Inverse of `nest`."""
+  flat: dict[Path, object] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, prefix + (key,)))
+    else:
+      flat[prefix + (key,)] = value
+  return flat
+
+
+def abstract_params(c: LlamaConfig, dtype, layer_axes: tuple[int, ...] | None = None) -> dict:
+  """The params pytree as `jax.ShapeDtypeStruct`s (norm scales kept in float32).
+
+  `layer_axes` replaces the leading [L] of block leaves, e.g. (pp, v, layers_per_chunk).
+  """
+  shapes = leaf_shapes(c)
+  if layer_axes is not None:
+    shapes = {p: (tuple(layer_axes) + s[1:] if p[0] == "blocks" else s)
+              for p, s in shapes.items()}
+  return nest({p: jax.ShapeDtypeStruct(s, np.float32 if p[-1] == "scale" else dtype)
+               for p, s in shapes.items()})
+
+
+def param_bytes(params) -> int:
+  """Total bytes of a params pytree (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(params))

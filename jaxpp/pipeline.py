@@ -1,0 +1,294 @@
+"""The pipeline executor: one jitted program per phase over a (dp, pp, tp) mesh.
+
+Inside `jax.shard_map`, manual over 'pp' only, every device runs the same tick loop over a
+`schedule.Schedule` table. At tick t device s looks up (micro-batch j, local chunk r, round
+k), scans its own layers of chunk r for micro-batch j (tensor parallelism over 'tp' is left
+to GSPMD inside the stage), and `ppermute`s the result one device on around the ring. Stage
+params and the KV cache never leave their devices.
+
+Prefill pushes each micro-batch's prompt through all chunks once. Decode is a ring: the
+last device samples the next token, which travels back to device 0 with the ring's regular
+send, so with m >= pp micro-batches in flight the pipe stays full from token to token and
+only the first fill and the last drain of a `steps`-token call are bubbles.
+
+Shapes (local to one pp device): blocks leaves [v, Lc, ...]; cache [v, Lc, M, b, S, K, H]
+with M micro-batches of b rows each; activations [b, T, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpp import generate, sampling
+from jaxpp.errors import JaxppError
+from jaxpp.mesh import PP, TP
+from jaxpp.model import llama
+from jaxpp.model import params as params_lib
+from jaxpp.model.config import LlamaConfig
+from jaxpp.partition import Partition
+from jaxpp.schedule import circular
+
+# Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
+_TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
+
+
+def _block_spec(name: str, ndim: int) -> P:
+  dims = [None] * ndim
+  if name in _TP_AXIS:
+    dims[_TP_AXIS[name]] = TP
+  return P(PP, None, None, *dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """A model's layout on a mesh: who holds which layers, how micro-batches flow."""
+
+  config: LlamaConfig
+  mesh: jax.sharding.Mesh
+  partition: Partition
+  microbatches: int
+
+  def __post_init__(self):
+    c, tp = self.config, self.mesh.shape[TP]
+    if self.mesh.shape[PP] != self.partition.pp:
+      raise JaxppError(f"mesh has pp={self.mesh.shape[PP]} but the partition has "
+                       f"pp={self.partition.pp}")
+    for what, n in (("num_key_value_heads", c.num_kv_heads), ("num_attention_heads",
+                    c.num_heads), ("intermediate_size", c.intermediate_size)):
+      if n % tp:
+        raise JaxppError(f"tp={tp} does not divide {what}={n}; choose tp among the "
+                         f"divisors of {n}")
+    if self.microbatches < 1:
+      raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
+
+  @property
+  def pp(self) -> int:
+    return self.partition.pp
+
+  @property
+  def v(self) -> int:
+    return self.partition.virtual_stages
+
+  # --- placement --------------------------------------------------------------------------
+
+  def param_shardings(self) -> dict:
+    """NamedShardings for the params tree with blocks stacked as [pp, v, Lc, ...]."""
+    abstract = params_lib.flatten(params_lib.abstract_params(
+        self.config, jnp.float32, self.layer_axes))
+    specs = {}
+    for path, aval in abstract.items():
+      if path[0] == "blocks":
+        specs[path] = _block_spec(path[-1], aval.ndim - 3)
+      elif path == ("lm_head",) and self.config.vocab_size % self.mesh.shape[TP] == 0:
+        specs[path] = P(None, TP)  # vocab-parallel head; replicated when V % tp != 0
+      else:
+        specs[path] = P()
+    return params_lib.nest({p: NamedSharding(self.mesh, s) for p, s in specs.items()})
+
+  @property
+  def layer_axes(self) -> tuple[int, int, int]:
+    return (self.pp, self.v, self.partition.max_layers)
+
+  def cache_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(PP, None, None, None, None, None, TP, None))
+
+  def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
+    """Zeroed KV cache [pp, v, Lc, M, b, S, K, H], created already sharded on its stages."""
+    c = self.config
+    shape = self.layer_axes + (self.microbatches, rows_per_microbatch, max_len,
+                               c.num_kv_heads, c.head_dim)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
+    return make(), make()
+
+  # --- programs ---------------------------------------------------------------------------
+
+  def _shard_map(self, body, in_specs, out_specs):
+    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names={PP}, check_vma=False)
+
+  def _run_chunk(self, blocks, counts, cache, x, positions, start, j, r, active, fresh):
+    """Runs local chunk r on micro-batch j (skipped when idle); returns y and the cache."""
+    ck, cv = cache
+
+    def compute(_):
+      chunk = jax.tree.map(lambda a: a[r], blocks)
+      kv = (ck[r, :, j], cv[r, :, j])
+      uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
+      y, (nk, nv) = llama.run_blocks(self.config, chunk, x, positions, start, kv, fresh=fresh,
+                                     num_layers=counts[r] if uneven else None)
+      return y, (ck.at[r, :, j].set(nk), cv.at[r, :, j].set(nv))
+
+    return jax.lax.cond(active, compute, lambda _: (x, (ck, cv)), None)
+
+  def _ring(self, *arrays):
+    perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
+    return [jax.lax.ppermute(a, PP, perm) for a in arrays]
+
+  @functools.partial(jax.jit, static_argnames=("self", "do_sample", "with_logits"),
+                     donate_argnames=("cache",))
+  def prefill(self, params, cache, tokens, lengths, params_s, *, do_sample: bool,
+              with_logits: bool = False):
+    """tokens i32[M, b, T] right-padded, lengths i32[M, b] -> (first i32[M, b], cache).
+
+    `with_logits` also returns the last prompt position's logits f32[M, b, V] (for tests
+    and parity checks; it adds a reduction of that size over 'pp').
+    """
+    table = jnp.asarray(circular(self.pp, self.v, self.microbatches).table)
+    counts = jnp.asarray(self.partition.layer_counts())
+    M, b, T = tokens.shape
+    dtype = params["embed"].dtype
+    last_dev, last_chunk = self.pp - 1, self.v - 1
+
+    def body(params, cache, counts, tokens, lengths, params_s):
+      s = jax.lax.axis_index(PP)
+      blocks = jax.tree.map(lambda a: a[0], params["blocks"])
+      cache = jax.tree.map(lambda a: a[0], cache)
+      counts = counts[0]
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
+      start = jnp.zeros((b,), jnp.int32)
+
+      def tick(t, carry):
+        cache, inbox, final = carry
+        j, r, _ = table[t, s]
+        active = j >= 0
+        j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
+        x = jnp.where((s == 0) & (r == 0), llama.embed(params, tokens[j], dtype), inbox[j])
+        y, cache = self._run_chunk(blocks, counts, cache, x, positions, start, j, r, active,
+                                   fresh=True)
+        last = jnp.take_along_axis(y, (lengths[j] - 1)[:, None, None], axis=1)[:, 0]
+        done_here = active & (s == last_dev) & (r == last_chunk)
+        final = final.at[j].set(jnp.where(done_here, last, final[j]))
+        (recv,) = self._ring(y)
+        sj, _, _ = table[t, (s - 1) % self.pp]
+        inbox = inbox.at[jnp.maximum(sj, 0)].set(
+            jnp.where(sj >= 0, recv, inbox[jnp.maximum(sj, 0)]))
+        return cache, inbox, final
+
+      inbox = jnp.zeros((M, b, T, self.config.hidden_size), dtype)
+      final = jnp.zeros((M, b, self.config.hidden_size), dtype)
+      cache, _, final = jax.lax.fori_loop(0, table.shape[0], tick, (cache, inbox, final))
+      # Head and sampling once per prefill: only the last device's rows are real; share
+      # the sampled ids (one int per row) with every stage.
+      logits = llama.logits(self.config, params, final.reshape(M * b, 1, -1))[:, 0]
+      flat_s = jax.tree.map(lambda a: a.reshape(M * b), params_s)
+      first = sampling.sample(logits, lengths.reshape(M * b), flat_s, do_sample=do_sample)
+      first = jax.lax.psum(jnp.where(s == last_dev, first, 0), PP).reshape(M, b)
+      cache = jax.tree.map(lambda a: a[None], cache)
+      if not with_logits:
+        return first, cache
+      return first, cache, jax.lax.psum(jnp.where(s == last_dev, logits, 0), PP).reshape(
+          M, b, -1)
+
+    cache_spec = P(PP)
+    s_spec = jax.tree.map(lambda _: P(), params_s)
+    out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
+    return self._shard_map(
+        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), P(), P(),
+                        s_spec),
+        out_specs=out_specs)(params, cache, counts, tokens, lengths, params_s)
+
+  @functools.partial(jax.jit, static_argnames=("self", "steps", "do_sample", "eos_ids"),
+                     donate_argnames=("cache",))
+  def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
+             do_sample: bool, eos_ids: tuple[int, ...]):
+    """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
+    table = jnp.asarray(circular(self.pp, self.v, self.microbatches, rounds=steps).table)
+    counts = jnp.asarray(self.partition.layer_counts())
+    M, b = state.tokens.shape
+    dtype = params["embed"].dtype
+    max_len = cache[0].shape[5]
+    last_dev, last_chunk = self.pp - 1, self.v - 1
+
+    def body(params, cache, counts, state, params_s):
+      s = jax.lax.axis_index(PP)
+      blocks = jax.tree.map(lambda a: a[0], params["blocks"])
+      cache = jax.tree.map(lambda a: a[0], cache)
+      counts = counts[0]
+      lengths0 = state.lengths
+
+      def tick(t, carry):
+        cache, state, tok_in, act_in, out = carry
+        j, r, k = table[t, s]
+        active = j >= 0
+        j, r, k = jnp.maximum(j, 0), jnp.maximum(r, 0), jnp.maximum(k, 0)
+        pos = lengths0[j] + k
+        x = jnp.where((s == 0) & (r == 0), llama.embed(params, tok_in[j][:, None], dtype),
+                      act_in[j])
+        y, cache = self._run_chunk(blocks, counts, cache, x, pos[:, None], pos, j, r, active,
+                                   fresh=False)
+        samples_here = active & (s == last_dev) & (r == last_chunk)
+        st_j = jax.tree.map(lambda a: a[j], state)
+        sp_j = jax.tree.map(lambda a: a[j], params_s)
+        new = jax.lax.cond(
+            samples_here,
+            lambda: sampling.sample(llama.logits(self.config, params, y)[:, 0], pos + 1, sp_j,
+                                    do_sample=do_sample),
+            lambda: jnp.zeros((b,), jnp.int32))
+        st_new, emitted = generate.advance(st_j, new, eos_ids, max_len)
+        state = jax.tree.map(lambda a, n, o: a.at[j].set(jnp.where(samples_here, n, o)),
+                             state, st_new, st_j)
+        out = out.at[j, :, k].set(jnp.where(samples_here, emitted, out[j, :, k]))
+        recv_y, recv_tok = self._ring(y, new)
+        sj, sr, _ = table[t, (s - 1) % self.pp]
+        sender = jnp.maximum(sj, 0)
+        act_in = act_in.at[sender].set(jnp.where(sj >= 0, recv_y, act_in[sender]))
+        token_arrives = (sj >= 0) & (s == 0) & (sr == last_chunk)
+        tok_in = tok_in.at[sender].set(jnp.where(token_arrives, recv_tok, tok_in[sender]))
+        return cache, state, tok_in, act_in, out
+
+      act_in = jnp.zeros((M, b, 1, self.config.hidden_size), dtype)
+      out = jnp.full((M, b, steps), -1, jnp.int32)
+      cache, state, _, _, out = jax.lax.fori_loop(
+          0, table.shape[0], tick, (cache, state, state.tokens, act_in, out))
+      # The last device holds the truth; share it (a few ints per row) with every stage.
+      pick = lambda a: jax.lax.psum(jnp.where(s == last_dev, a.astype(jnp.int32), 0), PP)
+      state = generate.DecodeState(pick(state.tokens), pick(state.lengths),
+                                   pick(state.remaining), pick(state.done).astype(bool))
+      return jax.tree.map(lambda a: a[None], cache), state, pick(out)
+
+    cache_spec = P(PP)
+    state_spec = generate.DecodeState(P(), P(), P(), P())
+    s_spec = jax.tree.map(lambda _: P(), params_s)
+    return self._shard_map(
+        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), state_spec,
+                        s_spec),
+        out_specs=((cache_spec, cache_spec), state_spec, P()))(
+            params, cache, counts, state, params_s)
+
+  def _param_specs(self, params):
+    """shard_map in_specs: only the 'pp' part of each leaf's sharding is manual."""
+    return jax.tree.map(lambda _: P(), params) | {
+        "blocks": jax.tree.map(lambda _: P(PP), params["blocks"])}
+
+
+def check_microbatches(pp: int, microbatches: int, virtual_stages: int) -> None:
+  """The decode ring needs m >= pp (and so does interleaving); fail before compiling."""
+  circular(pp, virtual_stages, microbatches, rounds=2)
+
+
+def per_device_bytes(tree) -> dict:
+  """{device: bytes} of a pytree of jax arrays, counting only each device's own shards."""
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def split_rows(n: int, microbatches: int) -> int:
+  """Rows per micro-batch for n sequences (the last micro-batches may hold padding rows)."""
+  return -(-n // microbatches)
+
+
+def to_microbatches(a: np.ndarray, microbatches: int, fill) -> np.ndarray:
+  """[B, ...] -> [M, b, ...], padding extra rows with `fill`."""
+  b = split_rows(a.shape[0], microbatches)
+  padded = np.full((microbatches * b,) + a.shape[1:], fill, a.dtype)
+  padded[:a.shape[0]] = a
+  return padded.reshape((microbatches, b) + a.shape[1:])

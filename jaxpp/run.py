@@ -1,0 +1,89 @@
+"""Command line: `python -m jaxpp.run --config configs/harbor.py [--config.a.b=value ...]`.
+
+A thin entry point: it parses the config, sets up devices and calls `demo.run_demo`, which
+holds all the logic. Configs are Python files whose `get_config()` returns a ConfigDict;
+fields are overridden with `--config.sampling.max_new_tokens=8`, and a misspelled key is a
+flag error. Bad input of any kind (missing checkpoint, malformed JSONL, impossible layout)
+prints one `error: ...` line and exits 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxpp import demo
+from jaxpp.errors import JaxppError
+
+CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator
+
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "harbor.py"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Defines `--config` and parses argv; a misspelled `--config.x.y` exits 1 in one line.
+
+  The flag is defined here rather than at import because ml_collections already applies
+  the overrides while defining a flag with a default; its KeyError / AttributeError for a
+  field the config lacks (with a did-you-mean hint) would otherwise escape as a traceback.
+  """
+  try:
+    config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
+        "Run config: a Python file whose get_config() returns a ConfigDict.",
+        lock_config=True)
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    detail = " ".join(str(e.args[0] if e.args else e).split())
+    print(f"error: --config: no such field {detail}", file=sys.stderr)
+    sys.exit(1)
+
+
+def use_virtual_cpu_devices() -> None:
+  """Gives the CPU backend `CPU_DEVICES` devices unless an accelerator platform is requested.
+
+  XLA reads the device count once, when the first backend starts; a later update is silently
+  ignored, so this must run before anything calls `jax.devices()`.
+  """
+  import jax  # imported here only to make the ordering explicit; no backend exists yet
+
+  requested = {p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()}
+  if requested <= {"cpu"}:
+    jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+
+
+def loaded_config():
+  """The parsed run config, or a JaxppError if there is none or its file failed to load.
+
+  ml_collections defers a config file's load failure to the first attribute access (as an
+  OSError with a multi-line report); it is turned into our one-line error here.
+  """
+  config = flags.FLAGS.config
+  if config is None:
+    raise JaxppError("no run config: pass --config configs/NAME.py")
+  try:
+    config.keys()
+  except OSError as e:
+    raise JaxppError(" ".join(str(e).split())) from None
+  return config
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  use_virtual_cpu_devices()
+  try:
+    stats = demo.run_demo(loaded_config())
+  except JaxppError as e:
+    print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+    sys.exit(1)
+  print(demo.format_stats(stats))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,113 @@
+"""Pipeline schedules as data: a table (tick, device) -> (micro-batch, chunk, token) | idle.
+
+One table drives the executor (`pipeline.py` indexes it inside the compiled program), gives
+the analytic bubble fraction, and renders as text or PNG so people can look at it.
+
+The circular schedule: `pp` devices, `v` virtual stages per device (device s holds global
+chunks s, s+pp, s+2pp, ...), `m` micro-batches, `rounds` passes (decode tokens; 1 for
+prefill). Micro-batch j runs global chunk c = r*pp + s of round k on device s at tick
+
+    t = k*m*v + r*m + j + s.
+
+With v = 1 and rounds = 1 this is GPipe fill-drain. When v > 1 or rounds > 1 the output of
+the last device re-enters device 0 (next chunk or next token) m ticks after it left device
+0's previous visit, so m >= pp is needed; then the pipe stays full and only the first fill
+and the last drain are idle: bubble = (p-1) / (rounds*v*m + p-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxpp.errors import JaxppError
+
+IDLE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """`table[t, s] = (micro_batch, local_chunk, round)`, all IDLE (-1) when device s idles."""
+
+  pp: int
+  virtual_stages: int
+  microbatches: int
+  rounds: int
+  table: np.ndarray  # int32 [ticks, pp, 3]
+
+  @property
+  def ticks(self) -> int:
+    return self.table.shape[0]
+
+  def busy(self) -> np.ndarray:
+    """bool [ticks, pp]: device s computes at tick t."""
+    return self.table[:, :, 0] != IDLE
+
+  def bubble_fraction(self) -> float:
+    """Share of device-ticks spent idle, counted from the table itself."""
+    return 1.0 - float(self.busy().mean())
+
+  def render_text(self) -> str:
+    """One row per device, one column per tick: `j.c` = micro-batch j on global chunk c."""
+    width = len(f"{self.microbatches - 1}.{self.pp * self.virtual_stages - 1}")
+    rows = []
+    for s in range(self.pp):
+      cells = []
+      for t in range(self.ticks):
+        j, r, _ = self.table[t, s]
+        cells.append("." * width if j == IDLE else f"{j}.{r * self.pp + s}".rjust(width))
+      rows.append(f"dev{s} | " + " ".join(cells))
+    return "\n".join(rows)
+
+  def render_png(self, path: str) -> None:
+    """A Gantt picture of the table (matplotlib; imported here so it is only needed here)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, self.ticks * 0.3), 0.5 * self.pp + 1))
+    cmap = plt.get_cmap("tab20")
+    for t in range(self.ticks):
+      for s in range(self.pp):
+        j, r, _ = self.table[t, s]
+        if j != IDLE:
+          ax.barh(s, 1, left=t, color=cmap(j % 20), edgecolor="black", linewidth=0.3)
+          ax.text(t + 0.5, s, str(r * self.pp + s), ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(self.pp), [f"device {s}" for s in range(self.pp)])
+    ax.invert_yaxis()
+    ax.set_xlabel("tick (colour = micro-batch, label = chunk)")
+    ax.set_title(f"pp={self.pp} v={self.virtual_stages} m={self.microbatches} "
+                 f"bubble={self.bubble_fraction():.1%}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def formula_bubble(pp: int, virtual_stages: int, microbatches: int, rounds: int = 1) -> float:
+  """The analytic bubble (p-1)/(v*m*rounds + p-1)."""
+  return (pp - 1) / (virtual_stages * microbatches * rounds + pp - 1)
+
+
+def circular(pp: int, virtual_stages: int, microbatches: int, rounds: int = 1) -> Schedule:
+  """The circular (interleaved) schedule; GPipe when virtual_stages = rounds = 1."""
+  v, m = virtual_stages, microbatches
+  if min(pp, v, m, rounds) < 1:
+    raise JaxppError(f"pp={pp}, virtual_stages={v}, microbatches={m}, rounds={rounds} "
+                     "must all be >= 1")
+  if (v > 1 or rounds > 1) and m < pp:
+    what = "virtual_stages > 1" if v > 1 else "the decode ring"
+    raise JaxppError(f"microbatches={m} < pp={pp}: {what} needs at least pp micro-batches "
+                     "in flight")
+  ticks = rounds * v * m + pp - 1
+  table = np.full((ticks, pp, 3), IDLE, np.int32)
+  for t in range(ticks):
+    for s in range(pp):
+      x = t - s
+      if 0 <= x < rounds * v * m:
+        table[t, s] = (x % m, (x // m) % v, x // (m * v))
+  return Schedule(pp, v, m, rounds, table)
+
+
+def gpipe(pp: int, microbatches: int) -> Schedule:
+  """Fill-drain: every micro-batch through every stage once."""
+  return circular(pp, 1, microbatches)

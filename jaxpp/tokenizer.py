@@ -1,0 +1,64 @@
+"""A thin wrapper over the `tokenizers` library, loaded from a checkpoint's tokenizer.json.
+
+Tokenization is delegated entirely to `tokenizers`, so ids match what the model was trained
+with; special tokens (BOS and the like) come from tokenizer.json's own post-processor rather
+than from hints we would have to re-implement per model family. The wrapper exists to give the
+rest of jaxpp a small, stable surface and to turn load failures into one-line `JaxppError`s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import tokenizers
+
+from jaxpp.errors import JaxppError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+  """Text <-> token ids for one model."""
+
+  def __init__(self, tok: tokenizers.Tokenizer):
+    self._tok = tok
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer.json; a corrupt file is a JaxppError naming it, not a Rust panic."""
+    try:
+      tok = tokenizers.Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON / schema.
+      reason = " ".join(str(e).split()) or type(e).__name__
+      raise JaxppError(f"cannot load tokenizer {os.fspath(path)}: {reason}") from None
+    return cls(tok)
+
+  @classmethod
+  def from_dir(cls, checkpoint_dir: str | os.PathLike) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None if it ships none (callers then take raw ids)."""
+    path = os.path.join(os.fspath(checkpoint_dir), TOKENIZER_FILE)
+    if not os.path.isfile(path):
+      return None
+    return cls.from_file(path)
+
+  @property
+  def vocab_size(self) -> int:
+    """Size including added special tokens, i.e. one past the largest id encode may return."""
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def token_to_id(self, token: str) -> int | None:
+    """The id of a token string (e.g. '</s>' for a stop id), or None if unknown."""
+    return self._tok.token_to_id(token)
+
+  def encode(self, text: str) -> list[int]:
+    """Ids for one text, with the special tokens the post-processor adds (e.g. BOS)."""
+    return list(self._tok.encode(text).ids)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Ids for many texts; `tokenizers` parallelises this in Rust, so prefer it for bulk."""
+    return [list(e.ids) for e in self._tok.encode_batch(list(texts))]
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """Text for ids; accepts any iterable of ints (lists, numpy or jax arrays)."""
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,317 @@
+"""jaxpp.checkpoint against checkpoints written by transformers itself.
+
+The reference is the torch model's state_dict after the conversion documented in
+`jaxpp.model.params` (HF stores [out, in]; we store input-dim first with heads split out).
+"""
+
+import contextlib
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from jaxpp import checkpoint
+from jaxpp.errors import JaxppError
+from jaxpp.model import params as params_lib
+from tests.hf_models import make_checkpoint
+
+
+def expected_params(model, cfg) -> dict:
+  """Our layout, built independently from the torch state_dict (float32 numpy)."""
+  sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+  D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  layer = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(cfg.num_layers)])
+  flat = {
+      ("embed",): sd["model.embed_tokens.weight"],
+      ("blocks", "attn_norm", "scale"): layer("input_layernorm.weight"),
+      ("blocks", "attn", "wq"): np.stack([w.T.reshape(D, N, H)
+                                          for w in layer("self_attn.q_proj.weight")]),
+      ("blocks", "attn", "wk"): np.stack([w.T.reshape(D, K, H)
+                                          for w in layer("self_attn.k_proj.weight")]),
+      ("blocks", "attn", "wv"): np.stack([w.T.reshape(D, K, H)
+                                          for w in layer("self_attn.v_proj.weight")]),
+      ("blocks", "attn", "wo"): np.stack([w.T.reshape(N, H, D)
+                                          for w in layer("self_attn.o_proj.weight")]),
+      ("blocks", "mlp_norm", "scale"): layer("post_attention_layernorm.weight"),
+      ("blocks", "mlp", "w_gate"): layer("mlp.gate_proj.weight").transpose(0, 2, 1),
+      ("blocks", "mlp", "w_up"): layer("mlp.up_proj.weight").transpose(0, 2, 1),
+      ("blocks", "mlp", "w_down"): layer("mlp.down_proj.weight").transpose(0, 2, 1),
+      ("final_norm", "scale"): sd["model.norm.weight"],
+  }
+  if not cfg.tie_word_embeddings:
+    flat[("lm_head",)] = sd["lm_head.weight"].T
+  return flat
+
+
+def assert_params_equal(got: dict, want_flat: dict):
+  got_flat = params_lib.flatten(got)
+  assert set(got_flat) == set(want_flat)
+  for path, want in want_flat.items():
+    np.testing.assert_array_equal(np.asarray(got_flat[path], np.float32), want,
+                                  err_msg="/".join(path))
+
+
+def pipeline_shardings(cfg, mesh) -> dict:
+  """Stacked leaves: layers over 'pp', heads / ffn over 'tp' (as a pipeline would ask)."""
+  specs = {
+      ("embed",): P(None, "tp"),
+      ("blocks", "attn_norm", "scale"): P("pp", None),
+      ("blocks", "attn", "wq"): P("pp", None, "tp", None),
+      ("blocks", "attn", "wk"): P("pp", None, "tp", None),
+      ("blocks", "attn", "wv"): P("pp", None, "tp", None),
+      ("blocks", "attn", "wo"): P("pp", "tp", None, None),
+      ("blocks", "mlp_norm", "scale"): P("pp", None),
+      ("blocks", "mlp", "w_gate"): P("pp", None, "tp"),
+      ("blocks", "mlp", "w_up"): P("pp", None, "tp"),
+      ("blocks", "mlp", "w_down"): P("pp", "tp", None),
+      ("final_norm", "scale"): P(),
+      ("lm_head",): P("tp", None),
+  }
+  return params_lib.nest({p: NamedSharding(mesh, specs[p]) for p in params_lib.leaf_shapes(cfg)})
+
+
+@contextlib.contextmanager
+def raises_one_line(pattern):
+  """pytest.raises(JaxppError, match=...) that also checks the message is a single line."""
+  with pytest.raises(JaxppError, match=pattern) as info:
+    yield info
+  assert "\n" not in str(info.value), str(info.value)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("variant", ["gqa", "mqa", "tied", "head_dim"])
+def test_load_fp32_matches_torch(tmp_path, variant, sharded):
+  d, model = make_checkpoint(tmp_path / "ckpt", variant, sharded=sharded)
+  assert (d / "model.safetensors.index.json").is_file() == sharded
+  cfg = checkpoint.load_config(d)
+  got = checkpoint.load_hf_params(d, cfg, jnp.float32)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), got) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), params_lib.abstract_params(cfg, jnp.float32))
+  assert ("lm_head" in got) == (variant != "tied")
+  for leaf in jax.tree.leaves(got):
+    assert leaf.sharding == SingleDeviceSharding(jax.devices()[0])
+  assert_params_equal(got, expected_params(model, cfg))
+
+
+def test_load_config_reads_generation_config(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+  cfg = checkpoint.load_config(d)
+  assert cfg.eos_token_ids == (2, 5)
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 4, 2, 16)
+
+
+def test_load_bf16_matches_torch_exactly(tmp_path):
+  d, model = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)
+  cfg = checkpoint.load_config(d)
+  got = checkpoint.load_hf_params(d, cfg, jnp.bfloat16)
+  flat = params_lib.flatten(got)
+  assert flat[("blocks", "attn", "wq")].dtype == jnp.bfloat16
+  assert flat[("final_norm", "scale")].dtype == jnp.float32
+  assert_params_equal(got, expected_params(model, cfg))  # model holds bf16 values as fp32
+
+
+def test_tied_ignores_stray_lm_head(tmp_path):
+  d, model = make_checkpoint(tmp_path / "ckpt", "tied")
+  tensors = safetensors.numpy.load_file(d / "model.safetensors")
+  tensors["lm_head.weight"] = np.zeros((97, 64), np.float32)
+  safetensors.numpy.save_file(tensors, d / "model.safetensors")
+  cfg = checkpoint.load_config(d)
+  got = checkpoint.load_hf_params(d, cfg, jnp.float32)
+  assert "lm_head" not in got
+  assert_params_equal(got, expected_params(model, cfg))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_sharded_placement_reads_own_shard(tmp_path, sharded):
+  d, _ = make_checkpoint(tmp_path / "ckpt", "gqa", sharded=sharded, num_hidden_layers=8)
+  cfg = checkpoint.load_config(d)
+  mesh = jax.make_mesh((4, 2), ("pp", "tp"))
+  shardings = pipeline_shardings(cfg, mesh)
+  ref = params_lib.flatten(checkpoint.load_hf_params(d, cfg, jnp.float32))
+  got = params_lib.flatten(checkpoint.load_hf_params(d, cfg, jnp.float32, shardings))
+  L, D, F, N, K, H = 8, 64, 96, 4, 2, 16
+  shard_shapes = {
+      ("blocks", "attn", "wq"): (L // 4, D, N // 2, H),
+      ("blocks", "attn", "wk"): (L // 4, D, K // 2, H),
+      ("blocks", "attn", "wo"): (L // 4, N // 2, H, D),
+      ("blocks", "mlp", "w_up"): (L // 4, D, F // 2),
+      ("blocks", "mlp", "w_down"): (L // 4, F // 2, D),
+      ("blocks", "mlp_norm", "scale"): (L // 4, D),
+      ("embed",): (97, D // 2),
+      ("lm_head",): (D // 2, 97),
+  }
+  for path, arr in got.items():
+    assert arr.sharding == params_lib.flatten(shardings)[path]
+    np.testing.assert_array_equal(np.asarray(arr), np.asarray(ref[path]))
+    shards = arr.addressable_shards
+    assert len(shards) == 8
+    for shard in shards:
+      if path in shard_shapes:
+        assert shard.data.shape == shard_shapes[path], path
+      # Each device holds exactly its own slice (its layers, its heads) of the full tensor.
+      np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(ref[path])[shard.index])
+  # Stage s (mesh row s) holds layers 2s, 2s+1.
+  wq = got[("blocks", "attn", "wq")]
+  for shard in wq.addressable_shards:
+    stage = int(np.argwhere(mesh.devices == shard.device)[0][0])
+    assert range(*shard.index[0].indices(L)) == range(2 * stage, 2 * stage + 2)
+
+
+def test_streaming_reads_only_own_layers(tmp_path, monkeypatch):
+  """With layers sharded over 'pp', each layer tensor is read by its own stage only."""
+  d, _ = make_checkpoint(tmp_path / "ckpt", "gqa")
+  cfg = checkpoint.load_config(d)
+  mesh = jax.make_mesh((4, 2), ("pp", "tp"))
+  reads = []
+  original = checkpoint._Reader.read
+  monkeypatch.setattr(checkpoint._Reader, "read",
+                      lambda self, name: reads.append(name) or original(self, name))
+  checkpoint.load_hf_params(d, cfg, jnp.float32, pipeline_shardings(cfg, mesh))
+  q_reads = [n for n in reads if n.endswith("q_proj.weight")]
+  # 4 layers x 2 tp shards (different heads); never all 4 layers per device (would be 32).
+  assert sorted(q_reads) == sorted([f"model.layers.{i}.self_attn.q_proj.weight"
+                                    for i in range(4)] * 2)
+  # Norm scales are replicated over 'tp': identical shards are read once.
+  assert sum(n.endswith("input_layernorm.weight") for n in reads) == 4
+
+
+# --- orbax -----------------------------------------------------------------------------------
+
+
+def test_orbax_round_trip(tmp_path, monkeypatch):
+  d, _ = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)
+  cfg = checkpoint.load_config(d)
+  mesh = jax.make_mesh((4, 2), ("pp", "tp"))
+  params = checkpoint.load_hf_params(d, cfg, jnp.bfloat16, pipeline_shardings(cfg, mesh))
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save_params("orbax_ckpt", params)  # relative: resolved to absolute for orbax
+  with raises_one_line("already exists"):
+    checkpoint.save_params(tmp_path / "orbax_ckpt", params)
+
+  def target(sharding_of):
+    return jax.tree.map(
+        lambda a, x: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_of(x)),
+        params_lib.abstract_params(cfg, jnp.bfloat16), params)
+
+  same = checkpoint.restore_params(tmp_path / "orbax_ckpt", target(lambda x: x.sharding))
+  # Onto a different sharding: everything replicated on a (2, 4) mesh of the same devices.
+  other_mesh = jax.make_mesh((2, 4), ("a", "b"))
+  other = checkpoint.restore_params(tmp_path / "orbax_ckpt",
+                                    target(lambda x: NamedSharding(other_mesh, P())))
+  for restored, sharding_of in ((same, lambda x: x.sharding),
+                                (other, lambda x: NamedSharding(other_mesh, P()))):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+      assert a.dtype == b.dtype and a.sharding == sharding_of(b)
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+  assert jax.tree.structure(same) == jax.tree.structure(params)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _edit_config(d, **changes):
+  path = d / "config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_error_missing_dir(tmp_path):
+  with raises_one_line("checkpoint directory .*nope does not exist"):
+    checkpoint.load_config(tmp_path / "nope")
+  cfg = checkpoint.load_config(make_checkpoint(tmp_path / "ckpt")[0])
+  with raises_one_line("checkpoint directory .*nope does not exist"):
+    checkpoint.load_hf_params(tmp_path / "nope", cfg, jnp.float32)
+
+
+def test_error_missing_config(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  (d / "config.json").unlink()
+  with raises_one_line("no config.json"):
+    checkpoint.load_config(d)
+
+
+def test_error_invalid_json(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  (d / "config.json").write_text('{"model_type": "llama",\n "vocab_size": }')
+  with raises_one_line(r"config\.json: not valid JSON"):
+    checkpoint.load_config(d)
+
+
+def test_error_not_llama(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  _edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+  with raises_one_line(r"config\.json: model_type='gpt2' .* is not a Llama-family model"):
+    checkpoint.load_config(d)
+
+
+def test_error_no_safetensors(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  cfg = checkpoint.load_config(d)
+  (d / "model.safetensors").unlink()
+  with raises_one_line("neither model.safetensors nor model.safetensors.index.json found"):
+    checkpoint.load_hf_params(d, cfg, jnp.float32)
+
+
+def test_error_index_names_missing_file(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt", sharded=True)
+  cfg = checkpoint.load_config(d)
+  weight_map = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+  victim = weight_map["model.layers.2.self_attn.k_proj.weight"]
+  (d / victim).unlink()
+  with raises_one_line(re.escape(f"model.safetensors.index.json names missing file {victim!r}")):
+    checkpoint.load_hf_params(d, cfg, jnp.float32)
+
+
+def test_error_index_points_to_wrong_file(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt", sharded=True)
+  cfg = checkpoint.load_config(d)
+  index = json.loads((d / "model.safetensors.index.json").read_text())
+  name, other = "model.layers.1.mlp.up_proj.weight", index["weight_map"]["model.norm.weight"]
+  index["weight_map"][name] = other
+  (d / "model.safetensors.index.json").write_text(json.dumps(index))
+  with raises_one_line(re.escape(f"maps tensor {name!r} to {other!r}, which does not contain")):
+    checkpoint.load_hf_params(d, cfg, jnp.float32)
+
+
+def test_error_missing_tensor(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  cfg = checkpoint.load_config(d)
+  tensors = safetensors.numpy.load_file(d / "model.safetensors")
+  del tensors["model.layers.3.mlp.up_proj.weight"]
+  safetensors.numpy.save_file(tensors, d / "model.safetensors")
+  with raises_one_line(re.escape("missing tensor 'model.layers.3.mlp.up_proj.weight'")):
+    checkpoint.load_hf_params(d, cfg, jnp.float32)
+
+
+def test_error_shape_mismatch(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  _edit_config(d, intermediate_size=128)
+  cfg = checkpoint.load_config(d)
+  with raises_one_line(re.escape("tensor 'model.layers.0.mlp.gate_proj.weight' has shape "
+                                 "(96, 64) but config.json implies (128, 64)")):
+    checkpoint.load_hf_params(d, cfg, jnp.float32)
+
+
+def test_error_shardings_tree_mismatch(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  cfg = checkpoint.load_config(d)
+  shardings = params_lib.flatten(pipeline_shardings(cfg, jax.make_mesh((4, 2), ("pp", "tp"))))
+  del shardings[("lm_head",)]
+  with raises_one_line(r"shardings do not match the params tree: missing \['lm_head'\]"):
+    checkpoint.load_hf_params(d, cfg, jnp.float32, params_lib.nest(shardings))
+
+
+def test_error_missing_orbax_path(tmp_path):
+  d, _ = make_checkpoint(tmp_path / "ckpt")
+  cfg = checkpoint.load_config(d)
+  with raises_one_line("orbax checkpoint .*nope does not exist"):
+    checkpoint.restore_params(tmp_path / "nope", params_lib.abstract_params(cfg, jnp.float32))

@@ -1,0 +1,175 @@
+"""Every pipeline layout gives the single-device reference's logits and greedy tokens.
+
+fp32 throughout, on the 8 CPU devices of conftest. The reference is `generate.py` on one
+device with the plain [L, ...] params; the pipeline loads the same checkpoint straight onto
+its stages.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import jaxpp
+from jaxpp import checkpoint, generate, pipeline, sampling
+from jaxpp.llm import make_pipeline
+from tests import hf_models
+
+PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44], [1, 3, 3, 90, 61, 17, 25, 26, 40, 11, 7, 19, 2, 4],
+           [1, 8, 8, 8, 60], [1, 2, 3]]
+NEW_TOKENS = 24
+MAX_LEN = 48
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 1), (4, 2, 1), (2, 4, 1),
+           (2, 1, 2), (4, 1, 2), (2, 2, 2)]
+
+
+def reference(ckpt, prompts):
+  """Single-device last-position logits and greedy tokens."""
+  config = checkpoint.load_config(ckpt)
+  params = checkpoint.load_hf_params(ckpt, config, np.float32)
+  logits = np.stack([np.asarray(generate.forward_logits(config, params, np.array([p])))[0, -1]
+                     for p in prompts])
+  tokens = generate.reference_generate(config, params, prompts, NEW_TOKENS,
+                                        sampling.SamplingParams.make(len(prompts)),
+                                        max_len=MAX_LEN)
+  return logits, tokens
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+  # 8 layers so pp=8 and pp*v=8 have a layer per chunk; kv heads 4 so tp=4 divides them.
+  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("deep"), "deep",
+                                      num_key_value_heads=4, num_attention_heads=8,
+                                      head_dim=8, vocab_size=96)
+  return ckpt, reference(ckpt, PROMPTS)
+
+
+def check_layout(ckpt, ref, **layout):
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8, **layout)
+  ref_logits, ref_tokens = ref
+  logits = llm.prompt_logits(PROMPTS)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+  got = [c.token_ids for c in llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+  assert got == ref_tokens
+  return llm
+
+
+@pytest.mark.parametrize("pp,tp,v", LAYOUTS)
+@pytest.mark.parametrize("m_per_stage", [1, 2])
+def test_layout_matches_single_device(deep, pp, tp, v, m_per_stage):
+  ckpt, ref = deep
+  check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m_per_stage * pp)
+
+
+@pytest.mark.parametrize("pp,split,expected", [
+    (2, "4,3", (4, 3)),
+    (4, "1,2,2,2", (1, 2, 2, 2)),
+    (4, "balanced", None),
+    (2, "even", (4, 3)),
+])
+def test_uneven_splits(tmp_path_factory, pp, split, expected):
+  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("odd"), "gqa",
+                                      num_hidden_layers=7)
+  llm = check_layout(ckpt, reference(ckpt, PROMPTS), pp=pp, layer_split=split)
+  counts = llm.pipeline.partition.counts
+  assert sum(counts) == 7 and llm.pipeline.partition.max_layers == max(counts)
+  if expected:
+    assert counts == expected
+  else:  # embedding on the first chunk and head on the last push layers to the middle
+    assert counts[0] <= counts[1] and counts[-1] <= counts[-2]
+
+
+def test_interleaved_uneven(tmp_path_factory):
+  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("odd_v"), "gqa",
+                                      num_hidden_layers=7)
+  check_layout(ckpt, reference(ckpt, PROMPTS), pp=2, virtual_stages=2, microbatches=2)
+
+
+def _collectives(hlo: str, op: str) -> list[int]:
+  """Element counts of every `op` result in optimized HLO text."""
+  sizes = []
+  for line in hlo.splitlines():
+    if f" {op}(" in line or f" {op}-start(" in line:
+      shape = re.search(r"=\s*\(?\s*\w+\[([\d,]*)\]", line)
+      dims = [int(d) for d in shape.group(1).split(",") if d] if shape else []
+      sizes.append(int(np.prod(dims)) if dims else 1)
+  return sizes
+
+
+def test_hlo_moves_activations_by_collective_permute(deep):
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=4, microbatches=4)
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
+                                                   sampling.SamplingParams.make(len(PROMPTS)))
+  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  c = llm.config
+  smallest_weight = c.hidden_size * c.num_kv_heads * c.head_dim
+  texts = {
+      "decode": pipeline.Pipeline.decode.lower(
+          llm.pipeline, llm.params, cache, state, params_s, steps=4, do_sample=False,
+          eos_ids=()).compile().as_text(),
+      "prefill": pipeline.Pipeline.prefill.lower(
+          llm.pipeline, llm.params, cache, np.zeros((4, 2, 16), np.int32), lengths, params_s,
+          do_sample=False).compile().as_text(),
+  }
+  for name, hlo in texts.items():
+    assert _collectives(hlo, "collective-permute"), name
+    for op in ("all-gather", "all-reduce", "all-to-all"):
+      big = [n for n in _collectives(hlo, op) if n >= smallest_weight]
+      assert not big, f"{name}: {op} of {big} elements"
+
+
+def test_per_device_memory_is_a_share(deep):
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=4, tp=2)
+  blocks = llm.params["blocks"]
+  cache = llm.pipeline.init_cache(4, MAX_LEN, np.float32)
+  for tree in (blocks, cache):
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per_device = pipeline.per_device_bytes(tree)
+    assert len(per_device) == 8
+    for nbytes in per_device.values():  # norms are replicated over tp: a little over 1/8
+      assert total / 8 <= nbytes <= 1.05 * total / 8
+
+
+def test_bad_layouts_fail_before_compile(deep):
+  ckpt, _ = deep
+  config = checkpoint.load_config(ckpt)
+  with pytest.raises(jaxpp.JaxppError, match=r"microbatches=2 < pp=4"):
+    make_pipeline(config, pp=4, microbatches=2)
+  with pytest.raises(jaxpp.JaxppError, match=r"8 layers cannot fill pp\*virtual_stages=16"):
+    make_pipeline(config, pp=4, virtual_stages=4)
+  with pytest.raises(jaxpp.JaxppError, match=r"tp=8 does not divide num_key_value_heads=4"):
+    make_pipeline(config, pp=1, tp=8)
+  with pytest.raises(jaxpp.JaxppError, match=r"pp\*tp\*dp = 3\*2\*1 = 6 but there are 8"):
+    jaxpp.mesh.make_mesh(pp=3, tp=2)
+  with pytest.raises(jaxpp.JaxppError, match=r"sums to 9 but the model has 8 layers"):
+    make_pipeline(config, pp=2, layer_split="5,4")
+  with pytest.raises(jaxpp.JaxppError, match=r"only 8 devices"):
+    make_pipeline(config, pp=4, tp=4)
+
+
+def test_hlo_parser_sees_tensor_parallel_reductions(deep):
+  """The check above can fail: with tp=2 the stage's matmuls do reduce over 'tp'."""
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2, microbatches=1)
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS[:2]),
+                                                   sampling.SamplingParams.make(2))
+  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
+                                       steps=2, do_sample=False, eos_ids=()).compile().as_text()
+  assert _collectives(hlo, "all-reduce")
+
+
+def test_sampled_tokens_do_not_depend_on_layout(deep):
+  """Per-request keys (seed, position): the same seed samples the same tokens anywhere."""
+  ckpt, _ = deep
+  outs = []
+  for layout in (dict(pp=1), dict(pp=2, tp=2), dict(pp=4, virtual_stages=2, microbatches=4)):
+    llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8, **layout)
+    outs.append([c.token_ids for c in llm.generate(
+        PROMPTS, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=[1, 2, 3, 4, 5])])
+  assert outs[0] == outs[1] == outs[2]
+  greedy = [c.token_ids for c in llm.generate(PROMPTS, max_new_tokens=16)]
+  assert outs[0] != greedy  # sampling really happened
