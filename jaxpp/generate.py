@@ -80,7 +80,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k])."""
   B = state.tokens.shape[0]
   dtype = params["embed"].dtype
-  max_len = cache[0].shape[2]
+  max_len = cache[0].shape[4]
 
   def step(i, carry):
     cache, state, out = carry

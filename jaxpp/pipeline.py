@@ -114,17 +114,15 @@ class Pipeline:
 
   def _run_chunk(self, blocks, counts, cache, x, positions, start, j, r, active, fresh):
     """Runs local chunk r on micro-batch j (skipped when idle); returns y and the cache."""
-    ck, cv = cache
 
     def compute(_):
       chunk = jax.tree.map(lambda a: a[r], blocks)
-      kv = (ck[r, :, j], cv[r, :, j])
       uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
-      y, (nk, nv) = llama.run_blocks(self.config, chunk, x, positions, start, kv, fresh=fresh,
-                                     num_layers=counts[r] if uneven else None)
-      return y, (ck.at[r, :, j].set(nk), cv.at[r, :, j].set(nv))
+      return llama.run_blocks(self.config, chunk, x, positions, start, cache, chunk=r,
+                              microbatch=j, fresh=fresh,
+                              num_layers=counts[r] if uneven else None)
 
-    return jax.lax.cond(active, compute, lambda _: (x, (ck, cv)), None)
+    return jax.lax.cond(active, compute, lambda _: (x, cache), None)
 
   def _ring(self, *arrays):
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]

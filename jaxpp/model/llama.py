@@ -1,14 +1,17 @@
 """The Llama-family decoder in Flax: the repeated block plus embedding and head.
 
 The block is a pure function of (block params, activations, cache slice): `Block.apply`
-takes one layer's params (see `params.py`) and returns new activations and the updated KV
-slice. It knows nothing about pipelines; a pipeline stage calls `run_blocks` on its own
-stacked slice of layers, and the single-device path calls it on all of them.
+takes one layer's params (see `params.py`) and that layer's cached keys/values, and returns
+new activations plus the keys/values of its new tokens. It knows nothing about pipelines;
+`run_blocks` scans a stack of layers and writes the new keys/values into the cache in place.
 
-Cache protocol, shared by prefill and decode: row b writes its T new keys/values at
-positions `start[b] .. start[b]+T-1` and its queries attend to every cached key at a
-position <= their own. Prompts are right-padded; padded rows write junk past the prompt
-that is overwritten by the next token before any query can see it.
+Cache protocol, shared by prefill and decode: row b's cache holds valid entries at positions
+< start[b]; its T new tokens sit at positions start[b] .. start[b]+T-1 and are written there
+after attention. Queries see cached keys before start[b] and new keys causally, so junk
+beyond a row's length (right padding, finished rows) is never read.
+
+Cache layout: [v, Lc, M, b, S, K, H] per device (virtual chunk, layer in chunk, micro-batch,
+row, position, kv head, head dim); the single-device reference uses v = M = 1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, inverse_frequencies
 
-KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values: [B, S, K, H] each
+KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
 NEG_INF = -1e30
 
 
@@ -37,21 +40,15 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale).astype(x.dtype)
 
 
-def _write_cache(cache: jnp.ndarray, new: jnp.ndarray, start: jnp.ndarray) -> jnp.ndarray:
-  """cache [B, S, K, H] <- new [B, T, K, H] at per-row offsets start [B]."""
-  def one(c, n, s):
-    return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
-  return jax.vmap(one)(cache, new, start)
-
-
 class Attention(nn.Module):
-  """Grouped-query attention (K kv heads shared by N/K query heads each) with a KV cache."""
+  """Grouped-query attention (K kv heads shared by N/K query heads each) over a KV cache."""
 
   config: LlamaConfig
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: KVCache, fresh: bool):
+  def __call__(self, x, positions, start, cache: KVCache | None):
+    """cache: this layer's (keys, values) [B, S, K, H], or None when nothing is cached."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     init = nn.initializers.normal(0.02)
@@ -63,22 +60,22 @@ class Attention(nn.Module):
     q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
     k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
     v = jnp.einsum("BTD,DKH->BTKH", x, wv)
-    cache_k = _write_cache(cache[0], k, start)
-    cache_v = _write_cache(cache[1], v, start)
-    if fresh:  # prefill from position 0: attend to this call's keys only (T x T, not T x S)
-      keys, values, key_pos = k, v, positions
-    else:
-      keys, values = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
-      key_pos = jnp.arange(keys.shape[1])[None, :]
     B, T = x.shape[:2]
-    q = q.reshape(B, T, K, N // K, H)  # G = N // K query heads per kv head
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
-                        preferred_element_type=jnp.float32) * (H ** -0.5)
-    visible = key_pos[:, None, None, None, :] <= positions[:, None, None, :, None]
-    probs = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(self.dtype), values)
+    q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
+    causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+    scores = [jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
+                                           preferred_element_type=jnp.float32), NEG_INF)]
+    values = [v]
+    if cache is not None:
+      old_k, old_v = cache[0].astype(self.dtype), cache[1].astype(self.dtype)
+      cached = jnp.arange(old_k.shape[1])[None, :] < start[:, None]  # [B, S]
+      old = jnp.einsum("BTKGH,BSKH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
+      scores.insert(0, jnp.where(cached[:, None, None, None, :], old, NEG_INF))
+      values.insert(0, old_v)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, jnp.concatenate(values, axis=1))
     out = jnp.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), wo)
-    return out, (cache_k, cache_v)
+    return out, (k, v)
 
 
 class MLP(nn.Module):
@@ -105,40 +102,47 @@ class Block(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: KVCache, fresh: bool = False):
+  def __call__(self, x, positions, start, cache: KVCache | None):
     eps = self.config.rms_norm_eps
-    attn_out, cache = Attention(self.config, self.dtype, name="attn")(
-        RMSNorm(eps, name="attn_norm")(x), positions, start, cache, fresh)
+    attn_out, new_kv = Attention(self.config, self.dtype, name="attn")(
+        RMSNorm(eps, name="attn_norm")(x), positions, start, cache)
     x = x + attn_out
     x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
-    return x, cache
+    return x, new_kv
 
 
-def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *,
-               fresh: bool = False, num_layers=None):
-  """Scans x through stacked block params; cache leaves are [L, B, S, K, H].
+def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
+               microbatch=0, fresh: bool = False, num_layers=None):
+  """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
 
-  `num_layers` (optional, may be traced) runs only the first layers of the stack and leaves
-  the rest untouched: pipeline stages with fewer layers than the padded stack do no compute
-  on padding.
+  `cache` leaves are [v, Lc, M, b, S, K, H]; this call reads and writes only slots
+  [chunk, :, microbatch], scattering each row's new keys/values at its positions in place
+  (the cache is a loop carry, never copied per layer). `fresh` (prefill from position 0)
+  skips reading the cache. `num_layers` (may be traced) runs only the first layers of the
+  stack: pipeline chunks shorter than the padded stack do no compute on padding.
   """
   block = Block(c, x.dtype)
+  b, T = x.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  cols = start[:, None] + jnp.arange(T)[None, :]  # [b, T]; past S is dropped by the scatter
 
-  def layer(carry, inputs):
-    x, i = carry
-    params, ck, cv = inputs
+  def layer(carry, params):
+    x, ck, cv, i = carry
 
     def compute(_):
-      return block.apply({"params": params}, x, positions, start, (ck, cv), fresh)
+      kv = None if fresh else (ck[chunk, i, microbatch], cv[chunk, i, microbatch])
+      y, (k, v) = block.apply({"params": params}, x, positions, start, kv)
+      return (y, ck.at[chunk, i, microbatch, rows, cols].set(k.astype(ck.dtype)),
+              cv.at[chunk, i, microbatch, rows, cols].set(v.astype(cv.dtype)))
 
     if num_layers is None:
-      y, (ck, cv) = compute(None)
+      x, ck, cv = compute(None)
     else:
-      y, (ck, cv) = jax.lax.cond(i < num_layers, compute, lambda _: (x, (ck, cv)), None)
-    return (y, i + 1), (ck, cv)
+      x, ck, cv = jax.lax.cond(i < num_layers, compute, lambda _: (x, ck, cv), None)
+    return (x, ck, cv, i + 1), None
 
-  (x, _), cache = jax.lax.scan(layer, (x, jnp.int32(0)), (blocks, cache[0], cache[1]))
-  return x, cache
+  (x, ck, cv, _), _ = jax.lax.scan(layer, (x, cache[0], cache[1], jnp.int32(0)), blocks)
+  return x, (ck, cv)
 
 
 def embed(params, tokens, dtype) -> jnp.ndarray:
@@ -156,7 +160,7 @@ def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
                     preferred_element_type=jnp.float32)
 
 
-def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype, num_layers=None) -> KVCache:
-  """Zeroed KV cache for `num_layers` (default all) layers: two [L, B, S, K, H] arrays."""
-  shape = (num_layers or c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
+  """Zeroed single-device cache: two [1, L, 1, B, S, K, H] arrays (v = M = 1)."""
+  shape = (1, c.num_layers, 1, batch, max_len, c.num_kv_heads, c.head_dim)
   return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
