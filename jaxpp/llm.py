@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp import checkpoint, generate, partition, pipeline, sampling
+from jaxpp import checkpoint, engine, partition, pipeline, sampling
 from jaxpp import mesh as mesh_lib
 from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
@@ -40,11 +40,6 @@ def resolve_dtype(name: str):
   if name not in DTYPES:
     raise JaxppError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
   return DTYPES[name]
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """Pads lengths to powers of two so a handful of programs serve every prompt length."""
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 class LLM:
@@ -127,15 +122,17 @@ class LLM:
     """Splits prompts into micro-batches and runs the pipeline's prefill over them."""
     B, M = len(ids), self.pipeline.microbatches
     lengths = np.array([len(p) for p in ids], np.int32)
-    tokens = np.zeros((B, min(bucket(int(lengths.max())), self.max_len)), np.int32)
+    tokens = np.zeros((B, min(pipeline.bucket(int(lengths.max())), self.max_len)), np.int32)
     for i, p in enumerate(ids):
       tokens[i, :len(p)] = p
     mb = lambda a, fill: jnp.asarray(pipeline.to_microbatches(np.asarray(a), M, fill))
     params_s = sampling.SamplingParams(*(mb(a, 0) for a in params_s))
     lengths_mb = mb(lengths, 1)
     cache = self.pipeline.init_cache(lengths_mb.shape[1], self.max_len, self.dtype)
-    out = self.pipeline.prefill(self.params, cache, mb(tokens, 0), lengths_mb, params_s,
-                                do_sample=params_s.needs_sampling(), with_logits=with_logits)
+    slots = jnp.asarray(pipeline.identity_slots(M, lengths_mb.shape[1]))
+    out = self.pipeline.prefill(self.params, cache, mb(tokens, 0), lengths_mb, slots,
+                                params_s, do_sample=params_s.needs_sampling(),
+                                with_logits=with_logits)
     return out, lengths_mb, params_s
 
   def prompt_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
@@ -147,34 +144,30 @@ class LLM:
 
   def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
                temperature=0.0, top_k=0, top_p=1.0, seed=0) -> list[Completion]:
-    """One completion per prompt. Sampling knobs are scalars or one value per prompt."""
+    """One completion per prompt. Sampling knobs are scalars or one value per prompt.
+
+    Generation stops at a stop id, after `max_new_tokens`, or when the context (max_len)
+    is full ("length"). Runs on the batch engine with one slot per prompt.
+    """
     if max_new_tokens < 1:
       raise JaxppError(f"max_new_tokens={max_new_tokens} must be >= 1")
     ids = self.encode(prompts)
-    B = len(ids)
-    params_s = sampling.SamplingParams.make(B, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, seed=seed)
-    do_sample = params_s.needs_sampling()
-    (first, cache), lengths, params_s = self._prefill(ids, params_s)
-    eos = self.config.eos_token_ids
-    max_new = pipeline.to_microbatches(np.full(B, max_new_tokens, np.int32),
-                                       self.pipeline.microbatches, 1)
-    state = generate.start_state(first, lengths, jnp.asarray(max_new), eos, self.max_len)
-    out = [np.asarray(first)[..., None]]
-    while not bool(jnp.all(state.done)):
-      cache, state, emitted = self.pipeline.decode(
-          self.params, cache, state, params_s, steps=self.decode_chunk,
-          do_sample=do_sample, eos_ids=eos)
-      out.append(np.asarray(emitted))
-    rows = np.concatenate(out, -1)
-    rows = rows.reshape(-1, rows.shape[-1])
-    return [self._completion(row, len(p)) for row, p in zip(rows[:B], ids)]
+    knobs = sampling.SamplingParams.make(len(ids), temperature=temperature, top_k=top_k,
+                                         top_p=top_p, seed=seed)
+    eng = engine.Engine(self, max_num_seqs=len(ids))
+    for i, p in enumerate(ids):
+      eng.submit(engine.Request(
+          key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
+          temperature=float(knobs.temperature[i]), top_k=int(knobs.top_k[i]),
+          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i])))
+    done: dict[str, engine.Finished] = {}
+    eng.run(lambda f: done.__setitem__(f.request.key, f))
+    return [self._completion(done[str(i)], len(p)) for i, p in enumerate(ids)]
 
-  def _completion(self, row: np.ndarray, prompt_tokens: int) -> Completion:
-    ids = [int(t) for t in row if t >= 0]
-    reason = "stop" if ids and ids[-1] in self.config.eos_token_ids else "length"
+  def _completion(self, finished, prompt_tokens: int) -> Completion:
+    ids = finished.token_ids
     text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
-    return Completion(ids, text, reason, prompt_tokens)
+    return Completion(ids, text, finished.finish_reason, prompt_tokens)
 
 
 def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,
@@ -209,7 +202,7 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
   return pipeline.Pipeline(config, mesh, part, m)
 
 
-def devices_summary() -> str:
-  """One line naming the backend and devices, for logs."""
-  devs = jax.devices()
+def devices_summary(devices=None) -> str:
+  """One line naming the devices (default: all of the backend), for logs."""
+  devs = list(jax.devices() if devices is None else devices)
   return f"{len(devs)} x {devs[0].platform} ({devs[0].device_kind})"

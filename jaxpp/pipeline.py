@@ -112,14 +112,15 @@ class Pipeline:
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          axis_names={PP}, check_vma=False)
 
-  def _run_chunk(self, blocks, counts, cache, x, positions, start, j, r, active, fresh):
+  def _run_chunk(self, blocks, counts, cache, x, positions, start, j, r, active, fresh,
+                 slots=None):
     """Runs local chunk r on micro-batch j (skipped when idle); returns y and the cache."""
 
     def compute(_):
       chunk = jax.tree.map(lambda a: a[r], blocks)
       uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
       return llama.run_blocks(self.config, chunk, x, positions, start, cache, chunk=r,
-                              microbatch=j, fresh=fresh,
+                              microbatch=j, slots=slots, fresh=fresh,
                               num_layers=counts[r] if uneven else None)
 
     return jax.lax.cond(active, compute, lambda _: (x, cache), None)
@@ -130,11 +131,13 @@ class Pipeline:
 
   @functools.partial(jax.jit, static_argnames=("self", "do_sample", "with_logits"),
                      donate_argnames=("cache",))
-  def prefill(self, params, cache, tokens, lengths, params_s, *, do_sample: bool,
+  def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
               with_logits: bool = False):
-    """tokens i32[M, b, T] right-padded, lengths i32[M, b] -> (first i32[M, b], cache).
+    """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
 
-    `with_logits` also returns the last prompt position's logits f32[M, b, V] (for tests
+    Prompts travel in the schedule's m micro-batches of p rows (p may be smaller than the
+    cache's rows per micro-batch); `slots` i32[m, p, 2] names the cache (micro-batch, row)
+    each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt position's logits f32[M, b, V] (for tests
     and parity checks; it adds a reduction of that size over 'pp').
     """
     table = jnp.asarray(circular(self.pp, self.v, self.microbatches).table)
@@ -143,7 +146,7 @@ class Pipeline:
     dtype = params["embed"].dtype
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
-    def body(params, cache, counts, tokens, lengths, params_s):
+    def body(params, cache, counts, tokens, lengths, slots, params_s):
       s = jax.lax.axis_index(PP)
       blocks = jax.tree.map(lambda a: a[0], params["blocks"])
       cache = jax.tree.map(lambda a: a[0], cache)
@@ -158,7 +161,7 @@ class Pipeline:
         j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
         x = jnp.where((s == 0) & (r == 0), llama.embed(params, tokens[j], dtype), inbox[j])
         y, cache = self._run_chunk(blocks, counts, cache, x, positions, start, j, r, active,
-                                   fresh=True)
+                                   fresh=True, slots=(slots[j, :, 0], slots[j, :, 1]))
         last = jnp.take_along_axis(y, (lengths[j] - 1)[:, None, None], axis=1)[:, 0]
         done_here = active & (s == last_dev) & (r == last_chunk)
         final = final.at[j].set(jnp.where(done_here, last, final[j]))
@@ -188,8 +191,8 @@ class Pipeline:
     out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
     return self._shard_map(
         body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), P(), P(),
-                        s_spec),
-        out_specs=out_specs)(params, cache, counts, tokens, lengths, params_s)
+                        P(), s_spec),
+        out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
 
   @functools.partial(jax.jit, static_argnames=("self", "steps", "do_sample", "eos_ids"),
                      donate_argnames=("cache",))
@@ -279,14 +282,26 @@ def per_device_bytes(tree) -> dict:
   return out
 
 
+def bucket(n: int, minimum: int = 16) -> int:
+  """Pads lengths to powers of two so a handful of programs serve every prompt length."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
 def split_rows(n: int, microbatches: int) -> int:
   """Rows per micro-batch for n sequences (the last micro-batches may hold padding rows)."""
   return -(-n // microbatches)
 
 
-def to_microbatches(a: np.ndarray, microbatches: int, fill) -> np.ndarray:
-  """[B, ...] -> [M, b, ...], padding extra rows with `fill`."""
-  b = split_rows(a.shape[0], microbatches)
+def identity_slots(microbatches: int, rows: int) -> np.ndarray:
+  """i32[M, b, 2]: prompt (j, r) fills cache slot (j, r), as when a whole batch starts."""
+  grid = np.stack(np.meshgrid(np.arange(microbatches), np.arange(rows), indexing="ij"), -1)
+  return grid.astype(np.int32)
+
+
+def to_microbatches(a: np.ndarray, microbatches: int, fill, rows: int | None = None
+                    ) -> np.ndarray:
+  """[B, ...] -> [M, b, ...] (b = `rows` or the fewest that fit), padding with `fill`."""
+  b = rows or split_rows(a.shape[0], microbatches)
   padded = np.full((microbatches * b,) + a.shape[1:], fill, a.dtype)
   padded[:a.shape[0]] = a
   return padded.reshape((microbatches, b) + a.shape[1:])

@@ -1,6 +1,6 @@
 """Command line: `python -m jaxpp.run --config configs/harbor.py [--config.a.b=value ...]`.
 
-A thin entry point: it parses the config, sets up devices and calls `demo.run_demo`, which
+A thin entry point: it parses the config, sets up devices and calls `job.run_job`, which
 holds all the logic. Configs are Python files whose `get_config()` returns a ConfigDict;
 fields are overridden with `--config.sampling.max_new_tokens=8`, and a misspelled key is a
 flag error. Bad input of any kind (missing checkpoint, malformed JSONL, impossible layout)
@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxpp import demo
+from jaxpp import job, report
 from jaxpp.errors import JaxppError
 
 CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator
@@ -78,11 +78,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   use_virtual_cpu_devices()
   try:
-    stats = demo.run_demo(loaded_config())
+    rep = job.run_job(loaded_config())
   except JaxppError as e:
     print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
     sys.exit(1)
-  print(demo.format_stats(stats))
+  print(report.format_report(rep))
+  print(f"output {rep['output']}  errors {rep['errors']}  report {rep['report_file']}")
 
 
 if __name__ == "__main__":

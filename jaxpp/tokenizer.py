@@ -51,9 +51,9 @@ class Tokenizer:
     """The id of a token string (e.g. '</s>' for a stop id), or None if unknown."""
     return self._tok.token_to_id(token)
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """Ids for one text, with the special tokens the post-processor adds (e.g. BOS)."""
-    return list(self._tok.encode(text).ids)
+    return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Ids for many texts; `tokenizers` parallelises this in Rust, so prefer it for bulk."""

@@ -1,7 +1,9 @@
-"""Every shipped config runs, shrunk, and the command line behaves: exit codes and errors.
+"""Every shipped config runs the job, shrunk, and the command line behaves: exit codes, errors.
 
-The in-process test calls the same library function as `python -m jaxpp.run`; the subprocess
-tests check what only the entry point does (flag parsing, device set-up, one-line errors).
+The in-process tests call `job.run_job`, the same function as `python -m jaxpp.run`; the
+subprocess tests check what only the entry point does (flag parsing, device set-up, one-line
+errors). Every mistake in the config, the input or the output location must be one
+`JaxppError` line raised before anything is compiled, with no output file left behind.
 """
 
 import importlib.util
@@ -10,27 +12,60 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
+import ml_collections
+import jax
 import pytest
 
-from jaxpp import demo
+from jaxpp import job
 from jaxpp.errors import JaxppError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
+TICKETS = REPO / "data" / "tickets.jsonl"
 FIELDS = {"id", "summary", "finish_reason", "prompt_tokens", "completion_tokens"}
+FAST_S = 5.0  # a config / input / output mistake must surface before any compile
 
 
-def load_config(path: pathlib.Path):
-  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+def load_config(path: pathlib.Path) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"config_smoke_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  out = set()
+  for key, value in config.items():
+    out.add(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out |= leaf_paths(value, f"{prefix}{key}.")
+  return out
+
+
 def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def write_tickets(path: pathlib.Path, n: int) -> list[str]:
+  """The first n tickets of data/tickets.jsonl; returns their ids."""
+  with open(TICKETS, encoding="utf-8") as f:
+    lines = [next(f) for _ in range(n)]
+  path.write_text("".join(lines), encoding="utf-8")
+  return [json.loads(l)["id"] for l in lines]
+
+
+def shrunk(config: ml_collections.ConfigDict, tmp_path: pathlib.Path, *, n: int = 12,
+           max_new_tokens: int = 3) -> ml_collections.ConfigDict:
+  config.sampling.max_new_tokens = max_new_tokens
+  config.job.input = str(tmp_path / "in.jsonl")
+  write_tickets(tmp_path / "in.jsonl", n)
+  config.job.output = str(tmp_path / "out" / "summaries.jsonl")
+  config.job.measure_bubble = False
+  config.job.progress = False
+  return config
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -46,21 +81,49 @@ def test_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_runs_shrunk(path, tmp_path):
   config = load_config(path)
-  with config.unlocked():
-    config.sampling.max_new_tokens = 3
-    config.job.output = str(tmp_path / "out" / "summaries.jsonl")
-  stats = demo.run_demo(config)
+  want = leaf_paths(load_config(REPO / "configs" / "harbor.py"))
+  got = leaf_paths(config)
+  assert got == want, f"{path.name}: missing {sorted(want - got)}, extra {sorted(got - want)}"
+  devices = None
+  if not pathlib.Path(config.model.checkpoint).is_dir():
+    # GPU configs (harbor_70b_4gpu.py) name a placeholder checkpoint to override on the
+    # command line. Run their layout and schedule on the shipped demo model instead, on as
+    # many CPU devices as the layout uses, in float32 and within the demo's context.
+    config.model.checkpoint = str(REPO / "models" / "demo-llama")
+    config.model.dtype = "float32"
+    config.engine.max_len = min(config.engine.max_len, 1024)
+    devices = jax.devices()[:config.mesh.pp * config.mesh.tp * config.mesh.dp]
+  config = shrunk(config, tmp_path)
+  rep = job.run_job(config, devices=devices)
 
   rows = read_jsonl(config.job.output)
   want_ids = [d["id"] for d in read_jsonl(config.job.input)]
-  assert [r["id"] for r in rows] == want_ids
+  assert sorted(r["id"] for r in rows) == sorted(want_ids)
+  assert len({r["id"] for r in rows}) == len(rows)
   for r in rows:
     assert set(r) == FIELDS
     assert isinstance(r["summary"], str)
     assert r["finish_reason"] in ("stop", "length")
     assert r["prompt_tokens"] > 0 and 1 <= r["completion_tokens"] <= 3
-  assert stats["documents"] == len(want_ids)
-  assert stats["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+  assert rep["reconciled"] is True
+  assert rep["input_lines"] == rep["written_total"] == len(want_ids)
+  assert rep["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+
+
+def expect_fast_error(config, match: str) -> None:
+  """run_job raises one JaxppError line quickly and leaves no output or errors file."""
+  start = time.perf_counter()
+  with pytest.raises(JaxppError, match=match) as info:
+    job.run_job(config)
+  assert time.perf_counter() - start < FAST_S, "raised only after compiling?"
+  assert "\n" not in str(info.value)
+  out = pathlib.Path(config.job.output)
+  assert not out.exists() and not out.with_name(out.stem + ".errors.jsonl").exists()
+
+
+@pytest.fixture
+def harbor(tmp_path):
+  return shrunk(load_config(REPO / "configs" / "harbor.py"), tmp_path, n=4)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -68,38 +131,60 @@ def test_config_runs_shrunk(path, tmp_path):
     (dict(schedule=dict(microbatches=2)), r"microbatches=2 < pp=4"),
     (dict(mesh=dict(dp=2)), r"mesh.dp=2"),
 ])
-def test_bad_layout_is_one_clear_error(overrides, match, tmp_path):
-  config = load_config(REPO / "configs" / "harbor.py")
-  config.job.output = str(tmp_path / "o.jsonl")
+def test_bad_layout_is_one_clear_error(harbor, overrides, match):
   for group, values in overrides.items():
     for key, value in values.items():
-      config[group][key] = value
-  with pytest.raises(JaxppError, match=match):
-    demo.run_demo(config)
-  assert not (tmp_path / "o.jsonl").exists()
+      harbor[group][key] = value
+  expect_fast_error(harbor, match)
 
 
-@pytest.mark.parametrize("line, match", [
-    ("not json", "not valid JSON"),
-    ('{"text": "no id"}', 'expected an object with "id"'),
-    ('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}', "duplicate id 1"),
-])
-def test_bad_input_is_a_jaxpp_error(tmp_path, line, match):
-  path = tmp_path / "in.jsonl"
-  path.write_text(line + "\n")
-  with pytest.raises(JaxppError, match=match):
-    demo.read_documents(path)
+def test_bad_length_policy(harbor):
+  harbor.job.length_policy = "bogus"
+  expect_fast_error(harbor, r"job.length_policy='bogus'; choose one of truncate, reject")
+
+
+def test_output_directory_not_writable(harbor, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory\n")
+  harbor.job.output = str(blocker / "out" / "summaries.jsonl")
+  expect_fast_error(harbor, r"^job output .*a_file/out/summaries\.jsonl: not writable")
+  assert blocker.read_text() == "not a directory\n"
+
+
+def test_missing_input(harbor, tmp_path):
+  harbor.job.input = str(tmp_path / "nowhere.jsonl")
+  expect_fast_error(harbor, r"^job input .*nowhere\.jsonl: no such file$")
+
+
+def test_unreadable_input(harbor, tmp_path):
+  (tmp_path / "a_dir.jsonl").mkdir()
+  harbor.job.input = str(tmp_path / "a_dir.jsonl")
+  expect_fast_error(harbor, r"^job input .*a_dir\.jsonl: not a regular file$")
+  if os.geteuid() != 0:  # root reads through chmod 000
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text('{"id": 1, "text": "x"}\n')
+    locked.chmod(0)
+    harbor.job.input = str(locked)
+    expect_fast_error(harbor, r"^job input .*locked\.jsonl: cannot read")
+
+
+def test_missing_checkpoint(harbor, tmp_path):
+  harbor.model.checkpoint = str(tmp_path / "no-such-model")
+  expect_fast_error(harbor, r"checkpoint directory .*no-such-model does not exist")
 
 
 def test_cli_runs_with_overrides(tmp_path):
+  ids = write_tickets(tmp_path / "in.jsonl", 6)
   out = tmp_path / "nested" / "summaries.jsonl"
   proc = run_cli("--config", "configs/harbor.py", "--config.sampling.max_new_tokens=4",
-                 f"--config.job.output={out}")
+                 f"--config.job.input={tmp_path / 'in.jsonl'}", f"--config.job.output={out}",
+                 "--config.job.measure_bubble=False", "--config.job.progress=False")
   assert proc.returncode == 0, proc.stderr
   assert "8 x cpu" in proc.stdout  # virtual devices were set before the backend started
+  assert "input lines = written + rejected: 6 = 6 + 0 ✓" in proc.stdout, proc.stdout
   rows = read_jsonl(out)
-  assert len(rows) == len(read_jsonl(REPO / "data" / "tickets_demo.jsonl"))
-  assert all(set(r) == FIELDS and r["completion_tokens"] <= 4 for r in rows)
+  assert sorted(r["id"] for r in rows) == sorted(ids)
+  assert all(set(r) == FIELDS and 1 <= r["completion_tokens"] <= 4 for r in rows)
 
 
 def test_cli_unknown_key_is_an_error(tmp_path):
@@ -111,10 +196,14 @@ def test_cli_unknown_key_is_an_error(tmp_path):
 
 
 def test_cli_jaxpp_error_is_one_line(tmp_path):
+  write_tickets(tmp_path / "in.jsonl", 2)
   proc = run_cli("--config", "configs/harbor.py",
                  f"--config.model.checkpoint={tmp_path / 'missing'}",
-                 f"--config.job.output={tmp_path / 'o.jsonl'}")
+                 f"--config.job.input={tmp_path / 'in.jsonl'}",
+                 f"--config.job.output={tmp_path / 'o.jsonl'}",
+                 "--config.job.measure_bubble=False", "--config.job.progress=False")
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "missing" in errors[0], proc.stderr
+  assert not (tmp_path / "o.jsonl").exists()

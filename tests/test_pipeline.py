@@ -110,8 +110,8 @@ def test_hlo_moves_activations_by_collective_permute(deep):
           llm.pipeline, llm.params, cache, state, params_s, steps=4, do_sample=False,
           eos_ids=()).compile().as_text(),
       "prefill": pipeline.Pipeline.prefill.lower(
-          llm.pipeline, llm.params, cache, np.zeros((4, 2, 16), np.int32), lengths, params_s,
-          do_sample=False).compile().as_text(),
+          llm.pipeline, llm.params, cache, np.zeros((4, 2, 16), np.int32), lengths,
+          pipeline.identity_slots(4, 2), params_s, do_sample=False).compile().as_text(),
   }
   for name, hlo in texts.items():
     assert _collectives(hlo, "collective-permute"), name

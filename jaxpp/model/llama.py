@@ -112,19 +112,25 @@ class Block(nn.Module):
 
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
-               microbatch=0, fresh: bool = False, num_layers=None):
+               microbatch=0, slots=None, fresh: bool = False, num_layers=None):
   """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
 
-  `cache` leaves are [v, Lc, M, b, S, K, H]; this call reads and writes only slots
-  [chunk, :, microbatch], scattering each row's new keys/values at its positions in place
-  (the cache is a loop carry, never copied per layer). `fresh` (prefill from position 0)
-  skips reading the cache. `num_layers` (may be traced) runs only the first layers of the
-  stack: pipeline chunks shorter than the padded stack do no compute on padding.
+  `cache` leaves are [v, Lc, M, b, S, K, H]. Rows read their cached keys from
+  [chunk, layer, microbatch] and write their new keys/values at their positions in place
+  (the cache is a loop carry, never copied per layer). `slots` = (micro-batch i32[b],
+  row i32[b]) sends each row's writes elsewhere (prefill of new requests into free decode
+  slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
+  (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
+  only the first layers of the stack, so chunks shorter than the padded stack do no
+  compute on padding.
   """
   block = Block(c, x.dtype)
   b, T = x.shape[:2]
-  rows = jnp.arange(b)[:, None]
-  cols = start[:, None] + jnp.arange(T)[None, :]  # [b, T]; past S is dropped by the scatter
+  S = cache[0].shape[4]
+  if slots is None:
+    slots = (jnp.full((b,), microbatch, jnp.int32), jnp.arange(b, dtype=jnp.int32))
+  mb, rows = slots[0][:, None], slots[1][:, None]
+  cols = jnp.where(mb >= 0, start[:, None] + jnp.arange(T)[None, :], S)  # >= S: dropped
 
   def layer(carry, params):
     x, ck, cv, i = carry
@@ -132,8 +138,9 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
     def compute(_):
       kv = None if fresh else (ck[chunk, i, microbatch], cv[chunk, i, microbatch])
       y, (k, v) = block.apply({"params": params}, x, positions, start, kv)
-      return (y, ck.at[chunk, i, microbatch, rows, cols].set(k.astype(ck.dtype)),
-              cv.at[chunk, i, microbatch, rows, cols].set(v.astype(cv.dtype)))
+      at = (chunk, i, jnp.maximum(mb, 0), rows, cols)
+      return (y, ck.at[at].set(k.astype(ck.dtype), mode="drop"),
+              cv.at[at].set(v.astype(cv.dtype), mode="drop"))
 
     if num_layers is None:
       x, ck, cv = compute(None)

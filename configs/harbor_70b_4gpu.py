@@ -1,0 +1,94 @@
+"""Harbor on a 70B-class Llama over 4 GPUs: one-line ticket summaries, JSONL in, JSONL out.
+
+Command (from the repo root; both paths are placeholders you must override):
+
+    JAX_PLATFORMS=cuda python -m jaxpp.run --config configs/harbor_70b_4gpu.py \\
+      --config.model.checkpoint=/path/to/Meta-Llama-3.1-70B-Instruct \\
+      --config.job.input=/path/to/tickets.jsonl
+
+(`--config.job.input=data/tickets.jsonl` runs the 240 shipped synthetic tickets.)
+`JAX_PLATFORMS=cuda` makes a host without working GPUs fail at start-up instead of falling
+back to 8 virtual CPU devices (which the 4-device layout below would then reject). On hosts
+where NCCL's NVLink multicast (NVLS) is unavailable, prefix `NCCL_NVLS_ENABLE=0`, as the
+commands in docs/benchmarks.md do. Any field can be overridden as in configs/harbor.py, e.g.
+`--config.sampling.max_new_tokens=64`; a misspelled key is an error.
+
+Hardware: one host with 4 x NVIDIA H100 80 GB (SXM, NVLink) or 4 x H200 141 GB. The
+checkpoint is any Hugging Face Llama-architecture directory (config.json, tokenizer.json,
+*.safetensors) of about 70B parameters, e.g. Llama 3.1 70B Instruct (L=80, D=8192, F=28672,
+N=64, K=8, H=128, V=128256).
+
+Expected throughput: NOT MEASURED YET. This config has not been run on that hardware; no
+tokens/s figure is claimed. Measure it and record the number, command and card type in
+docs/benchmarks.md before quoting one.
+
+Why this layout (pp=4, tp=1):
+- Memory: ~70.6B parameters are ~141 GB in bf16, more than one 80 GB card holds, so at least
+  2 cards are needed just for the weights. pp=4 puts 20 of the 80 layers on each card
+  (~34 GB; the 2.1 GB embedding on the first stage, the 2.1 GB LM head on the last), which
+  leaves ~40 GB per H100 for the KV cache and activations. KV costs
+  2 (K,V) x K=8 x H=128 x 2 B x 20 layers = 80 KiB per token per stage, i.e. 160 MiB per
+  sequence at max_len=2048. The engine allocates the cache whole at start: max_num_seqs=64
+  slots are 10 GiB per stage, ~47 GB per card with the weights, a deliberate margin for
+  prefill activations on an unmeasured setup. Raise it (an H200 has ~60 GB more per card)
+  once the memory use has been measured.
+- Length: a prompt gets max_len - max_new_tokens + 1 = 1921 positions. The longest tickets
+  in data/tickets.jsonl (~8,500 characters) come close to or over that; length_policy
+  "truncate" cuts the ticket text and keeps the template's "Summary:" ending, "reject"
+  sends such tickets to the errors file instead.
+- Throughput: this is an offline batch job, so throughput, not latency, is the goal. Pipeline
+  stages exchange one activation per micro-batch per stage boundary, where tp=4 would
+  all-reduce twice per layer; with microbatches=8 >= pp the decode ring keeps all 4 stages
+  busy across tokens, and only the first fill and the last drain are bubbles. Whether
+  pp=2 x tp=2 (`--config.mesh.pp=2 --config.mesh.tp=2`) or `layer_split="balanced"` is
+  faster on a given host is an open measurement, not a claim.
+- decode_chunk=32 halves harbor.py's host round trips: 4 per sequence at 128 new tokens.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  # Placeholder: override with --config.model.checkpoint=/path/to/your/checkpoint.
+  c.model.checkpoint = "/path/to/Meta-Llama-3.1-70B-Instruct"  # HF safetensors directory
+  c.model.dtype = "bfloat16"  # 141 GB of weights; float32 would not fit 4 x 80 GB
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.pp = 4  # 20 layers per card: the weights need 2+ cards, PP for batch throughput
+  c.mesh.tp = 1  # no per-layer all-reduces; see the docstring for pp=2 x tp=2
+  c.mesh.dp = 1  # one replica spans all 4 cards
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
+  c.schedule.microbatches = 8  # 2 x pp in flight: the decode ring stays full
+  c.schedule.layer_split = "even"  # 80 layers / 4 stages = 20 each
+  c.schedule.decode_chunk = 32  # tokens generated per return to the host
+
+  c.engine = ml_collections.ConfigDict()
+  c.engine.max_len = 2048  # KV positions per slot: prompt + generated tokens
+  c.engine.max_num_seqs = 64  # slots: 8 per micro-batch; KV 64 x 160 MiB = 10 GiB per stage
+  c.engine.priority_reserve = ml_collections.ConfigDict()
+  c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
+  c.engine.priority_reserve.batch = 0  # slots kept free for batch requests
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.max_new_tokens = 128
+  c.sampling.temperature = 0.0  # 0 = greedy
+  c.sampling.top_k = 0  # 0 = off
+  c.sampling.top_p = 1.0  # 1 = off
+  c.sampling.seed = 0
+
+  c.job = ml_collections.ConfigDict()
+  # Placeholder: override with --config.job.input=/path/to/tickets.jsonl.
+  c.job.input = "/path/to/tickets.jsonl"  # lines {"id": ..., "text": ...}
+  c.job.output = "out/summaries_70b.jsonl"  # relative to the working directory
+  c.job.errors = ""  # rejected input lines; "" = <output>.errors.jsonl
+  c.job.prompt_template = "Ticket:\n{text}\nSummary:"
+  c.job.length_policy = "truncate"  # prompt over 1921 tokens: cut the text, keep "Summary:"
+  c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
+  c.job.measure_bubble = True  # time two decode lengths at start to measure the bubble
+  c.job.progress = True  # progress bar on stderr
+  return c

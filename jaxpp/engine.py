@@ -1,0 +1,271 @@
+"""Continuous batching on the pipeline's decode ring (host side).
+
+The KV cache has M micro-batches (the ring's m) of b slots each. Requests wait in one queue
+per priority class. At every return from the device (every `decode_chunk` tokens) finished
+sequences leave their slots, waiting requests are admitted into free slots and prefilled
+through the pipeline straight into those slots, and the ring goes on with the new mix.
+
+- Even fill: a request goes to the micro-batch with the fewest live sequences, and b =
+  ceil(max_num_seqs / m), so no micro-batch ever holds more than its share.
+- KV admission: each slot owns max_len positions of cache on every stage (the dense cache is
+  allocated up front), so a request is admitted only into a free slot and only if its
+  prompt plus max_new_tokens (less the last token, never fed back) fits max_len; a request that can never fit is refused at
+  submit (the job turns that into an errors-file line), never truncated silently. Requests
+  that do not fit now wait: backpressure, not out-of-memory.
+- Priority reserve: `reserve[c]` slots are kept for class c; another class may take a free
+  slot only while the free slots left cover every other class's unmet reserve.
+- Reproducible sampling: keys come from (request seed, token position) only (`sampling.py`),
+  so a request's tokens do not depend on its slot, its neighbours or the layout.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpp import generate, sampling
+from jaxpp.errors import JaxppError
+from jaxpp.pipeline import bucket
+
+if TYPE_CHECKING:
+  from jaxpp.llm import LLM
+
+CLASSES = ("interactive", "batch")  # admission order
+
+
+@dataclasses.dataclass
+class Request:
+  key: str  # unique id of the request
+  prompt: list[int]
+  max_new_tokens: int
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  priority: str = "batch"
+
+
+@dataclasses.dataclass
+class Finished:
+  request: Request
+  token_ids: list[int]
+  finish_reason: str  # "stop" or "length"
+
+
+@dataclasses.dataclass
+class EngineStats:
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  decode_calls: int = 0
+  tick_seconds: list[float] = dataclasses.field(default_factory=list)
+  max_live_per_microbatch: int = 0
+
+
+class Engine:
+  """Schedules requests onto an `LLM`'s pipeline: submit(), then run()."""
+
+  def __init__(self, llm: LLM, *, max_num_seqs: int | None = None,
+               reserve: dict[str, int] | None = None):
+    self.llm, self.pipe = llm, llm.pipeline
+    M = self.M = self.pipe.microbatches
+    self.max_num_seqs = max_num_seqs or 4 * M
+    if self.max_num_seqs < 1:
+      raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+    self.rows = -(-self.max_num_seqs // M)  # b: slots per micro-batch (even fill cap)
+    self.reserve = {c: 0 for c in CLASSES} | dict(reserve or {})
+    unknown = set(self.reserve) - set(CLASSES)
+    if unknown:
+      raise JaxppError(f"priority reserve names unknown class(es) {sorted(unknown)}; "
+                       f"classes: {', '.join(CLASSES)}")
+    for cls in CLASSES:  # every class must be able to get a slot, or its queue never moves
+      others = sum(n for c, n in self.reserve.items() if c != cls)
+      if others >= self.max_num_seqs:
+        raise JaxppError(f"priority reserves {self.reserve} leave no slot of max_num_seqs="
+                         f"{self.max_num_seqs} for class {cls!r}")
+    shape = (M, self.rows)
+    self.cache = self.pipe.init_cache(self.rows, llm.max_len, llm.dtype)
+    self.state = generate.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
+                                      np.zeros(shape, np.int32), np.ones(shape, bool))
+    self.sampling = sampling.SamplingParams.make(M * self.rows)
+    self.sampling = sampling.SamplingParams(*(np.asarray(a).reshape(shape).copy()
+                                              for a in self.sampling))
+    self.owner: list[list[Request | None]] = [[None] * self.rows for _ in range(M)]
+    self.tokens: dict[tuple[int, int], list[int]] = {}
+    self.queues = {c: collections.deque() for c in CLASSES}
+    self.stats = EngineStats()
+
+  # --- admission --------------------------------------------------------------------------
+
+  def submit(self, request: Request) -> None:
+    """Queues a request; refuses one that could never run (one-line JaxppError)."""
+    if request.priority not in self.queues:
+      raise JaxppError(f"request {request.key}: unknown priority {request.priority!r}; "
+                       f"classes: {', '.join(CLASSES)}")
+    # every token but the last is fed back, so it needs a cache position
+    need = len(request.prompt) + request.max_new_tokens - 1
+    if not request.prompt or request.max_new_tokens < 1 or need > self.llm.max_len:
+      raise JaxppError(f"request {request.key}: prompt of {len(request.prompt)} tokens + "
+                       f"max_new_tokens={request.max_new_tokens} does not fit max_len="
+                       f"{self.llm.max_len}")
+    self.queues[request.priority].append(request)
+
+  def live(self) -> np.ndarray:
+    """int [M]: live sequences per micro-batch."""
+    return np.array([sum(o is not None for o in row) for row in self.owner])
+
+  def waiting(self) -> int:
+    return sum(map(len, self.queues.values()))
+
+  def _live_by_class(self) -> dict[str, int]:
+    counts = collections.Counter(o.priority for row in self.owner for o in row if o)
+    return {c: counts.get(c, 0) for c in CLASSES}
+
+  def _admit(self) -> list[tuple[Request, int, int]]:
+    """Moves waiting requests into free slots, interactive first, honouring reserves."""
+    admitted = []
+    live = self.live()
+    by_class = self._live_by_class()
+    for cls in CLASSES:
+      queue = self.queues[cls]
+      while queue:
+        free = self.max_num_seqs - int(live.sum())
+        owed = sum(max(0, self.reserve[c] - by_class[c]) for c in CLASSES if c != cls)
+        if free - owed < 1:
+          break
+        j = int(np.argmin(np.where(live < self.rows, live, np.iinfo(np.int32).max)))
+        if live[j] >= self.rows:
+          break
+        r = self.owner[j].index(None)
+        request = queue.popleft()
+        self.owner[j][r] = request
+        live[j] += 1
+        by_class[cls] += 1
+        admitted.append((request, j, r))
+    self.stats.max_live_per_microbatch = max(self.stats.max_live_per_microbatch,
+                                             int(live.max()))
+    return admitted
+
+  # --- device work ------------------------------------------------------------------------
+
+  def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
+    """Prefills newly admitted requests into their slots; sets their decode state."""
+    # Few shapes, few compiles: every prefill has the slots' row count, lengths bucketed.
+    M, p = self.M, self.rows
+    T = min(bucket(max(len(a[0].prompt) for a in admitted), minimum=64), self.llm.max_len)
+    tokens = np.zeros((M, p, T), np.int32)
+    lengths = np.ones((M, p), np.int32)
+    slots = np.full((M, p, 2), -1, np.int32)
+    knobs = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
+    knobs["top_p"][:] = 1.0
+    for i, (req, j, r) in enumerate(admitted):
+      q, row = i % M, i // M
+      tokens[q, row, :len(req.prompt)] = req.prompt
+      lengths[q, row] = len(req.prompt)
+      slots[q, row] = (j, r)
+      for f in knobs:
+        value = getattr(req, f)
+        knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
+        self.sampling._asdict()[f][j, r] = knobs[f][q, row]
+    params_s = sampling.SamplingParams(*(jnp.asarray(knobs[f]) for f in knobs))
+    start = time.perf_counter()
+    first, self.cache = self.pipe.prefill(
+        self.llm.params, self.cache, jnp.asarray(tokens), jnp.asarray(lengths),
+        jnp.asarray(slots), params_s, do_sample=params_s.needs_sampling())
+    first = np.asarray(first)
+    self.stats.prefill_seconds += time.perf_counter() - start
+    eos, max_len = self.llm.config.eos_token_ids, self.llm.max_len
+    for i, (req, j, r) in enumerate(admitted):
+      tok = int(first[i % M, i // M])
+      self.stats.prompt_tokens += len(req.prompt)
+      self.tokens[(j, r)] = [tok]
+      self.state.tokens[j, r] = tok
+      self.state.lengths[j, r] = len(req.prompt)
+      self.state.remaining[j, r] = req.max_new_tokens - 1
+      self.state.done[j, r] = (tok in eos or req.max_new_tokens <= 1 or
+                               len(req.prompt) >= max_len)
+
+  def _decode(self) -> None:
+    """One return-to-host worth of tokens for every live slot."""
+    k = self.llm.decode_chunk
+    live = ~self.state.done
+    do_sample = bool(np.any(self.sampling.temperature[live] > 0))
+    state = generate.DecodeState(*(jnp.asarray(a) for a in self.state))
+    params_s = sampling.SamplingParams(*(jnp.asarray(a) for a in self.sampling))
+    start = time.perf_counter()
+    self.cache, state, emitted = self.pipe.decode(
+        self.llm.params, self.cache, state, params_s, steps=k, do_sample=do_sample,
+        eos_ids=self.llm.config.eos_token_ids)
+    emitted = np.asarray(emitted)
+    seconds = time.perf_counter() - start
+    self.state = generate.DecodeState(*(np.array(a) for a in state))
+    ticks = k * self.M * self.pipe.v + self.pipe.pp - 1
+    self.stats.decode_seconds += seconds
+    self.stats.decode_calls += 1
+    self.stats.tick_seconds.append(seconds / ticks)
+    for (j, r), toks in self.tokens.items():
+      new = [int(t) for t in emitted[j, r] if t >= 0]
+      toks.extend(new)
+      self.stats.completion_tokens += len(new)
+
+  def _retire(self) -> list[Finished]:
+    done = []
+    eos = self.llm.config.eos_token_ids
+    for (j, r) in list(self.tokens):
+      if self.state.done[j, r]:
+        toks = self.tokens.pop((j, r))
+        reason = "stop" if toks and toks[-1] in eos else "length"
+        done.append(Finished(self.owner[j][r], toks, reason))
+        self.owner[j][r] = None
+    return done
+
+  def step(self) -> list[Finished]:
+    """Admit + prefill, decode one chunk if anything is live, retire what finished."""
+    admitted = self._admit()
+    if self.waiting() and not admitted and not self.tokens:  # guarded by __init__'s check
+      raise JaxppError("requests are waiting but none can be admitted")
+    finished = []
+    if admitted:
+      self.stats.completion_tokens += len(admitted)  # each prefill samples one token
+      self._prefill(admitted)
+      finished += self._retire()
+    if self.tokens:
+      self._decode()
+      finished += self._retire()
+    return finished
+
+  def measure_bubble(self) -> float:
+    """Share of a decode call not spent in steady-state rounds, timed on the device.
+
+    Runs the ring for k and 2k tokens with every slot live (before any request is admitted;
+    the junk it writes sits beyond every row's length and is never read): the difference
+    is k rounds at full pipe, the rest of a k-token call is fill, drain and host overhead.
+    """
+    if self.tokens:
+      raise JaxppError("measure_bubble runs before requests are admitted")
+    k, shape = self.llm.decode_chunk, (self.M, self.rows)
+    state = generate.DecodeState(jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.int32),
+                                 jnp.full(shape, 4 * k, jnp.int32), jnp.zeros(shape, bool))
+    params_s = sampling.SamplingParams(*(jnp.asarray(a) for a in self.sampling))
+    seconds = {}
+    for steps in (k, 2 * k, k, 2 * k):  # first pass compiles, second is timed
+      start = time.perf_counter()
+      self.cache, _, out = self.pipe.decode(self.llm.params, self.cache, state, params_s,
+                                            steps=steps, do_sample=False, eos_ids=())
+      np.asarray(out)
+      seconds[steps] = time.perf_counter() - start
+    steady = seconds[2 * k] - seconds[k]  # k rounds with the pipe full
+    return float(min(max(1.0 - steady / seconds[k], 0.0), 1.0))
+
+  def run(self, on_finished: Callable[[Finished], None]) -> EngineStats:
+    """Runs until every submitted request has finished; calls back as each one does."""
+    while self.waiting() or self.tokens:
+      for f in self.step():
+        on_finished(f)
+    return self.stats

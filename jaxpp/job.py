@@ -1,0 +1,182 @@
+"""The Harbor batch job: tickets (JSONL) in, one-line summaries (JSONL) out, nothing lost.
+
+`run_job(config)` is everything `python -m jaxpp.run` does after parsing flags:
+
+1. check the config, the input and the output locations (one-line errors, before any
+   compile);
+2. repair and read what earlier runs wrote (resume: finished ids are skipped, rejected
+   lines are not rejected twice);
+3. place the model on the layout, then stream tickets into the engine, keeping its queue a
+   little ahead of its slots, and write each summary (whole line, flushed) the moment its
+   ticket finishes; every bad line becomes an errors-file line instead;
+4. report: documents, tokens/s, bubble (schedule and measured), tick latency, wall time,
+   the projection for 40,000 tickets, and whether input lines = written + rejected.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+
+from jaxpp import engine as engine_lib
+from jaxpp import jobio, report, schedule
+from jaxpp.errors import JaxppError
+from jaxpp.llm import LLM, devices_summary
+
+LENGTH_POLICIES = ("truncate", "reject")
+TEMPLATE_SLOT = "{text}"
+
+
+def errors_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+  out = pathlib.Path(config.job.output)
+  return pathlib.Path(config.job.errors) if config.job.errors else out.with_name(
+      out.name.removesuffix(".jsonl") + ".errors.jsonl")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The knobs jaxpp.LLM does not already check; each mistake is one line."""
+  job = config.job
+  if job.length_policy not in LENGTH_POLICIES:
+    raise JaxppError(f"job.length_policy={job.length_policy!r}; choose one of "
+                     f"{', '.join(LENGTH_POLICIES)}")
+  if job.priority not in engine_lib.CLASSES:
+    raise JaxppError(f"job.priority={job.priority!r}; choose one of "
+                     f"{', '.join(engine_lib.CLASSES)}")
+  if config.mesh.dp != 1:
+    raise JaxppError(f"mesh.dp={config.mesh.dp}: only 1 replica is available in this version")
+  if TEMPLATE_SLOT not in job.prompt_template:
+    raise JaxppError(f"job.prompt_template must contain {TEMPLATE_SLOT}")
+  if config.sampling.max_new_tokens < 1:
+    raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} must be >= 1")
+  if config.sampling.max_new_tokens >= config.engine.max_len:
+    raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
+                     f"room for a prompt in engine.max_len={config.engine.max_len}")
+
+
+class Prompter:
+  """Ticket -> prompt ids under the length policy (the template's ending always kept)."""
+
+  def __init__(self, llm: LLM, config: ml_collections.ConfigDict):
+    if llm.tokenizer is None:
+      raise JaxppError(f"checkpoint {config.model.checkpoint} has no tokenizer.json; the job "
+                       "needs one to read tickets")
+    self.tok, self.template = llm.tokenizer, config.job.prompt_template
+    self.policy = config.job.length_policy
+    self.budget = llm.max_len - config.sampling.max_new_tokens + 1  # prompt positions
+    tail = self.template.split(TEMPLATE_SLOT)[-1]
+    self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
+
+  def __call__(self, ticket: jobio.Ticket) -> tuple[list[int] | None, str | None]:
+    """(ids, None), or (None, reason) when the policy rejects the ticket."""
+    try:
+      prompt = self.template.format_map(ticket.doc)
+    except (KeyError, IndexError, ValueError) as e:
+      return None, f"prompt_template cannot be filled from this ticket ({e!r})"
+    ids = self.tok.encode(prompt)
+    if len(ids) <= self.budget:
+      return ids, None
+    if self.policy == "reject":
+      return None, (f"prompt of {len(ids)} tokens exceeds the {self.budget} that fit "
+                    "engine.max_len with sampling.max_new_tokens (length_policy=reject)")
+    return ids[:self.budget - len(self.tail)] + self.tail, None
+
+
+def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
+  """Runs (or resumes) the job; returns the report (also written next to the output)."""
+  started = time.perf_counter()
+  check_config(config)
+  job = config.job
+  jobio.check_input(job.input)
+  output, errors = jobio.check_output_dir(job.output), jobio.check_output_dir(errors_path(config))
+  resume = jobio.resume_state(output, errors)
+
+  sched, eng_cfg, s = config.schedule, config.engine, config.sampling
+  llm = LLM(config.model.checkpoint, pp=config.mesh.pp, tp=config.mesh.tp,
+            virtual_stages=sched.virtual_stages, microbatches=sched.microbatches or None,
+            layer_split=sched.layer_split, dtype=config.model.dtype, max_len=eng_cfg.max_len,
+            decode_chunk=sched.decode_chunk,
+            devices=jax.devices() if devices is None else devices)
+  prompter = Prompter(llm, config)
+  eng = engine_lib.Engine(llm, max_num_seqs=eng_cfg.max_num_seqs,
+                          reserve=dict(eng_cfg.priority_reserve))
+  bubble_measured = eng.measure_bubble() if job.measure_bubble else None
+
+  counts = dict(input_lines=0, rejected_run=0, skipped_done=0, written_run=0)
+  tickets: dict[str, jobio.Ticket] = {}
+  with jobio.ResultWriter(output) as out, jobio.ErrorWriter(errors) as err:
+
+    def reject(line: int, id_, reason: str) -> None:
+      if line not in resume.rejected_lines:
+        err.write_rejected(jobio.Rejected(line, id_, reason))
+        counts["rejected_run"] += 1
+
+    def pending(record: bool) -> Iterator[jobio.Ticket]:
+      """Tickets still to summarise; with `record`, counts lines and writes rejections."""
+      for item in jobio.read_tickets(job.input):
+        counts["input_lines"] += record
+        if isinstance(item, jobio.Rejected):
+          if record:
+            reject(item.line, item.id, item.reason)
+        elif item.key in resume.done_keys:
+          counts["skipped_done"] += record
+        else:
+          yield item
+
+    total = sum(1 for _ in pending(record=False))  # cheap first pass: the progress total
+    feed = pending(record=True)
+    with report.Progress(total, disable=not job.progress) as progress:
+      while True:
+        while eng.waiting() < 2 * eng.max_num_seqs:
+          ticket = next(feed, None)
+          if ticket is None:
+            break
+          ids, reason = prompter(ticket)
+          if ids is None:
+            reject(ticket.line, ticket.id, reason)
+            continue
+          tickets[ticket.key] = ticket
+          eng.submit(engine_lib.Request(
+              key=ticket.key, prompt=ids, max_new_tokens=s.max_new_tokens,
+              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+              priority=job.priority))
+        if not eng.waiting() and not eng.tokens:
+          break
+        for f in eng.step():
+          ticket = tickets.pop(f.request.key)
+          out.write(summary_row(llm, ticket, f))
+          counts["written_run"] += 1
+          progress.update(documents=1, tokens=len(f.token_ids))
+
+  final = jobio.resume_state(output, errors)
+  st = eng.stats
+  rep = report.build_report(
+      input_lines=counts["input_lines"], written_run=counts["written_run"],
+      written_total=len(final.done_keys), rejected_run=counts["rejected_run"],
+      rejected_total=len(final.rejected_lines), skipped_done=counts["skipped_done"],
+      prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+      prefill_seconds=st.prefill_seconds, decode_seconds=st.decode_seconds,
+      wall_seconds=time.perf_counter() - started,
+      bubble_schedule=schedule.formula_bubble(llm.pipeline.pp, llm.pipeline.v,
+                                              llm.pipeline.microbatches, sched.decode_chunk),
+      bubble_measured=bubble_measured, tick_seconds=st.tick_seconds,
+      devices=devices_summary(llm.pipeline.mesh.devices.flat),
+      layout=dict(pp=config.mesh.pp, tp=config.mesh.tp, dp=config.mesh.dp,
+                  virtual_stages=llm.pipeline.v, microbatches=llm.pipeline.microbatches,
+                  max_num_seqs=eng.max_num_seqs, layer_split=list(llm.pipeline.partition.counts)),
+      duplicate_rows=final.duplicate_rows)
+  rep["report_file"] = str(report.write_report(rep, output))
+  rep["output"], rep["errors"] = str(output), str(errors)
+  return rep
+
+
+def summary_row(llm: LLM, ticket: jobio.Ticket, finished: engine_lib.Finished) -> dict:
+  """The output line: the first line of the decoded completion, stop token dropped."""
+  text = llm.tokenizer.decode(finished.token_ids).strip()
+  return dict(id=ticket.id, summary=text.split("\n", 1)[0].strip(),
+              finish_reason=finished.finish_reason,
+              prompt_tokens=len(finished.request.prompt),
+              completion_tokens=len(finished.token_ids))

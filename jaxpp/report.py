@@ -1,0 +1,217 @@
+"""Progress bar and end-of-job report for the batch job.
+
+The report answers the questions the nightly run is judged by: did every input line land
+somewhere (output or errors, exactly once), how fast did prefill and decode go, how much of
+the pipeline sat idle (the schedule's analytic bubble next to the measured one), and how long
+would 40,000 tickets take at this rate. It is built from plain numbers the job measured, so it
+can be unit-tested without running a model, and saved as JSON next to the output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+PROJECTION_DOCUMENTS = 40_000  # the nightly volume the projection is quoted for
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, Any]:
+  """`{"p50": ..., "p90": ..., "p99": ..., "count": n}`; values are None when there are none."""
+  arr = np.asarray(list(values), dtype=np.float64)
+  out: dict[str, Any] = {f"p{q:g}": (float(np.percentile(arr, q)) if arr.size else None)
+                         for q in qs}
+  out["count"] = int(arr.size)
+  return out
+
+
+def _rate(amount: float, seconds: float | None) -> float | None:
+  """amount/seconds, or None when nothing was timed (never a ZeroDivisionError or inf)."""
+  if not seconds or seconds <= 0 or not math.isfinite(seconds):
+    return None
+  return amount / seconds
+
+
+def human_duration(seconds: float | None) -> str:
+  """'45 s', '12.5 min', '2.9 h', '1.5 d'; 'n/a' when unknown."""
+  if seconds is None or not math.isfinite(seconds):
+    return "n/a"
+  if seconds < 90:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+  if seconds < 90 * 60:
+    return f"{seconds / 60:.1f} min"
+  if seconds < 48 * 3600:
+    return f"{seconds / 3600:.1f} h"
+  return f"{seconds / 86400:.1f} d"
+
+
+class Progress:
+  """A tqdm bar on stderr counting documents, with documents/s and generated tokens/s.
+
+  `total` is the number of documents this run will process (already-done ones excluded), so
+  the ETA is honest on a resumed run. `disable=True` keeps tests and logs quiet.
+  """
+
+  def __init__(self, total: int | None, *, disable: bool = False, desc: str = "summaries"):
+    self.documents = 0
+    self.tokens = 0
+    self._start = time.perf_counter()
+    self._bar = tqdm(total=total, desc=desc, unit="doc", file=sys.stderr, disable=disable,
+                     dynamic_ncols=True)
+
+  def update(self, documents: int = 1, tokens: int = 0) -> None:
+    self.documents += documents
+    self.tokens += tokens
+    elapsed = time.perf_counter() - self._start
+    if elapsed > 0:
+      self._bar.set_postfix_str(
+          f"{self.documents / elapsed:.2f} doc/s, {self.tokens / elapsed:.1f} tok/s",
+          refresh=False)
+    self._bar.update(documents)
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def build_report(*, input_lines: int, written_run: int, written_total: int, rejected_run: int,
+                 rejected_total: int, skipped_done: int, prompt_tokens: int,
+                 completion_tokens: int, prefill_seconds: float, decode_seconds: float,
+                 wall_seconds: float, bubble_schedule: float,
+                 bubble_measured: float | None = None, tick_seconds: Sequence[float] = (),
+                 devices: str = "", layout: dict | None = None,
+                 duplicate_rows: int = 0) -> dict[str, Any]:
+  """The job report as a JSON-ready dict; rates are None where nothing was timed.
+
+  `*_run` count this run, `*_total` the whole output / errors file (earlier runs included,
+  unique ids / lines). `reconciled` is the promise of the job: every non-blank input line is
+  either a row of the output or a row of the errors file, and no id is written twice.
+  """
+  dps = _rate(written_run, wall_seconds)
+  projected = PROJECTION_DOCUMENTS / dps if dps else None
+  return {
+      "input_lines": input_lines,
+      "written_run": written_run,
+      "written_total": written_total,
+      "rejected_run": rejected_run,
+      "rejected_total": rejected_total,
+      "skipped_done": skipped_done,
+      "duplicate_rows": duplicate_rows,
+      "reconciled": input_lines == written_total + rejected_total and duplicate_rows == 0,
+      "prompt_tokens": prompt_tokens,
+      "completion_tokens": completion_tokens,
+      "prefill_seconds": prefill_seconds,
+      "decode_seconds": decode_seconds,
+      "wall_seconds": wall_seconds,
+      "prefill_tokens_per_second": _rate(prompt_tokens, prefill_seconds),
+      "decode_tokens_per_second": _rate(completion_tokens, decode_seconds),
+      "total_tokens_per_second": _rate(prompt_tokens + completion_tokens, wall_seconds),
+      "documents_per_second": dps,
+      "projected_wall_seconds_40000": projected,
+      "projected_wall_40000": human_duration(projected),
+      "bubble_schedule": bubble_schedule,
+      "bubble_measured": bubble_measured,
+      "tick_seconds": percentiles(tick_seconds),
+      "devices": devices,
+      "layout": dict(layout or {}),
+  }
+
+
+def _num(x: float | None, fmt: str = ",.1f") -> str:
+  return "n/a" if x is None else format(x, fmt)
+
+
+def _pct(x: float | None) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+  return "n/a" if x is None else f"{1000 * x:.1f} ms"
+
+
+def reconciliation_line(r: dict[str, Any]) -> str:
+  """'input lines = written + rejected: 212 = 200 + 12 ✓', or a loud MISMATCH line."""
+  n, w, e = r["input_lines"], r["written_total"], r["rejected_total"]
+  if r["reconciled"]:
+    return f"input lines = written + rejected: {n} = {w} + {e} ✓"
+  problems = []
+  if n != w + e:
+    problems.append(f"{n - (w + e):+d} lines unaccounted for")
+  if r.get("duplicate_rows"):
+    problems.append(f"{r['duplicate_rows']} duplicate output rows")
+  return (f"!!! MISMATCH: input lines = written + rejected: {n} != {w} + {e} "
+          f"({', '.join(problems)}) !!!")
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """A compact human summary of `build_report`'s dict, one topic per line."""
+  tick = r["tick_seconds"]
+  layout = " ".join(f"{k}={v}" for k, v in r["layout"].items())
+  lines = [
+      f"documents   {r['written_run']:,} written this run ({r['written_total']:,} in output), "
+      f"{r['rejected_run']:,} rejected ({r['rejected_total']:,} in errors), "
+      f"{r['skipped_done']:,} already done",
+      f"tokens      prompt {r['prompt_tokens']:,}  completion {r['completion_tokens']:,}",
+      f"tokens/s    prefill {_num(r['prefill_tokens_per_second'])}  "
+      f"decode {_num(r['decode_tokens_per_second'])}  "
+      f"total {_num(r['total_tokens_per_second'])}",
+      f"documents/s {_num(r['documents_per_second'], ',.2f')}",
+      f"bubble      schedule {_pct(r['bubble_schedule'])}  measured {_pct(r['bubble_measured'])}",
+      f"tick        p50 {_ms(tick['p50'])}  p90 {_ms(tick['p90'])}  p99 {_ms(tick['p99'])}  "
+      f"({tick['count']:,} ticks)",
+      f"wall        {human_duration(r['wall_seconds'])} "
+      f"(prefill {human_duration(r['prefill_seconds'])}, "
+      f"decode {human_duration(r['decode_seconds'])})",
+      f"projection  {PROJECTION_DOCUMENTS:,} tickets in {r['projected_wall_40000']}",
+      f"devices     {r['devices'] or 'n/a'}" + (f"  layout {layout}" if layout else ""),
+      reconciliation_line(r),
+  ]
+  return "\n".join(lines)
+
+
+def report_path(output_path: str | os.PathLike) -> pathlib.Path:
+  """`<output>.report.json`, e.g. out/summaries.jsonl.report.json."""
+  p = pathlib.Path(output_path)
+  return p.with_name(p.name + ".report.json")
+
+
+def _json_safe(x: Any) -> Any:
+  """NaN / inf become None so the report stays strict JSON (other tools choke on NaN)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def write_report(report: dict[str, Any], output_path: str | os.PathLike) -> pathlib.Path:
+  """Writes the report next to the output atomically: a reader never sees half a report."""
+  path = report_path(output_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(_json_safe(report), f, indent=2, ensure_ascii=False, allow_nan=False)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path

@@ -1,0 +1,137 @@
+"""The batch engine: even fill, backpressure, priority reserve, refill, reproducibility."""
+
+import numpy as np
+import pytest
+
+import jaxpp
+from jaxpp import checkpoint, engine, generate, sampling
+from tests import hf_models
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  path, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("eng"), "gqa", eos_token_id=None)
+  return path
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+  return jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2, decode_chunk=4)
+
+
+def prompts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [[1] + rng.integers(3, 90, rng.integers(2, 12)).tolist() for _ in range(n)]
+
+
+def request(i, prompt, **kw):
+  return engine.Request(key=f"r{i}", prompt=prompt, max_new_tokens=kw.pop("max_new", 6), **kw)
+
+
+def run_all(eng):
+  done = {}
+  eng.run(lambda f: done.__setitem__(f.request.key, f))
+  return done
+
+
+def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
+  """Slots are refilled as sequences finish; every request gets its reference tokens."""
+  ps = prompts(13)
+  max_new = [3 + i % 5 for i in range(13)]  # different lengths: slots free at different times
+  eng = engine.Engine(llm, max_num_seqs=4)
+  for i, p in enumerate(ps):
+    eng.submit(request(i, p, max_new=max_new[i]))
+  done = run_all(eng)
+  assert sorted(done) == sorted(f"r{i}" for i in range(13))
+  config = checkpoint.load_config(ckpt)
+  params = checkpoint.load_hf_params(ckpt, config, np.float32)
+  for i, p in enumerate(ps):
+    ref, = generate.reference_generate(config, params, [p], max_new[i],
+                                       sampling.SamplingParams.make(1), max_len=40)
+    assert done[f"r{i}"].token_ids == ref, i
+    assert done[f"r{i}"].finish_reason == "length"
+  assert eng.stats.max_live_per_microbatch <= 2  # ceil(4 / 2)
+  assert eng.stats.decode_calls > 13 * 3 // (4 * 4)  # refills, not one batch
+
+
+def test_burst_is_spread_evenly(llm):
+  """A burst is spread so no micro-batch exceeds ceil(max_num_seqs / m)."""
+  eng = engine.Engine(llm, max_num_seqs=3)  # m = 2: at most ceil(3/2) = 2 per micro-batch
+  for i, p in enumerate(prompts(6)):
+    eng.submit(request(i, p))
+  eng._admit()
+  assert sorted(eng.live().tolist()) == [1, 2]
+  assert eng.waiting() == 3  # backpressure: the rest wait, nothing crashes
+
+
+def test_backpressure_never_overfills(llm):
+  eng = engine.Engine(llm, max_num_seqs=2)
+  for i, p in enumerate(prompts(7)):
+    eng.submit(request(i, p, max_new=3))
+  seen = []
+  while eng.waiting() or eng.tokens:
+    eng.step()
+    seen.append(int(eng.live().sum()))
+  assert max(seen) <= 2
+  assert eng.stats.completion_tokens == 7 * 3
+
+
+def test_request_that_cannot_fit_is_refused_not_truncated(llm):
+  eng = engine.Engine(llm, max_num_seqs=2)
+  with pytest.raises(jaxpp.JaxppError, match=r"prompt of 30 tokens \+ max_new_tokens=12 does "
+                                             r"not fit max_len=40"):
+    eng.submit(engine.Request("big", [1] * 30, 12))
+  eng.submit(engine.Request("fits", [1] * 30, 11))  # 30 + 11 - 1 = 40 positions
+
+
+def test_priority_reserve_keeps_slots_for_interactive(llm):
+  eng = engine.Engine(llm, max_num_seqs=4, reserve={"interactive": 2})
+  for i, p in enumerate(prompts(6)):
+    eng.submit(request(i, p, priority="batch"))
+  eng._admit()
+  assert eng.live().sum() == 2  # batch may not take the 2 reserved slots
+  eng.submit(request(10, [1, 5, 6], priority="interactive"))
+  eng.submit(request(11, [1, 7, 8], priority="interactive"))
+  eng.submit(request(12, [1, 7, 9], priority="interactive"))
+  admitted = eng._admit()
+  assert [a[0].key for a in admitted] == ["r10", "r11"]
+  assert eng.waiting() == 5  # 4 batch + 1 interactive wait for free slots
+
+
+def test_interactive_is_admitted_first(llm):
+  eng = engine.Engine(llm, max_num_seqs=2)
+  for i, p in enumerate(prompts(3)):
+    eng.submit(request(i, p))
+  eng.submit(request(9, [1, 2, 3], priority="interactive"))
+  assert [a[0].key for a in eng._admit()] == ["r9", "r0"]
+
+
+def test_sampled_tokens_do_not_depend_on_batch_mates(llm):
+  ps = prompts(5, seed=3)
+  kw = dict(temperature=1.0, top_p=0.9, max_new=8)
+
+  def sample(keys, max_num_seqs):
+    eng = engine.Engine(llm, max_num_seqs=max_num_seqs)
+    for i in keys:
+      eng.submit(request(i, ps[i], seed=100 + i, **kw))
+    return {k: f.token_ids for k, f in run_all(eng).items()}
+
+  alone = sample([2], 1)
+  crowded = sample([4, 0, 2, 1, 3], 4)
+  assert crowded["r2"] == alone["r2"]
+
+
+def test_bad_engine_settings(llm):
+  with pytest.raises(jaxpp.JaxppError, match="unknown class"):
+    engine.Engine(llm, reserve={"vip": 1})
+  with pytest.raises(jaxpp.JaxppError, match="leave no slot of max_num_seqs=2 for class "
+                                             "'batch'"):
+    engine.Engine(llm, max_num_seqs=2, reserve={"interactive": 2})
+  eng = engine.Engine(llm, max_num_seqs=2)
+  with pytest.raises(jaxpp.JaxppError, match="unknown priority 'urgent'"):
+    eng.submit(request(0, [1, 2], priority="urgent"))
+
+
+def test_measure_bubble_is_a_fraction(llm):
+  eng = engine.Engine(llm, max_num_seqs=2)
+  assert 0.0 <= eng.measure_bubble() <= 1.0

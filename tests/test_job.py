@@ -1,0 +1,265 @@
+"""The Harbor batch job end to end: same summaries on every layout, resume after SIGKILL, bad input.
+
+Shrunk so the file runs in about a minute on a 2-core CPU host: small inputs, few new tokens,
+no bubble measurement, no progress bar. Runs with the same layout share compiled programs
+(the pipeline is a static, hashable jit argument), so only the first run of a layout compiles.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import pytest
+
+from jaxpp import job, jobio
+from jaxpp.tokenizer import Tokenizer
+from tests.test_jobio import EXPECTED_REJECTIONS, GOOD_LINES
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TICKETS = REPO / "data" / "tickets.jsonl"
+BAD = REPO / "tests" / "data" / "bad_tickets.jsonl"
+FIELDS = {"id", "summary", "finish_reason", "prompt_tokens", "completion_tokens"}
+
+
+def load_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("config_job_harbor", REPO / "configs" / "harbor.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def shrunk(input_path, output_path, max_new_tokens: int = 8, **job_fields):
+  config = load_config()
+  config.sampling.max_new_tokens = max_new_tokens
+  config.job.input, config.job.output = str(input_path), str(output_path)
+  config.job.measure_bubble = False
+  config.job.progress = False
+  for k, v in job_fields.items():
+    config.job[k] = v
+  return config
+
+
+def read_jsonl(path) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def ticket_lines(n: int) -> list[str]:
+  with open(TICKETS, encoding="utf-8") as f:
+    return [next(f) for _ in range(n)]
+
+
+def keys_once(rows: list[dict]) -> list[str]:
+  """Output ticket keys (1 and "1" distinct), asserting none appears twice."""
+  keys = [jobio.ticket_key(r["id"]) for r in rows]
+  assert len(keys) == len(set(keys)), "an id was written twice"
+  return keys
+
+
+# --- end to end: pp=4 x tp=2 gives the single-device summaries -----------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+  """The 16 first tickets (two of 6,000+ tokens, truncated) on pp4 x tp2 and on one device."""
+  tmp = tmp_path_factory.mktemp("e2e")
+  src = tmp / "in.jsonl"
+  src.write_text("".join(ticket_lines(16)), encoding="utf-8")
+  piped = shrunk(src, tmp / "pp4tp2" / "out.jsonl")
+  single = shrunk(src, tmp / "single" / "out.jsonl")
+  single.mesh.pp, single.mesh.tp, single.schedule.microbatches = 1, 1, 1
+  return dict(src=src, config=piped,
+              piped=(job.run_job(piped), read_jsonl(piped.job.output)),
+              single=(job.run_job(single, devices=jax.devices()[:1]),
+                      read_jsonl(single.job.output)))
+
+
+def test_layouts_give_identical_summaries(e2e):
+  want = [json.loads(l)["id"] for l in e2e["src"].read_text(encoding="utf-8").splitlines()]
+  (_, piped), (_, single) = e2e["piped"], e2e["single"]
+  for rows in (piped, single):
+    assert sorted(keys_once(rows)) == sorted(map(jobio.ticket_key, want))
+    assert all(set(r) == FIELDS for r in rows)
+  by_id = {r["id"]: r for r in single}
+  for r in piped:
+    assert r == by_id[r["id"]], r["id"]  # greedy: same text, tokens and finish reason
+
+  config = e2e["config"]  # long tickets are truncated to the prompt budget, not rejected
+  tok = Tokenizer.from_dir(config.model.checkpoint)
+  budget = config.engine.max_len - config.sampling.max_new_tokens + 1
+  lengths = {json.loads(l)["id"]: len(tok.encode(config.job.prompt_template.format_map(
+      json.loads(l)))) for l in e2e["src"].read_text(encoding="utf-8").splitlines()}
+  long_ids = {i for i, n in lengths.items() if n > budget}
+  assert len(long_ids) >= 2
+  for r in piped:
+    assert r["prompt_tokens"] == min(lengths[r["id"]], budget), r["id"]
+    assert 1 <= r["completion_tokens"] <= 8
+
+
+def test_report_fields_and_file(e2e):
+  for rep, rows in (e2e["piped"], e2e["single"]):
+    assert rep["reconciled"] is True
+    assert rep["input_lines"] == rep["written_total"] == rep["written_run"] == len(rows) == 16
+    assert rep["rejected_total"] == rep["skipped_done"] == rep["duplicate_rows"] == 0
+    assert rep["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert rep["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
+    for k in ("prefill_tokens_per_second", "decode_tokens_per_second",
+              "total_tokens_per_second", "documents_per_second"):
+      assert rep[k] > 0, k
+    assert 0.0 <= rep["bubble_schedule"] < 1.0 and rep["bubble_measured"] is None
+    tick = rep["tick_seconds"]
+    assert tick["count"] >= 1 and 0 < tick["p50"] <= tick["p90"] <= tick["p99"]
+    assert rep["projected_wall_seconds_40000"] > 0
+    assert rep["projected_wall_40000"] not in ("", "n/a")
+    path = pathlib.Path(rep["report_file"])
+    assert path == pathlib.Path(rep["output"]).with_name("out.jsonl.report.json")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved["reconciled"] is True and saved["input_lines"] == 16
+    assert saved["layout"] == rep["layout"]
+  assert e2e["piped"][0]["layout"]["pp"] == 4 and e2e["piped"][0]["layout"]["tp"] == 2
+  assert e2e["piped"][0]["bubble_schedule"] > 0  # pp=4 fills and drains
+  assert e2e["single"][0]["layout"]["pp"] == 1 and e2e["single"][0]["bubble_schedule"] == 0
+
+
+def test_report_names_the_devices_used(e2e):
+  """BUG (jaxpp/job.py, the `devices=devices_summary()` argument of build_report): the report
+  names every device of the backend, not the ones the job ran on."""
+  assert e2e["piped"][0]["devices"].startswith("8 x cpu")
+  assert e2e["single"][0]["devices"].startswith("1 x cpu"), e2e["single"][0]["devices"]
+
+
+# --- SIGKILL mid-run, torn last line, rerun: nothing lost, nothing doubled ----------------
+
+
+def job_cli(src, out, n_seqs: int = 4) -> list[str]:
+  return [sys.executable, "-m", "jaxpp.run", "--config", "configs/harbor.py",
+          f"--config.job.input={src}", f"--config.job.output={out}",
+          "--config.sampling.max_new_tokens=8", f"--config.engine.max_num_seqs={n_seqs}",
+          "--config.job.measure_bubble=False", "--config.job.progress=False"]
+
+
+def test_kill_and_resume(tmp_path):
+  lines = ticket_lines(40)
+  want = sorted(jobio.ticket_key(json.loads(l)["id"]) for l in lines)
+  src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  src.write_text("".join(lines), encoding="utf-8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = job_cli(src, out)
+
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+      if out.exists() and out.read_bytes().count(b"\n") >= 3:
+        break
+      time.sleep(0.02)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr.decode()[-2000:])
+  before = out.read_bytes()
+  before = before[:before.rfind(b"\n") + 1]  # whole lines the killed run wrote
+  n_before = before.count(b"\n")
+  assert 3 <= n_before < len(lines), f"not killed mid-run: {n_before} of {len(lines)} rows"
+
+  with open(out, "ab") as f:
+    f.write(b'{"id": "T0')  # a torn write, as a kill inside write() would leave
+
+  done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  after = out.read_bytes()
+  assert after.startswith(before), "rows written before the kill changed"
+  assert after.endswith(b"\n")  # the torn line is gone, not glued to a new row
+  rows = [json.loads(l) for l in after.decode("utf-8").splitlines()]
+  assert sorted(keys_once(rows)) == want
+  assert all(set(r) == FIELDS for r in rows)
+  rep = json.loads((tmp_path / "out.jsonl.report.json").read_text(encoding="utf-8"))
+  assert rep["skipped_done"] == n_before and rep["written_run"] == len(lines) - n_before
+  assert rep["reconciled"] is True and rep["written_total"] == len(lines)
+  assert f"{len(lines)} = {len(lines)} + 0 ✓" in done.stdout
+
+
+def test_reserve_that_starves_the_job_is_an_error(tmp_path):
+  """BUG (jaxpp/job.py run_job loop + jaxpp/engine.py Engine._admit): when the other class's
+  priority_reserve takes every slot (interactive=16 = max_num_seqs, job.priority=batch), no
+  ticket can ever be admitted; Engine.step() then returns [] without doing anything and the
+  job's `while True` spins forever at 100% CPU with an empty output instead of failing."""
+  src = tmp_path / "in.jsonl"
+  src.write_text("".join(ticket_lines(4)), encoding="utf-8")
+  cmd = job_cli(src, tmp_path / "out.jsonl", n_seqs=16) + [
+      "--config.engine.priority_reserve.interactive=16"]
+  try:
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=30)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the job hangs: a priority reserve leaves its class no slot, and nothing "
+                "reports it (still running after 30 s on 4 tickets)")
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 1 and len(errors) == 1 and "reserve" in errors[0], proc.stderr
+
+
+# --- bad input: every line lands in the output or the errors file, once -------------------
+
+
+def test_bad_input_lines_are_errors_file_rows(tmp_path):
+  out = tmp_path / "out.jsonl"
+  errors = tmp_path / "out.errors.jsonl"
+  config = shrunk(BAD, out)
+  rep = job.run_job(config)
+
+  rows = read_jsonl(out)
+  assert sorted(keys_once(rows)) == sorted(jobio.ticket_key(i) for i in GOOD_LINES.values())
+  assert all(set(r) == FIELDS for r in rows)
+  rejected = read_jsonl(errors)
+  assert [e["line"] for e in rejected] == sorted(EXPECTED_REJECTIONS)
+  for e in rejected:
+    assert set(e) == {"line", "id", "reason"}
+    assert EXPECTED_REJECTIONS[e["line"]] in e["reason"], e
+  ids = {e["line"]: e["id"] for e in rejected}  # the id is named whenever it could be read
+  assert ids[7] == "T-7" and ids[8] == "T-1" and ids[9] == "T-9" and ids[14] == "T-14"
+  assert ids[21] == 1 and ids[22] == "T-22"
+  assert ids[4] is ids[6] is ids[12] is ids[13] is ids[18] is None
+  assert rep["input_lines"] == 22 == rep["written_total"] + rep["rejected_total"]
+  assert rep["written_total"] == len(GOOD_LINES)
+  assert rep["rejected_total"] == rep["rejected_run"] == len(EXPECTED_REJECTIONS)
+  assert rep["reconciled"] is True
+
+  saved = out.read_bytes(), errors.read_bytes()
+  again = job.run_job(shrunk(BAD, out))  # the same command again: nothing new to do
+  assert (out.read_bytes(), errors.read_bytes()) == saved
+  assert again["skipped_done"] == len(GOOD_LINES) and again["written_run"] == 0
+  assert again["rejected_run"] == 0 and again["rejected_total"] == len(EXPECTED_REJECTIONS)
+  assert again["reconciled"] is True and again["input_lines"] == 22
+
+
+@pytest.mark.parametrize("policy", ["reject", "truncate"])
+def test_over_long_ticket(policy, tmp_path):
+  """A ticket longer than max_len: an errors row under "reject", summarised under "truncate"."""
+  long_text = json.loads(ticket_lines(12)[11])["text"]  # T00012: 6,000+ tokens
+  src = tmp_path / "in.jsonl"
+  src.write_bytes(BAD.read_bytes() + json.dumps({"id": "T-long", "text": long_text}).encode()
+                  + b"\n")
+  config = shrunk(src, tmp_path / "out.jsonl", length_policy=policy)
+  rep = job.run_job(config)
+  rows, rejected = read_jsonl(config.job.output), read_jsonl(tmp_path / "out.errors.jsonl")
+  long_line = 25
+  good = sorted(jobio.ticket_key(i) for i in GOOD_LINES.values())
+  if policy == "reject":
+    assert sorted(keys_once(rows)) == good
+    assert [e["line"] for e in rejected] == sorted(EXPECTED_REJECTIONS) + [long_line]
+    assert rejected[-1]["id"] == "T-long" and "length_policy=reject" in rejected[-1]["reason"]
+  else:
+    assert sorted(keys_once(rows)) == sorted(good + [jobio.ticket_key("T-long")])
+    assert [e["line"] for e in rejected] == sorted(EXPECTED_REJECTIONS)
+    (row,) = [r for r in rows if r["id"] == "T-long"]
+    assert row["prompt_tokens"] == config.engine.max_len - config.sampling.max_new_tokens + 1
+  assert rep["input_lines"] == 23 == rep["written_total"] + rep["rejected_total"]
+  assert rep["reconciled"] is True
