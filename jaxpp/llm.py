@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Sequence
 
 import jax
@@ -79,8 +80,16 @@ class LLM:
     flat = params_lib.flatten(params)
     shardings = params_lib.flatten(pipe.param_shardings())
     placed = {p: jax.device_put(restack(p, x), shardings[p]) for p, x in flat.items()}
+    return cls.on_pipeline(config, pipe, params_lib.nest(placed), tokenizer=tokenizer,
+                           max_len=max_len, decode_chunk=decode_chunk)
+
+  @classmethod
+  def on_pipeline(cls, config: LlamaConfig, pipe: pipeline.Pipeline, params, *,
+                  tokenizer: Tokenizer | None = None, max_len: int | None = None,
+                  decode_chunk: int = 16) -> "LLM":
+    """Wraps params already placed in `pipe`'s layout (e.g. generated on the devices)."""
     self = cls.__new__(cls)
-    self._setup(config, pipe, params_lib.nest(placed), tokenizer, max_len, decode_chunk)
+    self._setup(config, pipe, params, tokenizer, max_len, decode_chunk)
     return self
 
   def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
@@ -168,6 +177,16 @@ class LLM:
     ids = finished.token_ids
     text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
     return Completion(ids, text, finished.finish_reason, prompt_tokens)
+
+
+def parse_layout(text: str) -> dict:
+  """Parses a layout like "pp4tp2v2m8" into make_pipeline arguments (v, m optional)."""
+  m = re.fullmatch(r"pp(\d+)tp(\d+)(?:v(\d+))?(?:m(\d+))?", text)
+  if not m:
+    raise JaxppError(f"layout {text!r} is not of the form ppXtpY[vZ][mW]")
+  pp, tp, v, mb = m.groups()
+  return dict(pp=int(pp), tp=int(tp), virtual_stages=int(v or 1),
+              microbatches=int(mb) if mb else None)
 
 
 def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,

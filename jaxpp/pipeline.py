@@ -298,10 +298,9 @@ def identity_slots(microbatches: int, rows: int) -> np.ndarray:
   return grid.astype(np.int32)
 
 
-def to_microbatches(a: np.ndarray, microbatches: int, fill, rows: int | None = None
-                    ) -> np.ndarray:
-  """[B, ...] -> [M, b, ...] (b = `rows` or the fewest that fit), padding with `fill`."""
-  b = rows or split_rows(a.shape[0], microbatches)
+def to_microbatches(a: np.ndarray, microbatches: int, fill) -> np.ndarray:
+  """[B, ...] -> [M, b, ...] with the fewest rows b that fit, padding with `fill`."""
+  b = split_rows(a.shape[0], microbatches)
   padded = np.full((microbatches * b,) + a.shape[1:], fill, a.dtype)
   padded[:a.shape[0]] = a
   return padded.reshape((microbatches, b) + a.shape[1:])

@@ -9,7 +9,6 @@ whether the tokens equal the first layout's and the decode rate (compile exclude
 
 from __future__ import annotations
 
-import re
 import time
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from absl import app, flags
 
 import jaxpp
+from jaxpp.llm import parse_layout
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 
@@ -33,15 +33,6 @@ flags.DEFINE_integer("new_tokens", 32, "tokens generated per prompt")
 flags.DEFINE_integer("decode_chunk", 16, "tokens per host return")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
 FLAGS = flags.FLAGS
-
-
-def parse_layout(text: str) -> dict:
-  m = re.fullmatch(r"pp(\d+)tp(\d+)(?:v(\d+))?(?:m(\d+))?", text)
-  if not m:
-    raise jaxpp.JaxppError(f"layout {text!r} is not of the form ppXtpY[vZ][mW]")
-  pp, tp, v, mb = m.groups()
-  return dict(pp=int(pp), tp=int(tp), virtual_stages=int(v or 1),
-              microbatches=int(mb) if mb else None)
 
 
 def random_params(config: LlamaConfig, dtype, seed: int = 0) -> dict:

@@ -1,0 +1,178 @@
+"""`python -m jaxpp.bench`: layouts measured on the same model shape, workload and machine.
+
+For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, ...) the model shape gets random weights
+created directly on the devices, already sharded (no host copy), and the batch engine runs
+`num_requests` random-token prompts of `input_len` tokens for exactly `output_len` new
+tokens each (stop ids ignored). A warm-up of one request per micro-batch compiles every
+program first; compile time is reported separately and never timed as throughput.
+
+Reported per layout, in the form inference servers print: requests/s, total and output
+tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
+roofline during decode, % of the matmul roofline during prefill, the schedule's bubble and
+the measured one, and the pipeline tick time p50/p99. Written as JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxpp import engine as engine_lib
+from jaxpp import presets, report, schedule
+from jaxpp.errors import JaxppError
+from jaxpp.llm import LLM, devices_summary, make_pipeline, parse_layout, resolve_dtype
+from jaxpp.model import params as params_lib
+
+flags.DEFINE_string("model", "llama3-8b", "preset name or path to a HF config.json")
+flags.DEFINE_string("hardware", "h100", "hardware preset for the rooflines (h100, h200)")
+flags.DEFINE_string("layouts", "pp1tp1", "comma-separated ppXtpY[vZ][mW] layouts")
+flags.DEFINE_integer("input_len", 1024, "prompt tokens per request")
+flags.DEFINE_integer("output_len", 128, "generated tokens per request")
+flags.DEFINE_integer("num_requests", 256, "requests in the timed run")
+flags.DEFINE_integer("max_num_seqs", 0, "slots (sequences in flight); 0 = num_requests")
+flags.DEFINE_integer("decode_chunk", 32, "tokens per return to the host")
+flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
+flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
+FLAGS = flags.FLAGS
+
+
+def random_llm(config, dtype, *, max_len: int, decode_chunk: int, seed: int = 0,
+               **layout) -> LLM:
+  """An LLM whose random weights are generated on their own devices by one jitted program."""
+  pipe = make_pipeline(config, **layout)
+  abstract = params_lib.flatten(params_lib.abstract_params(config, dtype, pipe.layer_axes))
+  shardings = params_lib.flatten(pipe.param_shardings())
+  real = jnp.asarray(pipe.partition.layer_index() >= 0)  # padding layers stay zero
+
+  def init(key):
+    out = {}
+    for i, (path, aval) in enumerate(sorted(abstract.items())):
+      if path[-1] == "scale":
+        out[path] = jnp.ones(aval.shape, aval.dtype)
+        continue
+      w = jax.random.normal(jax.random.fold_in(key, i), aval.shape, jnp.float32)
+      w = w * (config.hidden_size ** -0.5)
+      if path[0] == "blocks":
+        w = w * real.reshape(real.shape + (1,) * (w.ndim - 3))
+      out[path] = w.astype(aval.dtype)
+    return params_lib.nest(out)
+
+  params = jax.jit(init, out_shardings=params_lib.nest(shardings))(jax.random.key(seed))
+  return LLM.on_pipeline(config, pipe, params, max_len=max_len, decode_chunk=decode_chunk)
+
+
+def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
+  """Warm up, then time the engine on every prompt; returns the layout's numbers."""
+  layout = parse_layout(text)
+  max_len = args["input_len"] + args["output_len"]
+  start = time.perf_counter()
+  llm = random_llm(config, resolve_dtype(args["dtype"]), max_len=max_len,
+                   decode_chunk=args["decode_chunk"], **layout)
+  slots = args["max_num_seqs"] or len(prompts)
+
+  def run(batch):
+    eng = engine_lib.Engine(llm, max_num_seqs=slots)
+    for i, p in enumerate(batch):
+      eng.submit(engine_lib.Request(str(i), p, args["output_len"]))
+    eng.run(lambda f: None)
+    return eng
+
+  # One request per micro-batch compiles the same programs (shapes depend on the slots and
+  # the prompt bucket, not on how many requests run) at a fraction of a full run's cost.
+  warm = run(prompts[:llm.pipeline.microbatches])
+  compile_s = time.perf_counter() - start
+  bubble_measured = warm.measure_bubble()
+  del warm  # frees its KV cache before the timed engine allocates one
+  wall = time.perf_counter()
+  st = run(prompts).stats
+  wall = time.perf_counter() - wall
+  pipe, devices = llm.pipeline, layout["pp"] * layout["tp"]
+  n = len(prompts)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
+  head = config.vocab_size * config.hidden_size * jnp.dtype(llm.dtype).itemsize
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * \
+      jnp.dtype(llm.dtype).itemsize
+  rounds = st.decode_calls * args["decode_chunk"]
+  mean_ctx = args["input_len"] + args["output_len"] / 2
+  # every micro-batch re-reads its stage's weights each round; KV read once per token
+  decode_bytes = rounds * pipe.microbatches * (weight_bytes + head) + \
+      st.completion_tokens * mean_ctx * kv_per_token
+  prefill_flops = 2 * config.param_count() * st.prompt_tokens
+  return dict(
+      layout=text, devices=devices, pp=pipe.pp, tp=layout["tp"], virtual_stages=pipe.v,
+      microbatches=pipe.microbatches, max_num_seqs=slots, requests=n,
+      compile_seconds=compile_s, wall_seconds=wall,
+      requests_per_second=n / wall,
+      total_tokens_per_second=(st.prompt_tokens + st.completion_tokens) / wall,
+      output_tokens_per_second=st.completion_tokens / wall,
+      tokens_per_second_per_gpu=(st.prompt_tokens + st.completion_tokens) / wall / devices,
+      prefill_tokens_per_second=st.prompt_tokens / st.prefill_seconds,
+      decode_tokens_per_second=st.completion_tokens / st.decode_seconds,
+      decode_hbm_gbps_per_gpu=decode_bytes / st.decode_seconds / devices / 1e9,
+      decode_hbm_roofline=decode_bytes / st.decode_seconds / devices / hw.hbm_bandwidth,
+      prefill_matmul_roofline=prefill_flops / st.prefill_seconds / devices / hw.matmul_flops,
+      bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, pipe.microbatches,
+                                              args["decode_chunk"]),
+      bubble_measured=bubble_measured,
+      tick_seconds=report.percentiles(st.tick_seconds),
+  )
+
+
+def markdown(rows: list[dict], header: str) -> str:
+  cols = [("layout", "{}"), ("requests_per_second", "{:.2f}"),
+          ("total_tokens_per_second", "{:,.0f}"), ("output_tokens_per_second", "{:,.0f}"),
+          ("tokens_per_second_per_gpu", "{:,.0f}"), ("prefill_tokens_per_second", "{:,.0f}"),
+          ("decode_tokens_per_second", "{:,.0f}"), ("decode_hbm_gbps_per_gpu", "{:,.0f}"),
+          ("decode_hbm_roofline", "{:.0%}"), ("prefill_matmul_roofline", "{:.0%}"),
+          ("bubble_schedule", "{:.1%}"), ("bubble_measured", "{:.1%}"),
+          ("compile_seconds", "{:.0f}")]
+  lines = [header, "", "| " + " | ".join(c for c, _ in cols) + " |",
+           "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(f.format(r[c]) for c, f in cols) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  try:
+    bench()
+  except JaxppError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
+def bench():
+  """Runs every layout of the flags; writes results.json and results.md."""
+  config = presets.model_config(FLAGS.model)
+  config = dataclasses.replace(config, max_position_embeddings=max(
+      config.max_position_embeddings, FLAGS.input_len + FLAGS.output_len))
+  hw = presets.hardware(FLAGS.hardware)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, config.vocab_size, (FLAGS.num_requests, FLAGS.input_len)).tolist()
+  args = dict(input_len=FLAGS.input_len, output_len=FLAGS.output_len, dtype=FLAGS.dtype,
+              decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs)
+  header = (f"{FLAGS.model}, {FLAGS.dtype}, {FLAGS.num_requests} requests x "
+            f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
+            f"jax {jax.__version__}; rooflines from the {hw.name} preset")
+  print(header, flush=True)
+  rows = []
+  for text in FLAGS.layouts.split(","):
+    rows.append(run_layout(config, hw, text, prompts, args))
+    print(json.dumps(rows[-1]), flush=True)
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+  table = markdown(rows, header)
+  (out / "results.md").write_text(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

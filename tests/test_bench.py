@@ -1,0 +1,70 @@
+"""`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs and its numbers add up."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpp import bench, presets
+from jaxpp.model import params as params_lib
+
+ARGS = dict(input_len=12, output_len=6, dtype="float32", decode_chunk=3, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return presets.model_config("tiny"), presets.hardware("h100")
+
+
+@pytest.mark.parametrize("layout", ["pp1tp1", "pp2tp2", "pp4tp1v1m4", "pp2tp1v2m2"])
+def test_layouts_run_and_report(tiny, layout):
+  config, hw = tiny
+  prompts = np.random.default_rng(0).integers(3, 200, (8, ARGS["input_len"])).tolist()
+  row = bench.run_layout(config, hw, layout, prompts, ARGS)
+  assert row["requests"] == 8
+  assert row["output_tokens_per_second"] == pytest.approx(8 * 6 / row["wall_seconds"])
+  assert row["total_tokens_per_second"] == pytest.approx(8 * 18 / row["wall_seconds"])
+  assert row["tokens_per_second_per_gpu"] * row["devices"] == pytest.approx(
+      row["total_tokens_per_second"])
+  assert 0 < row["bubble_schedule"] < 1 or row["pp"] == 1
+  assert 0 <= row["bubble_measured"] <= 1
+  assert row["decode_hbm_roofline"] > 0 and row["prefill_matmul_roofline"] > 0
+
+
+def test_random_weights_are_placed_on_their_stages(tiny):
+  config, _ = tiny
+  llm = bench.random_llm(config, np.float32, max_len=32, decode_chunk=4, pp=4, tp=2)
+  wq = llm.params["blocks"]["attn"]["wq"]
+  assert wq.shape[:3] == (4, 1, 1)
+  shapes = {s.data.shape for s in wq.addressable_shards}
+  assert shapes == {(1, 1, 1, config.hidden_size, config.num_heads // 2, config.head_dim)}
+  flat = params_lib.flatten(llm.params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in flat.values())
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "bench"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp1tp1",
+       "--input_len=8", "--output_len=4", "--num_requests=4", "--decode_chunk=2",
+       "--dtype=float32", f"--out={out}"], env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads((out / "results.json").read_text())["rows"]
+  assert [r["layout"] for r in rows] == ["pp1tp1"]
+  assert "| pp1tp1 |" in (out / "results.md").read_text()
+
+
+def test_cli_bad_layout_is_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp2x", 
+       f"--out={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "error: layout 'pp2x' is not of the form" in proc.stderr
+  assert "Traceback" not in proc.stderr

@@ -1,0 +1,210 @@
+"""The planner's formulas on cases worked out by hand, its choices, and its command line.
+
+Every expected number here is written out from the architecture (L, D, F, N, K, H, V), so a
+change to the planner's arithmetic has to be argued against the hand calculation.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxpp import plan, presets, schedule
+from jaxpp.errors import JaxppError
+from jaxpp.plan import Layout, Workload
+
+H100 = presets.HARDWARE["h100"]
+L8B, L70B, L405B = (presets.MODELS[n] for n in ("llama3-8b", "llama3-70b", "llama3-405b"))
+V = 128256
+
+
+def test_presets_have_the_published_sizes():
+  assert L8B.param_count() == pytest.approx(8.03e9, rel=1e-3)
+  assert L70B.param_count() == pytest.approx(70.55e9, rel=1e-3)
+  assert L405B.param_count() == pytest.approx(405.85e9, rel=1e-3)
+  assert presets.model_config("llama3-70b") is L70B
+  with pytest.raises(JaxppError, match="neither a preset"):
+    presets.model_config("llama3-7b")
+
+
+def test_70b_weights_per_device_on_pp4():
+  assert 2 * L70B.param_count() == pytest.approx(141e9, rel=1e-3)  # bf16
+  mem = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100)
+  # 20 of 80 layers (~35 GB) plus, on every stage as jaxpp places them, the whole
+  # embedding and the whole LM head (tp=1), 2.1 GB each, plus the final norm.
+  block = 8192 * (64 + 16) * 128 + 64 * 128 * 8192 + 3 * 8192 * 28672 + 2 * 8192
+  layers = 2 * 20 * block
+  assert layers == pytest.approx(34.2e9, rel=1e-3)
+  assert mem.weights == pytest.approx(layers + 2 * (2 * V * 8192) + 2 * 8192, rel=1e-12)
+  # tp=2 halves the projections, not the norms, and vocab-shards only the head.
+  mem2 = plan.memory_per_stage(L70B, Layout(2, 2), Workload(), H100)
+  per_layer = (block - 2 * 8192) / 2 + 2 * 8192
+  assert mem2.weights == pytest.approx(2 * (40 * per_layer + V * 8192 + V * 8192 / 2 + 8192))
+
+
+def test_kv_cache_bytes():
+  # K and V, 8 kv heads of 128, bf16: 2 * 8 * 128 * 2 bytes = 4 KiB per token per layer.
+  assert plan.kv_bytes_per_token_layer(L8B) == 4096
+  assert plan.kv_bytes_per_token_layer(L8B, tp=2) == 2048
+  w = Workload(input_len=1000, output_len=24, concurrency=10)
+  mem = plan.memory_per_stage(L8B, Layout(1, 1), w, H100)
+  assert mem.kv == 10 * 1024 * 32 * 4096
+  # pp=2, m=2: 5 slots per micro-batch, 16 layers per stage; pp=3 pads 32 layers to 11.
+  assert plan.memory_per_stage(L8B, Layout(2, 1), w, H100).kv == 2 * 5 * 1024 * 16 * 4096
+  assert plan.memory_per_stage(L8B, Layout(3, 1), w, H100).kv == 3 * 4 * 1024 * 11 * 4096
+
+
+def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
+  w = Workload(input_len=1, output_len=1, concurrency=1)
+  p = plan.predict(L8B, Layout(1, 1), w, H100)
+  block = 4096 * (32 + 16) * 128 + 32 * 128 * 4096 + 3 * 4096 * 14336 + 2 * 4096
+  read = 2 * (32 * block + V * 4096) + 1 * 2 * 32 * 4096  # blocks + LM head + 2 KV positions
+  assert p.decode_step_s == pytest.approx(read / 3.0e12, rel=1e-12)
+  assert p.latency_per_token_s == p.decode_step_s
+  assert p.decode_tokens_per_s == pytest.approx(3.0e12 / read)  # ~190 tok/s on an H100
+  assert p.decode_bubble == 0.0
+
+
+def test_prefill_is_compute_bound_on_one_gpu():
+  w = Workload(input_len=512, output_len=8, concurrency=4)
+  p = plan.predict(L8B, Layout(1, 1), w, H100)
+  block = L8B.block_param_count()
+  flops = 2 * 4 * 512 * 32 * block + 4 * 4 * 512 * 512 * 32 * 4096 + 2 * 4 * V * 4096
+  assert p.prefill_tokens_per_s == pytest.approx(4 * 512 / (flops / (790e12 * 0.6)))
+
+
+def test_bubbles_match_the_schedule():
+  w = Workload(concurrency=32, decode_chunk=8)
+  for layout in (Layout(4, 1), Layout(2, 2), Layout(4, 1, virtual_stages=2), Layout(2, 1, 1, 8)):
+    p = plan.predict(L70B, layout, w, H100)
+    pp, v, m = layout.pp, layout.virtual_stages, layout.m
+    assert p.prefill_bubble == schedule.formula_bubble(pp, v, m)
+    assert p.decode_bubble == schedule.formula_bubble(pp, v, m, rounds=8)
+    counted = schedule.circular(pp, v, m, rounds=8).bubble_fraction()
+    assert p.decode_bubble == pytest.approx(counted)
+
+
+def test_kv_read_and_balanced_split():
+  w = Workload(input_len=1024, output_len=128, concurrency=64, max_len=4096)
+  full = plan.predict(L8B, Layout(1, 1), w, H100)
+  ctx = plan.predict(L8B, Layout(1, 1), w, H100, assume=presets.Assumptions(kv_read="context"))
+  assert ctx.decode_tokens_per_s > full.decode_tokens_per_s  # 1088 positions read, not 4096
+  # Balanced moves a layer off the stage that also reads the LM head: faster decode, but the
+  # padded stack (21 layers on every device) costs memory.
+  even = plan.predict(L70B, Layout(4, 1), Workload(), H100)
+  bal = plan.predict(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
+  assert bal.decode_tokens_per_s > even.decode_tokens_per_s
+  mem = plan.memory_per_stage(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
+  assert mem.weights > plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100).weights
+
+
+def test_bad_inputs_are_one_line_errors():
+  for make in (lambda: Workload(concurrency=0), lambda: Workload(input_len=100, max_len=50),
+               lambda: presets.Assumptions(kv_read="some"), lambda: presets.hardware("tpu"),
+               lambda: presets.hardware("h100", hbm_bandwidth=-1.0),
+               lambda: plan.recommend(L8B, 0), lambda: plan.recommend(L8B, 2, mode="chat")):
+    with pytest.raises(JaxppError) as e:
+      make()
+    assert "\n" not in str(e.value)
+
+
+def test_min_pp():
+  light = Workload(input_len=128, output_len=16, concurrency=1)
+  # 405B in bf16 is ~812 GB: more than ten 80 GB cards even before the embeddings.
+  bf16 = plan.min_pp(L405B, tp=1, workload=light)
+  assert bf16 >= 11
+  int8 = plan.min_pp(L405B, tp=1, workload=light, bytes_per_param=1)
+  assert 0.35 * bf16 <= int8 <= 0.6 * bf16
+  # On 4 H100s pp divides 4/tp: 70B needs pp=4 alone, pp=2 with tp=2, one stage at tp=4.
+  assert plan.min_pp(L70B, 1, 4) == 4
+  assert plan.min_pp(L70B, 2, 4) == 2
+  assert plan.min_pp(L70B, 4, 4) == 1
+  assert plan.min_pp(L8B, 1, 1) == 1
+  with pytest.raises(JaxppError, match="must divide devices"):
+    plan.min_pp(L70B, 3, 4)
+
+
+def test_interactive_prefers_tp_and_pp_does_not_cut_latency():
+  r = plan.recommend(L70B, 4, Workload(), H100, mode="interactive")
+  assert r.best == "pp1tp4"
+  lat = {row.name: row.prediction.latency_per_token_s for row in r.rows}
+  assert lat["pp1tp4"] < lat["pp2tp2"] < lat["pp4tp1"]
+  # A lone sequence on pp=4 reads every weight in turn: no faster than one (big) device,
+  # slower in fact, since lock-step ticks all wait for the stage that holds the LM head.
+  one = plan.predict(L70B, Layout(1, 1), Workload(), H100).latency_per_token_s
+  assert one <= lat["pp4tp1"] <= 1.15 * one
+
+
+def test_batch_never_picks_a_layout_that_does_not_fit():
+  # 80 sequences of 1024 tokens: pp1tp4 predicts the most tokens/s but its prefill
+  # activations (one micro-batch of 80 rows) overflow; the pick must be a layout that fits.
+  r = plan.recommend(L70B, 4, Workload(input_len=1024, concurrency=80), H100, mode="batch")
+  rows = {row.name: row for row in r.rows}
+  fastest = max(r.rows, key=lambda row: row.prediction.total_tokens_per_s)
+  assert fastest.name == "pp1tp4" and not fastest.memory.fits
+  assert r.best is not None and rows[r.best].memory.fits
+  assert all(rows[r.best].prediction.total_tokens_per_s >= row.prediction.total_tokens_per_s
+             for row in r.rows if row.memory.fits)
+  none = plan.recommend(L70B, 4, Workload(input_len=2048, concurrency=256), H100)
+  assert none.best is None and "no layout fits" in none.reason
+
+
+def test_layouts_jaxpp_refuses_are_skipped():
+  tiny = presets.MODELS["tiny"]  # K=2 kv heads: tp=4 cannot split them
+  r = plan.recommend(tiny, 4, Workload(input_len=16, output_len=8, concurrency=4), H100)
+  assert [row.name for row in r.rows] == ["pp4tp1", "pp2tp2"]
+  assert r.skipped == [("pp1tp4", "tp=4 does not divide num_key_value_heads=2")]
+  with pytest.raises(JaxppError, match="^layout pp1tp4: tp=4 does not divide"):
+    plan.memory_per_stage(tiny, Layout(1, 4), Workload(), H100)
+  with pytest.raises(JaxppError, match="decode ring needs at least pp"):
+    plan.predict(tiny, Layout(4, 1, microbatches=2), Workload(), H100)
+  with pytest.raises(JaxppError, match="max_len=100"):
+    plan.predict(tiny, Layout(1, 1), Workload(max_len=100), H100)
+  # 16 devices across two 8-GPU hosts: tp=16 would span hosts (16 kv heads, so
+  # the host rule is what refuses it).
+  wide = dataclasses.replace(L405B, num_kv_heads=16)
+  big = plan.recommend(wide, 16, Workload(), H100)
+  assert ("pp1tp16", "tp=16 must divide gpus_per_node=8 when the mesh spans hosts") in big.skipped
+
+
+def test_format_plan_lists_every_layout():
+  r = plan.recommend(L70B, 4, Workload(), H100, model_name="llama3-70b")
+  text = plan.format_plan(r)
+  for name in ("pp4tp1", "pp2tp2", "pp1tp4", "Recommendation", "Minimum pp", "not yet validated"):
+    assert name in text
+  assert json.loads(plan.plan_json(r))["best"] == r.best
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "jaxpp.plan", *args], capture_output=True,
+                        text=True, timeout=60, cwd=cwd)
+
+
+def test_cli_runs_and_writes_json(tmp_path):
+  out = tmp_path / "plan.json"
+  res = _cli("--model=tiny", "--devices=2", "--input_len=32", "--output_len=8",
+             "--concurrency=4", "--hbm_bandwidth=1e12", f"--json={out}")
+  assert res.returncode == 0, res.stderr
+  assert "| pp2tp1 |" in res.stdout and "| pp1tp2 |" in res.stdout
+  data = json.loads(out.read_text())
+  assert data["hardware"]["hbm_bandwidth"] == 1e12 and data["best"]
+
+
+def test_cli_bad_model_is_one_error_line():
+  res = _cli("--model=llama9-1t")
+  assert res.returncode == 1
+  assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+  assert res.stdout == ""
+
+
+def test_cli_takes_a_config_json(tmp_path):
+  hf = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+        "num_key_value_heads": 4}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  for model in (tmp_path / "config.json", tmp_path):
+    res = _cli(f"--model={model}", "--devices=2", "--input_len=64", "--output_len=8")
+    assert res.returncode == 0, res.stderr
+    assert "| pp1tp2 |" in res.stdout
