@@ -25,13 +25,14 @@ docs/benchmarks.md before quoting one.
 Why this layout (pp=4, tp=1):
 - Memory: ~70.6B parameters are ~141 GB in bf16, more than one 80 GB card holds, so at least
   2 cards are needed just for the weights. pp=4 puts 20 of the 80 layers on each card
-  (~34 GB; the 2.1 GB embedding on the first stage, the 2.1 GB LM head on the last), which
-  leaves ~40 GB per H100 for the KV cache and activations. KV costs
+  (~34 GB); jaxpp today keeps the 2.1 GB embedding on every card and the 2.1 GB LM head on
+  every card too (vocab-sharded only over tp), so ~38 GB of weights per card. KV costs
   2 (K,V) x K=8 x H=128 x 2 B x 20 layers = 80 KiB per token per stage, i.e. 160 MiB per
-  sequence at max_len=2048. The engine allocates the cache whole at start: max_num_seqs=64
-  slots are 10 GiB per stage, ~47 GB per card with the weights, a deliberate margin for
-  prefill activations on an unmeasured setup. Raise it (an H200 has ~60 GB more per card)
-  once the memory use has been measured.
+  sequence at max_len=2048; max_num_seqs=64 slots are 10 GiB per stage. The planner
+  (`python -m jaxpp.plan --model=llama3-70b --hardware=h100 --devices=4 --input_len=2048
+  --concurrency=64`) predicts that with prefill's T x T attention scores this does NOT fit
+  in the ~64 GB JAX takes of an H100 by default: on H100 set
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 or lower engine.max_num_seqs; an H200 has room.
 - Length: a prompt gets max_len - max_new_tokens + 1 = 1921 positions. The longest tickets
   in data/tickets.jsonl (~8,500 characters) come close to or over that; length_policy
   "truncate" cuts the ticket text and keeps the template's "Summary:" ending, "reject"

@@ -39,6 +39,7 @@ flags.DEFINE_integer("num_requests", 256, "requests in the timed run")
 flags.DEFINE_integer("max_num_seqs", 0, "slots (sequences in flight); 0 = num_requests")
 flags.DEFINE_integer("decode_chunk", 32, "tokens per return to the host")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
+flags.DEFINE_integer("scan_unroll", 1, "layers per stage-scan iteration (0 = all)")
 flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
 FLAGS = flags.FLAGS
 
@@ -74,7 +75,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   max_len = args["input_len"] + args["output_len"]
   start = time.perf_counter()
   llm = random_llm(config, resolve_dtype(args["dtype"]), max_len=max_len,
-                   decode_chunk=args["decode_chunk"], **layout)
+                   decode_chunk=args["decode_chunk"],
+                   scan_unroll=args.get("scan_unroll", 1), **layout)
   slots = args["max_num_seqs"] or len(prompts)
 
   def run(batch):
@@ -108,6 +110,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   return dict(
       layout=text, devices=devices, pp=pipe.pp, tp=layout["tp"], virtual_stages=pipe.v,
       microbatches=pipe.microbatches, max_num_seqs=slots, requests=n,
+      scan_unroll=pipe.scan_unroll,
       compile_seconds=compile_s, wall_seconds=wall,
       requests_per_second=n / wall,
       total_tokens_per_second=(st.prompt_tokens + st.completion_tokens) / wall,
@@ -157,7 +160,8 @@ def bench():
   rng = np.random.default_rng(0)
   prompts = rng.integers(3, config.vocab_size, (FLAGS.num_requests, FLAGS.input_len)).tolist()
   args = dict(input_len=FLAGS.input_len, output_len=FLAGS.output_len, dtype=FLAGS.dtype,
-              decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs)
+              decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs,
+              scan_unroll=FLAGS.scan_unroll or True)
   header = (f"{FLAGS.model}, {FLAGS.dtype}, {FLAGS.num_requests} requests x "
             f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
             f"jax {jax.__version__}; rooflines from the {hw.name} preset")

@@ -191,7 +191,7 @@ def parse_layout(text: str) -> dict:
 
 def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,
                   microbatches: int | None = None, layer_split: str = "even",
-                  devices=None) -> pipeline.Pipeline:
+                  devices=None, scan_unroll: int | bool = 1) -> pipeline.Pipeline:
   """Checks a layout and builds its pipeline; every mistake is reported before compiling.
 
   `devices` defaults to the first pp*tp devices, so a small layout runs on a big host.
@@ -218,7 +218,7 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
                               head_cost=vocab)
   else:
     part = partition.explicit(layer_split, L, pp, virtual_stages)
-  return pipeline.Pipeline(config, mesh, part, m)
+  return pipeline.Pipeline(config, mesh, part, m, scan_unroll)
 
 
 def devices_summary(devices=None) -> str:

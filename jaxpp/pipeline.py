@@ -53,6 +53,7 @@ class Pipeline:
   mesh: jax.sharding.Mesh
   partition: Partition
   microbatches: int
+  scan_unroll: int | bool = 1  # layers per iteration of the stage scan (True: all)
 
   def __post_init__(self):
     c, tp = self.config, self.mesh.shape[TP]
@@ -121,7 +122,8 @@ class Pipeline:
       uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
       return llama.run_blocks(self.config, chunk, x, positions, start, cache, chunk=r,
                               microbatch=j, slots=slots, fresh=fresh,
-                              num_layers=counts[r] if uneven else None)
+                              num_layers=counts[r] if uneven else None,
+                              unroll=self.scan_unroll)
 
     return jax.lax.cond(active, compute, lambda _: (x, cache), None)
 

@@ -112,7 +112,8 @@ class Block(nn.Module):
 
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
-               microbatch=0, slots=None, fresh: bool = False, num_layers=None):
+               microbatch=0, slots=None, fresh: bool = False, num_layers=None,
+               unroll: int | bool = 1):
   """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
 
   `cache` leaves are [v, Lc, M, b, S, K, H]. Rows read their cached keys from
@@ -122,7 +123,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
   only the first layers of the stack, so chunks shorter than the padded stack do no
-  compute on padding.
+  compute on padding. `unroll` is `lax.scan`'s (DESIGN.md: a rolled loop over stacked
+  weights can cost decode bandwidth on GPU).
   """
   block = Block(c, x.dtype)
   b, T = x.shape[:2]
@@ -148,7 +150,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
       x, ck, cv = jax.lax.cond(i < num_layers, compute, lambda _: (x, ck, cv), None)
     return (x, ck, cv, i + 1), None
 
-  (x, ck, cv, _), _ = jax.lax.scan(layer, (x, cache[0], cache[1], jnp.int32(0)), blocks)
+  (x, ck, cv, _), _ = jax.lax.scan(layer, (x, cache[0], cache[1], jnp.int32(0)), blocks,
+                                   unroll=unroll)
   return x, (ck, cv)
 
 
