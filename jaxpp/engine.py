@@ -172,7 +172,7 @@ class Engine:
       for f in knobs:
         value = getattr(req, f)
         knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
-        self.sampling._asdict()[f][j, r] = knobs[f][q, row]
+        getattr(self.sampling, f)[j, r] = knobs[f][q, row]
     params_s = sampling.SamplingParams(*(jnp.asarray(knobs[f]) for f in knobs))
     start = time.perf_counter()
     first, self.cache = self.pipe.prefill(
@@ -180,16 +180,16 @@ class Engine:
         jnp.asarray(slots), params_s, do_sample=params_s.needs_sampling())
     first = np.asarray(first)
     self.stats.prefill_seconds += time.perf_counter() - start
-    eos, max_len = self.llm.config.eos_token_ids, self.llm.max_len
+    rows = np.arange(len(admitted))
+    new = generate.start_state(
+        first[rows % M, rows // M], np.array([len(a[0].prompt) for a in admitted]),
+        np.array([a[0].max_new_tokens for a in admitted]), self.llm.config.eos_token_ids,
+        self.llm.max_len)
     for i, (req, j, r) in enumerate(admitted):
-      tok = int(first[i % M, i // M])
       self.stats.prompt_tokens += len(req.prompt)
-      self.tokens[(j, r)] = [tok]
-      self.state.tokens[j, r] = tok
-      self.state.lengths[j, r] = len(req.prompt)
-      self.state.remaining[j, r] = req.max_new_tokens - 1
-      self.state.done[j, r] = (tok in eos or req.max_new_tokens <= 1 or
-                               len(req.prompt) >= max_len)
+      self.tokens[(j, r)] = [int(new.tokens[i])]
+      for field, value in zip(self.state, new):
+        field[j, r] = value[i]
 
   def _decode(self) -> None:
     """One return-to-host worth of tokens for every live slot."""

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 
 from jaxpp import engine as engine_lib
-from jaxpp import jobio, report, schedule
+from jaxpp import jobio, report, sampling, schedule
 from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary
 
@@ -52,6 +52,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise JaxppError(f"job.prompt_template must contain {TEMPLATE_SLOT}")
   if config.sampling.max_new_tokens < 1:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} must be >= 1")
+  s = config.sampling  # validated as the engine will use them (one-line errors)
+  sampling.SamplingParams.make(1, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                               seed=s.seed)
   if config.sampling.max_new_tokens >= config.engine.max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
                      f"room for a prompt in engine.max_len={config.engine.max_len}")

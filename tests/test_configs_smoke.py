@@ -143,6 +143,11 @@ def test_bad_length_policy(harbor):
   expect_fast_error(harbor, r"job.length_policy='bogus'; choose one of truncate, reject")
 
 
+def test_bad_sampling_settings(harbor):
+  harbor.sampling.top_p = 1.5
+  expect_fast_error(harbor, r"sampling top_p must be in \(0, 1\]")
+
+
 def test_output_directory_not_writable(harbor, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory\n")
