@@ -74,7 +74,11 @@ class Prompter:
     self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
 
   def __call__(self, ticket: jobio.Ticket) -> tuple[list[int] | None, str | None]:
-    """(ids, None), or (None, reason) when the policy rejects the ticket."""
+    """(ids, None), or (None, reason) when the policy rejects the ticket.
+
+    Called by `jobio.read_tickets` before the ticket's id is claimed, so a ticket rejected
+    here does not block a corrected copy of it further down the input.
+    """
     try:
       prompt = self.template.format_map(ticket.doc)
     except (KeyError, IndexError, ValueError) as e:
@@ -119,7 +123,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
 
     def pending(record: bool) -> Iterator[jobio.Ticket]:
       """Tickets still to summarise; with `record`, counts lines and writes rejections."""
-      for item in jobio.read_tickets(job.input):
+      for item in jobio.read_tickets(job.input, prepare=prompter):
         counts["input_lines"] += record
         if isinstance(item, jobio.Rejected):
           if record:
@@ -137,13 +141,9 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
           ticket = next(feed, None)
           if ticket is None:
             break
-          ids, reason = prompter(ticket)
-          if ids is None:
-            reject(ticket.line, ticket.id, reason)
-            continue
           tickets[ticket.key] = ticket
           eng.submit(engine_lib.Request(
-              key=ticket.key, prompt=ids, max_new_tokens=s.max_new_tokens,
+              key=ticket.key, prompt=ticket.prompt, max_new_tokens=s.max_new_tokens,
               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
               priority=job.priority))
         if not eng.waiting() and not eng.tokens:

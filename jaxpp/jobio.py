@@ -23,7 +23,7 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from jaxpp.errors import JaxppError
 
@@ -40,6 +40,7 @@ class Ticket:
   key: str
   text: str
   doc: dict  # the whole JSON object, "id" and "text" included, so no field is lost
+  prompt: Any = None  # what `read_tickets`' `prepare` made of it (the job: prompt ids)
 
 
 @dataclasses.dataclass
@@ -122,13 +123,16 @@ def _check(obj: Any) -> tuple[Any | None, str | None]:
   return id_, None
 
 
-def read_tickets(path: PathLike) -> Iterator[Ticket | Rejected]:
+def read_tickets(path: PathLike, prepare: Callable[[Ticket], tuple[Any, str | None]] | None
+                 = None) -> Iterator[Ticket | Rejected]:
   """Streams the input, yielding one `Ticket` or `Rejected` per non-blank line, in order.
 
   Deterministic from the file alone (no resume state goes in), so every run assigns the same
-  verdict to the same line. Duplicates: the first ACCEPTED line with an id wins and later ones
-  are rejected naming it; a line rejected for another reason does not claim its id, so a
-  corrected copy further down is still summarised rather than lost.
+  verdict to the same line. `prepare(ticket) -> (prompt, reason)` is the caller's own check
+  (the job's length policy); a reason rejects the line. Duplicates: the first ACCEPTED line
+  with an id wins and later ones are rejected naming it; a line rejected for any other
+  reason, `prepare`'s included, does not claim its id, so a corrected copy further down is
+  still summarised rather than lost.
   """
   p = check_input(path)
   first_line: dict[str, int] = {}
@@ -147,9 +151,13 @@ def read_tickets(path: PathLike) -> Iterator[Ticket | Rejected]:
         if key in first_line:
           reason = f"duplicate id {key} (first accepted on line {first_line[key]})"
         else:
-          first_line[key] = lineno
-          yield Ticket(line=lineno, id=id_, key=key, text=obj["text"], doc=obj)
-          continue
+          ticket = Ticket(line=lineno, id=id_, key=key, text=obj["text"], doc=obj)
+          if prepare is not None:
+            ticket.prompt, reason = prepare(ticket)
+          if reason is None:
+            first_line[key] = lineno
+            yield ticket
+            continue
       yield Rejected(line=lineno, id=id_, reason=reason)
 
 

@@ -263,3 +263,18 @@ def test_over_long_ticket(policy, tmp_path):
     assert row["prompt_tokens"] == config.engine.max_len - config.sampling.max_new_tokens + 1
   assert rep["input_lines"] == 23 == rep["written_total"] + rep["rejected_total"]
   assert rep["reconciled"] is True
+
+
+def test_corrected_copy_after_a_length_rejection_is_summarised(tmp_path):
+  """A ticket rejected by the length policy does not claim its id: a later copy still runs."""
+  long_text = json.loads(ticket_lines(12)[11])["text"]  # T00012: 6,000+ tokens
+  src = tmp_path / "in.jsonl"
+  src.write_text(json.dumps({"id": "A", "text": long_text}) + "\n" +
+                 json.dumps({"id": "A", "text": "My Harbor Sync invoice is wrong."}) + "\n")
+  config = shrunk(src, tmp_path / "out.jsonl", length_policy="reject")
+  rep = job.run_job(config)
+  rows, rejected = read_jsonl(config.job.output), read_jsonl(tmp_path / "out.errors.jsonl")
+  assert [r["id"] for r in rows] == ["A"]
+  assert [(e["line"], e["id"]) for e in rejected] == [(1, "A")]
+  assert "length_policy=reject" in rejected[0]["reason"]
+  assert rep["input_lines"] == 2 and rep["reconciled"] is True
