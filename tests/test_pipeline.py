@@ -173,3 +173,22 @@ def test_sampled_tokens_do_not_depend_on_layout(deep):
   assert outs[0] == outs[1] == outs[2]
   greedy = [c.token_ids for c in llm.generate(PROMPTS, max_new_tokens=16)]
   assert outs[0] != greedy  # sampling really happened
+
+
+def test_decode_does_not_copy_the_cache_per_layer(deep):
+  """The KV cache is updated in place: XLA must not copy it inside the layer loop.
+
+  Writing each layer's keys inside the scan made XLA copy the whole cache per layer (6
+  cache-sized copies in the program, two per layer-loop body); one scatter after the loop
+  leaves only the copies at the program's edge.
+  """
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, microbatches=1)
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS[:2]),
+                                                   sampling.SamplingParams.make(2))
+  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
+                                       steps=2, do_sample=False, eos_ids=()).compile().as_text()
+  local = ",".join(str(d) for d in cache[0].shape[1:])
+  copies = [l for l in hlo.splitlines() if re.search(rf"f32\[(1,)?{local}\]\S* copy\(", l)]
+  assert len(copies) <= 4, copies

@@ -117,8 +117,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
 
   `cache` leaves are [v, Lc, M, b, S, K, H]. Rows read their cached keys from
-  [chunk, layer, microbatch] and write their new keys/values at their positions in place
-  (the cache is a loop carry, never copied per layer). `slots` = (micro-batch i32[b],
+  [chunk, layer, microbatch]; after the layer loop every layer's new keys/values are
+  scattered at the rows' positions in one in-place update. `slots` = (micro-batch i32[b],
   row i32[b]) sends each row's writes elsewhere (prefill of new requests into free decode
   slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
@@ -134,25 +134,34 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   mb, rows = slots[0][:, None], slots[1][:, None]
   cols = jnp.where(mb >= 0, start[:, None] + jnp.arange(T)[None, :], S)  # >= S: dropped
 
+  ck, cv = cache
+  k_dtype = ck.dtype
+
   def layer(carry, params):
-    x, ck, cv, i = carry
+    x, i = carry
 
     def compute(_):
       kv = None if fresh else (ck[chunk, i, microbatch], cv[chunk, i, microbatch])
       y, (k, v) = block.apply({"params": params}, x, positions, start, kv)
-      at = (chunk, i, jnp.maximum(mb, 0), rows, cols)
-      return (y, ck.at[at].set(k.astype(ck.dtype), mode="drop"),
-              cv.at[at].set(v.astype(cv.dtype), mode="drop"))
+      return y, k.astype(k_dtype), v.astype(k_dtype)
+
+    def skip(_):
+      new = jnp.zeros((b, T) + ck.shape[-2:], k_dtype)
+      return x, new, new
 
     if num_layers is None:
-      x, ck, cv = compute(None)
+      x, k, v = compute(None)
     else:
-      x, ck, cv = jax.lax.cond(i < num_layers, compute, lambda _: (x, ck, cv), None)
-    return (x, ck, cv, i + 1), None
+      x, k, v = jax.lax.cond(i < num_layers, compute, skip, None)
+    return (x, i + 1), (k, v)
 
-  (x, ck, cv, _), _ = jax.lax.scan(layer, (x, cache[0], cache[1], jnp.int32(0)), blocks,
-                                   unroll=unroll)
-  return x, (ck, cv)
+  # The loop only reads the cache; all layers' new keys/values are written after it in one
+  # scatter. Writing inside the loop made XLA copy the whole cache once per layer.
+  (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), blocks, unroll=unroll)
+  Lc = k.shape[0]
+  at = (chunk, jnp.arange(Lc)[:, None, None], jnp.maximum(mb, 0)[None], rows[None],
+        cols[None])  # [Lc, b, T] targets; padding layers' writes land in unread slots
+  return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
 
 
 def embed(params, tokens, dtype) -> jnp.ndarray:
