@@ -8,15 +8,15 @@ Override any field on the command line, e.g. `--config.sampling.max_new_tokens=8
 `--config.job.input=/data/tickets.jsonl`; a misspelled key is an error, not a silent no-op.
 
 Hardware: CPU only, 8 virtual XLA CPU devices (jaxpp.run sets them when no accelerator
-platform is requested), laid out as pp=4 x tp=2. Measured on a 2-core x86 machine
-(2026-11-27, jax 0.10.2): 240 tickets, 75,752 prompt and 7,438 completion tokens in 62 s
-wall, compilation included (prefill 46 s, decode 12 s). Throughput here says nothing about
-accelerators: the demo model is tiny and the "devices" share two cores.
+platform is requested), laid out as pp=4 x tp=2. The model is `models/harbor-tiny`, a
+1.4M-parameter Llama trained for this job (docs/training.md): on the 240 shipped tickets its
+summaries name the right category for 100% and the right product for 98.75% of tickets. It
+was trained on sequences of at most 256 tokens, hence engine.max_len=256 (prompts are cut to
+225 tokens, keeping the "Summary:" cue). Measured on a 2-core x86 machine (2026-11-27,
+jax 0.10.2): the 240 tickets in about 15 s of wall time, compilation included.
 
-The model is the shipped random-weight stand-in `models/demo-llama` (see its README): the
-summaries are gibberish until a trained checkpoint replaces it. pp*tp*dp must equal the
-device count; `--config.mesh.pp=2 --config.mesh.tp=4 --config.schedule.microbatches=2` is
-another layout of the same 8.
+pp*tp*dp must equal the device count; `--config.mesh.pp=2 --config.mesh.tp=4
+--config.schedule.microbatches=2` is another layout of the same 8.
 """
 
 import pathlib
@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = str(REPO / "models" / "demo-llama")  # HF safetensors directory
+  c.model.checkpoint = str(REPO / "models" / "harbor-tiny")  # HF safetensors directory
   c.model.dtype = "float32"  # float32 on CPU; "bfloat16" on accelerators
 
   c.mesh = ml_collections.ConfigDict()
@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.decode_chunk = 16  # tokens generated per return to the host
 
   c.engine = ml_collections.ConfigDict()
-  c.engine.max_len = 1024  # KV positions per slot: prompt + generated tokens
+  c.engine.max_len = 256  # KV positions per slot: prompt + generated tokens
   c.engine.max_num_seqs = 16  # sequences in flight (slots), spread evenly over microbatches
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
