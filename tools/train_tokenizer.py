@@ -22,11 +22,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["RAYON_NUM_THREADS"] = "1"
 
 from absl import app, flags  # noqa: E402
-from tokenizers import (  # noqa: E402
-    Tokenizer, decoders, models, pre_tokenizers, processors, trainers)
+
+# The demo checkpoint's BPE recipe (byte-level, <unk>/<s>/</s>, BOS post-processor) is ours.
+from make_demo_checkpoint import train_tokenizer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 PROMPT_TEMPLATE = "Ticket:\n{text}\nSummary:"  # configs/harbor.py's job.prompt_template
 
 
@@ -47,20 +47,6 @@ def generate_tickets(count: int, seed: int) -> list[dict]:
 
 def training_text(t: dict) -> str:
   return PROMPT_TEMPLATE.format(text=t["text"]) + " " + t["summary"]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
-                                special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(texts, trainer=trainer)
-  bos = tok.token_to_id("<s>")
-  tok.post_processor = processors.TemplateProcessing(
-      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-  return tok
 
 
 FLAGS = flags.FLAGS
