@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = str(REPO / "models" / "harbor-tiny")  # HF safetensors directory
   c.model.dtype = "float32"  # float32 on CPU; "bfloat16" on accelerators
+  c.model.quant = "none"  # block weights: "none", "int8" or "fp8" (8-bit, per-channel scales)
+  c.model.quant_embed = False  # also store the embedding and LM head in 8 bits
+  c.model.params_cache = ""  # orbax dir: placed (quantised) params saved once, then restored
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.pp = 4  # pipeline stages per replica

@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Placeholder: override with --config.model.checkpoint=/path/to/your/checkpoint.
   c.model.checkpoint = "/path/to/Meta-Llama-3.1-70B-Instruct"  # HF safetensors directory
   c.model.dtype = "bfloat16"  # 141 GB of weights; float32 would not fit 4 x 80 GB
+  c.model.quant = "none"  # "int8": 8-bit block weights, about 70 GB; "fp8" on H100/H200
+  c.model.quant_embed = False  # embedding and LM head stay bf16
+  c.model.params_cache = ""  # e.g. /data/cache/llama70b-pp4: quantise once, restore nightly
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.pp = 4  # 20 layers per card: the weights need 2+ cards, PP for batch throughput

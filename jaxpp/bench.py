@@ -25,10 +25,12 @@ import numpy as np
 from absl import app, flags
 
 from jaxpp import engine as engine_lib
+from jaxpp import pipeline as pipeline_lib
 from jaxpp import presets, report, schedule
 from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary, make_pipeline, parse_layout, resolve_dtype
 from jaxpp.model import params as params_lib
+from jaxpp.model import quant as quant_lib
 
 flags.DEFINE_string("model", "llama3-8b", "preset name or path to a HF config.json")
 flags.DEFINE_string("hardware", "h100", "hardware preset for the rooflines (h100, h200)")
@@ -39,34 +41,49 @@ flags.DEFINE_integer("num_requests", 256, "requests in the timed run")
 flags.DEFINE_integer("max_num_seqs", 0, "slots (sequences in flight); 0 = num_requests")
 flags.DEFINE_integer("decode_chunk", 32, "tokens per return to the host")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
+flags.DEFINE_list("quant", ["none"], "weight storage per run: none, int8, fp8; a list runs "
+                  "every layout once per entry")
+flags.DEFINE_bool("quant_embed", False, "also store the embedding and LM head in 8 bits")
 flags.DEFINE_integer("scan_unroll", 1, "layers per stage-scan iteration (0 = all)")
 flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
 FLAGS = flags.FLAGS
 
 
 def random_llm(config, dtype, *, max_len: int, decode_chunk: int, seed: int = 0,
-               **layout) -> LLM:
-  """An LLM whose random weights are generated on their own devices by one jitted program."""
+               quant: quant_lib.Quant = quant_lib.Quant(), **layout) -> LLM:
+  """An LLM with random weights generated on their own devices, already sharded.
+
+  One jitted program per leaf, so the devices never hold more than one leaf's temporaries
+  (a 70B shape fills most of a card); a leaf `quant` covers is quantised right after, on
+  the devices, as a checkpoint's would be at load.
+  """
   pipe = make_pipeline(config, **layout)
+  quant_lib.check_backend(quant, pipe.mesh.devices.flat[0])
   abstract = params_lib.flatten(params_lib.abstract_params(config, dtype, pipe.layer_axes))
-  shardings = params_lib.flatten(pipe.param_shardings())
-  real = jnp.asarray(pipe.partition.layer_index() >= 0)  # padding layers stay zero
+  shardings = params_lib.flatten(pipe.param_shardings(quant))
+  real = pipe.partition.layer_index() >= 0  # padding layers stay zero
+  out = {}
+  for i, (path, aval) in enumerate(sorted(abstract.items())):
 
-  def init(key):
-    out = {}
-    for i, (path, aval) in enumerate(sorted(abstract.items())):
+    def init(key, path=path, aval=aval):
       if path[-1] == "scale":
-        out[path] = jnp.ones(aval.shape, aval.dtype)
-        continue
-      w = jax.random.normal(jax.random.fold_in(key, i), aval.shape, jnp.float32)
-      w = w * (config.hidden_size ** -0.5)
+        return jnp.ones(aval.shape, aval.dtype)
+      w = jax.random.normal(key, aval.shape, aval.dtype) * (config.hidden_size ** -0.5)
       if path[0] == "blocks":
-        w = w * real.reshape(real.shape + (1,) * (w.ndim - 3))
-      out[path] = w.astype(aval.dtype)
-    return params_lib.nest(out)
+        w = w * jnp.asarray(real.reshape(real.shape + (1,) * (w.ndim - 3)), aval.dtype)
+      return w
 
-  params = jax.jit(init, out_shardings=params_lib.nest(shardings))(jax.random.key(seed))
-  return LLM.on_pipeline(config, pipe, params, max_len=max_len, decode_chunk=decode_chunk)
+    leaf = jax.jit(init, out_shardings=shardings[path])(jax.random.fold_in(
+        jax.random.key(seed), i))
+    if quant.applies(path):
+      scale = quant_lib.scale_path(path)
+      out[path], out[scale] = quant_lib.quantize_leaf(
+          path, leaf, quant, len(pipe.layer_axes), (shardings[path], shardings[scale]))
+      leaf.delete()
+    else:
+      out[path] = leaf
+  return LLM.on_pipeline(config, pipe, params_lib.nest(out), max_len=max_len,
+                         decode_chunk=decode_chunk)
 
 
 def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
@@ -76,6 +93,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   start = time.perf_counter()
   llm = random_llm(config, resolve_dtype(args["dtype"]), max_len=max_len,
                    decode_chunk=args["decode_chunk"],
+                   quant=quant_lib.Quant(args.get("quant", "none"), args.get("quant_embed", False)),
                    scan_unroll=args.get("scan_unroll", 1), **layout)
   slots = args["max_num_seqs"] or len(prompts)
 
@@ -98,7 +116,9 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   pipe, devices = llm.pipeline, layout["pp"] * layout["tp"]
   n = len(prompts)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
-  head = config.vocab_size * config.hidden_size * jnp.dtype(llm.dtype).itemsize
+  head_name = "embed" if config.tie_word_embeddings else "lm_head"
+  head = sum(llm.params[n].nbytes for n in (head_name, head_name + quant_lib.SCALE)
+             if n in llm.params)
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * \
       jnp.dtype(llm.dtype).itemsize
   rounds = st.decode_calls * args["decode_chunk"]
@@ -109,6 +129,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   prefill_flops = 2 * config.param_count() * st.prompt_tokens
   return dict(
       layout=text, devices=devices, pp=pipe.pp, tp=layout["tp"], virtual_stages=pipe.v,
+      quant=args.get("quant", "none"), weight_gb_per_device=max(
+          pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
       microbatches=pipe.microbatches, max_num_seqs=slots, requests=n,
       scan_unroll=pipe.scan_unroll,
       compile_seconds=compile_s, wall_seconds=wall,
@@ -129,7 +151,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-  cols = [("layout", "{}"), ("requests_per_second", "{:.2f}"),
+  cols = [("layout", "{}"), ("quant", "{}"), ("weight_gb_per_device", "{:.1f}"),
+          ("requests_per_second", "{:.2f}"),
           ("total_tokens_per_second", "{:,.0f}"), ("output_tokens_per_second", "{:,.0f}"),
           ("tokens_per_second_per_gpu", "{:,.0f}"), ("prefill_tokens_per_second", "{:,.0f}"),
           ("decode_tokens_per_second", "{:,.0f}"), ("decode_hbm_gbps_per_gpu", "{:,.0f}"),
@@ -161,15 +184,18 @@ def bench():
   prompts = rng.integers(3, config.vocab_size, (FLAGS.num_requests, FLAGS.input_len)).tolist()
   args = dict(input_len=FLAGS.input_len, output_len=FLAGS.output_len, dtype=FLAGS.dtype,
               decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs,
-              scan_unroll=FLAGS.scan_unroll or True)
-  header = (f"{FLAGS.model}, {FLAGS.dtype}, {FLAGS.num_requests} requests x "
+              scan_unroll=FLAGS.scan_unroll or True, quant_embed=FLAGS.quant_embed)
+  for mode in FLAGS.quant:
+    quant_lib.Quant(mode, FLAGS.quant_embed)  # every entry checked before the first run
+  header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {FLAGS.num_requests} requests x "
             f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
             f"jax {jax.__version__}; rooflines from the {hw.name} preset")
   print(header, flush=True)
   rows = []
   for text in FLAGS.layouts.split(","):
-    rows.append(run_layout(config, hw, text, prompts, args))
-    print(json.dumps(rows[-1]), flush=True)
+    for mode in FLAGS.quant:
+      rows.append(run_layout(config, hw, text, prompts, dict(args, quant=mode)))
+      print(json.dumps(rows[-1]), flush=True)
   out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
+from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -190,7 +191,8 @@ def _leaf_callback(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dty
 
 
 def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
-                   layer_index: np.ndarray | None = None) -> dict:
+                   layer_index: np.ndarray | None = None,
+                   quant: quant_lib.Quant = quant_lib.Quant()) -> dict:
   """Reads a HF Llama safetensors checkpoint into our params pytree, placed as asked.
 
   Args:
@@ -202,20 +204,24 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
     layer_index: int array giving the model layer at each slot of the stacked leaves'
       leading axes (-1 = zero padding); default `arange(L)`. A pipeline passes
       `Partition.layer_index()` ([pp, v, layers_per_chunk]).
+    quant: 8-bit weights (quant.py). Each covered leaf is read in `dtype` onto its devices,
+      quantised there and dropped before the next leaf is read, so the devices hold at most
+      one leaf in both forms.
 
-  Returns a nested dict with the structure of `params.abstract_params(cfg, dtype)`. With tied
-  embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the files is ignored).
+  Returns a nested dict with the structure of `params.abstract_params(cfg, dtype, ...,
+  quant)`. With tied embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the files is ignored).
   """
   d = _existing_dir(ckpt_dir)
   layer_index = np.arange(cfg.num_layers) if layer_index is None else np.asarray(layer_index)
   abstract = params_lib.flatten(params_lib.abstract_params(cfg, dtype, layer_index.shape))
+  stored = params_lib.flatten(params_lib.abstract_params(cfg, dtype, layer_index.shape, quant))
   if shardings is None:
-    flat_shardings = {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in abstract}
+    flat_shardings = {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in stored}
   else:
     flat_shardings = params_lib.flatten(shardings)
-    if set(flat_shardings) != set(abstract):
-      missing = sorted("/".join(p) for p in set(abstract) - set(flat_shardings))
-      extra = sorted("/".join(p) for p in set(flat_shardings) - set(abstract))
+    if set(flat_shardings) != set(stored):
+      missing = sorted("/".join(p) for p in set(stored) - set(flat_shardings))
+      extra = sorted("/".join(p) for p in set(flat_shardings) - set(stored))
       raise JaxppError(f"shardings do not match the params tree: missing {missing}, "
                        f"unexpected {extra}")
   out = {}
@@ -225,7 +231,14 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
     for path, aval in abstract.items():
       callback = _leaf_callback(reader, path, cfg, np.dtype(aval.dtype), aval.shape,
                                 layer_index)
-      out[path] = jax.make_array_from_callback(aval.shape, flat_shardings[path], callback)
+      leaf = jax.make_array_from_callback(aval.shape, flat_shardings[path], callback)
+      if quant.applies(path):
+        scale = quant_lib.scale_path(path)
+        out[path], out[scale] = quant_lib.quantize_leaf(
+            path, leaf, quant, layer_index.ndim, (flat_shardings[path], flat_shardings[scale]))
+        leaf.delete()
+      else:
+        out[path] = leaf
   return params_lib.nest(out)
 
 

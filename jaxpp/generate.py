@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxpp import sampling
 from jaxpp.model import llama
+from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 
 
@@ -63,7 +64,7 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
 def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do_sample):
   """tokens i32[B, T] right-padded, lengths i32[B] -> (first tokens i32[B], cache)."""
   B, T = tokens.shape
-  dtype = params["embed"].dtype
+  dtype = params_lib.activation_dtype(params)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(params, tokens, dtype)
   x, cache = llama.run_blocks(config, params["blocks"], x, positions,
@@ -79,7 +80,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
                  steps: int, do_sample: bool, eos_ids: tuple[int, ...]):
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k])."""
   B = state.tokens.shape[0]
-  dtype = params["embed"].dtype
+  dtype = params_lib.activation_dtype(params)
   max_len = cache[0].shape[4]
 
   def step(i, carry):
@@ -100,7 +101,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
 def forward_logits(config: LlamaConfig, params, tokens):
   """Full-sequence logits f32[B, T, V] for unpadded tokens (used to check parity)."""
   B, T = tokens.shape
-  dtype = params["embed"].dtype
+  dtype = params_lib.activation_dtype(params)
   cache = llama.init_cache(config, B, T, dtype)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(params, tokens, dtype)
@@ -121,7 +122,7 @@ def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
   tokens = jnp.asarray([p + [0] * (max(map(len, prompts)) - len(p)) for p in prompts],
                        jnp.int32)
   do_sample = params_s.needs_sampling()
-  cache = llama.init_cache(config, B, max_len, params["embed"].dtype)
+  cache = llama.init_cache(config, B, max_len, params_lib.activation_dtype(params))
   first, cache = prefill(config, params, cache, tokens, lengths, params_s,
                          do_sample=do_sample)
   eos = config.eos_token_ids

@@ -106,7 +106,9 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
             virtual_stages=sched.virtual_stages, microbatches=sched.microbatches or None,
             layer_split=sched.layer_split, dtype=config.model.dtype, max_len=eng_cfg.max_len,
             decode_chunk=sched.decode_chunk,
-            devices=jax.devices() if devices is None else devices)
+            devices=jax.devices() if devices is None else devices,
+            quant=config.model.quant, quant_embed=config.model.quant_embed,
+            params_cache_dir=config.model.params_cache or None)
   prompter = Prompter(llm, config)
   eng = engine_lib.Engine(llm, max_num_seqs=eng_cfg.max_num_seqs,
                           reserve=dict(eng_cfg.priority_reserve))

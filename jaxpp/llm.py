@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp import checkpoint, engine, partition, pipeline, sampling
+from jaxpp import checkpoint, engine, params_cache, partition, pipeline, sampling
 from jaxpp import mesh as mesh_lib
 from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
+from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.tokenizer import Tokenizer
 
@@ -53,22 +54,36 @@ class LLM:
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, pp: int = 1, tp: int = 1,
                virtual_stages: int = 1, microbatches: int | None = None,
                layer_split: str = "even", dtype: str = "bfloat16",
-               max_len: int | None = None, decode_chunk: int = 16, devices=None):
+               max_len: int | None = None, decode_chunk: int = 16, devices=None,
+               quant: str = "none", quant_embed: bool = False,
+               params_cache_dir: str | pathlib.Path | None = None):
+    """`quant` "int8" / "fp8" stores the block projections in 8 bits (also the embedding and
+    LM head with `quant_embed`); `params_cache_dir` keeps the placed (quantised) params with
+    orbax so the next run restores them instead of re-reading the HF checkpoint."""
+    q = quant_lib.Quant(quant, quant_embed)
     config = checkpoint.load_config(checkpoint_dir)
     pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
                          microbatches=microbatches, layer_split=layer_split, devices=devices)
-    params = checkpoint.load_hf_params(checkpoint_dir, config, resolve_dtype(dtype),
-                                       shardings=pipe.param_shardings(),
-                                       layer_index=pipe.partition.layer_index())
+    quant_lib.check_backend(q, pipe.mesh.devices.flat[0])
+    args = (config, resolve_dtype(dtype), pipe.param_shardings(q), pipe.partition.layer_index())
+    if params_cache_dir:
+      params = params_cache.load(params_cache_dir, checkpoint_dir, *args, quant=q)
+    else:
+      params = checkpoint.load_hf_params(checkpoint_dir, *args[:3], layer_index=args[3],
+                                         quant=q)
     self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
                 decode_chunk)
 
   @classmethod
   def from_params(cls, config: LlamaConfig, params, *, tokenizer: Tokenizer | None = None,
                   max_len: int | None = None, decode_chunk: int = 16, **layout) -> "LLM":
-    """Places params held in the plain [L, ...] layout (random weights, tests) on a mesh."""
+    """Places params held in the plain [L, ...] layout (random weights, tests) on a mesh.
+
+    Params already quantised (`quant.quantize_params`) keep their 8-bit leaves and scales.
+    """
     pipe = make_pipeline(config, **layout)
     index = pipe.partition.layer_index()
+    q = quant_lib.detect(params)
 
     def restack(path, leaf):
       if path[0] != "blocks":
@@ -78,7 +93,7 @@ class LLM:
                       host[np.maximum(index, 0)], 0).astype(host.dtype)
 
     flat = params_lib.flatten(params)
-    shardings = params_lib.flatten(pipe.param_shardings())
+    shardings = params_lib.flatten(pipe.param_shardings(q))
     placed = {p: jax.device_put(restack(p, x), shardings[p]) for p, x in flat.items()}
     return cls.on_pipeline(config, pipe, params_lib.nest(placed), tokenizer=tokenizer,
                            max_len=max_len, decode_chunk=decode_chunk)
@@ -94,7 +109,7 @@ class LLM:
 
   def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
     self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
-    self.dtype = params["embed"].dtype
+    self.dtype = params_lib.activation_dtype(params)
     limit = config.max_position_embeddings
     self.max_len = max_len or min(limit, 4096)
     if self.max_len > limit:

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxpp import generate, sampling
 from jaxpp.errors import JaxppError
 from jaxpp.mesh import PP, TP
-from jaxpp.model import llama
+from jaxpp.model import llama, quant
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.partition import Partition
@@ -38,10 +38,22 @@ from jaxpp.schedule import circular
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
 
 
+# XLA's Triton GEMM fusions read a layer's weights out of the stacked [Lc, ...] array about
+# 2.8x slower than cuBLAS GEMMs do (H200, jax 0.11.2: 1.26 vs 3.42 TB/s in
+# tools/weight_stream_probe.py), and a decode tick is mostly that read; both phases compile
+# with cuBLAS GEMMs (docs/benchmarks.md). Backends other than GPU ignore the option.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 def _block_spec(name: str, ndim: int) -> P:
+  """A block leaf's spec; a scale follows its weight's output axes (input axes dropped)."""
   dims = [None] * ndim
-  if name in _TP_AXIS:
-    dims[_TP_AXIS[name]] = TP
+  weight = name.removesuffix(quant.SCALE)
+  axis = _TP_AXIS.get(weight)
+  if axis is not None and weight != name:
+    axis -= quant.INPUT_DIMS[weight]
+  if axis is not None and axis >= 0:
+    dims[axis] = TP
   return P(PP, None, None, *dims)
 
 
@@ -78,16 +90,19 @@ class Pipeline:
 
   # --- placement --------------------------------------------------------------------------
 
-  def param_shardings(self) -> dict:
+  def param_shardings(self, quant_cfg: quant.Quant = quant.Quant()) -> dict:
     """NamedShardings for the params tree with blocks stacked as [pp, v, Lc, ...]."""
     abstract = params_lib.flatten(params_lib.abstract_params(
-        self.config, jnp.float32, self.layer_axes))
+        self.config, jnp.float32, self.layer_axes, quant_cfg))
+    head_split = self.config.vocab_size % self.mesh.shape[TP] == 0
     specs = {}
     for path, aval in abstract.items():
       if path[0] == "blocks":
         specs[path] = _block_spec(path[-1], aval.ndim - 3)
-      elif path == ("lm_head",) and self.config.vocab_size % self.mesh.shape[TP] == 0:
+      elif path == ("lm_head",) and head_split:
         specs[path] = P(None, TP)  # vocab-parallel head; replicated when V % tp != 0
+      elif path == ("lm_head" + quant.SCALE,) and head_split:
+        specs[path] = P(TP)
       else:
         specs[path] = P()
     return params_lib.nest({p: NamedSharding(self.mesh, s) for p, s in specs.items()})
@@ -127,12 +142,22 @@ class Pipeline:
 
     return jax.lax.cond(active, compute, lambda _: (x, cache), None)
 
+  def _from_last(self, a, s):
+    """`a` as the last pp device holds it, on every device (a psum of it and zeros).
+
+    With one stage there is nothing to share, and XLA (jax 0.10 on CPU) rejects the
+    all-reduce over a size-1 manual axis when 'tp' is also sharded, so none is emitted.
+    """
+    if self.pp == 1:
+      return a
+    return jax.lax.psum(jnp.where(s == self.pp - 1, a, jnp.zeros_like(a)), PP)
+
   def _ring(self, *arrays):
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
 
   @functools.partial(jax.jit, static_argnames=("self", "do_sample", "with_logits"),
-                     donate_argnames=("cache",))
+                     donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
   def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
@@ -145,7 +170,7 @@ class Pipeline:
     table = jnp.asarray(circular(self.pp, self.v, self.microbatches).table)
     counts = jnp.asarray(self.partition.layer_counts())
     M, b, T = tokens.shape
-    dtype = params["embed"].dtype
+    dtype = params_lib.activation_dtype(params)
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
     def body(params, cache, counts, tokens, lengths, slots, params_s):
@@ -181,12 +206,11 @@ class Pipeline:
       logits = llama.logits(self.config, params, final.reshape(M * b, 1, -1))[:, 0]
       flat_s = jax.tree.map(lambda a: a.reshape(M * b), params_s)
       first = sampling.sample(logits, lengths.reshape(M * b), flat_s, do_sample=do_sample)
-      first = jax.lax.psum(jnp.where(s == last_dev, first, 0), PP).reshape(M, b)
+      first = self._from_last(first, s).reshape(M, b)
       cache = jax.tree.map(lambda a: a[None], cache)
       if not with_logits:
         return first, cache
-      return first, cache, jax.lax.psum(jnp.where(s == last_dev, logits, 0), PP).reshape(
-          M, b, -1)
+      return first, cache, self._from_last(logits, s).reshape(M, b, -1)
 
     cache_spec = P(PP)
     s_spec = jax.tree.map(lambda _: P(), params_s)
@@ -197,14 +221,14 @@ class Pipeline:
         out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
 
   @functools.partial(jax.jit, static_argnames=("self", "steps", "do_sample", "eos_ids"),
-                     donate_argnames=("cache",))
+                     donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
     table = jnp.asarray(circular(self.pp, self.v, self.microbatches, rounds=steps).table)
     counts = jnp.asarray(self.partition.layer_counts())
     M, b = state.tokens.shape
-    dtype = params["embed"].dtype
+    dtype = params_lib.activation_dtype(params)
     max_len = cache[0].shape[5]
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
@@ -250,7 +274,7 @@ class Pipeline:
       cache, state, _, _, out = jax.lax.fori_loop(
           0, table.shape[0], tick, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
-      pick = lambda a: jax.lax.psum(jnp.where(s == last_dev, a.astype(jnp.int32), 0), PP)
+      pick = lambda a: self._from_last(a.astype(jnp.int32), s)
       state = generate.DecodeState(pick(state.tokens), pick(state.lengths),
                                    pick(state.remaining), pick(state.done).astype(bool))
       return jax.tree.map(lambda a: a[None], cache), state, pick(out)

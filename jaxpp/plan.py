@@ -26,6 +26,7 @@ import sys
 from jaxpp import partition, presets
 from jaxpp.errors import JaxppError
 from jaxpp.model.config import LlamaConfig
+from jaxpp.model.quant import MODES as MODES_QUANT
 from jaxpp.presets import Assumptions, Hardware, Layout, Workload  # noqa: F401 (the API)
 from jaxpp.schedule import formula_bubble
 
@@ -83,7 +84,8 @@ class Plan:
   params: int
   devices: int
   mode: str
-  bytes_per_param: float
+  bytes_per_param: float  # block weights
+  embed_bytes_per_param: float  # embedding and LM head
   hardware: Hardware
   workload: Workload
   assumptions: Assumptions
@@ -134,13 +136,19 @@ def _split(cfg: LlamaConfig, layout: Layout, hw: Hardware) -> partition.Partitio
 
 
 def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware = H100,
-                     bytes_per_param: float = 2, assume: Assumptions = Assumptions()) -> Memory:
-  """Weights + KV cache + prefill activations on one device, against what JAX can use."""
+                     bytes_per_param: float = 2, assume: Assumptions = Assumptions(),
+                     embed_bytes_per_param: float | None = None) -> Memory:
+  """Weights + KV cache + prefill activations on one device, against what JAX can use.
+
+  `bytes_per_param` is for block weights, `embed_bytes_per_param` (default: the same) for
+  the embedding and LM head: 8-bit weights keep those in bf16 unless asked.
+  """
   part = _split(cfg, layout, hw)
+  eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   D, V, tp, m, a = cfg.hidden_size, cfg.vocab_size, layout.tp, layout.m, assume.dtype_bytes
   held = layout.virtual_stages * part.max_layers  # padded: every device holds the longest
   head = 0 if cfg.tie_word_embeddings else _head_read(cfg, tp)
-  weights = bytes_per_param * (held * _block_params(cfg, tp) + V * D + head + D)
+  weights = bytes_per_param * held * _block_params(cfg, tp) + eb * (V * D + head) + 4 * D
   b, T = workload.rows(m), workload.prefill_len
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -156,7 +164,8 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
 
 def min_pp(cfg: LlamaConfig, tp: int = 1, devices: int | None = None,
            workload: Workload = Workload(), hw: Hardware = H100, bytes_per_param: float = 2,
-           assume: Assumptions = Assumptions()) -> int | None:
+           assume: Assumptions = Assumptions(),
+           embed_bytes_per_param: float | None = None) -> int | None:
   """The smallest pp at which every stage fits: among divisors of devices/tp, or any pp."""
   if devices is not None and (devices < 1 or tp < 1 or devices % tp):
     raise JaxppError(f"tp={tp} must divide devices={devices}")
@@ -164,7 +173,7 @@ def min_pp(cfg: LlamaConfig, tp: int = 1, devices: int | None = None,
   for pp in (p for p in range(1, n + 1) if n % p == 0 or devices is None):
     layout = Layout(pp, tp)
     if layout.problem(cfg, hw) is None and memory_per_stage(
-        cfg, layout, workload, hw, bytes_per_param, assume).fits:
+        cfg, layout, workload, hw, bytes_per_param, assume, embed_bytes_per_param).fits:
       return pp
   return None
 
@@ -195,9 +204,11 @@ def _round_s(chunk_s: list[float], layout: Layout, send_s: float) -> float:
 
 
 def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware = H100,
-            bytes_per_param: float = 2, assume: Assumptions = Assumptions()) -> Prediction:
+            bytes_per_param: float = 2, assume: Assumptions = Assumptions(),
+            embed_bytes_per_param: float | None = None) -> Prediction:
   """Prefill (compute bound) and decode (weight + KV reads, roofline) rates for one replica."""
   part = _split(cfg, layout, hw)
+  eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   w, tp, m, a = workload, layout.tp, layout.m, assume.dtype_bytes
   D, NH = cfg.hidden_size, cfg.num_heads * cfg.head_dim
   blk, head, last = _block_params(cfg, tp), _head_read(cfg, tp), len(part.counts) - 1
@@ -207,8 +218,10 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   def decode_round_s(rows: int) -> float:
     chunk_s = []
     for c, n in enumerate(part.counts):
-      params = n * blk + (head if c == last else 0)  # the last chunk also runs the LM head
-      nbytes = bytes_per_param * params + rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a)
+      head_c = head if c == last else 0  # the last chunk also runs the LM head
+      params = n * blk + head_c
+      nbytes = (bytes_per_param * n * blk + eb * head_c
+                + rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a))
       flops = 2 * rows * params + 4 * rows * ctx * n * NH / tp
       chunk_s.append(max(nbytes / hw.hbm_bandwidth, flops / hw.matmul_flops)
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))
@@ -241,7 +254,8 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
 def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
               hw: Hardware = H100, mode: str = "batch", bytes_per_param: float = 2,
               assume: Assumptions = Assumptions(), virtual_stages: int = 1,
-              microbatches: int = 0, layer_split: str = "even", model_name: str = "model") -> Plan:
+              microbatches: int = 0, layer_split: str = "even", model_name: str = "model",
+              embed_bytes_per_param: float | None = None) -> Plan:
   """Sizes and predicts every pp x tp = devices layout; picks the best that fits for `mode`.
 
   batch: the highest total tokens/s. interactive: the lowest per-token latency at batch 1,
@@ -251,6 +265,7 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
     raise JaxppError(f"mode={mode!r} must be one of {', '.join(MODES)}")
   if devices < 1:
     raise JaxppError(f"devices={devices} must be >= 1")
+  eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   rows, skipped, tps = [], [], [t for t in range(1, devices + 1) if devices % t == 0]
   for tp in tps:
     layout = Layout(devices // tp, tp, virtual_stages, microbatches, layer_split)
@@ -259,12 +274,13 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
       skipped.append((layout.name, problem))
       continue
     rows.append(Row(layout.name, layout,
-                    memory_per_stage(cfg, layout, workload, hw, bytes_per_param, assume),
-                    predict(cfg, layout, workload, hw, bytes_per_param, assume)))
-  mins = {tp: min_pp(cfg, tp, devices, workload, hw, bytes_per_param, assume) for tp in tps}
+                    memory_per_stage(cfg, layout, workload, hw, bytes_per_param, assume, eb),
+                    predict(cfg, layout, workload, hw, bytes_per_param, assume, eb)))
+  mins = {tp: min_pp(cfg, tp, devices, workload, hw, bytes_per_param, assume, eb)
+          for tp in tps}
   best, reason = _choose(rows, mode)
   critical = hw.matmul_flops * bytes_per_param / (2 * hw.hbm_bandwidth)
-  return Plan(model_name, cfg.param_count(), devices, mode, bytes_per_param, hw, workload,
+  return Plan(model_name, cfg.param_count(), devices, mode, bytes_per_param, eb, hw, workload,
               assume, critical, rows, skipped, mins, best, reason)
 
 
@@ -291,7 +307,8 @@ def format_plan(plan: Plan) -> str:
   """Markdown: the layouts' table, the minimum pp per tp, the choice and the rules."""
   w, hw, gb = plan.workload, plan.hardware, 1e9
   lines = [
-      f"# {plan.model} ({plan.params / 1e9:.1f}B params, {plan.bytes_per_param:g} bytes each) "
+      f"# {plan.model} ({plan.params / 1e9:.1f}B params, {plan.bytes_per_param:g} bytes per "
+      f"block weight, {plan.embed_bytes_per_param:g} per embedding/head weight) "
       f"on {plan.devices} x {hw.name}, {plan.mode} mode", "",
       f"Workload: {w.concurrency} sequences in flight, {w.input_len} in / {w.output_len} out "
       f"tokens, max_len {w.cache_len}, decode_chunk {w.decode_chunk}. Usable per device: "
@@ -334,7 +351,9 @@ def _define_flags() -> None:
   f.DEFINE_string("hardware", "h100", f"Preset: {', '.join(presets.HARDWARE)}.")
   f.DEFINE_integer("devices", 4, "Devices of one replica; every pp x tp = devices is sized.")
   f.DEFINE_enum("mode", "batch", MODES, "batch: most tokens/s; interactive: least latency.")
-  f.DEFINE_float("bytes_per_param", 2, "Bytes per weight: 2 for bf16, 1 for 8-bit weights.")
+  f.DEFINE_float("bytes_per_param", 2, "Bytes per weight when not quantised: 2 for bf16.")
+  f.DEFINE_enum("quant", "none", MODES_QUANT, "8-bit block weights (1 byte each).")
+  f.DEFINE_bool("quant_embed", False, "With --quant, the embedding and LM head in 8 bits too.")
   f.DEFINE_integer("virtual_stages", 1, "Layer chunks per device (interleaving).")
   f.DEFINE_integer("microbatches", 0, "Micro-batches in flight; 0 = pp.")
   f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
@@ -358,9 +377,13 @@ def main(argv: list[str]) -> None:
   given = lambda cls: {k: F[k].value for k in cls.__dataclass_fields__ if k != "name"}
   try:
     hw = presets.hardware(F.hardware, **given(Hardware))
+    if F.quant_embed and F.quant == "none":
+      raise JaxppError("--quant_embed needs --quant=int8 or --quant=fp8")
+    block_bytes = 1 if F.quant != "none" else F.bytes_per_param
     plan = recommend(presets.model_config(F.model), F.devices, Workload(**given(Workload)), hw,
-                     F.mode, F.bytes_per_param, Assumptions(**given(Assumptions)),
-                     F.virtual_stages, F.microbatches, F.layer_split, model_name=F.model)
+                     F.mode, block_bytes, Assumptions(**given(Assumptions)),
+                     F.virtual_stages, F.microbatches, F.layer_split, model_name=F.model,
+                     embed_bytes_per_param=1 if F.quant_embed else F.bytes_per_param)
     if F.json:
       try:
         with open(F.json, "w") as out:

@@ -148,6 +148,11 @@ def test_bad_sampling_settings(harbor):
   expect_fast_error(harbor, r"sampling top_p must be in \(0, 1\]")
 
 
+def test_bad_quant(harbor):
+  harbor.model.quant = "int4"
+  expect_fast_error(harbor, r"^quant='int4' is not supported; choose one of none, int8, fp8$")
+
+
 def test_output_directory_not_writable(harbor, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory\n")

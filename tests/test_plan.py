@@ -33,15 +33,22 @@ def test_70b_weights_per_device_on_pp4():
   assert 2 * L70B.param_count() == pytest.approx(141e9, rel=1e-3)  # bf16
   mem = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100)
   # 20 of 80 layers (~35 GB) plus, on every stage as jaxpp places them, the whole
-  # embedding and the whole LM head (tp=1), 2.1 GB each, plus the final norm.
+  # embedding and the whole LM head (tp=1), 2.1 GB each, plus the final norm (float32).
   block = 8192 * (64 + 16) * 128 + 64 * 128 * 8192 + 3 * 8192 * 28672 + 2 * 8192
   layers = 2 * 20 * block
   assert layers == pytest.approx(34.2e9, rel=1e-3)
-  assert mem.weights == pytest.approx(layers + 2 * (2 * V * 8192) + 2 * 8192, rel=1e-12)
+  assert mem.weights == pytest.approx(layers + 2 * (2 * V * 8192) + 4 * 8192, rel=1e-12)
   # tp=2 halves the projections, not the norms, and vocab-shards only the head.
   mem2 = plan.memory_per_stage(L70B, Layout(2, 2), Workload(), H100)
   per_layer = (block - 2 * 8192) / 2 + 2 * 8192
-  assert mem2.weights == pytest.approx(2 * (40 * per_layer + V * 8192 + V * 8192 / 2 + 8192))
+  assert mem2.weights == pytest.approx(2 * (40 * per_layer + V * 8192 + V * 8192 / 2) + 4 * 8192)
+  # 8-bit block weights halve the layers only; the embedding and head stay bf16 unless asked.
+  mem8 = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
+                               embed_bytes_per_param=2)
+  assert mem8.weights == pytest.approx(layers / 2 + 2 * (2 * V * 8192) + 4 * 8192, rel=1e-12)
+  mem8e = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
+                                embed_bytes_per_param=1)
+  assert mem8e.weights == pytest.approx(layers / 2 + 2 * V * 8192 + 4 * 8192, rel=1e-12)
 
 
 def test_kv_cache_bytes():

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpp.model import quant
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, inverse_frequencies
 
@@ -40,26 +41,35 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale).astype(x.dtype)
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: bool):
+  """A matmul weight and, when the block is 8-bit, its per-output-channel scale (or None)."""
+  w = module.param(name, nn.initializers.normal(0.02), shape, module.dtype)
+  if not quantized:
+    return w, None
+  out_shape = shape[quant.INPUT_DIMS[name]:]
+  return w, module.param(name + quant.SCALE, nn.initializers.ones, out_shape, module.dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query attention (K kv heads shared by N/K query heads each) over a KV cache."""
 
   config: LlamaConfig
   dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, x, positions, start, cache: KVCache | None):
     """cache: this layer's (keys, values) [B, S, K, H], or None when nothing is cached."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    init = nn.initializers.normal(0.02)
-    wq = self.param("wq", init, (D, N, H), self.dtype)
-    wk = self.param("wk", init, (D, K, H), self.dtype)
-    wv = self.param("wv", init, (D, K, H), self.dtype)
-    wo = self.param("wo", init, (N, H, D), self.dtype)
+    wq = _weight(self, "wq", (D, N, H), self.quantized)
+    wk = _weight(self, "wk", (D, K, H), self.quantized)
+    wv = _weight(self, "wv", (D, K, H), self.quantized)
+    wo = _weight(self, "wo", (N, H, D), self.quantized)
     inv_freq = inverse_frequencies(c)
-    q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
-    k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
-    v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+    q = apply_rope(quant.einsum("BTD,DNH->BTNH", x, *wq), positions, inv_freq)
+    k = apply_rope(quant.einsum("BTD,DKH->BTKH", x, *wk), positions, inv_freq)
+    v = quant.einsum("BTD,DKH->BTKH", x, *wv)
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
     causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
@@ -74,7 +84,7 @@ class Attention(nn.Module):
       values.insert(0, old_v)
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(self.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, jnp.concatenate(values, axis=1))
-    out = jnp.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), wo)
+    out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
 
 
@@ -83,16 +93,17 @@ class MLP(nn.Module):
 
   config: LlamaConfig
   dtype: jnp.dtype
+  quantized: bool = False
 
   @nn.compact
   def __call__(self, x):
     D, F = self.config.hidden_size, self.config.intermediate_size
-    init = nn.initializers.normal(0.02)
-    w_gate = self.param("w_gate", init, (D, F), self.dtype)
-    w_up = self.param("w_up", init, (D, F), self.dtype)
-    w_down = self.param("w_down", init, (F, D), self.dtype)
-    h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w_gate)) * jnp.einsum("BTD,DF->BTF", x, w_up)
-    return jnp.einsum("BTF,FD->BTD", h, w_down)
+    w_gate = _weight(self, "w_gate", (D, F), self.quantized)
+    w_up = _weight(self, "w_up", (D, F), self.quantized)
+    w_down = _weight(self, "w_down", (F, D), self.quantized)
+    h = jax.nn.silu(quant.einsum("BTD,DF->BTF", x, *w_gate)) * quant.einsum(
+        "BTD,DF->BTF", x, *w_up)
+    return quant.einsum("BTF,FD->BTD", h, *w_down)
 
 
 class Block(nn.Module):
@@ -100,14 +111,16 @@ class Block(nn.Module):
 
   config: LlamaConfig
   dtype: jnp.dtype
+  quantized: bool = False  # 8-bit projections with per-channel scales (quant.py)
 
   @nn.compact
   def __call__(self, x, positions, start, cache: KVCache | None):
     eps = self.config.rms_norm_eps
-    attn_out, new_kv = Attention(self.config, self.dtype, name="attn")(
+    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, name="attn")(
         RMSNorm(eps, name="attn_norm")(x), positions, start, cache)
     x = x + attn_out
-    x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
+    x = x + MLP(self.config, self.dtype, self.quantized, name="mlp")(
+        RMSNorm(eps, name="mlp_norm")(x))
     return x, new_kv
 
 
@@ -126,7 +139,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   compute on padding. `unroll` is `lax.scan`'s (DESIGN.md: a rolled loop over stacked
   weights can cost decode bandwidth on GPU).
   """
-  block = Block(c, x.dtype)
+  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"])
   b, T = x.shape[:2]
   S = cache[0].shape[4]
   if slots is None:
@@ -165,18 +178,20 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
 
 
 def embed(params, tokens, dtype) -> jnp.ndarray:
-  """tokens [B, T] -> activations [B, T, D]."""
-  return params["embed"][tokens].astype(dtype)
+  """tokens [B, T] -> activations [B, T, D] (an 8-bit embedding is rescaled per row)."""
+  x = params["embed"][tokens].astype(dtype)
+  if "embed" + quant.SCALE in params:
+    x = x * params["embed" + quant.SCALE][tokens][..., None].astype(dtype)
+  return x
 
 
 def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
   """Final norm and LM head (the embedding when tied): [B, T, D] -> f32 [B, T, V]."""
   x = RMSNorm(c.rms_norm_eps).apply({"params": params["final_norm"]}, x)
-  if c.tie_word_embeddings:
-    return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("BTD,DV->BTV", x, params["lm_head"].astype(x.dtype),
-                    preferred_element_type=jnp.float32)
+  name, spec = ("embed", "BTD,VD->BTV") if c.tie_word_embeddings else ("lm_head", "BTD,DV->BTV")
+  out = jnp.einsum(spec, x, params[name].astype(x.dtype), preferred_element_type=jnp.float32)
+  scale = params.get(name + quant.SCALE)
+  return out if scale is None else out * scale.astype(jnp.float32)
 
 
 def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:

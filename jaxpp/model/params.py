@@ -17,6 +17,9 @@ its own slice; `blocks` indexed at one layer is exactly the params of `model.lla
 Each leaf is stored input-dim first so the einsums read `'BTD,DNH->BTNH'` and tensor
 parallelism shards the head / ffn axis. Hugging Face stores `[out, in]`; `HF_SOURCES` says
 which HF tensor each leaf comes from and how to turn one layer of it into ours.
+
+With 8-bit weights (`quant.py`) the projection leaves (and optionally embed / lm_head) hold
+int8 or fp8 and each gains a `<name>_scale` sibling, e.g. `blocks/attn/wq_scale [L, N, H]`.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpp.model.config import LlamaConfig
+from jaxpp.model.quant import Quant, scale_path, scale_shape
 
 Path = tuple[str, ...]
 
@@ -141,17 +146,33 @@ def flatten(tree: dict, prefix: Path = ()) -> dict[Path, object]:
   return flat
 
 
-def abstract_params(c: LlamaConfig, dtype, layer_axes: tuple[int, ...] | None = None) -> dict:
+def abstract_params(c: LlamaConfig, dtype, layer_axes: tuple[int, ...] | None = None,
+                    quant: Quant = Quant()) -> dict:
   """The params pytree as `jax.ShapeDtypeStruct`s (norm scales kept in float32).
 
   `layer_axes` replaces the leading [L] of block leaves, e.g. (pp, v, layers_per_chunk).
+  Under `quant` the leaves it covers are 8-bit and gain a `<name>_scale` sibling in `dtype`.
   """
   shapes = leaf_shapes(c)
+  lead = 1
   if layer_axes is not None:
     shapes = {p: (tuple(layer_axes) + s[1:] if p[0] == "blocks" else s)
               for p, s in shapes.items()}
-  return nest({p: jax.ShapeDtypeStruct(s, np.float32 if p[-1] == "scale" else dtype)
-               for p, s in shapes.items()})
+    lead = len(layer_axes)
+  flat = {}
+  for p, s in shapes.items():
+    if quant.applies(p):
+      flat[p] = jax.ShapeDtypeStruct(s, quant.storage)
+      flat[scale_path(p)] = jax.ShapeDtypeStruct(
+          scale_shape(p, s, lead if p[0] == "blocks" else 0), dtype)
+    else:
+      flat[p] = jax.ShapeDtypeStruct(s, np.float32 if p[-1] == "scale" else dtype)
+  return nest(flat)
+
+
+def activation_dtype(params) -> jnp.dtype:
+  """The dtype activations run in: the embedding's, or its scale's when it is 8-bit."""
+  return params.get("embed_scale", params["embed"]).dtype
 
 
 def param_bytes(params) -> int:
