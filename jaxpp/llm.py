@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +47,20 @@ class LLM:
   """A model placed on a (pp x tp) mesh from a Hugging Face checkpoint, ready to generate.
 
   Every layout, pp = tp = 1 included, runs through the pipeline executor; the single-device
-  reference in `generate.py` exists to check it.
+  reference in `generate.py` exists to check it. `before_load(pipeline)` runs once the
+  layout is checked and before any weight is read (the job's health probe).
   """
 
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, pp: int = 1, tp: int = 1,
                virtual_stages: int = 1, microbatches: int | None = None,
                layer_split: str = "even", dtype: str = "bfloat16",
-               max_len: int | None = None, decode_chunk: int = 16, devices=None):
+               max_len: int | None = None, decode_chunk: int = 16, devices=None,
+               before_load: Callable[[pipeline.Pipeline], None] | None = None):
     config = checkpoint.load_config(checkpoint_dir)
     pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
                          microbatches=microbatches, layer_split=layer_split, devices=devices)
+    if before_load is not None:
+      before_load(pipe)
     params = checkpoint.load_hf_params(checkpoint_dir, config, resolve_dtype(dtype),
                                        shardings=pipe.param_shardings(),
                                        layer_index=pipe.partition.layer_index())
