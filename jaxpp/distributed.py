@@ -25,6 +25,7 @@ import dataclasses
 import json
 import socket
 import sys
+import traceback
 from typing import Any, Callable, Iterator, NoReturn
 
 import jax
@@ -219,7 +220,8 @@ class Runtime:
 
     A JaxppError is a one-line `error:` and exit 1; with several processes it also stops
     the others. A failed collective (a peer died under gloo) waits briefly for the peer
-    monitor's verdict, which names the lost process, before reporting the bare error.
+    monitor's verdict, which names the lost process, before reporting the bare error. Any
+    other exception of a multi-process run keeps its traceback and stops the others too.
     """
     try:
       yield
@@ -233,8 +235,13 @@ class Runtime:
       if self.monitor is None:
         raise
       self.monitor.await_verdict()
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      self.fail(f"error: a device step failed on {self.describe()}: {first}", 1)
+      self.fail(f"error: a device step failed on {self.describe()}: {_first_line(e)}", 1)
+    except Exception as e:  # a bug: the others must not wait for this process forever
+      if self.monitor is None:
+        raise
+      traceback.print_exc()
+      self.fail(f"error: {self.describe()} stopped on {type(e).__name__}: {_first_line(e)}",
+                1)
 
   def broadcast_json(self, value: Any) -> Any:
     """Process 0's JSON-able `value`, on every process (the others pass None).
@@ -258,6 +265,10 @@ class Runtime:
       self.hook.closing = True
     self.monitor.stop()
     jax.distributed.shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 _current: Runtime | None = None

@@ -12,6 +12,7 @@ process logs its host, its devices and the stages they hold.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 import time
 
@@ -41,6 +42,7 @@ def device_name(d) -> str:
   return f"{d.platform}:{d.id}"
 
 
+@functools.cache  # one compile per mesh, however many jobs a process runs
 def _program(mesh: Mesh):
   pp, tp = mesh.shape[PP], mesh.shape[TP]
 
