@@ -143,7 +143,7 @@ def start(opts: Options | None) -> Runtime:
                      f"{' '.join(str(e).split())[:300]}") from None
   state = jax._src.distributed.global_state  # pylint: disable=protected-access
   _current = Runtime(state.process_id, state.num_processes, state.client,
-                     state.coordinator_address, opts.peer_timeout)
+                     opts.coordinator or state.coordinator_address, opts.peer_timeout)
   return _current
 
 
@@ -226,11 +226,11 @@ class Runtime:
     try:
       yield
     except JaxppError as e:
-      line = "error: " + " ".join(str(e).split())
+      message = " ".join(str(e).split())
       if self.num_processes == 1:
-        print(line, file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-      self.fail(f"error: process {self.process_id} ({self.where()}): {line[7:]}", 1)
+      self.fail(f"error: process {self.process_id} ({self.where()}): {message}", 1)
     except jax.errors.JaxRuntimeError as e:
       if self.monitor is None:
         raise

@@ -68,14 +68,27 @@ def test_bad_flag_combinations(given, match):
     distributed.options_from_flags(flag_values(**given))
 
 
+def run_cli(*flags: str) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+  return subprocess.run([sys.executable, "-m", "jaxpp.run", *flags], cwd=REPO,
+                        env=env | dict(JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=120)
+
+
 def test_cli_flag_mistake_is_one_line_and_exit_1():
-  proc = subprocess.run([sys.executable, "-m", "jaxpp.run", "--num_processes=2"], cwd=REPO,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                        text=True, timeout=120)
+  proc = run_cli("--num_processes=2")
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
       "error: --coordinator, --process_id missing: a multi-process run needs --coordinator, "
       "--num_processes and --process_id (or --distributed under SLURM / Open MPI)"]
+
+
+def test_cli_distributed_outside_a_cluster_is_one_line_and_exit_1():
+  proc = run_cli("--distributed")
+  assert proc.returncode == 1
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("error: cannot start the multi-process run: ")
+  assert "no SLURM or Open MPI environment found?" in line
 
 
 # --- the single-process runtime --------------------------------------------------------------
