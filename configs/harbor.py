@@ -70,4 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
   c.job.measure_bubble = True  # time two decode lengths at start to measure the bubble
   c.job.progress = True  # progress bar on stderr
+
+  c.watchdog = ml_collections.ConfigDict()  # deadline of every device step (docs/multihost.md)
+  c.watchdog.multiple = 10.0  # a step may take this many times its expected (median) time
+  c.watchdog.min_seconds = 30.0  # ... and never less than this (no cut-off on jitter)
+  c.watchdog.max_seconds = 900.0  # absolute bound, also for a program's first (compiling) call
   return c

@@ -10,6 +10,10 @@ Reported per layout, in the form inference servers print: requests/s, total and 
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
 roofline during decode, % of the matmul roofline during prefill, the schedule's bubble and
 the measured one, and the pipeline tick time p50/p99. Written as JSON and a Markdown table.
+
+Several processes take the distributed flags of `jaxpp.run` (docs/multihost.md); process 0
+prints and writes the results. Each layout starts with the health probe, and every device
+step runs under a watchdog with its default bounds.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -24,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from jaxpp import distributed, health, presets, report, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
-from jaxpp import presets, report, schedule
-from jaxpp.errors import JaxppError
+from jaxpp import watchdog as watchdog_lib
 from jaxpp.llm import LLM, devices_summary, make_pipeline, parse_layout, resolve_dtype
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
@@ -90,15 +95,23 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   """Warm up, then time the engine on every prompt; returns the layout's numbers."""
   layout = parse_layout(text)
   max_len = args["input_len"] + args["output_len"]
+  rt = distributed.current()
+  dog = watchdog_lib.Watchdog(describe=rt.describe_stall, on_stall=rt.fail)
+  rt.step = lambda: dog.started
   start = time.perf_counter()
   llm = random_llm(config, resolve_dtype(args["dtype"]), max_len=max_len,
                    decode_chunk=args["decode_chunk"],
-                   quant=quant_lib.Quant(args.get("quant", "none"), args.get("quant_embed", False)),
+                   quant=quant_lib.Quant(args.get("quant", "none"),
+                                         args.get("quant_embed", False)),
                    scan_unroll=args.get("scan_unroll", 1), **layout)
+  rt.set_layout(llm.pipeline.mesh)
+  probe_start = time.perf_counter()
+  health.startup(llm.pipeline.mesh, dog, lambda line: print(line, file=sys.stderr))
+  start += time.perf_counter() - probe_start  # compile_seconds leaves the probe out
   slots = args["max_num_seqs"] or len(prompts)
 
   def run(batch):
-    eng = engine_lib.Engine(llm, max_num_seqs=slots)
+    eng = engine_lib.Engine(llm, max_num_seqs=slots, watchdog=dog)
     for i, p in enumerate(batch):
       eng.submit(engine_lib.Request(str(i), p, args["output_len"]))
     eng.run(lambda f: None)
@@ -117,8 +130,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   n = len(prompts)
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
-  head = sum(llm.params[n].nbytes for n in (head_name, head_name + quant_lib.SCALE)
-             if n in llm.params)
+  head = sum(llm.params[name].nbytes for name in (head_name, head_name + quant_lib.SCALE)
+             if name in llm.params)
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * \
       jnp.dtype(llm.dtype).itemsize
   rounds = st.decode_calls * args["decode_chunk"]
@@ -168,14 +181,15 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main(argv):
   del argv
-  try:
-    bench()
-  except JaxppError as e:
-    raise SystemExit(f"error: {e}") from None
+  with distributed.current().guard():  # flag mistakes: still the single-process runtime
+    runtime = distributed.start(distributed.options_from_flags())
+  with runtime.guard():
+    bench(runtime.is_writer)
+  runtime.close()
 
 
-def bench():
-  """Runs every layout of the flags; writes results.json and results.md."""
+def bench(writer: bool = True):
+  """Runs every layout of the flags; the writer prints and writes results.json and .md."""
   config = presets.model_config(FLAGS.model)
   config = dataclasses.replace(config, max_position_embeddings=max(
       config.max_position_embeddings, FLAGS.input_len + FLAGS.output_len))
@@ -190,12 +204,16 @@ def bench():
   header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {FLAGS.num_requests} requests x "
             f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
             f"jax {jax.__version__}; rooflines from the {hw.name} preset")
-  print(header, flush=True)
   rows = []
+  if writer:
+    print(header, flush=True)
   for text in FLAGS.layouts.split(","):
     for mode in FLAGS.quant:
       rows.append(run_layout(config, hw, text, prompts, dict(args, quant=mode)))
-      print(json.dumps(rows[-1]), flush=True)
+      if writer:
+        print(json.dumps(rows[-1]), flush=True)
+  if not writer:
+    return
   out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))

@@ -89,8 +89,10 @@ def _tensor_files(d: pathlib.Path) -> dict[str, pathlib.Path] | pathlib.Path:
 
 
 def _host_device() -> jax.Device:
+  """This process's own CPU device: in a multi-process run `jax.devices()` lists every
+  process's devices, and only local ones can hold the tensors read here."""
   try:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]
   except RuntimeError:
     raise JaxppError("loading safetensors needs JAX's cpu backend; add 'cpu' to "
                      "JAX_PLATFORMS (e.g. JAX_PLATFORMS=cuda,cpu)") from None

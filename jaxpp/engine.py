@@ -21,6 +21,7 @@ through the pipeline straight into those slots, and the ring goes on with the ne
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING, Callable
@@ -34,6 +35,7 @@ from jaxpp.pipeline import bucket
 
 if TYPE_CHECKING:
   from jaxpp.llm import LLM
+  from jaxpp.watchdog import Watchdog
 
 CLASSES = ("interactive", "batch")  # admission order
 
@@ -69,11 +71,14 @@ class EngineStats:
 
 
 class Engine:
-  """Schedules requests onto an `LLM`'s pipeline: submit(), then run()."""
+  """Schedules requests onto an `LLM`'s pipeline: submit(), then run().
+
+  With a `watchdog`, every device step (prefill, decode chunk) runs under its deadline.
+  """
 
   def __init__(self, llm: LLM, *, max_num_seqs: int | None = None,
-               reserve: dict[str, int] | None = None):
-    self.llm, self.pipe = llm, llm.pipeline
+               reserve: dict[str, int] | None = None, watchdog: Watchdog | None = None):
+    self.llm, self.pipe, self.watchdog = llm, llm.pipeline, watchdog
     M = self.M = self.pipe.microbatches
     self.max_num_seqs = max_num_seqs or 4 * M
     if self.max_num_seqs < 1:
@@ -154,6 +159,14 @@ class Engine:
 
   # --- device work ------------------------------------------------------------------------
 
+  def _device_step(self, name: str, key) -> contextlib.AbstractContextManager:
+    """The watchdog's deadline around one device call and its fetch.
+
+    `key` holds the call's shapes and static arguments, i.e. it names the compiled program,
+    so each program's expected time is learned from its own calls.
+    """
+    return self.watchdog.step(name, key) if self.watchdog else contextlib.nullcontext()
+
   def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
     """Prefills newly admitted requests into their slots; sets their decode state."""
     # Few shapes, few compiles: every prefill has the slots' row count, lengths bucketed.
@@ -175,10 +188,12 @@ class Engine:
         getattr(self.sampling, f)[j, r] = knobs[f][q, row]
     params_s = sampling.SamplingParams(*(jnp.asarray(knobs[f]) for f in knobs))
     start = time.perf_counter()
-    first, self.cache = self.pipe.prefill(
-        self.llm.params, self.cache, jnp.asarray(tokens), jnp.asarray(lengths),
-        jnp.asarray(slots), params_s, do_sample=params_s.needs_sampling())
-    first = np.asarray(first)
+    do_sample = params_s.needs_sampling()
+    with self._device_step("prefill", (tokens.shape, do_sample)):
+      first, self.cache = self.pipe.prefill(
+          self.llm.params, self.cache, jnp.asarray(tokens), jnp.asarray(lengths),
+          jnp.asarray(slots), params_s, do_sample=do_sample)
+      first = np.asarray(first)
     self.stats.prefill_seconds += time.perf_counter() - start
     rows = np.arange(len(admitted))
     new = generate.start_state(
@@ -199,10 +214,12 @@ class Engine:
     state = generate.DecodeState(*(jnp.asarray(a) for a in self.state))
     params_s = sampling.SamplingParams(*(jnp.asarray(a) for a in self.sampling))
     start = time.perf_counter()
-    self.cache, state, emitted = self.pipe.decode(
-        self.llm.params, self.cache, state, params_s, steps=k, do_sample=do_sample,
-        eos_ids=self.llm.config.eos_token_ids)
-    emitted = np.asarray(emitted)
+    eos = self.llm.config.eos_token_ids
+    with self._device_step("decode", (live.shape, k, do_sample, eos)):
+      self.cache, state, emitted = self.pipe.decode(
+          self.llm.params, self.cache, state, params_s, steps=k, do_sample=do_sample,
+          eos_ids=eos)
+      emitted = np.asarray(emitted)
     seconds = time.perf_counter() - start
     self.state = generate.DecodeState(*(np.array(a) for a in state))
     ticks = k * self.M * self.pipe.v + self.pipe.pp - 1
@@ -256,9 +273,10 @@ class Engine:
     seconds = {}
     for steps in (k, 2 * k, k, 2 * k):  # first pass compiles, second is timed
       start = time.perf_counter()
-      self.cache, _, out = self.pipe.decode(self.llm.params, self.cache, state, params_s,
-                                            steps=steps, do_sample=False, eos_ids=())
-      np.asarray(out)
+      with self._device_step("decode", (shape, steps, False, ())):
+        self.cache, _, out = self.pipe.decode(self.llm.params, self.cache, state, params_s,
+                                              steps=steps, do_sample=False, eos_ids=())
+        np.asarray(out)
       seconds[steps] = time.perf_counter() - start
     steady = seconds[2 * k] - seconds[k]  # k rounds with the pipe full
     return float(min(max(1.0 - steady / seconds[k], 0.0), 1.0))

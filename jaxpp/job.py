@@ -11,19 +11,28 @@
    ticket finishes; every bad line becomes an errors-file line instead;
 4. report: documents, tokens/s, bubble (schedule and measured), tick latency, wall time,
    the projection for 40,000 tickets, and whether input lines = written + rejected.
+
+In a multi-process run (`distributed.py`) every process runs all of this on the same input
+and config and makes the same decisions; only process 0 reads and writes the output, the
+errors file and the report, and it hands its resume state to the others. Before the
+weights load, every stage passes a health probe, and every device step runs under the
+watchdog (`watchdog.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import sys
 import time
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 
+from jaxpp import distributed, health, jobio, report, sampling, schedule
 from jaxpp import engine as engine_lib
-from jaxpp import jobio, report, sampling, schedule
+from jaxpp import watchdog as watchdog_lib
 from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary
 
@@ -92,14 +101,53 @@ class Prompter:
     return ids[:self.budget - len(self.tail)] + self.tail, None
 
 
-def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
-  """Runs (or resumes) the job; returns the report (also written next to the output)."""
+def log(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+class _Discard:
+  """Stands in for the output and errors writers on every process but process 0."""
+
+  def write(self, row: dict) -> None:
+    del row
+
+  def write_rejected(self, rejected: jobio.Rejected) -> None:
+    del rejected
+
+
+def shared_resume(rt: distributed.Runtime, state: jobio.ResumeState | None
+                  ) -> jobio.ResumeState:
+  """Process 0's resume state (finished ids, rejected lines) on every process."""
+  mine = None if state is None else dict(done=sorted(state.done_keys),
+                                         rejected=sorted(state.rejected_lines))
+  shared = rt.broadcast_json(mine)
+  return state if state is not None else jobio.ResumeState(
+      done_keys=set(shared["done"]), rejected_lines=set(shared["rejected"]))
+
+
+def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] | None:
+  """Runs (or resumes) the job; returns the report (also written next to the output).
+
+  Processes other than 0 of a multi-process run write nothing and return None.
+  """
   started = time.perf_counter()
   check_config(config)
   job = config.job
+  rt = distributed.current()
+  dog = watchdog_lib.Watchdog(**config.watchdog, describe=rt.describe_stall,
+                              on_stall=rt.fail)
+  rt.step = lambda: dog.started
   jobio.check_input(job.input)
-  output, errors = jobio.check_output_dir(job.output), jobio.check_output_dir(errors_path(config))
-  resume = jobio.resume_state(output, errors)
+  output, errors = pathlib.Path(job.output), errors_path(config)
+  resume = None
+  if rt.is_writer:
+    output, errors = jobio.check_output_dir(output), jobio.check_output_dir(errors)
+    resume = jobio.resume_state(output, errors)
+  resume = shared_resume(rt, resume)
+
+  def before_load(pipe) -> None:
+    rt.set_layout(pipe.mesh)
+    health.startup(pipe.mesh, dog, log)
 
   sched, eng_cfg, s = config.schedule, config.engine, config.sampling
   llm = LLM(config.model.checkpoint, pp=config.mesh.pp, tp=config.mesh.tp,
@@ -108,15 +156,17 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
             decode_chunk=sched.decode_chunk,
             devices=jax.devices() if devices is None else devices,
             quant=config.model.quant, quant_embed=config.model.quant_embed,
-            params_cache_dir=config.model.params_cache or None)
+            params_cache_dir=config.model.params_cache or None, before_load=before_load)
   prompter = Prompter(llm, config)
   eng = engine_lib.Engine(llm, max_num_seqs=eng_cfg.max_num_seqs,
-                          reserve=dict(eng_cfg.priority_reserve))
+                          reserve=dict(eng_cfg.priority_reserve), watchdog=dog)
   bubble_measured = eng.measure_bubble() if job.measure_bubble else None
 
   counts = dict(input_lines=0, rejected_run=0, skipped_done=0, written_run=0)
   tickets: dict[str, jobio.Ticket] = {}
-  with jobio.ResultWriter(output) as out, jobio.ErrorWriter(errors) as err:
+  writers = ((jobio.ResultWriter(output), jobio.ErrorWriter(errors)) if rt.is_writer else
+             (contextlib.nullcontext(_Discard()), contextlib.nullcontext(_Discard())))
+  with writers[0] as out, writers[1] as err:
 
     def reject(line: int, id_, reason: str) -> None:
       if line not in resume.rejected_lines:
@@ -137,7 +187,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
 
     total = sum(1 for _ in pending(record=False))  # cheap first pass: the progress total
     feed = pending(record=True)
-    with report.Progress(total, disable=not job.progress) as progress:
+    with report.Progress(total, disable=not job.progress or not rt.is_writer) as progress:
       while True:
         while eng.waiting() < 2 * eng.max_num_seqs:
           ticket = next(feed, None)
@@ -156,6 +206,8 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any]:
           counts["written_run"] += 1
           progress.update(documents=1, tokens=len(f.token_ids))
 
+  if not rt.is_writer:
+    return None
   final = jobio.resume_state(output, errors)
   st = eng.stats
   rep = report.build_report(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,8 @@ class LLM:
   """A model placed on a (pp x tp) mesh from a Hugging Face checkpoint, ready to generate.
 
   Every layout, pp = tp = 1 included, runs through the pipeline executor; the single-device
-  reference in `generate.py` exists to check it.
+  reference in `generate.py` exists to check it. `before_load(pipeline)` runs once the
+  layout is checked and before any weight is read (the job's health probe).
   """
 
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, pp: int = 1, tp: int = 1,
@@ -56,15 +57,19 @@ class LLM:
                layer_split: str = "even", dtype: str = "bfloat16",
                max_len: int | None = None, decode_chunk: int = 16, devices=None,
                quant: str = "none", quant_embed: bool = False,
-               params_cache_dir: str | pathlib.Path | None = None):
+               params_cache_dir: str | pathlib.Path | None = None,
+               before_load: Callable[[pipeline.Pipeline], None] | None = None):
     """`quant` "int8" / "fp8" stores the block projections in 8 bits (also the embedding and
     LM head with `quant_embed`); `params_cache_dir` keeps the placed (quantised) params with
-    orbax so the next run restores them instead of re-reading the HF checkpoint."""
+    orbax so the next run restores them instead of re-reading the HF checkpoint;
+    `before_load(pipeline)` runs once the layout is checked, before any weight is read."""
     q = quant_lib.Quant(quant, quant_embed)
     config = checkpoint.load_config(checkpoint_dir)
     pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
                          microbatches=microbatches, layer_split=layer_split, devices=devices)
     quant_lib.check_backend(q, pipe.mesh.devices.flat[0])
+    if before_load is not None:
+      before_load(pipe)
     args = (config, resolve_dtype(dtype), pipe.param_shardings(q), pipe.partition.layer_index())
     if params_cache_dir:
       params = params_cache.load(params_cache_dir, checkpoint_dir, *args, quant=q)

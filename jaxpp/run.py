@@ -1,10 +1,17 @@
 """Command line: `python -m jaxpp.run --config configs/harbor.py [--config.a.b=value ...]`.
 
-A thin entry point: it parses the config, sets up devices and calls `job.run_job`, which
-holds all the logic. Configs are Python files whose `get_config()` returns a ConfigDict;
-fields are overridden with `--config.sampling.max_new_tokens=8`, and a misspelled key is a
-flag error. Bad input of any kind (missing checkpoint, malformed JSONL, impossible layout)
-prints one `error: ...` line and exits 1, without a traceback.
+A thin entry point: it parses the config, starts the (multi-process) runtime, sets up
+devices and calls `job.run_job`, which holds all the logic. Configs are Python files whose
+`get_config()` returns a ConfigDict; fields are overridden with
+`--config.sampling.max_new_tokens=8`, and a misspelled key is a flag error. Bad input of any
+kind (missing checkpoint, malformed JSONL, impossible layout, bad flag combination) prints
+one `error: ...` line and exits 1, without a traceback.
+
+Several processes (docs/multihost.md): the same command on every host, plus
+`--coordinator=host:port --num_processes=N --process_id=i`, or `--distributed` under SLURM
+or Open MPI. Exit codes: 0 done, 1 error, 3 another process was lost
+(`failfast.EXIT_PEER_LOST`), 4 a device step passed its deadline
+(`watchdog.EXIT_STALLED`).
 """
 
 from __future__ import annotations
@@ -15,10 +22,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxpp import job, report
+from jaxpp import distributed, job, report
 from jaxpp.errors import JaxppError
 
-CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator
+CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator (all processes)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "harbor.py"
 
@@ -44,17 +51,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def use_virtual_cpu_devices() -> None:
-  """Gives the CPU backend `CPU_DEVICES` devices unless an accelerator platform is requested.
+def use_virtual_cpu_devices(processes: int = 1) -> None:
+  """Gives the CPU backend `CPU_DEVICES` devices in all unless an accelerator is requested.
 
-  XLA reads the device count once, when the first backend starts; a later update is silently
-  ignored, so this must run before anything calls `jax.devices()`.
+  Split evenly over the processes, so the default layout (pp=4 x tp=2) runs unchanged on one
+  process or several. XLA reads the device count once, when the first backend starts; a later
+  update is silently ignored, so this must run before anything calls `jax.devices()`.
   """
   import jax  # imported here only to make the ordering explicit; no backend exists yet
 
-  requested = {p.strip() for p in (jax.config.jax_platforms or "").split(",") if p.strip()}
-  if requested <= {"cpu"}:
-    jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+  if distributed.cpu_only():
+    if CPU_DEVICES % processes:
+      raise JaxppError(f"the {CPU_DEVICES} virtual CPU devices do not split evenly over "
+                       f"{processes} processes")
+    jax.config.update("jax_num_cpu_devices", CPU_DEVICES // processes)
 
 
 def loaded_config():
@@ -76,14 +86,17 @@ def loaded_config():
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  use_virtual_cpu_devices()
-  try:
+  with distributed.current().guard():  # flag mistakes: still the single-process runtime
+    runtime = distributed.start(distributed.options_from_flags())
+  with runtime.guard():
+    use_virtual_cpu_devices(runtime.num_processes)
     rep = job.run_job(loaded_config())
-  except JaxppError as e:
-    print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-    sys.exit(1)
-  print(report.format_report(rep))
-  print(f"output {rep['output']}  errors {rep['errors']}  report {rep['report_file']}")
+  if rep is None:
+    print(f"{runtime.describe()}: done; process 0 writes the output, errors and report")
+  else:
+    print(report.format_report(rep))
+    print(f"output {rep['output']}  errors {rep['errors']}  report {rep['report_file']}")
+  runtime.close()
 
 
 if __name__ == "__main__":
