@@ -11,6 +11,10 @@ tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of
 roofline during decode, % of the matmul roofline during prefill, the schedule's bubble and
 the measured one, and the pipeline tick time p50/p99. Written as JSON and a Markdown table.
 
+`gspmd_tpN` in `--layouts` adds the baseline a JAX user would write instead: the plain model
+tensor-parallel over N devices by GSPMD, in static waves (`baseline_tp.py`); its "tick" is
+one decode step.
+
 Several processes take the distributed flags of `jaxpp.run` (docs/multihost.md); process 0
 prints and writes the results. Each layout starts with the health probe, and every device
 step runs under a watchdog with its default bounds.
@@ -23,13 +27,14 @@ import json
 import pathlib
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp import distributed, health, presets, report, schedule
+from jaxpp import baseline_tp, distributed, health, presets, report, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
 from jaxpp import watchdog as watchdog_lib
@@ -92,8 +97,13 @@ def random_llm(config, dtype, *, max_len: int, decode_chunk: int, seed: int = 0,
 
 
 def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
-  """Warm up, then time the engine on every prompt; returns the layout's numbers."""
-  layout = parse_layout(text)
+  """Warm up, then time every prompt on one layout; returns the layout's numbers.
+
+  `text` is a pipeline layout (`pp2tp2`, run by the engine) or `gspmd_tpN`, the plain
+  GSPMD tensor-parallel baseline (`baseline_tp.py`, static waves of max_num_seqs).
+  """
+  tp_baseline = baseline_tp.parse(text)
+  layout = dict(pp=1, tp=tp_baseline) if tp_baseline else parse_layout(text)
   max_len = args["input_len"] + args["output_len"]
   rt = distributed.current()
   dog = watchdog_lib.Watchdog(describe=rt.describe_stall, on_stall=rt.fail)
@@ -109,25 +119,54 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   health.startup(llm.pipeline.mesh, dog, lambda line: print(line, file=sys.stderr))
   start += time.perf_counter() - probe_start  # compile_seconds leaves the probe out
   slots = args["max_num_seqs"] or len(prompts)
+  pipe = llm.pipeline
+  if tp_baseline:
+    params = baseline_tp.plain_params(pipe, llm.params)
+    run = lambda batch: baseline_tp.run(pipe, params, batch, output_len=args["output_len"],
+                                        max_num_seqs=slots, decode_chunk=args["decode_chunk"],
+                                        max_len=max_len)
+    for size in {min(slots, len(prompts)), len(prompts) % slots} - {0}:
+      run(prompts[:size])  # compiles the programs of every wave size the timed run meets
+    compile_s, bubble_measured, microbatches = time.perf_counter() - start, 0.0, 1
+    wall = time.perf_counter()
+    result = run(prompts)
+    wall = time.perf_counter() - wall
+    st = types.SimpleNamespace(**result, tick_seconds=[
+        s / args["decode_chunk"] for s in result["call_seconds"]])
+  else:
 
-  def run(batch):
-    eng = engine_lib.Engine(llm, max_num_seqs=slots, watchdog=dog)
-    for i, p in enumerate(batch):
-      eng.submit(engine_lib.Request(str(i), p, args["output_len"]))
-    eng.run(lambda f: None)
-    return eng
+    def run(batch):
+      eng = engine_lib.Engine(llm, max_num_seqs=slots, watchdog=dog)
+      for i, p in enumerate(batch):
+        eng.submit(engine_lib.Request(str(i), p, args["output_len"]))
+      eng.run(lambda f: None)
+      return eng
 
-  # One request per micro-batch compiles the same programs (shapes depend on the slots and
-  # the prompt bucket, not on how many requests run) at a fraction of a full run's cost.
-  warm = run(prompts[:llm.pipeline.microbatches])
-  compile_s = time.perf_counter() - start
-  bubble_measured = warm.measure_bubble()
-  del warm  # frees its KV cache before the timed engine allocates one
-  wall = time.perf_counter()
-  st = run(prompts).stats
-  wall = time.perf_counter() - wall
-  pipe, devices = llm.pipeline, layout["pp"] * layout["tp"]
-  n = len(prompts)
+    # One request per micro-batch compiles the same programs (shapes depend on the slots and
+    # the prompt bucket, not on how many requests run) at a fraction of a full run's cost.
+    warm = run(prompts[:pipe.microbatches])
+    compile_s = time.perf_counter() - start
+    bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
+    del warm  # frees its KV cache before the timed engine allocates one
+    wall = time.perf_counter()
+    st = run(prompts).stats
+    wall = time.perf_counter() - wall
+  row = _numbers(config, hw, llm, st, wall, len(prompts), microbatches, args)
+  return dict(
+      layout=text, devices=layout["pp"] * layout["tp"], pp=pipe.pp, tp=layout["tp"],
+      virtual_stages=pipe.v, quant=args.get("quant", "none"),
+      weight_gb_per_device=max(pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
+      microbatches=microbatches, max_num_seqs=slots, requests=len(prompts),
+      scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
+      bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
+                                              args["decode_chunk"]),
+      bubble_measured=bubble_measured, tick_seconds=report.percentiles(st.tick_seconds))
+
+
+def _numbers(config, hw, llm, st, wall: float, requests: int, microbatches: int,
+             args) -> dict:
+  """Rates and roofline shares from a run's token counts and prefill / decode seconds."""
+  devices, n = llm.pipeline.pp * llm.pipeline.mesh.shape["tp"], st.prompt_tokens
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
   head = sum(llm.params[name].nbytes for name in (head_name, head_name + quant_lib.SCALE)
@@ -137,30 +176,20 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   rounds = st.decode_calls * args["decode_chunk"]
   mean_ctx = args["input_len"] + args["output_len"] / 2
   # every micro-batch re-reads its stage's weights each round; KV read once per token
-  decode_bytes = rounds * pipe.microbatches * (weight_bytes + head) + \
+  decode_bytes = rounds * microbatches * (weight_bytes + head) + \
       st.completion_tokens * mean_ctx * kv_per_token
-  prefill_flops = 2 * config.param_count() * st.prompt_tokens
+  prefill_flops = 2 * config.param_count() * n
+  tokens = n + st.completion_tokens
   return dict(
-      layout=text, devices=devices, pp=pipe.pp, tp=layout["tp"], virtual_stages=pipe.v,
-      quant=args.get("quant", "none"), weight_gb_per_device=max(
-          pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
-      microbatches=pipe.microbatches, max_num_seqs=slots, requests=n,
-      scan_unroll=pipe.scan_unroll,
-      compile_seconds=compile_s, wall_seconds=wall,
-      requests_per_second=n / wall,
-      total_tokens_per_second=(st.prompt_tokens + st.completion_tokens) / wall,
+      requests_per_second=requests / wall,
+      total_tokens_per_second=tokens / wall,
       output_tokens_per_second=st.completion_tokens / wall,
-      tokens_per_second_per_gpu=(st.prompt_tokens + st.completion_tokens) / wall / devices,
-      prefill_tokens_per_second=st.prompt_tokens / st.prefill_seconds,
+      tokens_per_second_per_gpu=tokens / wall / devices,
+      prefill_tokens_per_second=n / st.prefill_seconds,
       decode_tokens_per_second=st.completion_tokens / st.decode_seconds,
       decode_hbm_gbps_per_gpu=decode_bytes / st.decode_seconds / devices / 1e9,
       decode_hbm_roofline=decode_bytes / st.decode_seconds / devices / hw.hbm_bandwidth,
-      prefill_matmul_roofline=prefill_flops / st.prefill_seconds / devices / hw.matmul_flops,
-      bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, pipe.microbatches,
-                                              args["decode_chunk"]),
-      bubble_measured=bubble_measured,
-      tick_seconds=report.percentiles(st.tick_seconds),
-  )
+      prefill_matmul_roofline=prefill_flops / st.prefill_seconds / devices / hw.matmul_flops)
 
 
 def markdown(rows: list[dict], header: str) -> str:

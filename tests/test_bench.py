@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxpp import bench, presets
 from jaxpp.model import params as params_lib
@@ -68,3 +69,29 @@ def test_cli_bad_layout_is_one_line(tmp_path):
   assert proc.returncode != 0
   assert "error: layout 'pp2x' is not of the form" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gspmd_baseline_gives_the_single_device_tokens(tiny, tp):
+  from jaxpp import baseline_tp, generate, sampling
+  config, _ = tiny
+  prompts = np.random.default_rng(1).integers(3, 200, (5, 10)).tolist()
+  llm = bench.random_llm(config, np.float32, max_len=20, decode_chunk=4, pp=1, tp=tp)
+  params = baseline_tp.plain_params(llm.pipeline, llm.params)
+  assert params["blocks"]["mlp"]["w_up"].sharding.spec == P(None, None, "tp")
+  got = baseline_tp.run(llm.pipeline, params, prompts, output_len=7, max_num_seqs=3,
+                        decode_chunk=4, max_len=20)
+  ref = generate.reference_generate(config, jax.device_get(params), prompts, 7,
+                                    sampling.SamplingParams.make(5), max_len=20)
+  assert got["tokens"] == ref
+  assert got["completion_tokens"] == 35 and got["prompt_tokens"] == 50
+
+
+def test_gspmd_baseline_row_in_the_same_table(tiny):
+  config, hw = tiny
+  prompts = np.random.default_rng(0).integers(3, 200, (6, ARGS["input_len"])).tolist()
+  row = bench.run_layout(config, hw, "gspmd_tp2", prompts, ARGS)
+  assert (row["layout"], row["devices"], row["pp"], row["microbatches"]) == ("gspmd_tp2", 2, 1, 1)
+  assert row["total_tokens_per_second"] == pytest.approx(6 * 18 / row["wall_seconds"])
+  assert row["bubble_schedule"] == 0 and row["tick_seconds"]["count"] > 0
+  assert "| gspmd_tp2 |" in bench.markdown([row], "header")

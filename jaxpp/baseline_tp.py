@@ -1,0 +1,113 @@
+"""The plain GSPMD tensor-parallel baseline: what a JAX user would write instead of jaxpp.
+
+`generate.py`'s single-device prefill and decode programs, with the params sharded
+Megatron-style over 'tp' (heads, ffn and vocab split; every device holds every layer) and
+the KV cache split over kv heads, left to GSPMD: no shard_map, no pipeline, no engine.
+Requests run in static waves of `max_num_seqs`: a wave is prefilled together and decoded
+until its last row finishes before the next wave starts (no refill), which is how a simple
+JAX script batches. It compiles with the pipeline's GEMM option, so a comparison measures
+the parallel structure, not the GEMM library.
+
+`python -m jaxpp.bench --layouts=gspmd_tp4,pp2tp2` puts it in the same table.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpp import generate, sampling
+from jaxpp.errors import JaxppError
+from jaxpp.mesh import TP
+from jaxpp.model import params as params_lib
+from jaxpp.pipeline import COMPILER_OPTIONS, Pipeline
+
+NAME = re.compile(r"gspmd_tp(\d+)")
+
+
+def parse(text: str) -> int | None:
+  """tp of a baseline layout name like "gspmd_tp4", or None for a pipeline layout."""
+  m = NAME.fullmatch(text)
+  return int(m.group(1)) if m else None
+
+
+def plain_params(pipe: Pipeline, params: dict) -> dict:
+  """A pp=1, v=1 pipeline's params [1, 1, L, ...] as the plain [L, ...] tree, still tp-split."""
+  if pipe.pp != 1 or pipe.v != 1:
+    raise JaxppError("the GSPMD baseline holds every layer on every device (pp=1, v=1)")
+
+  def spec(path, leaf):
+    s = leaf.sharding.spec
+    return NamedSharding(pipe.mesh, P(*s[2:]) if path[0] == "blocks" else s)
+
+  flat = params_lib.flatten(params)
+  out = {p: spec(p, a) for p, a in flat.items()}
+  squeeze = lambda t: {p: (a.reshape(a.shape[2:]) if p[0] == "blocks" else a)
+                       for p, a in t.items()}
+  return params_lib.nest(jax.jit(squeeze, out_shardings=out)(flat))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "do_sample"), donate_argnames=("cache",),
+                   compiler_options=COMPILER_OPTIONS)
+def _prefill(config, params, cache, tokens, lengths, params_s, *, do_sample):
+  return generate.prefill(config, params, cache, tokens, lengths, params_s,
+                          do_sample=do_sample)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "do_sample", "eos_ids"),
+                   donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
+def _decode(config, params, cache, state, params_s, *, steps, do_sample, eos_ids):
+  return generate.decode_chunk(config, params, cache, state, params_s, steps=steps,
+                               do_sample=do_sample, eos_ids=eos_ids)
+
+
+def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: int,
+        max_num_seqs: int, decode_chunk: int, max_len: int, eos_ids=()) -> dict:
+  """Greedy generation in static waves; returns token ids per prompt and the timings.
+
+  Stop ids are `eos_ids` (none by default: the bench generates exactly `output_len`).
+  """
+  config, dtype = pipe.config, params_lib.activation_dtype(params)
+  cache_sharding = NamedSharding(pipe.mesh, P(None, None, None, None, None, TP, None))
+  out, stats = [], dict(prefill_seconds=0.0, decode_seconds=0.0, decode_calls=0,
+                        prompt_tokens=0, completion_tokens=0, call_seconds=[])
+  for first in range(0, len(prompts), max_num_seqs):
+    wave = prompts[first:first + max_num_seqs]
+    B = len(wave)
+    lengths = np.array([len(p) for p in wave], np.int32)
+    tokens = np.zeros((B, int(lengths.max())), np.int32)
+    for i, p in enumerate(wave):
+      tokens[i, :len(p)] = p
+    shape = (1, config.num_layers, 1, B, max_len, config.num_kv_heads, config.head_dim)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=cache_sharding)
+    cache = (zeros(), zeros())
+    knobs = sampling.SamplingParams.make(B)
+    start = time.perf_counter()
+    token, cache = _prefill(config, params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                            knobs, do_sample=False)
+    token.block_until_ready()
+    stats["prefill_seconds"] += time.perf_counter() - start
+    state = generate.start_state(token, jnp.asarray(lengths),
+                                 jnp.full((B,), output_len, jnp.int32), tuple(eos_ids), max_len)
+    rows = [np.asarray(token)[:, None]]
+    while not bool(np.all(np.asarray(state.done))):
+      start = time.perf_counter()
+      cache, state, emitted = _decode(config, params, cache, state, knobs, steps=decode_chunk,
+                                      do_sample=False, eos_ids=tuple(eos_ids))
+      rows.append(np.asarray(emitted))
+      seconds = time.perf_counter() - start
+      stats["decode_seconds"] += seconds
+      stats["decode_calls"] += 1
+      stats["call_seconds"].append(seconds)
+    ids = np.concatenate(rows, axis=1)
+    out += [[int(t) for t in row if t >= 0] for row in ids]
+    stats["prompt_tokens"] += int(lengths.sum())
+  stats["completion_tokens"] = sum(len(r) for r in out)
+  return dict(tokens=out, **stats)
+
