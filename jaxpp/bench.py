@@ -9,7 +9,9 @@ program first; compile time is reported separately and never timed as throughput
 Reported per layout, in the form inference servers print: requests/s, total and output
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
 roofline during decode, % of the matmul roofline during prefill, the schedule's bubble and
-the measured one, and the pipeline tick time p50/p99. Written as JSON and a Markdown table.
+the measured one, and the pipeline tick time p50/p99. Written as JSON, a Markdown table and
+PNG plots (`bench_plots.py`: throughput against micro-batches; each pipeline layout's
+decode schedule at its measured tick time).
 
 `gspmd_tpN` in `--layouts` adds the baseline a JAX user would write instead: the plain model
 tensor-parallel over N devices by GSPMD, in static waves (`baseline_tp.py`); its "tick" is
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp import baseline_tp, distributed, health, presets, report, schedule
+from jaxpp import baseline_tp, bench_plots, distributed, health, presets, report, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
 from jaxpp import watchdog as watchdog_lib
@@ -248,6 +250,11 @@ def bench(writer: bool = True):
   (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
   table = markdown(rows, header)
   (out / "results.md").write_text(table + "\n")
+  try:
+    plots = bench_plots.write(rows, out, FLAGS.decode_chunk)
+    print("plots: " + " ".join(str(p) for p in plots))
+  except ImportError:
+    print("plots skipped: matplotlib is not installed (pip install matplotlib)")
   print(table)
 
 

@@ -60,23 +60,30 @@ class Schedule:
       rows.append(f"dev{s} | " + " ".join(cells))
     return "\n".join(rows)
 
-  def render_png(self, path: str) -> None:
-    """A Gantt picture of the table (matplotlib; imported here so it is only needed here)."""
+  def render_png(self, path: str, tick_seconds: float | None = None, title: str = "") -> None:
+    """A Gantt picture of the table (matplotlib; imported here so it is only needed here).
+
+    With `tick_seconds` (a measured tick time) the x axis is in milliseconds: the executor
+    is lock-step, so every device's slot in a tick lasts the measured tick.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    w = 1.0 if tick_seconds is None else tick_seconds * 1e3
     fig, ax = plt.subplots(figsize=(max(6, self.ticks * 0.3), 0.5 * self.pp + 1))
     cmap = plt.get_cmap("tab20")
     for t in range(self.ticks):
       for s in range(self.pp):
         j, r, _ = self.table[t, s]
         if j != IDLE:
-          ax.barh(s, 1, left=t, color=cmap(j % 20), edgecolor="black", linewidth=0.3)
-          ax.text(t + 0.5, s, str(r * self.pp + s), ha="center", va="center", fontsize=6)
+          ax.barh(s, w, left=t * w, color=cmap(j % 20), edgecolor="black", linewidth=0.3)
+          ax.text((t + 0.5) * w, s, str(r * self.pp + s), ha="center", va="center",
+                  fontsize=6)
     ax.set_yticks(range(self.pp), [f"device {s}" for s in range(self.pp)])
     ax.invert_yaxis()
-    ax.set_xlabel("tick (colour = micro-batch, label = chunk)")
-    ax.set_title(f"pp={self.pp} v={self.virtual_stages} m={self.microbatches} "
+    unit = "tick" if tick_seconds is None else "ms"
+    ax.set_xlabel(f"{unit} (colour = micro-batch, label = chunk)")
+    ax.set_title(title or f"pp={self.pp} v={self.virtual_stages} m={self.microbatches} "
                  f"bubble={self.bubble_fraction():.1%}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -95,3 +95,16 @@ def test_gspmd_baseline_row_in_the_same_table(tiny):
   assert row["total_tokens_per_second"] == pytest.approx(6 * 18 / row["wall_seconds"])
   assert row["bubble_schedule"] == 0 and row["tick_seconds"]["count"] > 0
   assert "| gspmd_tp2 |" in bench.markdown([row], "header")
+
+
+def test_plots_are_written(tmp_path, tiny):
+  from jaxpp import bench_plots
+  config, hw = tiny
+  prompts = np.random.default_rng(0).integers(3, 200, (4, ARGS["input_len"])).tolist()
+  rows = [bench.run_layout(config, hw, layout, prompts, ARGS)
+          for layout in ("pp2tp1m2", "pp2tp1m4", "gspmd_tp2")]
+  paths = bench_plots.write(rows, tmp_path, ARGS["decode_chunk"])
+  assert sorted(p.name for p in paths) == ["gantt_pp2tp1m2_none.png", "gantt_pp2tp1m4_none.png",
+                                           "throughput.png"]
+  for p in paths:
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
