@@ -5,15 +5,15 @@ Megatron-style over 'tp' (heads, ffn and vocab split; every device holds every l
 the KV cache split over kv heads, left to GSPMD: no shard_map, no pipeline, no engine.
 Requests run in static waves of `max_num_seqs`: a wave is prefilled together and decoded
 until its last row finishes before the next wave starts (no refill), which is how a simple
-JAX script batches. It compiles with the pipeline's GEMM option, so a comparison measures
-the parallel structure, not the GEMM library.
+JAX script batches. generate.py's programs compile with the pipeline's GEMM option
+(`llama.COMPILER_OPTIONS`), so a comparison measures the parallel structure, not the GEMM
+library.
 
 `python -m jaxpp.bench --layouts=gspmd_tp4,pp2tp2` puts it in the same table.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 import time
 
@@ -25,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxpp import generate, sampling
 from jaxpp.errors import JaxppError
 from jaxpp.mesh import TP
+from jaxpp.model import llama
 from jaxpp.model import params as params_lib
-from jaxpp.pipeline import COMPILER_OPTIONS, Pipeline
+from jaxpp.pipeline import Pipeline
 
 NAME = re.compile(r"gspmd_tp(\d+)")
 
@@ -53,20 +54,6 @@ def plain_params(pipe: Pipeline, params: dict) -> dict:
   return params_lib.nest(jax.jit(squeeze, out_shardings=out)(flat))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "do_sample"), donate_argnames=("cache",),
-                   compiler_options=COMPILER_OPTIONS)
-def _prefill(config, params, cache, tokens, lengths, params_s, *, do_sample):
-  return generate.prefill(config, params, cache, tokens, lengths, params_s,
-                          do_sample=do_sample)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "steps", "do_sample", "eos_ids"),
-                   donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
-def _decode(config, params, cache, state, params_s, *, steps, do_sample, eos_ids):
-  return generate.decode_chunk(config, params, cache, state, params_s, steps=steps,
-                               do_sample=do_sample, eos_ids=eos_ids)
-
-
 def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: int,
         max_num_seqs: int, decode_chunk: int, max_len: int, eos_ids=()) -> dict:
   """Greedy generation in static waves; returns token ids per prompt and the timings.
@@ -84,13 +71,12 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: i
     tokens = np.zeros((B, int(lengths.max())), np.int32)
     for i, p in enumerate(wave):
       tokens[i, :len(p)] = p
-    shape = (1, config.num_layers, 1, B, max_len, config.num_kv_heads, config.head_dim)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=cache_sharding)
-    cache = (zeros(), zeros())
+    cache = jax.jit(llama.init_cache, static_argnums=(0, 1, 2, 3),
+                    out_shardings=(cache_sharding, cache_sharding))(config, B, max_len, dtype)
     knobs = sampling.SamplingParams.make(B)
     start = time.perf_counter()
-    token, cache = _prefill(config, params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                            knobs, do_sample=False)
+    token, cache = generate.prefill(config, params, cache, jnp.asarray(tokens),
+                                    jnp.asarray(lengths), knobs, do_sample=False)
     token.block_until_ready()
     stats["prefill_seconds"] += time.perf_counter() - start
     state = generate.start_state(token, jnp.asarray(lengths),
@@ -98,8 +84,9 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: i
     rows = [np.asarray(token)[:, None]]
     while not bool(np.all(np.asarray(state.done))):
       start = time.perf_counter()
-      cache, state, emitted = _decode(config, params, cache, state, knobs, steps=decode_chunk,
-                                      do_sample=False, eos_ids=tuple(eos_ids))
+      cache, state, emitted = generate.decode_chunk(
+          config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
+          eos_ids=tuple(eos_ids))
       rows.append(np.asarray(emitted))
       seconds = time.perf_counter() - start
       stats["decode_seconds"] += seconds

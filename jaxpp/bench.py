@@ -87,13 +87,7 @@ def random_llm(config, dtype, *, max_len: int, decode_chunk: int, seed: int = 0,
 
     leaf = jax.jit(init, out_shardings=shardings[path])(jax.random.fold_in(
         jax.random.key(seed), i))
-    if quant.applies(path):
-      scale = quant_lib.scale_path(path)
-      out[path], out[scale] = quant_lib.quantize_leaf(
-          path, leaf, quant, len(pipe.layer_axes), (shardings[path], shardings[scale]))
-      leaf.delete()
-    else:
-      out[path] = leaf
+    quant_lib.store(out, path, leaf, quant, len(pipe.layer_axes), shardings, free=True)
   return LLM.on_pipeline(config, pipe, params_lib.nest(out), max_len=max_len,
                          decode_chunk=decode_chunk)
 
@@ -168,7 +162,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
 def _numbers(config, hw, llm, st, wall: float, requests: int, microbatches: int,
              args) -> dict:
   """Rates and roofline shares from a run's token counts and prefill / decode seconds."""
-  devices, n = llm.pipeline.pp * llm.pipeline.mesh.shape["tp"], st.prompt_tokens
+  devices, n = llm.pipeline.mesh.size, st.prompt_tokens
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
   head = sum(llm.params[name].nbytes for name in (head_name, head_name + quant_lib.SCALE)

@@ -211,7 +211,8 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
       one leaf in both forms.
 
   Returns a nested dict with the structure of `params.abstract_params(cfg, dtype, ...,
-  quant)`. With tied embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the files is ignored).
+  quant)`. With tied embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the
+  files is ignored).
   """
   d = _existing_dir(ckpt_dir)
   layer_index = np.arange(cfg.num_layers) if layer_index is None else np.asarray(layer_index)
@@ -234,13 +235,7 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
       callback = _leaf_callback(reader, path, cfg, np.dtype(aval.dtype), aval.shape,
                                 layer_index)
       leaf = jax.make_array_from_callback(aval.shape, flat_shardings[path], callback)
-      if quant.applies(path):
-        scale = quant_lib.scale_path(path)
-        out[path], out[scale] = quant_lib.quantize_leaf(
-            path, leaf, quant, layer_index.ndim, (flat_shardings[path], flat_shardings[scale]))
-        leaf.delete()
-      else:
-        out[path] = leaf
+      quant_lib.store(out, path, leaf, quant, layer_index.ndim, flat_shardings, free=True)
   return params_lib.nest(out)
 
 

@@ -60,7 +60,8 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
   return DecodeState(first, lengths, remaining, done)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "do_sample"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "do_sample"), donate_argnames=("cache",),
+                   compiler_options=llama.COMPILER_OPTIONS)
 def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do_sample):
   """tokens i32[B, T] right-padded, lengths i32[B] -> (first tokens i32[B], cache)."""
   B, T = tokens.shape
@@ -75,7 +76,7 @@ def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "do_sample", "eos_ids"),
-                   donate_argnames=("cache",))
+                   donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
 def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_s, *,
                  steps: int, do_sample: bool, eos_ids: tuple[int, ...]):
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k])."""

@@ -70,12 +70,14 @@ class LLM:
     quant_lib.check_backend(q, pipe.mesh.devices.flat[0])
     if before_load is not None:
       before_load(pipe)
-    args = (config, resolve_dtype(dtype), pipe.param_shardings(q), pipe.partition.layer_index())
+    dtype, shardings = resolve_dtype(dtype), pipe.param_shardings(q)
+    index = pipe.partition.layer_index()
     if params_cache_dir:
-      params = params_cache.load(params_cache_dir, checkpoint_dir, *args, quant=q)
+      params = params_cache.load(params_cache_dir, checkpoint_dir, config, dtype, shardings,
+                                 index, quant=q)
     else:
-      params = checkpoint.load_hf_params(checkpoint_dir, *args[:3], layer_index=args[3],
-                                         quant=q)
+      params = checkpoint.load_hf_params(checkpoint_dir, config, dtype, shardings=shardings,
+                                         layer_index=index, quant=q)
     self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
                 decode_chunk)
 

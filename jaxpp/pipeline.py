@@ -38,22 +38,10 @@ from jaxpp.schedule import circular
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
 
 
-# XLA's Triton GEMM fusions read a layer's weights out of the stacked [Lc, ...] array about
-# 2.8x slower than cuBLAS GEMMs do (H200, jax 0.11.2: 1.26 vs 3.42 TB/s in
-# tools/weight_stream_probe.py), and a decode tick is mostly that read; both phases compile
-# with cuBLAS GEMMs (docs/benchmarks.md). Backends other than GPU ignore the option.
-COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-
 def _block_spec(name: str, ndim: int) -> P:
-  """A block leaf's spec; a scale follows its weight's output axes (input axes dropped)."""
   dims = [None] * ndim
-  weight = name.removesuffix(quant.SCALE)
-  axis = _TP_AXIS.get(weight)
-  if axis is not None and weight != name:
-    axis -= quant.INPUT_DIMS[weight]
-  if axis is not None and axis >= 0:
-    dims[axis] = TP
+  if name in _TP_AXIS:
+    dims[_TP_AXIS[name]] = TP
   return P(PP, None, None, *dims)
 
 
@@ -94,17 +82,19 @@ class Pipeline:
     """NamedShardings for the params tree with blocks stacked as [pp, v, Lc, ...]."""
     abstract = params_lib.flatten(params_lib.abstract_params(
         self.config, jnp.float32, self.layer_axes, quant_cfg))
-    head_split = self.config.vocab_size % self.mesh.shape[TP] == 0
+    weights = {p: a for p, a in abstract.items() if not p[-1].endswith(quant.SCALE)}
     specs = {}
-    for path, aval in abstract.items():
+    for path, aval in weights.items():
       if path[0] == "blocks":
         specs[path] = _block_spec(path[-1], aval.ndim - 3)
-      elif path == ("lm_head",) and head_split:
+      elif path == ("lm_head",) and self.config.vocab_size % self.mesh.shape[TP] == 0:
         specs[path] = P(None, TP)  # vocab-parallel head; replicated when V % tp != 0
-      elif path == ("lm_head" + quant.SCALE,) and head_split:
-        specs[path] = P(TP)
       else:
         specs[path] = P()
+      if quant_cfg.applies(path):  # a scale keeps its weight's output axes' sharding
+        dims = tuple(specs[path]) + (None,) * (aval.ndim - len(specs[path]))
+        drop = quant.reduced_axes(path, aval.ndim, len(self.layer_axes))
+        specs[quant.scale_path(path)] = P(*(d for i, d in enumerate(dims) if i not in drop))
     return params_lib.nest({p: NamedSharding(self.mesh, s) for p, s in specs.items()})
 
   @property
@@ -157,15 +147,16 @@ class Pipeline:
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
 
   @functools.partial(jax.jit, static_argnames=("self", "do_sample", "with_logits"),
-                     donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
+                     donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
   def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
 
     Prompts travel in the schedule's m micro-batches of p rows (p may be smaller than the
     cache's rows per micro-batch); `slots` i32[m, p, 2] names the cache (micro-batch, row)
-    each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt position's logits f32[M, b, V] (for tests
-    and parity checks; it adds a reduction of that size over 'pp').
+    each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt
+    position's logits f32[M, b, V] (for tests and parity checks; it adds a reduction of that
+    size over 'pp').
     """
     table = jnp.asarray(circular(self.pp, self.v, self.microbatches).table)
     counts = jnp.asarray(self.partition.layer_counts())
@@ -221,7 +212,7 @@ class Pipeline:
         out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
 
   @functools.partial(jax.jit, static_argnames=("self", "steps", "do_sample", "eos_ids"),
-                     donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS)
+                     donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""

@@ -164,7 +164,7 @@ def abstract_params(c: LlamaConfig, dtype, layer_axes: tuple[int, ...] | None = 
     if quant.applies(p):
       flat[p] = jax.ShapeDtypeStruct(s, quant.storage)
       flat[scale_path(p)] = jax.ShapeDtypeStruct(
-          scale_shape(p, s, lead if p[0] == "blocks" else 0), dtype)
+          scale_shape(p, s, lead), dtype)
     else:
       flat[p] = jax.ShapeDtypeStruct(s, np.float32 if p[-1] == "scale" else dtype)
   return nest(flat)

@@ -86,9 +86,10 @@ def scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def reduced_axes(path: tuple[str, ...], ndim: int, lead: int) -> tuple[int, ...]:
-  """Axes of a stored leaf that one scale spans; `lead` stacked layer axes come first."""
+  """Axes of a stored leaf that one scale spans; block leaves lead with `lead` layer axes."""
   if path == (EMBED,):
     return (ndim - 1,)
+  lead = lead if path[0] == "blocks" else 0
   return tuple(range(lead, lead + INPUT_DIMS[path[-1]]))
 
 
@@ -126,34 +127,39 @@ def einsum(spec: str, x, w, scale=None):
   return jnp.einsum(spec, x, w.astype(x.dtype)) * scale.astype(x.dtype)
 
 
-def quantize_params(params: dict, quant: Quant, shardings: dict | None = None,
-                    lead: int = 1) -> dict:
-  """A copy of a (nested) params tree with the leaves `quant` covers in 8 bits.
+def quantize_params(params: dict, quant: Quant) -> dict:
+  """A copy of a (nested) params tree in the plain [L, ...] layout, stored as `quant` says.
 
-  Leaf by leaf, each in its own jitted program, so at most one leaf exists twice at a time.
-  `shardings` (flat {path: Sharding} for the quantised tree) places the results; block
-  leaves carry `lead` stacked layer axes ([L] = 1, [pp, v, Lc] = 3).
+  The input is left as it is (tests compare against it); loading and random weights use
+  `store`, which frees each wide leaf as soon as its 8-bit form exists.
   """
   from jaxpp.model import params as params_lib  # params imports this module
 
-  flat = params_lib.flatten(params)
   out = {}
-  for path, leaf in flat.items():
-    if not quant.applies(path):
-      out[path] = leaf
-      continue
-    q, s = quantize_leaf(path, leaf, quant, lead,
-                         None if shardings is None else (shardings[path],
-                                                         shardings[scale_path(path)]))
-    out[path], out[scale_path(path)] = q, s
+  for path, leaf in params_lib.flatten(params).items():
+    store(out, path, leaf, quant, lead=1)
   return params_lib.nest(out)
 
 
-def quantize_leaf(path, leaf, quant: Quant, lead: int, out_shardings=None):
-  """One leaf -> (q, scale), on the devices (and shardings) asked; scale in leaf's dtype."""
-  axes = reduced_axes(path, np.ndim(leaf), lead if path[0] == "blocks" else 0)
+def store(out: dict, path: tuple[str, ...], leaf, quant: Quant, lead: int,
+          shardings: dict | None = None, free: bool = False) -> None:
+  """Puts `leaf` into the flat tree `out` as `quant` stores it: as it is, or in 8 bits with
+  its scale, computed on the leaf's devices in one jitted program.
+
+  `lead`: the stacked layer axes of block leaves ([L] = 1, [pp, v, Lc] = 3). `shardings`
+  (flat, for the stored tree) places the 8-bit leaf and its scale. `free` deletes the wide
+  leaf once quantised, so a loader holds at most one leaf in both forms.
+  """
+  if not quant.applies(path):
+    out[path] = leaf
+    return
+  scale = scale_path(path)
+  axes = reduced_axes(path, np.ndim(leaf), lead)
   fn = lambda w: quantize(w, quant.mode, axes, leaf.dtype)
-  return jax.jit(fn, out_shardings=out_shardings)(leaf)
+  placed = None if shardings is None else (shardings[path], shardings[scale])
+  out[path], out[scale] = jax.jit(fn, out_shardings=placed)(leaf)
+  if free:
+    leaf.delete()
 
 
 def check_backend(quant: Quant, device: jax.Device) -> None:
