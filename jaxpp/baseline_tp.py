@@ -61,7 +61,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: i
   Stop ids are `eos_ids` (none by default: the bench generates exactly `output_len`).
   """
   config, dtype = pipe.config, params_lib.activation_dtype(params)
-  cache_sharding = NamedSharding(pipe.mesh, P(None, None, None, None, None, TP, None))
+  cache_sharding = NamedSharding(pipe.mesh, P(None, None, None, None, TP, None, None))
   out, stats = [], dict(prefill_seconds=0.0, decode_seconds=0.0, decode_calls=0,
                         prompt_tokens=0, completion_tokens=0, call_seconds=[])
   for first in range(0, len(prompts), max_num_seqs):

@@ -82,7 +82,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k])."""
   B = state.tokens.shape[0]
   dtype = params_lib.activation_dtype(params)
-  max_len = cache[0].shape[4]
+  max_len = cache[0].shape[5]
 
   def step(i, carry):
     cache, state, out = carry

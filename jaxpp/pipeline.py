@@ -11,7 +11,7 @@ last device samples the next token, which travels back to device 0 with the ring
 send, so with m >= pp micro-batches in flight the pipe stays full from token to token and
 only the first fill and the last drain of a `steps`-token call are bubbles.
 
-Shapes (local to one pp device): blocks leaves [v, Lc, ...]; cache [v, Lc, M, b, S, K, H]
+Shapes (local to one pp device): blocks leaves [v, Lc, ...]; cache [v, Lc, M, b, K, S, H]
 with M micro-batches of b rows each; activations [b, T, D].
 """
 
@@ -102,13 +102,13 @@ class Pipeline:
     return (self.pp, self.v, self.partition.max_layers)
 
   def cache_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(PP, None, None, None, None, None, TP, None))
+    return NamedSharding(self.mesh, P(PP, None, None, None, None, TP, None, None))
 
   def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
-    """Zeroed KV cache [pp, v, Lc, M, b, S, K, H], created already sharded on its stages."""
+    """Zeroed KV cache [pp, v, Lc, M, b, K, S, H], created already sharded on its stages."""
     c = self.config
-    shape = self.layer_axes + (self.microbatches, rows_per_microbatch, max_len,
-                               c.num_kv_heads, c.head_dim)
+    shape = self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
+                               max_len, c.head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
     return make(), make()
 
@@ -220,7 +220,7 @@ class Pipeline:
     counts = jnp.asarray(self.partition.layer_counts())
     M, b = state.tokens.shape
     dtype = params_lib.activation_dtype(params)
-    max_len = cache[0].shape[5]
+    max_len = cache[0].shape[6]
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
     def body(params, cache, counts, state, params_s):

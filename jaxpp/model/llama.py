@@ -10,8 +10,11 @@ Cache protocol, shared by prefill and decode: row b's cache holds valid entries 
 after attention. Queries see cached keys before start[b] and new keys causally, so junk
 beyond a row's length (right padding, finished rows) is never read.
 
-Cache layout: [v, Lc, M, b, S, K, H] per device (virtual chunk, layer in chunk, micro-batch,
-row, position, kv head, head dim); the single-device reference uses v = M = 1.
+Cache layout: [v, Lc, M, b, K, S, H] per device (virtual chunk, layer in chunk, micro-batch,
+row, kv head, position, head dim); the single-device reference uses v = M = 1. Row and kv
+head lead a layer's [b, K, S, H] slice so that attention's two products are plain batched
+matmuls over (b, K) reading the cache where it lies: with positions before heads, GPU
+matmul libraries need a transposed copy of the whole slice per layer and step first.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, start, cache: KVCache | None):
-    """cache: this layer's (keys, values) [B, S, K, H], or None when nothing is cached."""
+    """cache: this layer's (keys, values) [B, K, S, H], or None when nothing is cached."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "wq", (D, N, H), self.quantized)
@@ -79,17 +82,21 @@ class Attention(nn.Module):
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
     causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
-    scores = [jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
-                                           preferred_element_type=jnp.float32), NEG_INF)]
-    values = [v]
-    if cache is not None:
+    scores = jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
+                                          preferred_element_type=jnp.float32), NEG_INF)
+    if cache is None:
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+      out = jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
+    else:  # one softmax over [cached | new]; the cache is read in place, never concatenated
       old_k, old_v = cache[0].astype(self.dtype), cache[1].astype(self.dtype)
-      cached = jnp.arange(old_k.shape[1])[None, :] < start[:, None]  # [B, S]
-      old = jnp.einsum("BTKGH,BSKH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
-      scores.insert(0, jnp.where(cached[:, None, None, None, :], old, NEG_INF))
-      values.insert(0, old_v)
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, jnp.concatenate(values, axis=1))
+      S = old_k.shape[2]
+      cached = jnp.arange(S)[None, :] < start[:, None]  # [B, S]
+      old = jnp.einsum("BTKGH,BKSH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
+      old = jnp.where(cached[:, None, None, None, :], old, NEG_INF)
+      probs = jax.nn.softmax(jnp.concatenate([old, scores], axis=-1),
+                             axis=-1).astype(self.dtype)
+      out = (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], old_v) +
+             jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., S:], v))
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
 
@@ -135,7 +142,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
                unroll: int | bool = 1):
   """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
 
-  `cache` leaves are [v, Lc, M, b, S, K, H]. Rows read their cached keys from
+  `cache` leaves are [v, Lc, M, b, K, S, H]. Rows read their cached keys from
   [chunk, layer, microbatch]; after the layer loop every layer's new keys/values are
   scattered at the rows' positions in one in-place update. `slots` = (micro-batch i32[b],
   row i32[b]) sends each row's writes elsewhere (prefill of new requests into free decode
@@ -147,7 +154,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   """
   block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"])
   b, T = x.shape[:2]
-  S = cache[0].shape[4]
+  S = cache[0].shape[5]
   if slots is None:
     slots = (jnp.full((b,), microbatch, jnp.int32), jnp.arange(b, dtype=jnp.int32))
   mb, rows = slots[0][:, None], slots[1][:, None]
@@ -165,7 +172,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
       return y, k.astype(k_dtype), v.astype(k_dtype)
 
     def skip(_):
-      new = jnp.zeros((b, T) + ck.shape[-2:], k_dtype)
+      new = jnp.zeros((b, T, ck.shape[4], ck.shape[6]), k_dtype)
       return x, new, new
 
     if num_layers is None:
@@ -178,8 +185,10 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   # scatter. Writing inside the loop made XLA copy the whole cache once per layer.
   (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), blocks, unroll=unroll)
   Lc = k.shape[0]
+  # [Lc, b, T] targets (the K axis sliced between them, so k's [Lc, b, T, K, H] fits as is);
+  # padding layers' writes land in unread slots
   at = (chunk, jnp.arange(Lc)[:, None, None], jnp.maximum(mb, 0)[None], rows[None],
-        cols[None])  # [Lc, b, T] targets; padding layers' writes land in unread slots
+        slice(None), cols[None])
   return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
 
 
@@ -201,6 +210,6 @@ def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
 
 
 def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
-  """Zeroed single-device cache: two [1, L, 1, B, S, K, H] arrays (v = M = 1)."""
-  shape = (1, c.num_layers, 1, batch, max_len, c.num_kv_heads, c.head_dim)
+  """Zeroed single-device cache: two [1, L, 1, B, K, S, H] arrays (v = M = 1)."""
+  shape = (1, c.num_layers, 1, batch, c.num_kv_heads, max_len, c.head_dim)
   return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
