@@ -200,6 +200,7 @@ class Engine:
         first[rows % M, rows // M], np.array([len(a[0].prompt) for a in admitted]),
         np.array([a[0].max_new_tokens for a in admitted]), self.llm.config.eos_token_ids,
         self.llm.max_len)
+    new = generate.DecodeState(*(np.asarray(a) for a in new))  # one fetch each, not per row
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
