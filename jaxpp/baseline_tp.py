@@ -39,7 +39,11 @@ def parse(text: str) -> int | None:
 
 
 def plain_params(pipe: Pipeline, params: dict) -> dict:
-  """A pp=1, v=1 pipeline's params [1, 1, L, ...] as the plain [L, ...] tree, still tp-split."""
+  """A pp=1, v=1 pipeline's params [1, 1, L, ...] as the plain [L, ...] tree, still tp-split.
+
+  Consumes `params`: each leaf is donated to its own reshape, so the devices never hold the
+  model twice (a 70B shape fills most of two cards).
+  """
   if pipe.pp != 1 or pipe.v != 1:
     raise JaxppError("the GSPMD baseline holds every layer on every device (pp=1, v=1)")
 
@@ -47,11 +51,13 @@ def plain_params(pipe: Pipeline, params: dict) -> dict:
     s = leaf.sharding.spec
     return NamedSharding(pipe.mesh, P(*s[2:]) if path[0] == "blocks" else s)
 
-  flat = params_lib.flatten(params)
-  out = {p: spec(p, a) for p, a in flat.items()}
-  squeeze = lambda t: {p: (a.reshape(a.shape[2:]) if p[0] == "blocks" else a)
-                       for p, a in t.items()}
-  return params_lib.nest(jax.jit(squeeze, out_shardings=out)(flat))
+  out = {}
+  for path, leaf in params_lib.flatten(params).items():
+    if path[0] == "blocks":
+      leaf = jax.jit(lambda a: a.reshape(a.shape[2:]), out_shardings=spec(path, leaf),
+                     donate_argnums=0)(leaf)
+    out[path] = leaf
+  return params_lib.nest(out)
 
 
 def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: int,

@@ -15,7 +15,9 @@ decode schedule at its measured tick time).
 
 `gspmd_tpN` in `--layouts` adds the baseline a JAX user would write instead: the plain model
 tensor-parallel over N devices by GSPMD, in static waves (`baseline_tp.py`); its "tick" is
-one decode step.
+one decode step. `hf_auto` adds the naive layer-split pipeline many people run: Hugging Face
+transformers with `device_map="auto"` over the visible GPUs (`baseline_hf.py`, a child
+process that runs before any JAX program touches the devices; needs `accelerate`).
 
 Several processes take the distributed flags of `jaxpp.run` (docs/multihost.md); process 0
 prints and writes the results. Each layout starts with the health probe, and every device
@@ -36,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp import baseline_tp, bench_plots, distributed, health, presets, report, schedule
+from jaxpp import baseline_hf, baseline_tp, bench_plots, distributed, health, presets, report, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
 from jaxpp import watchdog as watchdog_lib
+from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary, make_pipeline, parse_layout, resolve_dtype
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
@@ -117,7 +120,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   slots = args["max_num_seqs"] or len(prompts)
   pipe = llm.pipeline
   if tp_baseline:
-    params = baseline_tp.plain_params(pipe, llm.params)
+    params = llm.params = baseline_tp.plain_params(pipe, llm.params)
     run = lambda batch: baseline_tp.run(pipe, params, batch, output_len=args["output_len"],
                                         max_num_seqs=slots, decode_chunk=args["decode_chunk"],
                                         max_len=max_len)
@@ -147,7 +150,14 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
     wall = time.perf_counter()
     st = run(prompts).stats
     wall = time.perf_counter() - wall
-  row = _numbers(config, hw, llm, st, wall, len(prompts), microbatches, args)
+  head_name = "embed" if config.tie_word_embeddings else "lm_head"
+  row = _numbers(config, hw, st, wall, len(prompts), microbatches, args,
+                 devices=pipe.mesh.size, rounds=st.decode_calls * args["decode_chunk"],
+                 weight_bytes=sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"])),
+                 head_bytes=sum(llm.params[name].nbytes
+                                for name in (head_name, head_name + quant_lib.SCALE)
+                                if name in llm.params),
+                 itemsize=jnp.dtype(llm.dtype).itemsize)
   return dict(
       layout=text, devices=layout["pp"] * layout["tp"], pp=pipe.pp, tp=layout["tp"],
       virtual_stages=pipe.v, quant=args.get("quant", "none"),
@@ -159,17 +169,40 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       bubble_measured=bubble_measured, tick_seconds=report.percentiles(st.tick_seconds))
 
 
-def _numbers(config, hw, llm, st, wall: float, requests: int, microbatches: int,
-             args) -> dict:
-  """Rates and roofline shares from a run's token counts and prefill / decode seconds."""
-  devices, n = llm.pipeline.mesh.size, st.prompt_tokens
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"]))
-  head_name = "embed" if config.tie_word_embeddings else "lm_head"
-  head = sum(llm.params[name].nbytes for name in (head_name, head_name + quant_lib.SCALE)
-             if name in llm.params)
-  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * \
-      jnp.dtype(llm.dtype).itemsize
-  rounds = st.decode_calls * args["decode_chunk"]
+def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
+  """The `hf_auto` baseline's numbers (bf16 or f32 weights as --dtype; never quantised)."""
+  start = time.perf_counter()
+  res = baseline_hf.run(config.to_hf(), prompts, output_len=args["output_len"],
+                        max_num_seqs=args["max_num_seqs"] or len(prompts),
+                        dtype=args["dtype"])
+  setup = time.perf_counter() - start - res["wall_seconds"] - res["prefill_seconds"]
+  st = types.SimpleNamespace(**res)
+  itemsize = jnp.dtype(resolve_dtype(args["dtype"])).itemsize
+  p, waves = len(res["devices"]), -(-len(prompts) // (args["max_num_seqs"] or len(prompts)))
+  head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+  row = _numbers(config, hw, st, res["wall_seconds"], len(prompts), 1, args, devices=p,
+                 rounds=waves * (args["output_len"] - 1),
+                 weight_bytes=config.num_layers * config.block_param_count() * itemsize,
+                 head_bytes=head * itemsize, itemsize=itemsize)
+  return dict(
+      layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, quant="none",
+      weight_gb_per_device=config.param_count() * itemsize / p / 1e9, microbatches=1,
+      max_num_seqs=args["max_num_seqs"] or len(prompts), requests=len(prompts),
+      scan_unroll=None, compile_seconds=setup, wall_seconds=res["wall_seconds"], **row,
+      bubble_schedule=(p - 1) / p,  # one device works at a time
+      bubble_measured=None, tick_seconds=report.percentiles([]))
+
+
+def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, args, *,
+             devices: int, rounds: int, weight_bytes: int, head_bytes: int,
+             itemsize: int) -> dict:
+  """Rates and roofline shares from a run's token counts and prefill / decode seconds.
+
+  `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
+  and `head_bytes` the LM head's, all of which each micro-batch of a round reads.
+  """
+  n, head = st.prompt_tokens, head_bytes
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
   mean_ctx = args["input_len"] + args["output_len"] / 2
   # every micro-batch re-reads its stage's weights each round; KV read once per token
   decode_bytes = rounds * microbatches * (weight_bytes + head) + \
@@ -200,7 +233,8 @@ def markdown(rows: list[dict], header: str) -> str:
   lines = [header, "", "| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "---|" * len(cols)]
   for r in rows:
-    lines.append("| " + " | ".join(f.format(r[c]) for c, f in cols) + " |")
+    lines.append("| " + " | ".join("–" if r[c] is None else f.format(r[c])
+                                   for c, f in cols) + " |")
   return "\n".join(lines)
 
 
@@ -229,12 +263,20 @@ def bench(writer: bool = True):
   header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {FLAGS.num_requests} requests x "
             f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
             f"jax {jax.__version__}; rooflines from the {hw.name} preset")
+  layouts = FLAGS.layouts.split(",")
+  hf = {}  # first: JAX has not yet claimed the GPUs' memory
+  if baseline_hf.NAME in layouts:
+    if distributed.current().num_processes > 1:
+      raise JaxppError(f"{baseline_hf.NAME} runs in one process; leave it out of "
+                       "multi-process runs")
+    hf = hf_row(config, hw, prompts, args)
   rows = []
   if writer:
     print(header, flush=True)
-  for text in FLAGS.layouts.split(","):
-    for mode in FLAGS.quant:
-      rows.append(run_layout(config, hw, text, prompts, dict(args, quant=mode)))
+  for text in layouts:
+    for mode in ["none"] if baseline_hf.parse(text) else FLAGS.quant:
+      rows.append(hf if baseline_hf.parse(text) else
+                  run_layout(config, hw, text, prompts, dict(args, quant=mode)))
       if writer:
         print(json.dumps(rows[-1]), flush=True)
   if not writer:

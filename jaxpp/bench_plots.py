@@ -18,11 +18,11 @@ GANTT_ROUNDS = 2  # decode rounds drawn: the fill, one steady round and the drai
 
 
 def write(rows: list[dict], out: pathlib.Path, decode_chunk: int) -> list[pathlib.Path]:
-  """throughput.png and one gantt_<layout>.png per pipeline row; returns the paths."""
+  """throughput.png and one gantt_<layout>.png per pipeline row (pp > 1); returns the paths."""
   paths = [out / "throughput.png"]
   throughput_png(rows, paths[0])
   for row in rows:
-    if row["layout"].startswith("pp"):
+    if row["layout"].startswith("pp") and row["pp"] > 1:  # one stage has no schedule to draw
       path = out / f"gantt_{row['layout']}_{row['quant']}.png"
       sched = schedule.circular(row["pp"], row["virtual_stages"], row["microbatches"],
                                 rounds=min(decode_chunk, GANTT_ROUNDS))

@@ -67,6 +67,20 @@ class LlamaConfig:
     return (self.num_layers * self.block_param_count() +
             self.vocab_size * self.hidden_size + head + self.hidden_size)
 
+  def to_hf(self) -> dict[str, Any]:
+    """The HF `config.json` dict of this architecture (the inverse of `from_hf`)."""
+    rope = None if self.rope_scaling is None else dict(
+        rope_type="llama3", **dataclasses.asdict(self.rope_scaling))
+    return dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+        num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+        head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+        rope_scaling=rope, max_position_embeddings=self.max_position_embeddings,
+        tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+        eos_token_id=list(self.eos_token_ids) or None, attention_bias=False, mlp_bias=False)
+
   @classmethod
   def from_hf(cls, hf: dict[str, Any], generation: dict[str, Any] | None = None,
               source: str = "config.json") -> "LlamaConfig":
