@@ -223,7 +223,8 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
       nbytes = (bytes_per_param * n * blk + eb * head_c
                 + rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a))
       flops = 2 * rows * params + 4 * rows * ctx * n * NH / tp
-      chunk_s.append(max(nbytes / hw.hbm_bandwidth, flops / hw.matmul_flops)
+      chunk_s.append(max(nbytes / (hw.hbm_bandwidth * assume.decode_efficiency),
+                         flops / hw.matmul_flops) + n * assume.layer_overhead_s
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))
     return _round_s(chunk_s, layout, _send_s(rows * D * a, layout, hw, assume))
 

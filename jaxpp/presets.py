@@ -116,16 +116,22 @@ class Assumptions:
   # Raise it with XLA_PYTHON_CLIENT_MEM_FRACTION and pass the same value here.
   mem_fraction: float = 0.745
   prefill_efficiency: float = 0.6  # share of matmul_flops a whole prefill reaches: a guess
-  collective_latency_s: float = 10e-6  # fixed cost of one all-reduce or neighbour send
+  # Decode, fitted to jaxpp.bench on H200s with jax 0.11.2 (docs/planner.md): the share of
+  # hbm_bandwidth a decode step's weight and KV reads reach, a fixed cost per layer per
+  # tick (norms, rope, softmax, scatter: small kernels), and the cost of one small
+  # all-reduce inside a compiled decode step (NCCL launch and sync, not bytes).
+  decode_efficiency: float = 0.65
+  layer_overhead_s: float = 16e-6
+  collective_latency_s: float = 55e-6  # fixed cost of one all-reduce or neighbour send
   dtype_bytes: int = 2  # KV cache and activations (bf16)
   kv_read: str = "max_len"  # decode reads all "max_len" cached positions (jaxpp) or "context"
   activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
   score_bytes: int = 8  # per attention score element: f32 scores + f32 softmax
 
   def __post_init__(self):
-    if not 0 < self.mem_fraction <= 1 or not 0 < self.prefill_efficiency <= 1:
-      raise JaxppError(f"mem_fraction={self.mem_fraction} and prefill_efficiency="
-                       f"{self.prefill_efficiency} must be in (0, 1]")
+    for name in ("mem_fraction", "prefill_efficiency", "decode_efficiency"):
+      if not 0 < getattr(self, name) <= 1:
+        raise JaxppError(f"{name}={getattr(self, name)} must be in (0, 1]")
     if self.kv_read not in ("max_len", "context"):
       raise JaxppError(f"kv_read={self.kv_read!r} must be 'max_len' or 'context'")
 
