@@ -1,7 +1,8 @@
 """`python -m jaxpp.bench`: layouts measured on the same model shape, workload and machine.
 
-For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, ...) the model shape gets random weights
-created directly on the devices, already sharded (no host copy), and the batch engine runs
+For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, `pp4tp1m4p16`: 16 prefill micro-batches,
+...) the model shape gets random weights created directly on the devices, already sharded
+(no host copy), and the batch engine runs
 `num_requests` random-token prompts of `input_len` tokens for exactly `output_len` new
 tokens each (stop ids ignored). A warm-up of one request per micro-batch compiles every
 program first; compile time is reported separately and never timed as throughput.
@@ -162,7 +163,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       layout=text, devices=layout["pp"] * layout["tp"], pp=pipe.pp, tp=layout["tp"],
       virtual_stages=pipe.v, quant=args.get("quant", "none"),
       weight_gb_per_device=max(pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
-      microbatches=microbatches, max_num_seqs=slots, requests=len(prompts),
+      microbatches=microbatches, prefill_microbatches=pipe.prefill_mb if not tp_baseline else 1,
+      max_num_seqs=slots, requests=len(prompts),
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
                                               args["decode_chunk"]),

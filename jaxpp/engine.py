@@ -170,7 +170,8 @@ class Engine:
   def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
     """Prefills newly admitted requests into their slots; sets their decode state."""
     # Few shapes, few compiles: every prefill has the slots' row count, lengths bucketed.
-    M, p = self.M, self.rows
+    M = self.pipe.prefill_mb  # prefill micro-batches, p rows each: room for every slot
+    p = -(-self.M * self.rows // M)
     T = min(bucket(max(len(a[0].prompt) for a in admitted), minimum=64), self.llm.max_len)
     tokens = np.zeros((M, p, T), np.int32)
     lengths = np.ones((M, p), np.int32)

@@ -152,6 +152,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
   sched, eng_cfg, s = config.schedule, config.engine, config.sampling
   llm = LLM(config.model.checkpoint, pp=config.mesh.pp, tp=config.mesh.tp,
             virtual_stages=sched.virtual_stages, microbatches=sched.microbatches or None,
+            prefill_microbatches=sched.prefill_microbatches,
             layer_split=sched.layer_split, dtype=config.model.dtype, max_len=eng_cfg.max_len,
             decode_chunk=sched.decode_chunk,
             devices=jax.devices() if devices is None else devices,

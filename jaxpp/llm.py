@@ -54,7 +54,7 @@ class LLM:
 
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, pp: int = 1, tp: int = 1,
                virtual_stages: int = 1, microbatches: int | None = None,
-               layer_split: str = "even", dtype: str = "bfloat16",
+               prefill_microbatches: int = 0, layer_split: str = "even", dtype: str = "bfloat16",
                max_len: int | None = None, decode_chunk: int = 16, devices=None,
                quant: str = "none", quant_embed: bool = False,
                params_cache_dir: str | pathlib.Path | None = None,
@@ -66,7 +66,8 @@ class LLM:
     q = quant_lib.Quant(quant, quant_embed)
     config = checkpoint.load_config(checkpoint_dir)
     pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
-                         microbatches=microbatches, layer_split=layer_split, devices=devices)
+                         microbatches=microbatches, prefill_microbatches=prefill_microbatches,
+                         layer_split=layer_split, devices=devices)
     quant_lib.check_backend(q, pipe.mesh.devices.flat[0])
     if before_load is not None:
       before_load(pipe)
@@ -202,22 +203,25 @@ class LLM:
 
 
 def parse_layout(text: str) -> dict:
-  """Parses a layout like "pp4tp2v2m8" into make_pipeline arguments (v, m optional)."""
-  m = re.fullmatch(r"pp(\d+)tp(\d+)(?:v(\d+))?(?:m(\d+))?", text)
+  """Parses a layout like "pp4tp2v2m8p16" into make_pipeline arguments (v, m, p optional;
+  p: prefill micro-batches)."""
+  m = re.fullmatch(r"pp(\d+)tp(\d+)(?:v(\d+))?(?:m(\d+))?(?:p(\d+))?", text)
   if not m:
-    raise JaxppError(f"layout {text!r} is not of the form ppXtpY[vZ][mW]")
-  pp, tp, v, mb = m.groups()
+    raise JaxppError(f"layout {text!r} is not of the form ppXtpY[vZ][mW][pN]")
+  pp, tp, v, mb, pm = m.groups()
   return dict(pp=int(pp), tp=int(tp), virtual_stages=int(v or 1),
-              microbatches=int(mb) if mb else None)
+              microbatches=int(mb) if mb else None, prefill_microbatches=int(pm or 0))
 
 
 def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,
-                  microbatches: int | None = None, layer_split: str = "even",
-                  devices=None, scan_unroll: int | bool = 1) -> pipeline.Pipeline:
+                  microbatches: int | None = None, prefill_microbatches: int = 0,
+                  layer_split: str = "even", devices=None,
+                  scan_unroll: int | bool = 1) -> pipeline.Pipeline:
   """Checks a layout and builds its pipeline; every mistake is reported before compiling.
 
   `devices` defaults to the first pp*tp devices, so a small layout runs on a big host.
-  `microbatches` defaults to pp (the fewest that keep the decode ring full).
+  `microbatches` defaults to pp (the fewest that keep the decode ring full);
+  `prefill_microbatches` (0: the same) is how many the engine cuts a prefill into.
   `layer_split` is "even", "balanced" (parameter counts: the embedding weighs on the first
   chunk and the LM head on the last), or explicit per-chunk counts like "21,20,20,19".
   """
@@ -240,7 +244,7 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
                               head_cost=vocab)
   else:
     part = partition.explicit(layer_split, L, pp, virtual_stages)
-  return pipeline.Pipeline(config, mesh, part, m, scan_unroll)
+  return pipeline.Pipeline(config, mesh, part, m, scan_unroll, prefill_microbatches)
 
 
 def devices_summary(devices=None) -> str:

@@ -54,6 +54,9 @@ class Pipeline:
   partition: Partition
   microbatches: int
   scan_unroll: int | bool = 1  # layers per iteration of the stage scan (True: all)
+  # Micro-batches a prefill of all slots is cut into (0 = microbatches). More shrink the
+  # prefill bubble (p-1)/(v*m+p-1) at the cost of smaller matmuls; the decode ring keeps m.
+  prefill_microbatches: int = 0
 
   def __post_init__(self):
     c, tp = self.config, self.mesh.shape[TP]
@@ -67,6 +70,17 @@ class Pipeline:
                          f"divisors of {n}")
     if self.microbatches < 1:
       raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
+    if self.prefill_microbatches < 0:
+      raise JaxppError(f"prefill_microbatches={self.prefill_microbatches} must be >= 0 "
+                       "(0 = microbatches)")
+    if self.v > 1 and self.prefill_mb < self.pp:
+      raise JaxppError(f"prefill_microbatches={self.prefill_mb} < pp={self.pp}: "
+                       "virtual_stages > 1 needs at least pp micro-batches in flight")
+
+  @property
+  def prefill_mb(self) -> int:
+    """Micro-batches of the engine's prefill program."""
+    return self.prefill_microbatches or self.microbatches
 
   @property
   def pp(self) -> int:
@@ -152,15 +166,15 @@ class Pipeline:
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
 
-    Prompts travel in the schedule's m micro-batches of p rows (p may be smaller than the
-    cache's rows per micro-batch); `slots` i32[m, p, 2] names the cache (micro-batch, row)
-    each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt
+    Prompts travel in m micro-batches of p rows, m set by the shape (the decode ring's M or
+    the engine's `prefill_mb`; p may differ from the cache's rows per micro-batch); `slots`
+    i32[m, p, 2] names the cache (micro-batch, row) each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt
     position's logits f32[M, b, V] (for tests and parity checks; it adds a reduction of that
     size over 'pp').
     """
-    table = jnp.asarray(circular(self.pp, self.v, self.microbatches).table)
-    counts = jnp.asarray(self.partition.layer_counts())
     M, b, T = tokens.shape
+    table = jnp.asarray(circular(self.pp, self.v, M).table)
+    counts = jnp.asarray(self.partition.layer_counts())
     dtype = params_lib.activation_dtype(params)
     last_dev, last_chunk = self.pp - 1, self.v - 1
 

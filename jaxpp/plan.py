@@ -150,14 +150,15 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   held = layout.virtual_stages * part.max_layers  # padded: every device holds the longest
   head = 0 if cfg.tie_word_embeddings else _head_read(cfg, tp)
   weights = bytes_per_param * held * _block_params(cfg, tp) + eb * (V * D + head) + 4 * D
-  b, T = workload.rows(m), workload.prefill_len
+  b, T, mp = workload.rows(m), workload.prefill_len, layout.mp
+  bp = workload.rows(mp)  # rows of a prefill micro-batch
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
              + 2 * cfg.intermediate_size) / tp
-  activations = (m * b * T * D * a  # the prefill inbox: one [b, T, D] per micro-batch
-                 + b * T * (assume.activation_width * D + qkv_ffn) * a  # one layer, live
-                 + b * cfg.num_heads / tp * T * T * assume.score_bytes  # [b, N/tp, T, T]
-                 + m * b * _head_read(cfg, tp) / D * 4)  # f32 logits of last positions
+  activations = (mp * bp * T * D * a  # the prefill inbox: one [bp, T, D] per micro-batch
+                 + bp * T * (assume.activation_width * D + qkv_ffn) * a  # one layer, live
+                 + bp * cfg.num_heads / tp * T * T * assume.score_bytes  # [bp, N/tp, T, T]
+                 + mp * bp * _head_read(cfg, tp) / D * 4)  # f32 logits of last positions
   total = weights + kv + activations
   usable = hw.hbm_bytes * assume.mem_fraction
   return Memory(weights, kv, activations, total, usable, total <= usable)
@@ -197,10 +198,10 @@ def _send_s(nbytes: float, layout: Layout, hw: Hardware, assume: Assumptions) ->
   return assume.collective_latency_s + nbytes / bw
 
 
-def _round_s(chunk_s: list[float], layout: Layout, send_s: float) -> float:
+def _round_s(chunk_s: list[float], layout: Layout, send_s: float, m: int) -> float:
   """v*m ticks in steady state; each waits for the slowest device's chunk, then sends."""
   pp = layout.pp
-  return layout.m * sum(max(chunk_s[r * pp:(r + 1) * pp]) + send_s
+  return m * sum(max(chunk_s[r * pp:(r + 1) * pp]) + send_s
                         for r in range(layout.virtual_stages))
 
 
@@ -227,17 +228,18 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
       chunk_s.append(max(nbytes / (hw.hbm_bandwidth * assume.decode_efficiency),
                          flops / hw.matmul_flops) + n * assume.layer_overhead_s
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))
-    return _round_s(chunk_s, layout, _send_s(rows * D * a, layout, hw, assume))
+    return _round_s(chunk_s, layout, _send_s(rows * D * a, layout, hw, assume), m)
 
   dec_bubble = formula_bubble(layout.pp, layout.virtual_stages, m, w.decode_chunk)
   step = decode_round_s(b) / (1 - dec_bubble)
 
   flops_s = hw.matmul_flops * assume.prefill_efficiency
-  chunk_s = [(2 * b * T * n * blk + 4 * b * T * T * n * NH / tp) / flops_s
-             + n * 2 * _allreduce_s(b * T * D * a, tp, hw, assume) for n in part.counts]
-  pre_bubble = formula_bubble(layout.pp, layout.virtual_stages, m)
-  head_s = 2 * m * b * head / flops_s  # the LM head once, on the last positions
-  prefill = _round_s(chunk_s, layout, _send_s(b * T * D * a, layout, hw, assume)) / (
+  mp, bp = layout.mp, w.rows(layout.mp)  # prefill micro-batches and their rows
+  chunk_s = [(2 * bp * T * n * blk + 4 * bp * T * T * n * NH / tp) / flops_s
+             + n * 2 * _allreduce_s(bp * T * D * a, tp, hw, assume) for n in part.counts]
+  pre_bubble = formula_bubble(layout.pp, layout.virtual_stages, mp)
+  head_s = 2 * mp * bp * head / flops_s  # the LM head once, on the last positions
+  prefill = _round_s(chunk_s, layout, _send_s(bp * T * D * a, layout, hw, assume), mp) / (
       1 - pre_bubble) + head_s
 
   total_s = prefill + max(w.output_len - 1, 0) * step  # prefill samples the first token
@@ -257,7 +259,7 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
               hw: Hardware = H100, mode: str = "batch", bytes_per_param: float = 2,
               assume: Assumptions = Assumptions(), virtual_stages: int = 1,
               microbatches: int = 0, layer_split: str = "even", model_name: str = "model",
-              embed_bytes_per_param: float | None = None) -> Plan:
+              embed_bytes_per_param: float | None = None, prefill_microbatches: int = 0) -> Plan:
   """Sizes and predicts every pp x tp = devices layout; picks the best that fits for `mode`.
 
   batch: the highest total tokens/s. interactive: the lowest per-token latency at batch 1,
@@ -270,7 +272,8 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   rows, skipped, tps = [], [], [t for t in range(1, devices + 1) if devices % t == 0]
   for tp in tps:
-    layout = Layout(devices // tp, tp, virtual_stages, microbatches, layer_split)
+    layout = Layout(devices // tp, tp, virtual_stages, microbatches, layer_split,
+                    prefill_microbatches)
     problem = layout.problem(cfg, hw)
     if problem:
       skipped.append((layout.name, problem))
@@ -358,6 +361,7 @@ def _define_flags() -> None:
   f.DEFINE_bool("quant_embed", False, "With --quant, the embedding and LM head in 8 bits too.")
   f.DEFINE_integer("virtual_stages", 1, "Layer chunks per device (interleaving).")
   f.DEFINE_integer("microbatches", 0, "Micro-batches in flight; 0 = pp.")
+  f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = microbatches.")
   f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}
@@ -385,7 +389,8 @@ def main(argv: list[str]) -> None:
     plan = recommend(presets.model_config(F.model), F.devices, Workload(**given(Workload)), hw,
                      F.mode, block_bytes, Assumptions(**given(Assumptions)),
                      F.virtual_stages, F.microbatches, F.layer_split, model_name=F.model,
-                     embed_bytes_per_param=1 if F.quant_embed else F.bytes_per_param)
+                     embed_bytes_per_param=1 if F.quant_embed else F.bytes_per_param,
+                     prefill_microbatches=F.prefill_microbatches)
     if F.json:
       try:
         with open(F.json, "w") as out:

@@ -145,21 +145,27 @@ class Layout:
   virtual_stages: int = 1
   microbatches: int = 0  # 0 = pp: jaxpp's default, the fewest that keep the decode ring full
   layer_split: str = "even"  # "even" or "balanced" (partition.py)
+  prefill_microbatches: int = 0  # a prefill of all sequences cut this fine; 0 = m
 
   @property
   def m(self) -> int:
     return self.microbatches or self.pp
 
   @property
+  def mp(self) -> int:
+    return self.prefill_microbatches or self.m
+
+  @property
   def name(self) -> str:
     v = f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""
-    return f"pp{self.pp}tp{self.tp}{v}" + (f"m{self.m}" if self.m != self.pp else "")
+    return (f"pp{self.pp}tp{self.tp}{v}" + (f"m{self.m}" if self.m != self.pp else "")
+            + (f"p{self.mp}" if self.mp != self.m else ""))
 
   def problem(self, cfg: LlamaConfig, hw: Hardware) -> str | None:
     """Why jaxpp cannot run this layout (pipeline.py, schedule.py, mesh.py rules), or None."""
     pp, tp, v = self.pp, self.tp, self.virtual_stages
-    if min(pp, tp, v) < 1 or self.microbatches < 0:
-      return "pp, tp and virtual_stages must be >= 1, microbatches >= 0"
+    if min(pp, tp, v) < 1 or min(self.microbatches, self.prefill_microbatches) < 0:
+      return "pp, tp and virtual_stages must be >= 1, (prefill_)microbatches >= 0"
     for what, n in (("num_key_value_heads", cfg.num_kv_heads), ("num_attention_heads",
                     cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
       if n % tp:
@@ -168,6 +174,8 @@ class Layout:
       return f"pp*virtual_stages={pp * v} chunks exceed the {cfg.num_layers} layers"
     if pp > 1 and self.m < pp:
       return f"microbatches={self.m} < pp={pp}: the decode ring needs at least pp"
+    if v > 1 and self.mp < pp:
+      return f"prefill_microbatches={self.mp} < pp={pp}: interleaving needs at least pp"
     if pp * tp > hw.gpus_per_node and hw.gpus_per_node % tp:
       return f"tp={tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh spans hosts"
     if self.layer_split not in ("even", "balanced"):

@@ -135,3 +135,31 @@ def test_bad_engine_settings(llm):
 def test_measure_bubble_is_a_fraction(llm):
   eng = engine.Engine(llm, max_num_seqs=2)
   assert 0.0 <= eng.measure_bubble() <= 1.0
+
+
+def test_finer_prefill_refills_like_the_reference(ckpt):
+  """prefill_microbatches=6 over 2 decode micro-batches of 3 slots: six prefill micro-batches
+  of one row each, every row landing in its own slot, refilled as sequences finish."""
+  llm6 = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2,
+                   prefill_microbatches=6, decode_chunk=4)
+  ps = prompts(9, seed=3)
+  eng = engine.Engine(llm6, max_num_seqs=6)
+  for i, p in enumerate(ps):
+    eng.submit(request(i, p, max_new=2 + i % 4))
+  done = run_all(eng)
+  config = checkpoint.load_config(ckpt)
+  params = checkpoint.load_hf_params(ckpt, config, np.float32)
+  for i, p in enumerate(ps):
+    ref, = generate.reference_generate(config, params, [p], 2 + i % 4,
+                                       sampling.SamplingParams.make(1), max_len=40)
+    assert done[f"r{i}"].token_ids == ref, i
+
+
+def test_prefill_microbatches_errors(ckpt):
+  with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=-1 must be >= 0"):
+    jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, prefill_microbatches=-1)
+  with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=1 < pp=2"):
+    jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, virtual_stages=2,
+              prefill_microbatches=1)
+  assert jaxpp.llm.parse_layout("pp4tp2v2m8p16") == dict(
+      pp=4, tp=2, virtual_stages=2, microbatches=8, prefill_microbatches=16)

@@ -62,6 +62,16 @@ def test_layout_matches_single_device(deep, pp, tp, v, m_per_stage):
   check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m_per_stage * pp)
 
 
+@pytest.mark.parametrize("pp,tp,v,m,prefill_m", [(2, 1, 1, 2, 8), (4, 2, 1, 4, 8),
+                                                  (2, 2, 2, 2, 6), (1, 2, 1, 1, 3)])
+def test_finer_prefill_matches_single_device(deep, pp, tp, v, m, prefill_m):
+  """Prefill cut into more micro-batches than the decode ring (rows land in their slots)."""
+  ckpt, ref = deep
+  llm = check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m,
+                     prefill_microbatches=prefill_m)
+  assert (llm.pipeline.prefill_mb, llm.pipeline.microbatches) == (prefill_m, m)
+
+
 @pytest.mark.parametrize("pp,split,expected", [
     (2, "4,3", (4, 3)),
     (4, "1,2,2,2", (1, 2, 2, 2)),

@@ -255,3 +255,14 @@ def test_recommendation_is_the_measured_best(model, devices, measured_best):
                      assume=presets.Assumptions(mem_fraction=0.95))
   assert p.best == measured_best, [(r.name, round(r.prediction.total_tokens_per_s))
                                    for r in p.rows]
+
+
+def test_finer_prefill_shrinks_the_prefill_bubble_only():
+  w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
+  coarse = plan.predict(L8B, Layout(4, 1), w, H100)
+  fine = plan.predict(L8B, Layout(4, 1, prefill_microbatches=16), w, H100)
+  assert fine.prefill_bubble == schedule.formula_bubble(4, 1, 16) < coarse.prefill_bubble
+  assert fine.prefill_tokens_per_s > 1.3 * coarse.prefill_tokens_per_s
+  assert fine.decode_tokens_per_s == coarse.decode_tokens_per_s
+  assert Layout(4, 1, prefill_microbatches=16).name == "pp4tp1p16"
+  assert "interleaving" in Layout(4, 1, 2, 4, prefill_microbatches=2).problem(L8B, H100)
