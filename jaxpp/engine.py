@@ -187,13 +187,12 @@ class Engine:
         value = getattr(req, f)
         knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
         getattr(self.sampling, f)[j, r] = knobs[f][q, row]
-    params_s = sampling.SamplingParams(*(jnp.asarray(knobs[f]) for f in knobs))
+    params_s = sampling.SamplingParams(*knobs.values())  # numpy: jit places it on the mesh
     start = time.perf_counter()
     do_sample = params_s.needs_sampling()
     with self._device_step("prefill", (tokens.shape, do_sample)):
-      first, self.cache = self.pipe.prefill(
-          self.llm.params, self.cache, jnp.asarray(tokens), jnp.asarray(lengths),
-          jnp.asarray(slots), params_s, do_sample=do_sample)
+      first, self.cache = self.pipe.prefill(self.llm.params, self.cache, tokens, lengths, slots,
+                                            params_s, do_sample=do_sample)
       first = np.asarray(first)
     self.stats.prefill_seconds += time.perf_counter() - start
     rows = np.arange(len(admitted))
@@ -213,8 +212,9 @@ class Engine:
     k = self.llm.decode_chunk
     live = ~self.state.done
     do_sample = bool(np.any(self.sampling.temperature[live] > 0))
-    state = generate.DecodeState(*(jnp.asarray(a) for a in self.state))
-    params_s = sampling.SamplingParams(*(jnp.asarray(a) for a in self.sampling))
+    # Host arrays go to the jitted call as they are: jit copies each straight to the devices
+    # that need it, where jnp.asarray would first commit it to one device, then reshard.
+    state, params_s = generate.DecodeState(*self.state), self.sampling
     start = time.perf_counter()
     eos = self.llm.config.eos_token_ids
     with self._device_step("decode", (live.shape, k, do_sample, eos)):
