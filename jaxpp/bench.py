@@ -2,10 +2,10 @@
 
 For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, `pp4tp1m4p16`: 16 prefill micro-batches,
 ...) the model shape gets random weights created directly on the devices, already sharded
-(no host copy), and the batch engine runs
-`num_requests` random-token prompts of `input_len` tokens for exactly `output_len` new
-tokens each (stop ids ignored). A warm-up of one request per micro-batch compiles every
-program first; compile time is reported separately and never timed as throughput.
+(no host copy), and the batch engine runs `num_requests` random-token prompts of
+`input_len` tokens for exactly `output_len` new tokens each (stop ids ignored). A warm-up of
+one request per micro-batch compiles every program first; compile time is reported
+separately and never timed as throughput.
 
 Reported per layout, in the form inference servers print: requests/s, total and output
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp import baseline_hf, baseline_tp, bench_plots, distributed, health, presets, report, schedule
+from jaxpp import baseline_hf, baseline_tp, bench_plots, distributed, health, presets, report
+from jaxpp import schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
 from jaxpp import watchdog as watchdog_lib
@@ -189,6 +190,7 @@ def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
   return dict(
       layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, quant="none",
       weight_gb_per_device=config.param_count() * itemsize / p / 1e9, microbatches=1,
+      prefill_microbatches=1,
       max_num_seqs=args["max_num_seqs"] or len(prompts), requests=len(prompts),
       scan_unroll=None, compile_seconds=setup, wall_seconds=res["wall_seconds"], **row,
       bubble_schedule=(p - 1) / p,  # one device works at a time

@@ -9,8 +9,9 @@ through the pipeline straight into those slots, and the ring goes on with the ne
   ceil(max_num_seqs / m), so no micro-batch ever holds more than its share.
 - KV admission: each slot owns max_len positions of cache on every stage (the dense cache is
   allocated up front), so a request is admitted only into a free slot and only if its
-  prompt plus max_new_tokens (less the last token, never fed back) fits max_len; a request that can never fit is refused at
-  submit (the job turns that into an errors-file line), never truncated silently. Requests
+  prompt plus max_new_tokens (less the last token, never fed back) fits max_len; a request
+  that can never fit is refused at submit (the job turns that into an errors-file line),
+  never truncated silently. Requests
   that do not fit now wait: backpressure, not out-of-memory.
 - Priority reserve: `reserve[c]` slots are kept for class c; another class may take a free
   slot only while the free slots left cover every other class's unmet reserve.

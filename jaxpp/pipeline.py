@@ -168,9 +168,9 @@ class Pipeline:
 
     Prompts travel in m micro-batches of p rows, m set by the shape (the decode ring's M or
     the engine's `prefill_mb`; p may differ from the cache's rows per micro-batch); `slots`
-    i32[m, p, 2] names the cache (micro-batch, row) each prompt fills, -1 for padding rows. `with_logits` also returns the last prompt
-    position's logits f32[M, b, V] (for tests and parity checks; it adds a reduction of that
-    size over 'pp').
+    i32[m, p, 2] names the cache (micro-batch, row) each prompt fills, -1 for padding rows.
+    `with_logits` also returns the last prompt position's logits f32[m, p, V] (for tests and
+    parity checks; it adds a reduction of that size over 'pp').
     """
     M, b, T = tokens.shape
     table = jnp.asarray(circular(self.pp, self.v, M).table)
