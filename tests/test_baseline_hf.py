@@ -5,15 +5,13 @@ and the bench row are the same code that runs over several GPUs.
 """
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from jaxpp import baseline_hf, bench, checkpoint, generate, presets, sampling
+from tests import cli
 from tests.hf_models import make_checkpoint
 
 ARGS = dict(input_len=12, output_len=6, dtype="float32", decode_chunk=3, max_num_seqs=4)
@@ -65,14 +63,7 @@ def test_hf_auto_row_in_the_bench_table():
 
 
 def test_cli_runs_hf_auto_first_and_reports_it(tmp_path):
-  out = tmp_path / "bench"
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp1tp1,hf_auto",
-       "--quant=none,int8", "--input_len=8", "--output_len=4", "--num_requests=4",
-       "--dtype=float32", "--decode_chunk=2", f"--out={out}"],
-      capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  rows = json.loads((out / "results.json").read_text())["rows"]
+  rows = cli.bench_rows(tmp_path / "bench", "--layouts=pp1tp1,hf_auto", "--quant=none,int8")
   assert [(r["layout"], r["quant"]) for r in rows] == [
       ("pp1tp1", "none"), ("pp1tp1", "int8"), ("hf_auto", "none")]
 

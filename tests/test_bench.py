@@ -1,9 +1,5 @@
 """`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs and its numbers add up."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp import bench, presets
 from jaxpp.model import params as params_lib
+from tests import cli
 
 ARGS = dict(input_len=12, output_len=6, dtype="float32", decode_chunk=3, max_num_seqs=4)
 
@@ -48,24 +45,15 @@ def test_random_weights_are_placed_on_their_stages(tiny):
 
 
 def test_cli_writes_json_and_markdown(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = tmp_path / "bench"
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp1tp1",
-       "--input_len=8", "--output_len=4", "--num_requests=4", "--decode_chunk=2",
-       "--dtype=float32", f"--out={out}"], env=env, capture_output=True, text=True,
-      timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  rows = json.loads((out / "results.json").read_text())["rows"]
+  rows = cli.bench_rows(out, "--layouts=pp1tp1")
   assert [r["layout"] for r in rows] == ["pp1tp1"]
   assert "| pp1tp1 |" in (out / "results.md").read_text()
 
 
 def test_cli_bad_layout_is_one_line(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp2x", 
-       f"--out={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)
+  proc = cli.run_module("jaxpp.bench", "--model=tiny", "--layouts=pp2x", f"--out={tmp_path}",
+                        timeout=120)
   assert proc.returncode != 0
   assert "error: layout 'pp2x' is not of the form" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -34,6 +34,16 @@ def run_all(eng):
   return done
 
 
+def assert_reference_tokens(done, ckpt, ps, max_new):
+  """Request r{i} generated exactly the single-device reference's greedy ids for ps[i]."""
+  config = checkpoint.load_config(ckpt)
+  params = checkpoint.load_hf_params(ckpt, config, np.float32)
+  for i, p in enumerate(ps):
+    ref, = generate.reference_generate(config, params, [p], max_new[i],
+                                       sampling.SamplingParams.make(1), max_len=40)
+    assert done[f"r{i}"].token_ids == ref, i
+
+
 def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
   """Slots are refilled as sequences finish; every request gets its reference tokens."""
   ps = prompts(13)
@@ -43,13 +53,8 @@ def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
     eng.submit(request(i, p, max_new=max_new[i]))
   done = run_all(eng)
   assert sorted(done) == sorted(f"r{i}" for i in range(13))
-  config = checkpoint.load_config(ckpt)
-  params = checkpoint.load_hf_params(ckpt, config, np.float32)
-  for i, p in enumerate(ps):
-    ref, = generate.reference_generate(config, params, [p], max_new[i],
-                                       sampling.SamplingParams.make(1), max_len=40)
-    assert done[f"r{i}"].token_ids == ref, i
-    assert done[f"r{i}"].finish_reason == "length"
+  assert_reference_tokens(done, ckpt, ps, max_new)
+  assert all(f.finish_reason == "length" for f in done.values())
   assert eng.stats.max_live_per_microbatch <= 2  # ceil(4 / 2)
   assert eng.stats.decode_calls > 13 * 3 // (4 * 4)  # refills, not one batch
 
@@ -142,17 +147,13 @@ def test_finer_prefill_refills_like_the_reference(ckpt):
   of one row each, every row landing in its own slot, refilled as sequences finish."""
   llm6 = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2,
                    prefill_microbatches=6, decode_chunk=4)
-  ps = prompts(9, seed=3)
+  ps, max_new = prompts(9, seed=3), [2 + i % 4 for i in range(9)]
   eng = engine.Engine(llm6, max_num_seqs=6)
   for i, p in enumerate(ps):
-    eng.submit(request(i, p, max_new=2 + i % 4))
+    eng.submit(request(i, p, max_new=max_new[i]))
   done = run_all(eng)
-  config = checkpoint.load_config(ckpt)
-  params = checkpoint.load_hf_params(ckpt, config, np.float32)
-  for i, p in enumerate(ps):
-    ref, = generate.reference_generate(config, params, [p], 2 + i % 4,
-                                       sampling.SamplingParams.make(1), max_len=40)
-    assert done[f"r{i}"].token_ids == ref, i
+  assert sorted(done) == sorted(f"r{i}" for i in range(9))
+  assert_reference_tokens(done, ckpt, ps, max_new)
 
 
 def test_prefill_microbatches_errors(ckpt):

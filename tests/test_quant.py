@@ -11,9 +11,6 @@ the shipped model's 4 layers. Measured on harbor-tiny's prompt logits against bf
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +22,7 @@ from jaxpp import checkpoint, params_cache, pipeline, plan, presets
 from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant
+from tests import cli
 from tests.test_trained_model import MODEL, held_out, train  # noqa: F401 (fixture)
 
 MAX_LEN = 256
@@ -219,24 +217,14 @@ def test_planner_405b_fits_eight_80gb_cards_only_in_8_bit():
 
 
 def test_bench_and_plan_command_lines_take_quant(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = tmp_path / "bench"
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxpp.bench", "--model=tiny", "--layouts=pp1tp1",
-       "--quant=none,int8", "--input_len=8", "--output_len=4", "--num_requests=4",
-       "--decode_chunk=2", "--dtype=float32", f"--out={out}"], env=env, capture_output=True,
-      text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  rows = json.loads((out / "results.json").read_text())["rows"]
+  rows = cli.bench_rows(tmp_path / "bench", "--layouts=pp1tp1", "--quant=none,int8")
   assert [r["quant"] for r in rows] == ["none", "int8"]
   assert rows[1]["weight_gb_per_device"] < rows[0]["weight_gb_per_device"]
-  proc = subprocess.run([sys.executable, "-m", "jaxpp.plan", "--model=llama3-70b",
-                         "--quant=int8", "--devices=4"], env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = cli.run_module("jaxpp.plan", "--model=llama3-70b", "--quant=int8", "--devices=4",
+                        timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "1 bytes per block weight, 2 per embedding/head weight" in proc.stdout
-  proc = subprocess.run([sys.executable, "-m", "jaxpp.plan", "--quant_embed"], env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = cli.run_module("jaxpp.plan", "--quant_embed", timeout=120)
   assert proc.returncode == 1 and proc.stderr.strip() == \
       "error: --quant_embed needs --quant=int8 or --quant=fp8"
 
