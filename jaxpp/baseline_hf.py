@@ -9,8 +9,9 @@ waves of `max_num_seqs` through `model.generate` (greedy, left-padded, exactly
 It runs in a child process (`python -m jaxpp.baseline_hf REQUEST RESULT`): torch and JAX
 would compete for the same GPU memory, and JAX reserves most of each card the first time a
 program touches it, so the bench runs this baseline before its own programs start.
-Weights are random (placed exactly as `from_pretrained(..., device_map="auto")` places a
-checkpoint, each tensor initialised on its own device), or a checkpoint directory's.
+Weights are random, placed exactly as `from_pretrained(..., device_map="auto")` places a
+checkpoint, each tensor initialised on its own device (`load_model` is that call on a real
+checkpoint; the tests use it to check the generation against jaxpp's).
 
 `python -m jaxpp.bench --layouts=hf_auto,pp2tp1` puts it in the same table; it needs
 `accelerate` (`pip install accelerate`), which nothing else in jaxpp uses.
@@ -36,13 +37,13 @@ def parse(text: str) -> bool:
 
 
 def run(hf_config: dict, prompts: list[list[int]], *, output_len: int, max_num_seqs: int,
-        dtype: str, checkpoint: str | None = None) -> dict:
+        dtype: str) -> dict:
   """Runs the baseline in a child process; returns `generate_waves`'s result."""
   with tempfile.TemporaryDirectory() as tmp:
     request, result = pathlib.Path(tmp, "request.json"), pathlib.Path(tmp, "result.json")
     request.write_text(json.dumps(dict(
         hf_config=hf_config, prompts=prompts, output_len=output_len,
-        max_num_seqs=max_num_seqs, dtype=dtype, checkpoint=checkpoint)))
+        max_num_seqs=max_num_seqs, dtype=dtype)))
     proc = subprocess.run([sys.executable, "-m", "jaxpp.baseline_hf", str(request),
                            str(result)], stderr=subprocess.PIPE, text=True)
     if proc.returncode:
@@ -155,8 +156,7 @@ def main(argv: list[str]) -> int:
   request_path, result_path = argv
   req = json.loads(pathlib.Path(request_path).read_text())
   dtype = dict(bfloat16=torch.bfloat16, float32=torch.float32)[req["dtype"]]
-  model = (load_model(req["checkpoint"], dtype) if req["checkpoint"]
-           else random_model(req["hf_config"], dtype))
+  model = random_model(req["hf_config"], dtype)
   result = generate_waves(model, req["prompts"], output_len=req["output_len"],
                           max_num_seqs=req["max_num_seqs"])
   pathlib.Path(result_path).write_text(json.dumps(result))

@@ -240,16 +240,8 @@ def save_hf(out_dir: pathlib.Path, c: LlamaConfig, params, tok: Tokenizer,
   from safetensors.numpy import save_file
   out_dir.mkdir(parents=True, exist_ok=True)
   bos, eos = c.bos_token_id, c.eos_token_ids[0]
-  hf = dict(
-      architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=c.vocab_size,
-      hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-      max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-      rope_theta=c.rope_theta, rope_scaling=None, hidden_act="silu", attention_bias=False,
-      attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=False,
-      initializer_range=0.02, pretraining_tp=1, use_cache=True, bos_token_id=bos,
-      eos_token_id=eos, torch_dtype="float32")
+  hf = dict(c.to_hf(), attention_dropout=0.0, initializer_range=0.02, pretraining_tp=1,
+            use_cache=True, eos_token_id=eos, torch_dtype="float32")
   dump = lambda p, d: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
   dump(out_dir / "config.json", hf)
   dump(out_dir / "generation_config.json", dict(bos_token_id=bos, eos_token_id=eos,
