@@ -34,26 +34,28 @@ def run_all(eng):
   return done
 
 
-def assert_reference_tokens(done, ckpt, ps, max_new):
-  """Request r{i} generated exactly the single-device reference's greedy ids for ps[i]."""
+def run_against_reference(llm, ckpt, ps, max_new, max_num_seqs):
+  """Submits ps[i] as r{i} for max_new[i] tokens, runs them all, checks every one finished
+  with exactly the single-device reference's greedy ids; returns (engine, finished)."""
+  eng = engine.Engine(llm, max_num_seqs=max_num_seqs)
+  for i, p in enumerate(ps):
+    eng.submit(request(i, p, max_new=max_new[i]))
+  done = run_all(eng)
+  assert sorted(done) == sorted(f"r{i}" for i in range(len(ps)))
   config = checkpoint.load_config(ckpt)
   params = checkpoint.load_hf_params(ckpt, config, np.float32)
   for i, p in enumerate(ps):
     ref, = generate.reference_generate(config, params, [p], max_new[i],
                                        sampling.SamplingParams.make(1), max_len=40)
     assert done[f"r{i}"].token_ids == ref, i
+  return eng, done
 
 
 def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
   """Slots are refilled as sequences finish; every request gets its reference tokens."""
   ps = prompts(13)
   max_new = [3 + i % 5 for i in range(13)]  # different lengths: slots free at different times
-  eng = engine.Engine(llm, max_num_seqs=4)
-  for i, p in enumerate(ps):
-    eng.submit(request(i, p, max_new=max_new[i]))
-  done = run_all(eng)
-  assert sorted(done) == sorted(f"r{i}" for i in range(13))
-  assert_reference_tokens(done, ckpt, ps, max_new)
+  eng, done = run_against_reference(llm, ckpt, ps, max_new, max_num_seqs=4)
   assert all(f.finish_reason == "length" for f in done.values())
   assert eng.stats.max_live_per_microbatch <= 2  # ceil(4 / 2)
   assert eng.stats.decode_calls > 13 * 3 // (4 * 4)  # refills, not one batch
@@ -148,12 +150,7 @@ def test_finer_prefill_refills_like_the_reference(ckpt):
   llm6 = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2,
                    prefill_microbatches=6, decode_chunk=4)
   ps, max_new = prompts(9, seed=3), [2 + i % 4 for i in range(9)]
-  eng = engine.Engine(llm6, max_num_seqs=6)
-  for i, p in enumerate(ps):
-    eng.submit(request(i, p, max_new=max_new[i]))
-  done = run_all(eng)
-  assert sorted(done) == sorted(f"r{i}" for i in range(9))
-  assert_reference_tokens(done, ckpt, ps, max_new)
+  run_against_reference(llm6, ckpt, ps, max_new, max_num_seqs=6)
 
 
 def test_prefill_microbatches_errors(ckpt):
