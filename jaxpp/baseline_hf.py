@@ -4,7 +4,8 @@ What many people run when a model does not fit one GPU: accelerate places consec
 decoder layers on consecutive GPUs and a forward pass walks them one device after another,
 so only one GPU works at any moment (no micro-batches, no overlap). Requests run in static
 waves of `max_num_seqs` through `model.generate` (greedy, left-padded, exactly
-`output_len` new tokens: stop ids are ignored as the bench ignores them).
+`output_len` new tokens: stop ids are ignored as the bench ignores them; with a length per
+request, a wave runs to its longest and each row keeps its own).
 
 It runs in a child process (`python -m jaxpp.baseline_hf REQUEST RESULT`): torch and JAX
 would compete for the same GPU memory, and JAX reserves most of each card the first time a
@@ -36,8 +37,8 @@ def parse(text: str) -> bool:
   return text == NAME
 
 
-def run(hf_config: dict, prompts: list[list[int]], *, output_len: int, max_num_seqs: int,
-        dtype: str) -> dict:
+def run(hf_config: dict, prompts: list[list[int]], *, output_len: int | list[int],
+        max_num_seqs: int, dtype: str) -> dict:
   """Runs the baseline in a child process; returns `generate_waves`'s result."""
   with tempfile.TemporaryDirectory() as tmp:
     request, result = pathlib.Path(tmp, "request.json"), pathlib.Path(tmp, "result.json")
@@ -99,15 +100,18 @@ def _placement(device_map: dict, name: str):
   return f"cuda:{device}" if isinstance(device, int) else device
 
 
-def generate_waves(model, prompts: list[list[int]], *, output_len: int,
+def generate_waves(model, prompts: list[list[int]], *, output_len: int | list[int],
                    max_num_seqs: int) -> dict:
   """Greedy `model.generate` over static waves; token ids and timings as the bench reads them.
 
   Each wave is also generated with one new token first: that call is the wave's prefill
   time, and the full call minus it is the decode time (`wall_seconds` counts only the full
-  calls, which is the whole work).
+  calls, which is the whole work). `output_len` is every prompt's new tokens or a list of
+  each one's: a wave generates its longest and each row keeps (and counts) its own.
   """
   import torch
+
+  lens = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
 
   devices = sorted({str(p.device) for p in model.parameters()})
   sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -133,9 +137,10 @@ def generate_waves(model, prompts: list[list[int]], *, output_len: int,
   result = dict(tokens=[], prefill_seconds=0.0, decode_seconds=0.0, wall_seconds=0.0,
                 prompt_tokens=0, completion_tokens=0, devices=devices)
   for first in range(0, len(prompts), max_num_seqs):
-    wave = prompts[first:first + max_num_seqs]
+    wave, wave_lens = prompts[first:first + max_num_seqs], lens[first:first + max_num_seqs]
     _, prefill = call(wave, 1)
-    tokens, whole = call(wave, output_len)
+    tokens, whole = call(wave, max(wave_lens))
+    tokens = [row[:n] for row, n in zip(tokens, wave_lens)]
     result["tokens"] += tokens
     result["prefill_seconds"] += prefill
     result["decode_seconds"] += whole - prefill

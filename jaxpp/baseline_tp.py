@@ -5,7 +5,8 @@ Megatron-style over 'tp' (heads, ffn and vocab split; every device holds every l
 the KV cache split over kv heads, left to GSPMD: no shard_map, no pipeline, no engine.
 Requests run in static waves of `max_num_seqs`: a wave is prefilled together and decoded
 until its last row finishes before the next wave starts (no refill), which is how a simple
-JAX script batches. generate.py's programs compile with the pipeline's GEMM option
+JAX script batches; a row asked for fewer tokens than its wave's longest idles (emits
+nothing) until then. generate.py's programs compile with the pipeline's GEMM option
 (`llama.COMPILER_OPTIONS`), so a comparison measures the parallel structure, not the GEMM
 library.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +62,15 @@ def plain_params(pipe: Pipeline, params: dict) -> dict:
   return params_lib.nest(out)
 
 
-def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: int,
-        max_num_seqs: int, decode_chunk: int, max_len: int, eos_ids=()) -> dict:
+def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
+        output_len: int | Sequence[int], max_num_seqs: int, decode_chunk: int, max_len: int,
+        eos_ids=()) -> dict:
   """Greedy generation in static waves; returns token ids per prompt and the timings.
 
-  Stop ids are `eos_ids` (none by default: the bench generates exactly `output_len`).
+  `output_len` is the new tokens of every prompt, or a list of each prompt's own. Stop ids
+  are `eos_ids` (none by default: the bench generates exactly `output_len`).
   """
+  lens = np.broadcast_to(np.asarray(output_len, np.int32), (len(prompts),))
   config, dtype = pipe.config, params_lib.activation_dtype(params)
   cache_sharding = NamedSharding(pipe.mesh, P(None, None, None, None, TP, None, None))
   out, stats = [], dict(prefill_seconds=0.0, decode_seconds=0.0, decode_calls=0,
@@ -86,7 +91,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *, output_len: i
     token.block_until_ready()
     stats["prefill_seconds"] += time.perf_counter() - start
     state = generate.start_state(token, jnp.asarray(lengths),
-                                 jnp.full((B,), output_len, jnp.int32), tuple(eos_ids), max_len)
+                                 jnp.asarray(lens[first:first + B]), tuple(eos_ids), max_len)
     rows = [np.asarray(token)[:, None]]
     while not bool(np.all(np.asarray(state.done))):
       start = time.perf_counter()

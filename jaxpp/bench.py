@@ -3,9 +3,10 @@
 For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, `pp4tp1m4p16`: 16 prefill micro-batches,
 ...) the model shape gets random weights created directly on the devices, already sharded
 (no host copy), and the batch engine runs `num_requests` random-token prompts of
-`input_len` tokens for exactly `output_len` new tokens each (stop ids ignored). A warm-up of
-one request per micro-batch compiles every program first; compile time is reported
-separately and never timed as throughput.
+`input_len` tokens for exactly `output_len` new tokens each (stop ids ignored), or the
+requests of a `--workload` JSONL file, each with its own prompt and output length
+(`bench_workload.py`). A short warm-up wave of every slot compiles the programs first;
+compile time is reported separately and never timed as throughput.
 
 Reported per layout, in the form inference servers print: requests/s, total and output
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
@@ -39,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp import baseline_hf, baseline_tp, bench_plots, distributed, health, presets, report
+from jaxpp import baseline_hf, baseline_tp, bench_plots, bench_workload, distributed, health
+from jaxpp import presets, report
 from jaxpp import schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
@@ -55,6 +57,9 @@ flags.DEFINE_string("layouts", "pp1tp1", "comma-separated ppXtpY[vZ][mW] layouts
 flags.DEFINE_integer("input_len", 1024, "prompt tokens per request")
 flags.DEFINE_integer("output_len", 128, "generated tokens per request")
 flags.DEFINE_integer("num_requests", 256, "requests in the timed run")
+flags.DEFINE_string("workload", "", "JSONL file, one request a line: {\"output_len\": N} and "
+                    "one of \"input_len\": N (random tokens) or \"prompt_ids\": [ids]; "
+                    "replaces --num_requests, --input_len and --output_len")
 flags.DEFINE_integer("max_num_seqs", 0, "slots (sequences in flight); 0 = num_requests")
 flags.DEFINE_integer("decode_chunk", 32, "tokens per return to the host")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
@@ -97,6 +102,14 @@ def random_llm(config, dtype, *, max_len: int, decode_chunk: int, seed: int = 0,
                          decode_chunk=decode_chunk)
 
 
+def output_lens(prompts: list[list[int]], args) -> list[int]:
+  """Each prompt's new tokens: `args["output_lens"]` (a workload file) or `output_len` each."""
+  lens = args.get("output_lens") or [args["output_len"]] * len(prompts)
+  if len(lens) != len(prompts):
+    raise JaxppError(f"{len(lens)} output lengths for {len(prompts)} prompts")
+  return list(lens)
+
+
 def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   """Warm up, then time every prompt on one layout; returns the layout's numbers.
 
@@ -105,7 +118,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   """
   tp_baseline = baseline_tp.parse(text)
   layout = dict(pp=1, tp=tp_baseline) if tp_baseline else parse_layout(text)
-  max_len = args["input_len"] + args["output_len"]
+  lens = output_lens(prompts, args)
+  max_len = max(len(p) + n for p, n in zip(prompts, lens))
   rt = distributed.current()
   dog = watchdog_lib.Watchdog(describe=rt.describe_stall, on_stall=rt.fail)
   rt.step = lambda: dog.started
@@ -123,37 +137,43 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   pipe = llm.pipeline
   if tp_baseline:
     params = llm.params = baseline_tp.plain_params(pipe, llm.params)
-    run = lambda batch: baseline_tp.run(pipe, params, batch, output_len=args["output_len"],
-                                        max_num_seqs=slots, decode_chunk=args["decode_chunk"],
-                                        max_len=max_len)
-    for size in {min(slots, len(prompts)), len(prompts) % slots} - {0}:
-      run(prompts[:size])  # compiles the programs of every wave size the timed run meets
-    compile_s, bubble_measured, microbatches = time.perf_counter() - start, 0.0, 1
+    run = lambda batch, new: baseline_tp.run(pipe, params, batch, output_len=new,
+                                             max_num_seqs=slots,
+                                             decode_chunk=args["decode_chunk"], max_len=max_len)
+    waves = {}  # a wave's programs depend on its size and longest prompt, not on lengths
+    for first in range(0, len(prompts), slots):
+      wave = prompts[first:first + slots]
+      waves.setdefault((len(wave), max(map(len, wave))), wave)
+    for wave in waves.values():  # compiles the programs of every wave shape the timed run
+      run(wave, args["decode_chunk"] + 2)  # meets; two decode calls: the 2nd is its own
+    compile_s, bubble_measured, microbatches, prefill_m = time.perf_counter() - start, 0.0, 1, 1
     wall = time.perf_counter()
-    result = run(prompts)
+    result = run(prompts, lens)
     wall = time.perf_counter() - wall
     st = types.SimpleNamespace(**result, tick_seconds=[
         s / args["decode_chunk"] for s in result["call_seconds"]])
   else:
 
-    def run(batch):
+    def run(batch, new_tokens):
       eng = engine_lib.Engine(llm, max_num_seqs=slots, watchdog=dog)
-      for i, p in enumerate(batch):
-        eng.submit(engine_lib.Request(str(i), p, args["output_len"]))
+      for i, (p, n) in enumerate(zip(batch, new_tokens)):
+        eng.submit(engine_lib.Request(str(i), p, n))
       eng.run(lambda f: None)
       return eng
 
-    # One request per micro-batch compiles the same programs (shapes depend on the slots and
-    # the prompt bucket, not on how many requests run) at a fraction of a full run's cost.
-    warm = run(prompts[:pipe.microbatches])
+    # One short wave of every slot compiles the programs the timed run meets: shapes depend
+    # on the slots, the prompt bucket and (prefill) how many are admitted, not on lengths
+    # (a workload file's other prompt buckets or partial admissions still compile in it).
+    warm = run(prompts[:slots], [2] * slots)
     compile_s = time.perf_counter() - start
     bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
+    prefill_m = warm.prefill_m
     del warm  # frees its KV cache before the timed engine allocates one
     wall = time.perf_counter()
-    st = run(prompts).stats
+    st = run(prompts, lens).stats
     wall = time.perf_counter() - wall
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
-  row = _numbers(config, hw, st, wall, len(prompts), microbatches, args,
+  row = _numbers(config, hw, st, wall, len(prompts), microbatches, _mean_ctx(prompts, lens),
                  devices=pipe.mesh.size, rounds=st.decode_calls * args["decode_chunk"],
                  weight_bytes=sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"])),
                  head_bytes=sum(llm.params[name].nbytes
@@ -164,8 +184,9 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       layout=text, devices=layout["pp"] * layout["tp"], pp=pipe.pp, tp=layout["tp"],
       virtual_stages=pipe.v, quant=args.get("quant", "none"),
       weight_gb_per_device=max(pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
-      microbatches=microbatches, prefill_microbatches=pipe.prefill_mb, max_num_seqs=slots,
-      requests=len(prompts),
+      microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
+      requests=len(prompts), workload=args.get("workload", "random"),
+      prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
                                               args["decode_chunk"]),
@@ -174,40 +195,48 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
 
 def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
   """The `hf_auto` baseline's numbers (bf16 or f32 weights as --dtype; never quantised)."""
-  start = time.perf_counter()
-  res = baseline_hf.run(config.to_hf(), prompts, output_len=args["output_len"],
-                        max_num_seqs=args["max_num_seqs"] or len(prompts),
+  start, lens = time.perf_counter(), output_lens(prompts, args)
+  slots = args["max_num_seqs"] or len(prompts)
+  res = baseline_hf.run(config.to_hf(), prompts, output_len=lens, max_num_seqs=slots,
                         dtype=args["dtype"])
   setup = time.perf_counter() - start - res["wall_seconds"] - res["prefill_seconds"]
   st = types.SimpleNamespace(**res)
   itemsize = jnp.dtype(resolve_dtype(args["dtype"])).itemsize
-  p, waves = len(res["devices"]), -(-len(prompts) // (args["max_num_seqs"] or len(prompts)))
+  p = len(res["devices"])
   head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-  row = _numbers(config, hw, st, res["wall_seconds"], len(prompts), 1, args, devices=p,
-                 rounds=waves * (args["output_len"] - 1),
+  row = _numbers(config, hw, st, res["wall_seconds"], len(prompts), 1, _mean_ctx(prompts, lens),
+                 devices=p, rounds=sum(max(lens[i:i + slots]) - 1  # a wave runs to its longest
+                                       for i in range(0, len(prompts), slots)),
                  weight_bytes=config.num_layers * config.block_param_count() * itemsize,
                  head_bytes=head * itemsize, itemsize=itemsize)
   return dict(
       layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, quant="none",
       weight_gb_per_device=config.param_count() * itemsize / p / 1e9, microbatches=1,
       prefill_microbatches=1,
-      max_num_seqs=args["max_num_seqs"] or len(prompts), requests=len(prompts),
+      max_num_seqs=slots, requests=len(prompts), workload=args.get("workload", "random"),
+      prompt_tokens=res["prompt_tokens"], completion_tokens=res["completion_tokens"],
       scan_unroll=None, compile_seconds=setup, wall_seconds=res["wall_seconds"], **row,
       bubble_schedule=(p - 1) / p,  # one device works at a time
       bubble_measured=None, tick_seconds=report.percentiles([]))
 
 
-def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, args, *,
-             devices: int, rounds: int, weight_bytes: int, head_bytes: int,
+def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
+  """Mean context a generated token attends to: input + output / 2 per request, weighted by
+  each request's output tokens (input_len + output_len / 2 for the fixed-length workload)."""
+  return sum(n * (len(p) + n / 2) for p, n in zip(prompts, lens)) / sum(lens)
+
+
+def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean_ctx: float,
+             *, devices: int, rounds: int, weight_bytes: int, head_bytes: int,
              itemsize: int) -> dict:
   """Rates and roofline shares from a run's token counts and prefill / decode seconds.
 
   `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
-  and `head_bytes` the LM head's, all of which each micro-batch of a round reads.
+  and `head_bytes` the LM head's, all of which each micro-batch of a round reads;
+  `mean_ctx` the mean context (cache positions) a decode step reads per token.
   """
   n, head = st.prompt_tokens, head_bytes
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
-  mean_ctx = args["input_len"] + args["output_len"] / 2
   # every micro-batch re-reads its stage's weights each round; KV read once per token
   decode_bytes = rounds * microbatches * (weight_bytes + head) + \
       st.completion_tokens * mean_ctx * kv_per_token
@@ -254,19 +283,23 @@ def main(argv):
 def bench(writer: bool = True):
   """Runs every layout of the flags; the writer prints and writes results.json and .md."""
   config = presets.model_config(FLAGS.model)
-  config = dataclasses.replace(config, max_position_embeddings=max(
-      config.max_position_embeddings, FLAGS.input_len + FLAGS.output_len))
   hw = presets.hardware(FLAGS.hardware)
   rng = np.random.default_rng(0)
-  prompts = rng.integers(3, config.vocab_size, (FLAGS.num_requests, FLAGS.input_len)).tolist()
-  args = dict(input_len=FLAGS.input_len, output_len=FLAGS.output_len, dtype=FLAGS.dtype,
+  if FLAGS.workload:
+    work = bench_workload.load(FLAGS.workload, config.vocab_size, rng)
+  else:
+    work = bench_workload.random(FLAGS.num_requests, FLAGS.input_len, FLAGS.output_len,
+                                 config.vocab_size, rng)
+  config = dataclasses.replace(config, max_position_embeddings=max(
+      config.max_position_embeddings, work.max_len))
+  prompts = work.prompts
+  args = dict(output_lens=work.output_lens, workload=work.name, dtype=FLAGS.dtype,
               decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs,
               scan_unroll=FLAGS.scan_unroll or True, quant_embed=FLAGS.quant_embed)
   for mode in FLAGS.quant:
     quant_lib.Quant(mode, FLAGS.quant_embed)  # every entry checked before the first run
-  header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {FLAGS.num_requests} requests x "
-            f"{FLAGS.input_len} in / {FLAGS.output_len} out; {devices_summary()}; "
-            f"jax {jax.__version__}; rooflines from the {hw.name} preset")
+  header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {work.describe()}; "
+            f"{devices_summary()}; jax {jax.__version__}; rooflines from the {hw.name} preset")
   layouts = FLAGS.layouts.split(",")
   hf = {}  # first: JAX has not yet claimed the GPUs' memory
   if baseline_hf.NAME in layouts:

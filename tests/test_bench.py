@@ -1,12 +1,17 @@
 """`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs and its numbers add up."""
 
 
+import json
+import re
+
 import jax
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 from jax.sharding import PartitionSpec as P
 
-from jaxpp import bench, presets
+from jaxpp import bench, bench_workload, presets
+from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
 from tests import cli
 
@@ -96,3 +101,123 @@ def test_plots_are_written(tmp_path, tiny):
                                            "throughput.png"]
   for p in paths:
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- --workload=FILE.jsonl ---------------------------------------------------------------
+
+MIXED = [dict(input_len=9, output_len=5), dict(prompt_ids=[5, 6, 7], output_len=2), {},
+         dict(output_len=1, input_len=4), dict(prompt_ids=[0, 100, 199, 3, 4], output_len=7),
+         dict(input_len=12, output_len=3), dict(prompt_ids=[8] * 6, output_len=4)]
+
+
+def _jsonl(path, lines):
+  path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) if x else "   "
+                             for x in lines) + "\n")
+  return path
+
+
+def test_workload_file_is_read_in_order(tmp_path):
+  f = _jsonl(tmp_path / "mixed.jsonl", MIXED)
+  work = bench_workload.load(str(f), 200, np.random.default_rng(0))
+  rng = np.random.default_rng(0)  # random prompts come from the same seeded draws, in order
+  assert work.prompts == [rng.integers(3, 200, 9).tolist(), [5, 6, 7],
+                          rng.integers(3, 200, 4).tolist(), [0, 100, 199, 3, 4],
+                          rng.integers(3, 200, 12).tolist(), [8] * 6]
+  assert work.output_lens == [5, 2, 1, 7, 3, 4]
+  assert (work.name, work.max_len) == ("mixed.jsonl", 15)
+  assert work.describe() == "6 requests from mixed.jsonl (mean 6 in / 4 out)"
+  fixed = bench_workload.random(4, 8, 3, 200, np.random.default_rng(0))
+  assert fixed.prompts == np.random.default_rng(0).integers(3, 200, (4, 8)).tolist()
+  assert fixed.describe() == "4 requests x 8 in / 3 out" and fixed.name == "random"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input_len": 4, "output_len": 2, "max_tokens": 9}', "unknown key 'max_tokens'"),
+    ('{"input_len": 4}', "output_len is missing"),
+    ('{"input_len": 4, "output_len": 2', "not valid JSON"),
+    ('{"prompt_ids": [5, 200], "output_len": 2}', r"prompt_ids\[1\] = 200 is not a token id in"
+                                                  r" \[0, 200\)"),
+    ('{"prompt_ids": [5, -1], "output_len": 2}', r"prompt_ids\[1\] = -1 is not a token id"),
+    ('{"prompt_ids": [], "output_len": 2}', "prompt_ids must be a non-empty list"),
+    ('{"prompt_ids": [5], "input_len": 3, "output_len": 2}', "needs exactly one of input_len or"),
+    ('{"output_len": 2}', "needs exactly one of input_len or prompt_ids"),
+    ('{"input_len": 4, "output_len": 0}', "output_len must be an integer >= 1, got 0"),
+    ('{"input_len": 4, "output_len": true}', "output_len must be an integer >= 1, got true"),
+    ('{"input_len": 2.5, "output_len": 1}', "input_len must be an integer >= 1, got 2.5"),
+    ('[4, 2]', "expected an object"),
+])
+def test_bad_workload_lines_name_file_and_line(tmp_path, line, message):
+  f = _jsonl(tmp_path / "w.jsonl", ['{"input_len": 4, "output_len": 2}', "", line])
+  with pytest.raises(JaxppError, match=rf"^{re.escape(str(f))}:3: {message}") as e:
+    bench_workload.load(str(f), 200, np.random.default_rng(0))
+  assert "\n" not in str(e.value)
+
+
+def test_empty_or_missing_workload_file(tmp_path):
+  f = _jsonl(tmp_path / "empty.jsonl", ["", ""])
+  with pytest.raises(JaxppError, match=rf"^{re.escape(str(f))}: no requests"):
+    bench_workload.load(str(f), 200, np.random.default_rng(0))
+  with pytest.raises(JaxppError, match="cannot read it"):
+    bench_workload.load(str(tmp_path / "absent.jsonl"), 200, np.random.default_rng(0))
+
+
+def test_gspmd_baseline_gives_each_prompt_its_own_tokens(tiny):
+  from jaxpp import baseline_tp, generate, sampling
+  config, _ = tiny
+  prompts = np.random.default_rng(2).integers(3, 200, (5, 6)).tolist()
+  lens = [6, 1, 4, 2, 3]
+  llm = bench.random_llm(config, np.float32, max_len=12, decode_chunk=4, pp=1, tp=2)
+  params = baseline_tp.plain_params(llm.pipeline, llm.params)
+  got = baseline_tp.run(llm.pipeline, params, prompts, output_len=lens, max_num_seqs=3,
+                        decode_chunk=4, max_len=12)
+  ref = generate.reference_generate(config, jax.device_get(params), prompts, 6,
+                                    sampling.SamplingParams.make(5), max_len=12)
+  assert got["tokens"] == [r[:n] for r, n in zip(ref, lens)]
+  assert got["completion_tokens"] == sum(lens)
+
+
+def test_hf_waves_give_each_prompt_its_own_tokens(tiny):
+  pytest.importorskip("accelerate")
+  import torch
+  from jaxpp import baseline_hf
+  model = baseline_hf.random_model(tiny[0].to_hf(), torch.float32)
+  prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+  full = baseline_hf.generate_waves(model, prompts, output_len=4, max_num_seqs=2)
+  got = baseline_hf.generate_waves(model, prompts, output_len=[4, 1, 3], max_num_seqs=2)
+  assert got["tokens"] == [full["tokens"][0], full["tokens"][1][:1], full["tokens"][2][:3]]
+  assert got["completion_tokens"] == 8
+
+
+@flagsaver.flagsaver
+def test_bench_runs_a_mixed_workload_file(tmp_path):
+  f = _jsonl(tmp_path / "mixed.jsonl", MIXED)
+  bench.FLAGS.mark_as_parsed()
+  for name, value in dict(model="tiny", workload=str(f), layouts="pp2tp1,gspmd_tp2",
+                          input_len=1000, output_len=1000, num_requests=1,  # not used
+                          decode_chunk=2, max_num_seqs=4, dtype="float32",
+                          out=str(tmp_path / "out")).items():
+    setattr(bench.FLAGS, name, value)
+  bench.bench()
+  result = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert "6 requests from mixed.jsonl (mean 6 in / 4 out)" in result["header"]
+  assert [r["layout"] for r in result["rows"]] == ["pp2tp1", "gspmd_tp2"]
+  for r in result["rows"]:
+    assert (r["workload"], r["requests"]) == ("mixed.jsonl", 6)
+    assert (r["prompt_tokens"], r["completion_tokens"]) == (39, 22)
+    assert r["output_tokens_per_second"] == pytest.approx(22 / r["wall_seconds"])
+    assert r["total_tokens_per_second"] == pytest.approx(61 / r["wall_seconds"])
+
+
+def test_mean_context_is_weighted_by_output_tokens():
+  assert bench._mean_ctx([[1] * 10] * 3, [4] * 3) == 12  # input_len + output_len / 2
+  assert bench._mean_ctx([[1] * 10, [1] * 2], [6, 2]) == pytest.approx((6 * 13 + 2 * 3) / 8)
+
+
+def test_cli_bad_workload_is_one_line(tmp_path):
+  f = _jsonl(tmp_path / "bad.jsonl", ['{"input_len": 4, "output_len": 2, "n": 1}'])
+  proc = cli.run_module("jaxpp.bench", "--model=tiny", f"--workload={f}", f"--out={tmp_path}",
+                        timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {f}:1: unknown key 'n' (allowed: input_len, output_len, prompt_ids)")
+  assert "Traceback" not in proc.stderr

@@ -1,0 +1,119 @@
+"""The bench's requests: fixed-length random prompts, or one request per line of a JSONL file.
+
+Its own module so bench.py stays about running and reporting layouts: reading a workload
+file is mostly checking it, and every mistake in it must be one line naming `file:line`.
+
+A line is `{"input_len": 700, "output_len": 90}` (a random-token prompt of that length,
+drawn from the bench's seeded generator, as the fixed-length workload's are) or
+`{"prompt_ids": [128000, 791, 4062], "output_len": 90}`; blank lines are skipped. Exactly
+`output_len` tokens are generated per request (stop ids ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from jaxpp.errors import JaxppError
+
+KEYS = ("input_len", "output_len", "prompt_ids")
+FIRST_ID = 3  # random prompts avoid the ids tokenizers keep for specials, as before
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """Prompts (token ids) and each one's number of new tokens; `source` the file, if any."""
+  prompts: list[list[int]]
+  output_lens: list[int]
+  source: str | None = None
+
+  @property
+  def name(self) -> str:
+    """The file's name, or "random" for the fixed-length random workload."""
+    return self.source or "random"
+
+  @property
+  def max_len(self) -> int:
+    """Cache positions the longest request needs (prompt plus its new tokens)."""
+    return max(len(p) + o for p, o in zip(self.prompts, self.output_lens))
+
+  def describe(self) -> str:
+    """`256 requests x 1024 in / 128 out` or `256 requests from a.jsonl (mean 700 in / 90 out)`."""
+    n = len(self.prompts)
+    if self.source is None:
+      return f"{n} requests x {len(self.prompts[0])} in / {self.output_lens[0]} out"
+    return (f"{n} requests from {self.name} (mean {np.mean([len(p) for p in self.prompts]):.0f}"
+            f" in / {np.mean(self.output_lens):.0f} out)")
+
+
+def random(num_requests: int, input_len: int, output_len: int, vocab_size: int,
+           rng: np.random.Generator) -> Workload:
+  """`num_requests` random-token prompts of `input_len`, `output_len` new tokens each."""
+  prompts = rng.integers(FIRST_ID, vocab_size, (num_requests, input_len)).tolist()
+  return Workload(prompts, [output_len] * num_requests)
+
+
+def load(path: str, vocab_size: int, rng: np.random.Generator) -> Workload:
+  """The requests of a JSONL workload file (see the module docstring)."""
+  p = pathlib.Path(path)
+  try:
+    text = p.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise JaxppError(f"--workload={path}: cannot read it ({type(e).__name__})") from None
+  return parse(text.splitlines(), path, vocab_size, rng, name=p.name)
+
+
+def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,
+          name: str | None = None) -> Workload:
+  """Requests from JSONL `lines`; `where` (the file) prefixes every error's line number."""
+  prompts, output_lens = [], []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    at = f"{where}:{number}"
+    try:
+      req = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise JaxppError(f"{at}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(req, dict):
+      raise JaxppError(f"{at}: expected an object like {{\"input_len\": 512, "
+                       f"\"output_len\": 64}}, got {type(req).__name__}")
+    unknown = sorted(set(req) - set(KEYS))
+    if unknown:
+      raise JaxppError(f"{at}: unknown key {unknown[0]!r} (allowed: {', '.join(KEYS)})")
+    if "output_len" not in req:
+      raise JaxppError(f"{at}: output_len is missing")
+    output_lens.append(_positive(req["output_len"], "output_len", at))
+    if ("input_len" in req) == ("prompt_ids" in req):
+      raise JaxppError(f"{at}: needs exactly one of input_len or prompt_ids")
+    if "input_len" in req:
+      n = _positive(req["input_len"], "input_len", at)
+      prompts.append(rng.integers(FIRST_ID, vocab_size, n).tolist())
+    else:
+      prompts.append(_prompt_ids(req["prompt_ids"], vocab_size, at))
+  if not prompts:
+    raise JaxppError(f"{where}: no requests (the workload file is empty)")
+  return Workload(prompts, output_lens, name or where)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(v, key: str, at: str) -> int:
+  if not _is_int(v) or v < 1:
+    raise JaxppError(f"{at}: {key} must be an integer >= 1, got {json.dumps(v)}")
+  return v
+
+
+def _prompt_ids(ids, vocab_size: int, at: str) -> list[int]:
+  if not isinstance(ids, list) or not ids:
+    raise JaxppError(f"{at}: prompt_ids must be a non-empty list of token ids")
+  for i, t in enumerate(ids):
+    if not _is_int(t) or not 0 <= t < vocab_size:
+      raise JaxppError(f"{at}: prompt_ids[{i}] = {json.dumps(t)} is not a token id in "
+                       f"[0, {vocab_size})")
+  return ids
