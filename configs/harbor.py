@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
   c.schedule.microbatches = 4  # micro-batches in flight (>= pp; 0 = pp)
-  c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = microbatches)
+  c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = 8 per stage)
   c.schedule.layer_split = "even"  # "even", "balanced" or per-chunk counts "2,1,1,..."
   c.schedule.decode_chunk = 16  # tokens generated per return to the host
 

@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
   c.schedule.microbatches = 8  # 2 x pp in flight: the decode ring stays full
-  c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = microbatches)
+  c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = 8 per stage)
   c.schedule.layer_split = "even"  # 80 layers / 4 stages = 20 each
   c.schedule.decode_chunk = 32  # tokens generated per return to the host
 

@@ -95,6 +95,9 @@ class Engine:
         raise JaxppError(f"priority reserves {self.reserve} leave no slot of max_num_seqs="
                          f"{self.max_num_seqs} for class {cls!r}")
     shape = (M, self.rows)
+    # A prefill of every slot is cut this fine; a smaller admission takes fewer micro-batches
+    self.prefill_m = min(self.pipe.prefill_mb, M * self.rows)
+    self.prefill_rows = -(-M * self.rows // self.prefill_m)  # rows of a prefill micro-batch
     self.cache = self.pipe.init_cache(self.rows, llm.max_len, llm.dtype)
     self.state = generate.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                       np.zeros(shape, np.int32), np.ones(shape, bool))
@@ -169,9 +172,12 @@ class Engine:
 
   def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
     """Prefills newly admitted requests into their slots; sets their decode state."""
-    # Few shapes, few compiles: every prefill has the slots' row count, lengths bucketed.
-    M = self.pipe.prefill_mb  # prefill micro-batches, p rows each: room for every slot
-    p = -(-self.M * self.rows // M)
+    # Work in proportion to the admission, with few shapes (few compiles): micro-batches of
+    # `prefill_rows` rows each, as many as the admitted requests fill, rounded up to a power
+    # of two (interleaving keeps at least pp in flight); lengths bucketed.
+    p = self.prefill_rows
+    M = min(self.prefill_m, max(bucket(-(-len(admitted) // p), minimum=1),
+                                self.pipe.pp if self.pipe.v > 1 else 1))
     T = min(bucket(max(len(a[0].prompt) for a in admitted), minimum=64), self.llm.max_len)
     tokens = np.zeros((M, p, T), np.int32)
     lengths = np.ones((M, p), np.int32)
@@ -179,7 +185,7 @@ class Engine:
     knobs = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
     knobs["top_p"][:] = 1.0
     for i, (req, j, r) in enumerate(admitted):
-      q, row = i % M, i // M
+      q, row = divmod(i, p)
       tokens[q, row, :len(req.prompt)] = req.prompt
       lengths[q, row] = len(req.prompt)
       slots[q, row] = (j, r)
@@ -197,7 +203,7 @@ class Engine:
     self.stats.prefill_seconds += time.perf_counter() - start
     rows = np.arange(len(admitted))
     new = generate.start_state(
-        first[rows % M, rows // M], np.array([len(a[0].prompt) for a in admitted]),
+        first[rows // p, rows % p], np.array([len(a[0].prompt) for a in admitted]),
         np.array([a[0].max_new_tokens for a in admitted]), self.llm.config.eos_token_ids,
         self.llm.max_len)
     new = generate.DecodeState(*(np.asarray(a) for a in new))  # one fetch each, not per row

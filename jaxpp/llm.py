@@ -221,7 +221,8 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
 
   `devices` defaults to the first pp*tp devices, so a small layout runs on a big host.
   `microbatches` defaults to pp (the fewest that keep the decode ring full);
-  `prefill_microbatches` (0: the same) is how many the engine cuts a prefill into.
+  `prefill_microbatches` (0: 8 per stage, `schedule.prefill_microbatches`) is how many the
+  engine cuts a prefill of every slot into.
   `layer_split` is "even", "balanced" (parameter counts: the embedding weighs on the first
   chunk and the LM head on the last), or explicit per-chunk counts like "21,20,20,19".
   """

@@ -32,7 +32,7 @@ from jaxpp.model import llama, quant
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.partition import Partition
-from jaxpp.schedule import circular
+from jaxpp.schedule import circular, prefill_microbatches
 
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
@@ -54,8 +54,9 @@ class Pipeline:
   partition: Partition
   microbatches: int
   scan_unroll: int | bool = 1  # layers per iteration of the stage scan (True: all)
-  # Micro-batches a prefill of all slots is cut into (0 = microbatches). More shrink the
-  # prefill bubble (p-1)/(v*m+p-1) at the cost of smaller matmuls; the decode ring keeps m.
+  # Micro-batches a prefill of all slots is cut into (0 = schedule.prefill_microbatches's
+  # default). More shrink the prefill bubble (p-1)/(v*m+p-1) at the cost of smaller
+  # matmuls; the decode ring keeps m.
   prefill_microbatches: int = 0
 
   def __post_init__(self):
@@ -72,15 +73,15 @@ class Pipeline:
       raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
     if self.prefill_microbatches < 0:
       raise JaxppError(f"prefill_microbatches={self.prefill_microbatches} must be >= 0 "
-                       "(0 = microbatches)")
+                       "(0 = the default)")
     if self.v > 1 and self.prefill_mb < self.pp:
       raise JaxppError(f"prefill_microbatches={self.prefill_mb} < pp={self.pp}: "
                        "virtual_stages > 1 needs at least pp micro-batches in flight")
 
   @property
   def prefill_mb(self) -> int:
-    """Micro-batches of the engine's prefill program."""
-    return self.prefill_microbatches or self.microbatches
+    """Micro-batches of a prefill of every slot (the engine caps it at its slot count)."""
+    return prefill_microbatches(self.prefill_microbatches, self.pp, self.microbatches)
 
   @property
   def pp(self) -> int:

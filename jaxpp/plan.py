@@ -27,7 +27,7 @@ from jaxpp import partition, presets
 from jaxpp.errors import JaxppError
 from jaxpp.model.config import LlamaConfig
 from jaxpp.presets import Assumptions, Hardware, Layout, Workload  # noqa: F401 (the API)
-from jaxpp.schedule import formula_bubble
+from jaxpp.schedule import formula_bubble, prefill_microbatches
 
 MODES = ("batch", "interactive")
 H100 = presets.HARDWARE["h100"]
@@ -148,7 +148,8 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   held = layout.virtual_stages * part.max_layers  # padded: every device holds the longest
   head = 0 if cfg.tie_word_embeddings else _head_read(cfg, tp)
   weights = bytes_per_param * held * _block_params(cfg, tp) + eb * (V * D + head) + 4 * D
-  b, T, mp = workload.rows(m), workload.prefill_len, layout.mp
+  b, T = workload.rows(m), workload.prefill_len
+  mp = prefill_microbatches(layout.prefill_microbatches, layout.pp, m, workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -189,11 +190,12 @@ def _allreduce_s(nbytes: float, tp: int, hw: Hardware, assume: Assumptions) -> f
 
 
 def _send_s(nbytes: float, layout: Layout, hw: Hardware, assume: Assumptions) -> float:
-  """One ppermute to the next stage; over the network once the mesh spans hosts."""
+  """A pipeline tick's hand-off: the executor's fixed cost per tick and one ppermute to the
+  next stage, over the network once the mesh spans hosts."""
   if layout.pp == 1:
     return 0.0
   bw = hw.inter_node_bandwidth if layout.pp * layout.tp > hw.gpus_per_node else hw.link_bandwidth
-  return assume.collective_latency_s + nbytes / bw
+  return assume.tick_overhead_s + assume.collective_latency_s + nbytes / bw
 
 
 def _round_s(chunk_s: list[float], layout: Layout, send_s: float, m: int) -> float:
@@ -232,7 +234,8 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   step = decode_round_s(b) / (1 - dec_bubble)
 
   flops_s = hw.matmul_flops * assume.prefill_efficiency
-  mp, bp = layout.mp, w.rows(layout.mp)  # prefill micro-batches and their rows
+  mp = prefill_microbatches(layout.prefill_microbatches, layout.pp, m, w.concurrency)
+  bp = w.rows(mp)  # rows of a prefill micro-batch
   chunk_s = [(2 * bp * T * n * blk + 4 * bp * T * T * n * NH / tp) / flops_s
              + n * 2 * _allreduce_s(bp * T * D * a, tp, hw, assume) for n in part.counts]
   pre_bubble = formula_bubble(layout.pp, layout.virtual_stages, mp)
@@ -334,8 +337,8 @@ def format_plan(plan: Plan) -> str:
   lines += [f"Minimum pp that fits (pp*tp dividing {plan.devices}): {mins}.", "",
             f"**Recommendation: {plan.best or 'none'}** ({plan.reason}).", "", "Rules:"]
   lines += [f"- {rule}" for rule in plan.rules]
-  lines += ["", "An estimate: decode constants fitted to H200 runs, within -17% / +46% of "
-            "measured decode there (docs/planner.md, \"Validation\")."]
+  lines += ["", "An estimate: constants fitted to H200 runs, within -17% / +30% of measured "
+            "decode and -16% / +15% of total tok/s there (docs/planner.md, \"Validation\")."]
   return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ def _define_flags() -> None:
   f.DEFINE_bool("quant_embed", False, "With --quant, the embedding and LM head in 8 bits too.")
   f.DEFINE_integer("virtual_stages", 1, "Layer chunks per device (interleaving).")
   f.DEFINE_integer("microbatches", 0, "Micro-batches in flight; 0 = pp.")
-  f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = microbatches.")
+  f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = 8 per stage "
+                   "(at most concurrency).")
   f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import pathlib
 
+from jaxpp import schedule
 from jaxpp.errors import JaxppError
 from jaxpp.model.config import LlamaConfig
 
@@ -123,6 +124,7 @@ class Assumptions:
   decode_efficiency: float = 0.65
   layer_overhead_s: float = 16e-6
   collective_latency_s: float = 55e-6  # fixed cost of one all-reduce or neighbour send
+  tick_overhead_s: float = 500e-6  # fixed cost of one pipeline tick (pp > 1): fitted
   dtype_bytes: int = 2  # KV cache and activations (bf16)
   kv_read: str = "max_len"  # decode reads all "max_len" cached positions (jaxpp) or "context"
   activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
@@ -145,7 +147,7 @@ class Layout:
   virtual_stages: int = 1
   microbatches: int = 0  # 0 = pp: jaxpp's default, the fewest that keep the decode ring full
   layer_split: str = "even"  # "even" or "balanced" (partition.py)
-  prefill_microbatches: int = 0  # a prefill of all sequences cut this fine; 0 = m
+  prefill_microbatches: int = 0  # a prefill of all sequences cut this fine; 0 = default
 
   @property
   def m(self) -> int:
@@ -153,13 +155,14 @@ class Layout:
 
   @property
   def mp(self) -> int:
-    return self.prefill_microbatches or self.m
+    """Prefill micro-batches before the workload's cap (schedule.prefill_microbatches)."""
+    return schedule.prefill_microbatches(self.prefill_microbatches, self.pp, self.m)
 
   @property
   def name(self) -> str:
     v = f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""
     return (f"pp{self.pp}tp{self.tp}{v}" + (f"m{self.m}" if self.m != self.pp else "")
-            + (f"p{self.mp}" if self.mp != self.m else ""))
+            + (f"p{self.prefill_microbatches}" if self.prefill_microbatches else ""))
 
   def problem(self, cfg: LlamaConfig, hw: Hardware) -> str | None:
     """Why jaxpp cannot run this layout (pipeline.py, schedule.py, mesh.py rules), or None."""

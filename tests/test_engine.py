@@ -153,6 +153,33 @@ def test_finer_prefill_refills_like_the_reference(ckpt):
   run_against_reference(llm6, ckpt, ps, max_new, max_num_seqs=6)
 
 
+@pytest.mark.parametrize("v, prefill_m, slots, rows", [(1, 0, 6, 1), (1, 4, 8, 2),
+                                                       (2, 0, 6, 1)])
+def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch, v, prefill_m,
+                                                                slots, rows):
+  """A refill of a few slots must not cost a prefill of every slot: it runs the fewest
+  micro-batches of `prefill_rows` rows that hold it, rounded up to a power of two (at least
+  pp when interleaved). Default cut at pp=2: 16 micro-batches, capped at the slot count."""
+  llm_v = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, virtual_stages=v, microbatches=2,
+                    prefill_microbatches=prefill_m, decode_chunk=4)
+  calls, prefill = [], type(llm_v.pipeline).prefill
+
+  def spy(self, params, cache, tokens, lengths, slots_arg, *args, **kw):
+    calls.append((tokens.shape[:2], int((slots_arg[..., 0] >= 0).sum())))
+    return prefill(self, params, cache, tokens, lengths, slots_arg, *args, **kw)
+
+  monkeypatch.setattr(type(llm_v.pipeline), "prefill", spy)
+  ps, max_new = prompts(11, seed=4), [2 + (5 * i) % 7 for i in range(11)]
+  eng, _ = run_against_reference(llm_v, ckpt, ps, max_new, max_num_seqs=slots)
+  assert (eng.prefill_m, eng.prefill_rows) == (slots // rows, rows)
+  assert calls[0] == ((slots // rows, rows), slots)  # the first admission fills every slot
+  floor = 2 if v > 1 else 1  # interleaving keeps pp=2 micro-batches in flight
+  for (m, p), n in calls:
+    need = -(-n // rows)
+    assert p == rows and m == min(slots // rows, max(1 << (need - 1).bit_length(), floor)), (m, n)
+  assert any(m < slots // rows for (m, _), _ in calls), calls  # some refills were small
+
+
 def test_prefill_microbatches_errors(ckpt):
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=-1 must be >= 0"):
     jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, prefill_microbatches=-1)

@@ -78,15 +78,28 @@ def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
   assert roofline.decode_step_s == pytest.approx(read / 3.0e12, rel=1e-12)
 
 
-# Measured on H200s with jax 0.11.2 (docs/benchmarks.md, "KV layout"): layout, model, decode and
-# total tok/s; 64 sequences of 1024 + 128 tokens, decode_chunk 32. The first four fitted the
-# decode constants; the rest were not used to fit them.
+# Measured on H200s with jax 0.11.2 (docs/benchmarks.md): model, layout, decode and total
+# tok/s; 64 sequences of 1024 + 128 tokens, decode_chunk 32. The first four fitted the decode
+# constants, the pipelined runs the tick overhead; the rest were not used to fit anything.
+# `_old`: the prefill cut of the runs before 8 per stage became the default (as many as the
+# decode ring's micro-batches).
+def _old(pp, tp, v=1, m=0):
+  return Layout(pp, tp, v, m, prefill_microbatches=m or pp)
+
+
 MEASURED = [
-    ("llama3-8b", Layout(1, 1), 6363, 22833), ("llama3-70b", Layout(2, 1), 1083, 3817),
-    ("llama3-8b", Layout(1, 2), 7049, 32244), ("llama3-8b", Layout(1, 4), 9917, 48660),
-    ("llama3-70b", Layout(1, 2), 1897, 5714), ("llama3-8b", Layout(2, 1), 5228, 23630),
-    ("llama3-8b", Layout(2, 1, 1, 4), 3369, 19927), ("llama3-8b", Layout(4, 1), 6073, 32995),
-    ("llama3-8b", Layout(2, 2), 6401, 34761),
+    ("llama3-8b", _old(1, 1), 6363, 22833), ("llama3-70b", _old(2, 1), 1083, 3817),
+    ("llama3-8b", _old(1, 2), 7049, 32244), ("llama3-8b", _old(1, 4), 9917, 48660),
+    ("llama3-70b", _old(1, 2), 1897, 5714), ("llama3-8b", _old(2, 1), 5228, 23630),
+    ("llama3-8b", _old(2, 1, 1, 4), 3369, 19927), ("llama3-8b", _old(4, 1), 6073, 32995),
+    ("llama3-8b", _old(2, 2), 6401, 34761),
+    # one 4 x H200 machine, one lease
+    ("llama3-70b", _old(4, 1), 1193, 5346), ("llama3-70b", Layout(4, 1), 1198, 6587),
+    ("llama3-70b", Layout(4, 1, prefill_microbatches=16), 1186, 6396),
+    ("llama3-70b", _old(2, 2), 1811, 6702), ("llama3-70b", _old(1, 4), 2957, 9673),
+    ("llama3-8b", Layout(4, 1), 6075, 38727), ("llama3-8b", _old(1, 4), 10003, 49505),
+    ("llama3-8b", Layout(4, 1, prefill_microbatches=8), 6129, 36522),
+    ("llama3-8b", Layout(4, 1, prefill_microbatches=64), 6365, 39301),
 ]
 
 
@@ -115,7 +128,8 @@ def test_bubbles_match_the_schedule():
   for layout in (Layout(4, 1), Layout(2, 2), Layout(4, 1, virtual_stages=2), Layout(2, 1, 1, 8)):
     p = plan.predict(L70B, layout, w, H100)
     pp, v, m = layout.pp, layout.virtual_stages, layout.m
-    assert p.prefill_bubble == schedule.formula_bubble(pp, v, m)
+    mp = schedule.prefill_microbatches(0, pp, m, w.concurrency)
+    assert p.prefill_bubble == schedule.formula_bubble(pp, v, mp)
     assert p.decode_bubble == schedule.formula_bubble(pp, v, m, rounds=8)
     counted = schedule.circular(pp, v, m, rounds=8).bubble_fraction()
     assert p.decode_bubble == pytest.approx(counted)
@@ -173,9 +187,9 @@ def test_interactive_prefers_tp_and_pp_does_not_cut_latency():
 
 
 def test_batch_never_picks_a_layout_that_does_not_fit():
-  # 80 sequences of 1024 tokens: pp1tp4 predicts the most tokens/s but its prefill
-  # activations (one micro-batch of 80 rows) overflow; the pick must be a layout that fits.
-  r = plan.recommend(L70B, 4, Workload(input_len=1024, concurrency=80), H100, mode="batch")
+  # 192 sequences of 1024 tokens: pp1tp4 predicts the most tokens/s but its KV cache and
+  # prefill activations overflow, as do pp4tp1's; the pick must be the layout that fits.
+  r = plan.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch")
   rows = {row.name: row for row in r.rows}
   fastest = max(r.rows, key=lambda row: row.prediction.total_tokens_per_s)
   assert fastest.name == "pp1tp4" and not fastest.memory.fits
@@ -247,7 +261,8 @@ def test_cli_takes_a_config_json(tmp_path):
 
 @pytest.mark.parametrize("model, devices, measured_best", [("llama3-8b", 4, "pp1tp4"),
                                                             ("llama3-70b", 2, "pp1tp2"),
-                                                            ("llama3-8b", 2, "pp1tp2")])
+                                                            ("llama3-8b", 2, "pp1tp2"),
+                                                            ("llama3-70b", 4, "pp1tp4")])
 def test_recommendation_is_the_measured_best(model, devices, measured_best):
   """The batch pick among the layouts benchmarked on H200s is the one that measured best."""
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
@@ -259,10 +274,17 @@ def test_recommendation_is_the_measured_best(model, devices, measured_best):
 
 def test_finer_prefill_shrinks_the_prefill_bubble_only():
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
-  coarse = plan.predict(L8B, Layout(4, 1), w, H100)
+  coarse = plan.predict(L8B, Layout(4, 1, prefill_microbatches=4), w, H100)
   fine = plan.predict(L8B, Layout(4, 1, prefill_microbatches=16), w, H100)
   assert fine.prefill_bubble == schedule.formula_bubble(4, 1, 16) < coarse.prefill_bubble
   assert fine.prefill_tokens_per_s > 1.3 * coarse.prefill_tokens_per_s
   assert fine.decode_tokens_per_s == coarse.decode_tokens_per_s
   assert Layout(4, 1, prefill_microbatches=16).name == "pp4tp1p16"
+  # the default: 8 per stage, capped by the sequences in flight
+  default = plan.predict(L8B, Layout(4, 1), w, H100)
+  assert default.prefill_bubble == schedule.formula_bubble(4, 1, 32)
+  assert plan.predict(L8B, Layout(4, 1), Workload(concurrency=12), H100).prefill_bubble == (
+      schedule.formula_bubble(4, 1, 12))
+  assert plan.predict(L8B, Layout(1, 1), w, H100).prefill_bubble == 0.0
+  assert Layout(4, 1).name == "pp4tp1"
   assert "interleaving" in Layout(4, 1, 2, 4, prefill_microbatches=2).problem(L8B, H100)

@@ -57,3 +57,13 @@ def test_ring_needs_enough_microbatches():
   with pytest.raises(JaxppError, match="virtual_stages > 1"):
     schedule.circular(4, 2, 3)
   assert schedule.gpipe(4, 2).bubble_fraction() == pytest.approx(3 / 5)
+
+
+def test_prefill_microbatches_default_and_caps():
+  per = schedule.PREFILL_MICROBATCHES_PER_STAGE
+  assert schedule.prefill_microbatches(0, 4, 4) == 4 * per  # 8 per stage by default
+  assert schedule.prefill_microbatches(0, 1, 1) == per
+  assert schedule.prefill_microbatches(0, 2, 40) == 40  # never fewer than the decode ring
+  assert schedule.prefill_microbatches(0, 4, 4, slots=12) == 12  # a row each at most
+  assert schedule.prefill_microbatches(6, 4, 4) == 6  # asked for: taken as it is
+  assert schedule.prefill_microbatches(6, 4, 4, slots=5) == 5
