@@ -201,12 +201,13 @@ class Engine:
                                             params_s, do_sample=do_sample)
       first = np.asarray(first)
     self.stats.prefill_seconds += time.perf_counter() - start
-    rows = np.arange(len(admitted))
-    new = generate.start_state(
-        first[rows // p, rows % p], np.array([len(a[0].prompt) for a in admitted]),
-        np.array([a[0].max_new_tokens for a in admitted]), self.llm.config.eos_token_ids,
-        self.llm.max_len)
-    new = generate.DecodeState(*(np.asarray(a) for a in new))  # one fetch each, not per row
+    # Over every row of the prefill (admitted i is row i, row-major), so these few eager ops
+    # compile once per prefill shape, not once per admission size.
+    max_new = np.ones(M * p, np.int32)
+    max_new[:len(admitted)] = [a[0].max_new_tokens for a in admitted]
+    new = generate.start_state(first.reshape(-1), lengths.reshape(-1), max_new,
+                               self.llm.config.eos_token_ids, self.llm.max_len)
+    new = generate.DecodeState(*(np.asarray(a)[:len(admitted)] for a in new))  # one fetch each
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]

@@ -169,8 +169,12 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
     return prefill(self, params, cache, tokens, lengths, slots_arg, *args, **kw)
 
   monkeypatch.setattr(type(llm_v.pipeline), "prefill", spy)
+  starts, start_state = [], generate.start_state  # its eager ops: one shape per prefill shape
+  monkeypatch.setattr(generate, "start_state",
+                      lambda first, *a: starts.append(first.shape) or start_state(first, *a))
   ps, max_new = prompts(11, seed=4), [2 + (5 * i) % 7 for i in range(11)]
   eng, _ = run_against_reference(llm_v, ckpt, ps, max_new, max_num_seqs=slots)
+  assert starts[:len(calls)] == [(m * p,) for (m, p), _ in calls]  # then the reference's
   assert (eng.prefill_m, eng.prefill_rows) == (slots // rows, rows)
   assert calls[0] == ((slots // rows, rows), slots)  # the first admission fills every slot
   floor = 2 if v > 1 else 1  # interleaving keeps pp=2 micro-batches in flight
