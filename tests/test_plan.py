@@ -99,6 +99,7 @@ MEASURED = [
     ("llama3-70b", _old(2, 2), 1811, 6702), ("llama3-70b", _old(1, 4), 2957, 9673),
     ("llama3-8b", Layout(4, 1), 6075, 38727), ("llama3-8b", _old(1, 4), 10003, 49505),
     ("llama3-8b", Layout(4, 1, prefill_microbatches=8), 6129, 36522),
+    ("llama3-8b", Layout(4, 1, prefill_microbatches=16), 6132, 38188),
     ("llama3-8b", Layout(4, 1, prefill_microbatches=64), 6365, 39301),
 ]
 
