@@ -5,8 +5,9 @@ For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, `pp4tp1m4p16`: 16 prefill mic
 (no host copy), and the batch engine runs `num_requests` random-token prompts of
 `input_len` tokens for exactly `output_len` new tokens each (stop ids ignored), or the
 requests of a `--workload` JSONL file, each with its own prompt and output length
-(`bench_workload.py`). A short warm-up wave of every slot compiles the programs first;
-compile time is reported separately and never timed as throughput.
+(`bench_workload.py`). A short warm-up wave of every slot, then every prefill an admission
+can pick (`Engine.precompile_prefills`), compile the programs first; compile time is
+reported separately and never timed as throughput.
 
 Reported per layout, in the form inference servers print: requests/s, total and output
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
@@ -161,10 +162,14 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       eng.run(lambda f: None)
       return eng
 
-    # One short wave of every slot compiles the programs the timed run meets: shapes depend
-    # on the slots, the prompt bucket and (prefill) how many are admitted, not on lengths
-    # (a workload file's other prompt buckets or partial admissions still compile in it).
+    # One short wave of every slot compiles the decode programs the timed run meets (shapes
+    # depend on the slots, not on lengths)...
     warm = run(prompts[:slots], [2] * slots)
+    # ...and the prefills of every admission the timed run can meet: with a workload file
+    # any size (requests finish at different times); else full waves and the last one.
+    fixed = args.get("workload", "random") == "random"
+    warm.precompile_prefills(map(len, prompts), admissions=(
+        {min(slots, len(prompts)), len(prompts) % slots} - {0} if fixed else None))
     compile_s = time.perf_counter() - start
     bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
     prefill_m = warm.prefill_m

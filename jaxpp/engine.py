@@ -170,49 +170,77 @@ class Engine:
     """
     return self.watchdog.step(name, key) if self.watchdog else contextlib.nullcontext()
 
-  def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
-    """Prefills newly admitted requests into their slots; sets their decode state."""
-    # Work in proportion to the admission, with few shapes (few compiles): micro-batches of
-    # `prefill_rows` rows each, as many as the admitted requests fill, rounded up to a power
-    # of two (interleaving keeps at least pp in flight); lengths bucketed.
+  def _prefill_shape(self, admitted: int, longest: int) -> tuple[int, int, int]:
+    """(micro-batches, rows each, padded length) of the prefill of `admitted` prompts.
+
+    Work in proportion to the admission, with few shapes (few compiles): micro-batches of
+    `prefill_rows` rows each, as many as the admitted requests fill, rounded up to a power of
+    two (interleaving keeps at least pp in flight); lengths bucketed.
+    """
     p = self.prefill_rows
-    M = min(self.prefill_m, max(bucket(-(-len(admitted) // p), minimum=1),
+    M = min(self.prefill_m, max(bucket(-(-admitted // p), minimum=1),
                                 self.pipe.pp if self.pipe.v > 1 else 1))
-    T = min(bucket(max(len(a[0].prompt) for a in admitted), minimum=64), self.llm.max_len)
-    tokens = np.zeros((M, p, T), np.int32)
-    lengths = np.ones((M, p), np.int32)
-    slots = np.full((M, p, 2), -1, np.int32)
-    knobs = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
-    knobs["top_p"][:] = 1.0
-    for i, (req, j, r) in enumerate(admitted):
-      q, row = divmod(i, p)
-      tokens[q, row, :len(req.prompt)] = req.prompt
-      lengths[q, row] = len(req.prompt)
-      slots[q, row] = (j, r)
-      for f in knobs:
-        value = getattr(req, f)
-        knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
-        getattr(self.sampling, f)[j, r] = knobs[f][q, row]
+    return M, p, min(bucket(longest, minimum=64), self.llm.max_len)
+
+  def _run_prefill(self, tokens, lengths, slots, knobs, max_new) -> generate.DecodeState:
+    """One prefill program call; the decode state of every one of its rows (host arrays)."""
     params_s = sampling.SamplingParams(*knobs.values())  # numpy: jit places it on the mesh
-    start = time.perf_counter()
     do_sample = params_s.needs_sampling()
     with self._device_step("prefill", (tokens.shape, do_sample)):
       first, self.cache = self.pipe.prefill(self.llm.params, self.cache, tokens, lengths, slots,
                                             params_s, do_sample=do_sample)
       first = np.asarray(first)
-    self.stats.prefill_seconds += time.perf_counter() - start
-    # Over every row of the prefill (admitted i is row i, row-major), so these few eager ops
-    # compile once per prefill shape, not once per admission size.
-    max_new = np.ones(M * p, np.int32)
-    max_new[:len(admitted)] = [a[0].max_new_tokens for a in admitted]
+    # Over every row (admitted i is row i, row-major), so these few eager ops compile once
+    # per prefill shape, not once per admission size.
     new = generate.start_state(first.reshape(-1), lengths.reshape(-1), max_new,
                                self.llm.config.eos_token_ids, self.llm.max_len)
-    new = generate.DecodeState(*(np.asarray(a)[:len(admitted)] for a in new))  # one fetch each
+    return generate.DecodeState(*(np.asarray(a) for a in new))  # one fetch each
+
+  def _prefill_inputs(self, M: int, p: int, T: int):
+    """Empty prefill inputs: no prompt, every row padding (slot -1), greedy knobs."""
+    knobs = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
+    knobs["top_p"][:] = 1.0
+    return (np.zeros((M, p, T), np.int32), np.ones((M, p), np.int32),
+            np.full((M, p, 2), -1, np.int32), knobs, np.ones(M * p, np.int32))
+
+  def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
+    """Prefills newly admitted requests into their slots; sets their decode state."""
+    M, p, T = self._prefill_shape(len(admitted), max(len(a[0].prompt) for a in admitted))
+    tokens, lengths, slots, knobs, max_new = self._prefill_inputs(M, p, T)
+    for i, (req, j, r) in enumerate(admitted):
+      q, row = divmod(i, p)
+      tokens[q, row, :len(req.prompt)] = req.prompt
+      lengths[q, row] = len(req.prompt)
+      slots[q, row] = (j, r)
+      max_new[i] = req.max_new_tokens
+      for f in knobs:
+        value = getattr(req, f)
+        knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
+        getattr(self.sampling, f)[j, r] = knobs[f][q, row]
+    start = time.perf_counter()
+    new = self._run_prefill(tokens, lengths, slots, knobs, max_new)
+    self.stats.prefill_seconds += time.perf_counter() - start
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
       for field, value in zip(self.state, new):
         field[j, r] = value[i]
+
+  def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
+    """Runs the greedy prefill program of every admission size in `admissions` (default:
+    any, 1 to max_num_seqs) for the length buckets of `prompt_lengths`, filling no slot;
+    returns how many ran.
+
+    Admissions of different sizes and prompt lengths are different programs; a benchmark
+    calls this first so that no compile lands in its timed run.
+    """
+    admissions = admissions or range(1, self.max_num_seqs + 1)
+    sizes = {self._prefill_shape(n, 1)[0] for n in admissions}
+    lens = {self._prefill_shape(1, n)[2] for n in set(prompt_lengths)}
+    for M in sorted(sizes):
+      for T in sorted(lens):
+        self._run_prefill(*self._prefill_inputs(M, self.prefill_rows, T))
+    return len(sizes) * len(lens)
 
   def _decode(self) -> None:
     """One return-to-host worth of tokens for every live slot."""

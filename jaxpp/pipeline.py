@@ -117,7 +117,14 @@ class Pipeline:
     return (self.pp, self.v, self.partition.max_layers)
 
   def cache_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(PP, None, None, None, None, TP, None, None))
+    """[pp, v, Lc, M, b, K, S, H] over stages and kv heads, spelled as the programs' outputs
+    are (no axis of size 1, no trailing None): jit keys its cache on the spelling, so a
+    fresh cache would otherwise compile every program a second time."""
+    axes = [a if a is None or self.mesh.shape[a] > 1 else None
+            for a in (PP, None, None, None, None, TP)]
+    while axes and axes[-1] is None:
+      axes.pop()
+    return NamedSharding(self.mesh, P(*axes))
 
   def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
     """Zeroed KV cache [pp, v, Lc, M, b, K, S, H], created already sharded on its stages."""

@@ -184,6 +184,21 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
   assert any(m < slots // rows for (m, _), _ in calls), calls  # some refills were small
 
 
+@pytest.mark.parametrize("pp, tp, prefill_m, programs", [(2, 1, 5, 3), (1, 2, 0, 4)])
+def test_precompiled_prefills_leave_no_compile_to_the_run(ckpt, pp, tp, prefill_m, programs):
+  """After precompile_prefills, refills of any size find their program compiled, and so does
+  the first prefill into a fresh cache (its sharding is spelled as the programs' outputs)."""
+  llm_p = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=pp, tp=tp, decode_chunk=4,
+                    prefill_microbatches=prefill_m)
+  ps, max_new = prompts(11, seed=6), [2 + (3 * i) % 7 for i in range(11)]
+  # 6 slots; p5: micro-batches of 2 rows, admissions of 1..6 take 1, 2 or 4 of them; the
+  # default (8 a stage, at most 6): 1, 2, 4 or 6 of one row. Every prompt pads to max_len.
+  assert engine.Engine(llm_p, max_num_seqs=6).precompile_prefills(map(len, ps)) == programs
+  compiled = type(llm_p.pipeline).prefill._cache_size()
+  run_against_reference(llm_p, ckpt, ps, max_new, max_num_seqs=6)
+  assert type(llm_p.pipeline).prefill._cache_size() == compiled
+
+
 def test_prefill_microbatches_errors(ckpt):
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=-1 must be >= 0"):
     jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, prefill_microbatches=-1)
