@@ -170,17 +170,19 @@ class Engine:
     """
     return self.watchdog.step(name, key) if self.watchdog else contextlib.nullcontext()
 
-  def _prefill_shape(self, admitted: int, longest: int) -> tuple[int, int, int]:
-    """(micro-batches, rows each, padded length) of the prefill of `admitted` prompts.
+  def _prefill_size(self, admitted: int) -> int:
+    """Micro-batches (of `prefill_rows` rows) of the prefill of `admitted` prompts.
 
-    Work in proportion to the admission, with few shapes (few compiles): micro-batches of
-    `prefill_rows` rows each, as many as the admitted requests fill, rounded up to a power of
-    two (interleaving keeps at least pp in flight); lengths bucketed.
+    Work in proportion to the admission, with few shapes (few compiles): as many as the
+    admitted requests fill, rounded up to a power of two (interleaving keeps at least pp in
+    flight).
     """
-    p = self.prefill_rows
-    M = min(self.prefill_m, max(bucket(-(-admitted // p), minimum=1),
-                                self.pipe.pp if self.pipe.v > 1 else 1))
-    return M, p, min(bucket(longest, minimum=64), self.llm.max_len)
+    return min(self.prefill_m, max(bucket(-(-admitted // self.prefill_rows), minimum=1),
+                                   self.pipe.pp if self.pipe.v > 1 else 1))
+
+  def _prefill_len(self, longest: int) -> int:
+    """Positions a prefill pads its prompts to: the longest one's bucket."""
+    return min(bucket(longest, minimum=64), self.llm.max_len)
 
   def _run_prefill(self, tokens, lengths, slots, knobs, max_new) -> generate.DecodeState:
     """One prefill program call; the decode state of every one of its rows (host arrays)."""
@@ -205,8 +207,10 @@ class Engine:
 
   def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
     """Prefills newly admitted requests into their slots; sets their decode state."""
-    M, p, T = self._prefill_shape(len(admitted), max(len(a[0].prompt) for a in admitted))
-    tokens, lengths, slots, knobs, max_new = self._prefill_inputs(M, p, T)
+    p = self.prefill_rows
+    tokens, lengths, slots, knobs, max_new = self._prefill_inputs(
+        self._prefill_size(len(admitted)), p,
+        self._prefill_len(max(len(a[0].prompt) for a in admitted)))
     for i, (req, j, r) in enumerate(admitted):
       q, row = divmod(i, p)
       tokens[q, row, :len(req.prompt)] = req.prompt
@@ -235,8 +239,8 @@ class Engine:
     calls this first so that no compile lands in its timed run.
     """
     admissions = admissions or range(1, self.max_num_seqs + 1)
-    sizes = {self._prefill_shape(n, 1)[0] for n in admissions}
-    lens = {self._prefill_shape(1, n)[2] for n in set(prompt_lengths)}
+    sizes = {self._prefill_size(n) for n in admissions}
+    lens = {self._prefill_len(n) for n in set(prompt_lengths)}
     for M in sorted(sizes):
       for T in sorted(lens):
         self._run_prefill(*self._prefill_inputs(M, self.prefill_rows, T))

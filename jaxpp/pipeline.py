@@ -174,8 +174,8 @@ class Pipeline:
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
 
-    Prompts travel in m micro-batches of p rows, m set by the shape (the decode ring's M or
-    the engine's `prefill_mb`; p may differ from the cache's rows per micro-batch); `slots`
+    Prompts travel in m micro-batches of p rows, m set by the shape (the engine picks it per
+    admission, up to `prefill_mb`; p may differ from the cache's rows per micro-batch); `slots`
     i32[m, p, 2] names the cache (micro-batch, row) each prompt fills, -1 for padding rows.
     `with_logits` also returns the last prompt position's logits f32[m, p, V] (for tests and
     parity checks; it adds a reduction of that size over 'pp').

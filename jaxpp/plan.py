@@ -27,7 +27,7 @@ from jaxpp import partition, presets
 from jaxpp.errors import JaxppError
 from jaxpp.model.config import LlamaConfig
 from jaxpp.presets import Assumptions, Hardware, Layout, Workload  # noqa: F401 (the API)
-from jaxpp.schedule import formula_bubble, prefill_microbatches
+from jaxpp.schedule import formula_bubble
 
 MODES = ("batch", "interactive")
 H100 = presets.HARDWARE["h100"]
@@ -149,7 +149,7 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   head = 0 if cfg.tie_word_embeddings else _head_read(cfg, tp)
   weights = bytes_per_param * held * _block_params(cfg, tp) + eb * (V * D + head) + 4 * D
   b, T = workload.rows(m), workload.prefill_len
-  mp = prefill_microbatches(layout.prefill_microbatches, layout.pp, m, workload.concurrency)
+  mp = layout.mp(workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -234,7 +234,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   step = decode_round_s(b) / (1 - dec_bubble)
 
   flops_s = hw.matmul_flops * assume.prefill_efficiency
-  mp = prefill_microbatches(layout.prefill_microbatches, layout.pp, m, w.concurrency)
+  mp = layout.mp(w.concurrency)
   bp = w.rows(mp)  # rows of a prefill micro-batch
   chunk_s = [(2 * bp * T * n * blk + 4 * bp * T * T * n * NH / tp) / flops_s
              + n * 2 * _allreduce_s(bp * T * D * a, tp, hw, assume) for n in part.counts]

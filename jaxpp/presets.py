@@ -153,10 +153,11 @@ class Layout:
   def m(self) -> int:
     return self.microbatches or self.pp
 
-  @property
-  def mp(self) -> int:
-    """Prefill micro-batches before the workload's cap (schedule.prefill_microbatches)."""
-    return schedule.prefill_microbatches(self.prefill_microbatches, self.pp, self.m)
+  def mp(self, concurrency: int | None = None) -> int:
+    """Prefill micro-batches, at most one per sequence in flight when `concurrency` is given
+    (schedule.prefill_microbatches)."""
+    return schedule.prefill_microbatches(self.prefill_microbatches, self.pp, self.m,
+                                         concurrency)
 
   @property
   def name(self) -> str:
@@ -177,8 +178,8 @@ class Layout:
       return f"pp*virtual_stages={pp * v} chunks exceed the {cfg.num_layers} layers"
     if pp > 1 and self.m < pp:
       return f"microbatches={self.m} < pp={pp}: the decode ring needs at least pp"
-    if v > 1 and self.mp < pp:
-      return f"prefill_microbatches={self.mp} < pp={pp}: interleaving needs at least pp"
+    if v > 1 and self.mp() < pp:
+      return f"prefill_microbatches={self.mp()} < pp={pp}: interleaving needs at least pp"
     if pp * tp > hw.gpus_per_node and hw.gpus_per_node % tp:
       return f"tp={tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh spans hosts"
     if self.layer_split not in ("even", "balanced"):
