@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxpp import baseline_hf, baseline_tp, bench_plots, bench_workload, distributed, health
-from jaxpp import presets, report
+from jaxpp import presets, report, trace_summary
 from jaxpp import schedule
 from jaxpp import engine as engine_lib
 from jaxpp import pipeline as pipeline_lib
@@ -69,6 +69,9 @@ flags.DEFINE_list("quant", ["none"], "weight storage per run: none, int8, fp8; a
 flags.DEFINE_bool("quant_embed", False, "also store the embedding and LM head in 8 bits")
 flags.DEFINE_integer("scan_unroll", 1, "layers per stage-scan iteration (0 = all)")
 flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
+flags.DEFINE_string("profile_dir", "", "if set, trace one extra wave per layout (the first "
+                    "max_num_seqs requests) with jax.profiler into DIR/<layout>/ and write "
+                    "where its device time went (summary.md, summary.json; trace_summary.py)")
 FLAGS = flags.FLAGS
 
 
@@ -177,6 +180,9 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
     wall = time.perf_counter()
     st = run(prompts, lens).stats
     wall = time.perf_counter() - wall
+  profile = None
+  if args.get("profile_dir"):
+    profile = str(trace_wave(run, prompts[:slots], lens[:slots], text, args["profile_dir"]))
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
   row = _numbers(config, hw, st, wall, len(prompts), microbatches, _mean_ctx(prompts, lens),
                  devices=pipe.mesh.size, rounds=st.decode_calls * args["decode_chunk"],
@@ -195,7 +201,28 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
                                               args["decode_chunk"]),
-      bubble_measured=bubble_measured, tick_seconds=report.percentiles(st.tick_seconds))
+      bubble_measured=bubble_measured, tick_seconds=report.percentiles(st.tick_seconds),
+      profile=profile)
+
+
+def trace_wave(run, prompts, lens, layout: str, profile_dir: str) -> pathlib.Path:
+  """Runs one wave under `jax.profiler.trace`; writes the trace and where its device time
+  went (`summary.json`, `summary.md`) to profile_dir/layout[/pN]; returns summary.md's path.
+
+  After the timed run, so every program is compiled and the trace holds only execution.
+  """
+  rt = distributed.current()
+  directory = pathlib.Path(profile_dir) / layout
+  if rt.num_processes > 1:
+    directory = directory / f"p{rt.process_id}"
+  with jax.profiler.trace(str(directory)):
+    run(prompts, lens)
+  summary = trace_summary.summarize(trace_summary.find_trace(directory))
+  (directory / "summary.json").write_text(json.dumps(summary, indent=1))
+  md = directory / "summary.md"
+  md.write_text(trace_summary.markdown(summary, f"{layout}: one wave of {len(prompts)} "
+                                       f"requests, {sum(lens)} new tokens") + "\n")
+  return md
 
 
 def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
@@ -222,7 +249,7 @@ def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
       prompt_tokens=res["prompt_tokens"], completion_tokens=res["completion_tokens"],
       scan_unroll=None, compile_seconds=setup, wall_seconds=res["wall_seconds"], **row,
       bubble_schedule=(p - 1) / p,  # one device works at a time
-      bubble_measured=None, tick_seconds=report.percentiles([]))
+      bubble_measured=None, tick_seconds=report.percentiles([]), profile=None)
 
 
 def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
@@ -300,7 +327,8 @@ def bench(writer: bool = True):
   prompts = work.prompts
   args = dict(output_lens=work.output_lens, workload=work.name, dtype=FLAGS.dtype,
               decode_chunk=FLAGS.decode_chunk, max_num_seqs=FLAGS.max_num_seqs,
-              scan_unroll=FLAGS.scan_unroll or True, quant_embed=FLAGS.quant_embed)
+              scan_unroll=FLAGS.scan_unroll or True, quant_embed=FLAGS.quant_embed,
+              profile_dir=FLAGS.profile_dir)
   for mode in FLAGS.quant:
     quant_lib.Quant(mode, FLAGS.quant_embed)  # every entry checked before the first run
   header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {work.describe()}; "
