@@ -54,8 +54,12 @@ def advance(state: DecodeState, new_tokens: jnp.ndarray, eos_ids: tuple[int, ...
 
 def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
                 eos_ids: tuple[int, ...], max_len: int) -> DecodeState:
-  """State after prefill sampled `first` at position `lengths` (one token generated)."""
-  remaining = max_new - 1
+  """State after prefill sampled `first` at position `lengths` (one token generated).
+
+  `remaining` is capped at max_len - lengths, so a row stops at max_len even though the
+  cache holds a few positions more (llama.cache_positions) and decode only knows those.
+  """
+  remaining = jnp.minimum(max_new - 1, max_len - lengths)
   done = is_stop(first, eos_ids) | (remaining <= 0) | (lengths >= max_len)
   return DecodeState(first, lengths, remaining, done)
 

@@ -127,10 +127,11 @@ class Pipeline:
     return NamedSharding(self.mesh, P(*axes))
 
   def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
-    """Zeroed KV cache [pp, v, Lc, M, b, K, S, H], created already sharded on its stages."""
+    """Zeroed KV cache [pp, v, Lc, M, b, K, S, H], created already sharded on its stages;
+    S = llama.cache_positions(max_len)."""
     c = self.config
     shape = self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
-                               max_len, c.head_dim)
+                               llama.cache_positions(max_len), c.head_dim)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
     return make(), make()
 
