@@ -6,9 +6,9 @@ the KV cache split over kv heads, left to GSPMD: no shard_map, no pipeline, no e
 Requests run in static waves of `max_num_seqs`: a wave is prefilled together and decoded
 until its last row finishes before the next wave starts (no refill), which is how a simple
 JAX script batches; a row asked for fewer tokens than its wave's longest idles (emits
-nothing) until then. generate.py's programs compile with the pipeline's GEMM option
-(`llama.COMPILER_OPTIONS`), so a comparison measures the parallel structure, not the GEMM
-library.
+nothing) until then. generate.py's programs compile with the XLA options the pipeline's
+programs get at the same tp degree (`xla_options.py`), so a comparison measures the parallel
+structure, not the GEMM library or XLA's dot merging.
 
 `python -m jaxpp.bench --layouts=gspmd_tp4,pp2tp2` puts it in the same table.
 """
@@ -87,7 +87,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
     knobs = sampling.SamplingParams.make(B)
     start = time.perf_counter()
     token, cache = generate.prefill(config, params, cache, jnp.asarray(tokens),
-                                    jnp.asarray(lengths), knobs, do_sample=False)
+                                    jnp.asarray(lengths), knobs, do_sample=False, tp=pipe.tp)
     token.block_until_ready()
     stats["prefill_seconds"] += time.perf_counter() - start
     state = generate.start_state(token, jnp.asarray(lengths),
@@ -97,7 +97,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
       start = time.perf_counter()
       cache, state, emitted = generate.decode_chunk(
           config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
-          eos_ids=tuple(eos_ids))
+          eos_ids=tuple(eos_ids), tp=pipe.tp)
       rows.append(np.asarray(emitted))
       seconds = time.perf_counter() - start
       stats["decode_seconds"] += seconds

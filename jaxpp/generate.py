@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxpp import sampling
+from jaxpp import sampling, xla_options
 from jaxpp.model import llama
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
@@ -64,10 +64,18 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
   return DecodeState(first, lengths, remaining, done)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "do_sample"), donate_argnames=("cache",),
-                   compiler_options=llama.COMPILER_OPTIONS)
-def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do_sample):
-  """tokens i32[B, T] right-padded, lengths i32[B] -> (first tokens i32[B], cache)."""
+def _tp(*args, tp: int = 1, **kwargs) -> int:
+  return tp
+
+
+@xla_options.jit(tp_of=_tp, static_argnames=("config", "do_sample", "tp"),
+                 donate_argnames=("cache",))
+def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do_sample,
+            tp: int = 1):
+  """tokens i32[B, T] right-padded, lengths i32[B] -> (first tokens i32[B], cache).
+
+  `tp`: devices the params are split over, which picks the XLA options (xla_options.py).
+  """
   B, T = tokens.shape
   dtype = params_lib.activation_dtype(params)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -79,11 +87,12 @@ def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do
   return sampling.sample(logits, lengths, params_s, do_sample=do_sample), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "do_sample", "eos_ids"),
-                   donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
+@xla_options.jit(tp_of=_tp, static_argnames=("config", "steps", "do_sample", "eos_ids", "tp"),
+                 donate_argnames=("cache",))
 def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_s, *,
-                 steps: int, do_sample: bool, eos_ids: tuple[int, ...]):
-  """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k])."""
+                 steps: int, do_sample: bool, eos_ids: tuple[int, ...], tp: int = 1):
+  """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k]);
+  `tp` as in `prefill`."""
   B = state.tokens.shape[0]
   dtype = params_lib.activation_dtype(params)
   max_len = cache[0].shape[5]

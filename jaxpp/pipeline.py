@@ -18,14 +18,13 @@ with M micro-batches of b rows each; activations [b, T, D].
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpp import generate, sampling
+from jaxpp import generate, sampling, xla_options
 from jaxpp.errors import JaxppError
 from jaxpp.mesh import PP, TP
 from jaxpp.model import llama, quant
@@ -90,6 +89,10 @@ class Pipeline:
   @property
   def v(self) -> int:
     return self.partition.virtual_stages
+
+  @property
+  def tp(self) -> int:
+    return self.mesh.shape[TP]
 
   # --- placement --------------------------------------------------------------------------
 
@@ -169,8 +172,8 @@ class Pipeline:
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
 
-  @functools.partial(jax.jit, static_argnames=("self", "do_sample", "with_logits"),
-                     donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
+  @xla_options.jit(tp_of=lambda self, *a, **k: self.tp,
+                   static_argnames=("self", "do_sample", "with_logits"), donate_argnames=("cache",))
   def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
@@ -234,8 +237,9 @@ class Pipeline:
                         P(), s_spec),
         out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
 
-  @functools.partial(jax.jit, static_argnames=("self", "steps", "do_sample", "eos_ids"),
-                     donate_argnames=("cache",), compiler_options=llama.COMPILER_OPTIONS)
+  @xla_options.jit(tp_of=lambda self, *a, **k: self.tp,
+                   static_argnames=("self", "steps", "do_sample", "eos_ids"),
+                   donate_argnames=("cache",))
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""

@@ -30,12 +30,6 @@ from jaxpp.model.rope import apply_rope, inverse_frequencies
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
 NEG_INF = -1e30
 
-# Compiler options for every program that runs `run_blocks`. XLA's Triton GEMM fusions read a
-# layer's weights out of the stacked [Lc, ...] array about 2.8x slower than cuBLAS GEMMs do
-# (H200, jax 0.11.2: 1.26 vs 3.42 TB/s in tools/weight_stream_probe.py), and a decode step is
-# mostly that read (docs/benchmarks.md). Backends other than GPU ignore the option.
-COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
 # Cache positions are allocated in multiples of this. cuBLAS wants aligned strides: with a
 # max_len of 1234 XLA copied every layer's cached keys and values into an aligned buffer
 # before each attention product (two ~95 µs copies a layer for the 8B shape on one H200,
