@@ -154,14 +154,19 @@ def summarize(path) -> dict:
   return dict(devices=devices, programs=programs)
 
 
-def markdown(summary: dict, title: str, top: int = 12) -> str:
-  """The summary as Markdown: devices' busy share, then each program's classes and top ops."""
+def markdown(summary: dict, title: str, top: int = 12, min_share: float = 0.01) -> str:
+  """The summary as Markdown: devices' busy share, then the classes and top ops of each
+  program with at least `min_share` of the kernel time (the rest named on one line)."""
   lines = [f"### {title}", "", "| device | busy ms | window ms | busy share |", "|---|---|---|---|"]
   for d, t in summary["devices"].items():
     share = t["busy_ms"] / t["window_ms"] if t["window_ms"] else 0.0
     lines.append(f"| {d} | {t['busy_ms']:,.1f} | {t['window_ms']:,.1f} | {share:.0%} |")
+  totals = {m: sum(p["classes"].values()) for m, p in summary["programs"].items()}
+  small = [m for m, t in totals.items() if t < min_share * sum(totals.values())]
   for module, prog in summary["programs"].items():
-    total = sum(prog["classes"].values())
+    if module in small:
+      continue
+    total = totals[module]
     per_dev = prog["ms"].values()
     lines += ["", f"**{module}**: {total:,.1f} ms over {len(prog['ms'])} device(s) "
               f"(max {max(per_dev):,.1f}, min {min(per_dev):,.1f} ms a device); " +
@@ -171,4 +176,7 @@ def markdown(summary: dict, title: str, top: int = 12) -> str:
     for r in prog["ops"][:top]:
       lines.append(f"| `{r['op']}` | {r['class']} | {r['count']:,} | {r['ms']:,.2f} | "
                    f"{1e3 * r['ms'] / r['count']:,.1f} | {r['ms'] / total:.1%} |")
+  if small:
+    lines += ["", "Also ran (under {:.0%} of the kernel time each): ".format(min_share) +
+              ", ".join(f"{m} {totals[m]:,.1f} ms" for m in small) + "."]
   return "\n".join(lines)
