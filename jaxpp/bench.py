@@ -71,7 +71,8 @@ flags.DEFINE_integer("scan_unroll", 1, "layers per stage-scan iteration (0 = all
 flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
 flags.DEFINE_string("profile_dir", "", "if set, trace one extra wave per layout (the first "
                     "max_num_seqs requests) with jax.profiler into DIR/<layout>/ and write "
-                    "where its device time went (summary.md, summary.json; trace_summary.py)")
+                    "where its device time went (summary.md, summary.json; trace_summary.py) "
+                    "and each device's measured activity (activity.png)")
 FLAGS = flags.FLAGS
 
 
@@ -206,8 +207,9 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
 
 
 def trace_wave(run, prompts, lens, layout: str, profile_dir: str) -> pathlib.Path:
-  """Runs one wave under `jax.profiler.trace`; writes the trace and where its device time
-  went (`summary.json`, `summary.md`) to profile_dir/layout[/pN]; returns summary.md's path.
+  """Runs one wave under `jax.profiler.trace`; writes the trace, where its device time went
+  (`summary.json`, `summary.md`) and when (`activity.png`) to profile_dir/layout[/pN];
+  returns summary.md's path.
 
   After the timed run, so every program is compiled and the trace holds only execution.
   """
@@ -217,11 +219,16 @@ def trace_wave(run, prompts, lens, layout: str, profile_dir: str) -> pathlib.Pat
     directory = directory / f"p{rt.process_id}"
   with jax.profiler.trace(str(directory)):
     run(prompts, lens)
-  summary = trace_summary.summarize(trace_summary.find_trace(directory))
+  evs = trace_summary.events(trace_summary.find_trace(directory))
+  summary = trace_summary.summarize(evs)
   (directory / "summary.json").write_text(json.dumps(summary, indent=1))
   md = directory / "summary.md"
-  md.write_text(trace_summary.markdown(summary, f"{layout}: one wave of {len(prompts)} "
-                                       f"requests, {sum(lens)} new tokens") + "\n")
+  title = f"{layout}: one wave of {len(prompts)} requests, {sum(lens)} new tokens"
+  md.write_text(trace_summary.markdown(summary, title) + "\n")
+  try:
+    bench_plots.activity_png(trace_summary.activity(evs), directory / "activity.png", title)
+  except ImportError:
+    print("activity.png skipped: matplotlib is not installed (pip install matplotlib)")
   return md
 
 

@@ -112,17 +112,40 @@ def events(path) -> list[Event]:
   return out
 
 
-def _union_ns(intervals: list[tuple[float, float]]) -> float:
-  total, end = 0.0, float("-inf")
+def _merged(intervals: list[tuple[float, float]], gap: float = 0.0) -> list[list[float]]:
+  """Sorted intervals with overlaps (and gaps up to `gap`) joined."""
+  out: list[list[float]] = []
   for start, stop in sorted(intervals):
-    if stop > end:
-      total += stop - max(start, end)
-      end = stop
-  return total
+    if out and start <= out[-1][1] + gap:
+      out[-1][1] = max(out[-1][1], stop)
+    else:
+      out.append([start, stop])
+  return out
 
 
-def summarize(path) -> dict:
-  """Per-device busy / window time and per-program op times (ms) of one trace file.
+def _union_ns(intervals: list[tuple[float, float]]) -> float:
+  return sum(stop - start for start, stop in _merged(intervals))
+
+
+def activity(evs: list[Event], gap_ns: float = 2e3) -> dict[str, dict[str, list]]:
+  """{device: {program: [[start_ns, stop_ns], ...]}}: when each device ran each program's
+  kernels, gaps shorter than `gap_ns` closed (launch gaps inside a step, not idle time)."""
+  spans = collections.defaultdict(lambda: collections.defaultdict(list))
+  for e in evs:
+    spans[e.device][e.module].append((e.start_ns, e.start_ns + e.duration_ns))
+  return {d: {m: _merged(s, gap_ns) for m, s in progs.items()}
+          for d, progs in sorted(spans.items())}
+
+
+def first_call(intervals: list[list[float]], gap_ns: float = 1e6) -> tuple[float, float]:
+  """(start, stop) of the first call of a program: its intervals up to the first gap of
+  `gap_ns` or more, over all devices together."""
+  runs = _merged([tuple(i) for i in intervals], gap_ns)
+  return runs[0][0], runs[0][1]
+
+
+def summarize(evs: list[Event]) -> dict:
+  """Per-device busy / window time and per-program op times (ms) of one trace's `events`.
 
   {"devices": {device: {"busy_ms", "window_ms"}},
    "programs": {module: {"ms": {device: ms}, "classes": {class: ms summed over devices},
@@ -131,7 +154,7 @@ def summarize(path) -> dict:
   spans = collections.defaultdict(list)
   ms = collections.defaultdict(lambda: collections.defaultdict(float))
   ops = collections.defaultdict(lambda: collections.defaultdict(lambda: [None, 0, 0.0]))
-  for e in events(path):
+  for e in evs:
     spans[e.device].append((e.start_ns, e.start_ns + e.duration_ns))
     ms[e.module][e.device] += e.self_ns / 1e6
     entry = ops[e.module][e.op]
@@ -139,7 +162,7 @@ def summarize(path) -> dict:
     entry[1] += 1
     entry[2] += e.self_ns / 1e6
   if not spans:
-    raise ValueError(f"{path} holds no XLA op events (was anything run inside the trace?)")
+    raise ValueError("the trace holds no XLA op events (was anything run inside it?)")
   devices = {d: dict(busy_ms=_union_ns(s) / 1e6,
                      window_ms=(max(e for _, e in s) - min(b for b, _ in s)) / 1e6)
              for d, s in sorted(spans.items())}

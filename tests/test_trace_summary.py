@@ -31,6 +31,15 @@ def test_nested_events_get_their_self_time():
   assert trace_summary._union_ns([(0, 100), (10, 40), (120, 125)]) == 105
 
 
+def test_activity_closes_launch_gaps_and_finds_the_first_call():
+  ev = lambda device, module, start, dur: Event(device, module, "op", "k", start, dur, dur)
+  evs = [ev("gpu:0", "decode", 0, 10), ev("gpu:0", "decode", 11, 10),
+         ev("gpu:0", "decode", 5000, 10), ev("gpu:1", "prefill", 0, 3)]
+  act = trace_summary.activity(evs, gap_ns=2)
+  assert act == {"gpu:0": {"decode": [[0, 21], [5000, 5010]]}, "gpu:1": {"prefill": [[0, 3]]}}
+  assert trace_summary.first_call(act["gpu:0"]["decode"], gap_ns=100) == (0, 21)
+
+
 def test_bench_traces_one_wave_and_sums_its_device_time(tmp_path):
   config, hw = presets.model_config("tiny"), presets.hardware("h100")
   prompts = np.random.default_rng(0).integers(3, 200, (8, 12)).tolist()
@@ -47,6 +56,7 @@ def test_bench_traces_one_wave_and_sums_its_device_time(tmp_path):
   assert sum(decode["classes"].values()) == pytest.approx(sum(decode["ms"].values()))
   assert decode["classes"]["collective"] > 0  # the ring's ppermutes
   assert "| op | class | count |" in (tmp_path / "pp2tp1" / "summary.md").read_text()
+  assert (tmp_path / "pp2tp1" / "activity.png").stat().st_size > 0
 
 
 def test_missing_trace_is_named(tmp_path):
