@@ -8,7 +8,8 @@ jaxpp does today, not what an ideal engine would do:
 - every device holds the whole embedding [V, D] and final norm (replicated, `P()`) and the
   LM head vocab-sharded over tp (whole when tp does not divide V), on every stage;
 - a device's block stack is padded to the longest chunk: it holds v * max_layers layers;
-- the KV cache is dense and allocated up front: m * ceil(B/m) slots of max_len positions;
+- the KV cache is dense and allocated up front: m * ceil(B/m) slots of max_len positions,
+  rounded up to a multiple of 128 as the engine allocates them (llama.cache_positions);
 - decode attention reads all max_len cached positions of a row (masked); prefill pads
   prompts to a power of two (>= 64) and materialises T x T f32 attention scores;
 - pipeline ticks are lock-step: every tick lasts as long as the slowest device's chunk.
@@ -317,7 +318,7 @@ def format_plan(plan: Plan) -> str:
       f"block weight, {plan.embed_bytes_per_param:g} per embedding/head weight) "
       f"on {plan.devices} x {hw.name}, {plan.mode} mode", "",
       f"Workload: {w.concurrency} sequences in flight, {w.input_len} in / {w.output_len} out "
-      f"tokens, max_len {w.cache_len}, decode_chunk {w.decode_chunk}. Usable per device: "
+      f"tokens, {w.cache_len} cache positions a slot, decode_chunk {w.decode_chunk}. Usable per device: "
       f"{hw.hbm_bytes * plan.assumptions.mem_fraction / gb:.1f} GB ({hw.hbm_bytes / gb:.1f} GB "
       f"x mem_fraction {plan.assumptions.mem_fraction:g}). Critical batch: "
       f"{plan.critical_batch:.0f} rows.", "",

@@ -17,6 +17,7 @@ import pathlib
 
 from jaxpp import schedule
 from jaxpp.errors import JaxppError
+from jaxpp.model import llama
 from jaxpp.model.config import LlamaConfig
 
 # Shared by the Llama 3.1 family (the 405B exists only as 3.1; 3.0 differs in context and rope
@@ -206,7 +207,8 @@ class Workload:
 
   @property
   def cache_len(self) -> int:
-    return self.max_len or self.input_len + self.output_len
+    """KV positions per slot as the engine allocates them (rounded up to 128)."""
+    return llama.cache_positions(self.max_len or self.input_len + self.output_len)
 
   @property
   def prefill_len(self) -> int:

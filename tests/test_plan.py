@@ -67,7 +67,8 @@ def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
   w = Workload(input_len=1, output_len=1, concurrency=1)
   p = plan.predict(L8B, Layout(1, 1), w, H100)
   block = 4096 * (32 + 16) * 128 + 32 * 128 * 4096 + 3 * 4096 * 14336 + 2 * 4096
-  read = 2 * (32 * block + V * 4096) + 1 * 2 * 32 * 4096  # blocks + LM head + 2 KV positions
+  # blocks + LM head + the row's 128 cached positions (max_len 2, rounded up as allocated)
+  read = 2 * (32 * block + V * 4096) + 1 * 128 * 32 * 4096
   step = read / (3.0e12 * 0.65) + 32 * 16e-6  # at the decode efficiency, plus 32 layers' cost
   assert p.decode_step_s == pytest.approx(step, rel=1e-12)
   assert p.latency_per_token_s == p.decode_step_s
