@@ -318,7 +318,8 @@ def format_plan(plan: Plan) -> str:
       f"block weight, {plan.embed_bytes_per_param:g} per embedding/head weight) "
       f"on {plan.devices} x {hw.name}, {plan.mode} mode", "",
       f"Workload: {w.concurrency} sequences in flight, {w.input_len} in / {w.output_len} out "
-      f"tokens, {w.cache_len} cache positions a slot, decode_chunk {w.decode_chunk}. Usable per device: "
+      f"tokens, {w.cache_len} cache positions a slot, decode_chunk {w.decode_chunk}. "
+      f"Usable per device: "
       f"{hw.hbm_bytes * plan.assumptions.mem_fraction / gb:.1f} GB ({hw.hbm_bytes / gb:.1f} GB "
       f"x mem_fraction {plan.assumptions.mem_fraction:g}). Critical batch: "
       f"{plan.critical_batch:.0f} rows.", "",
