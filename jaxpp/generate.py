@@ -59,8 +59,8 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
   `remaining` is capped at max_len - lengths, so a row stops at max_len even though the
   cache holds a few positions more (llama.cache_positions) and decode only knows those.
   """
-  remaining = jnp.minimum(max_new - 1, max_len - lengths)
-  done = is_stop(first, eos_ids) | (remaining <= 0) | (lengths >= max_len)
+  remaining = jnp.minimum(max_new - 1, max_len - lengths)  # <= 0 once lengths >= max_len
+  done = is_stop(first, eos_ids) | (remaining <= 0)
   return DecodeState(first, lengths, remaining, done)
 
 

@@ -37,6 +37,11 @@ from jaxpp.schedule import circular, prefill_microbatches
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
 
 
+def _layout_tp(self: "Pipeline", *args, **kwargs) -> int:
+  """The tp degree of a program call (`self` is its pipeline): picks its XLA options."""
+  return self.tp
+
+
 def _block_spec(name: str, ndim: int) -> P:
   dims = [None] * ndim
   if name in _TP_AXIS:
@@ -172,8 +177,8 @@ class Pipeline:
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
 
-  @xla_options.jit(tp_of=lambda self, *a, **k: self.tp,
-                   static_argnames=("self", "do_sample", "with_logits"), donate_argnames=("cache",))
+  @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "do_sample", "with_logits"),
+                   donate_argnames=("cache",))
   def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
@@ -237,8 +242,7 @@ class Pipeline:
                         P(), s_spec),
         out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
 
-  @xla_options.jit(tp_of=lambda self, *a, **k: self.tp,
-                   static_argnames=("self", "steps", "do_sample", "eos_ids"),
+  @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "steps", "do_sample", "eos_ids"),
                    donate_argnames=("cache",))
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
