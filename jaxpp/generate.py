@@ -64,6 +64,11 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
   return DecodeState(first, lengths, remaining, done)
 
 
+def _one_chunk(params):
+  """The plain [L, ...] layer stack as the one chunk [1, L, ...] that run_blocks reads."""
+  return jax.tree.map(lambda a: a[None], params["blocks"])
+
+
 def _tp(*args, tp: int = 1, **kwargs) -> int:
   return tp
 
@@ -80,7 +85,7 @@ def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do
   dtype = params_lib.activation_dtype(params)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(params, tokens, dtype)
-  x, cache = llama.run_blocks(config, params["blocks"], x, positions,
+  x, cache = llama.run_blocks(config, _one_chunk(params), x, positions,
                               jnp.zeros((B,), jnp.int32), cache, fresh=True)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
   logits = llama.logits(config, params, last)[:, 0]
@@ -100,7 +105,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
   def step(i, carry):
     cache, state, out = carry
     x = llama.embed(params, state.tokens[:, None], dtype)
-    x, cache = llama.run_blocks(config, params["blocks"], x, state.lengths[:, None],
+    x, cache = llama.run_blocks(config, _one_chunk(params), x, state.lengths[:, None],
                                 state.lengths, cache)
     logits = llama.logits(config, params, x)[:, 0]
     new = sampling.sample(logits, state.lengths + 1, params_s, do_sample=do_sample)
@@ -119,7 +124,7 @@ def forward_logits(config: LlamaConfig, params, tokens):
   cache = llama.init_cache(config, B, T, dtype)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(params, tokens, dtype)
-  x, _ = llama.run_blocks(config, params["blocks"], x, positions,
+  x, _ = llama.run_blocks(config, _one_chunk(params), x, positions,
                           jnp.zeros((B,), jnp.int32), cache, fresh=True)
   return llama.logits(config, params, x)
 

@@ -11,6 +11,14 @@ last device samples the next token, which travels back to device 0 with the ring
 send, so with m >= pp micro-batches in flight the pipe stays full from token to token and
 only the first fill and the last drain of a `steps`-token call are bubbles.
 
+Weights and cache are read at constant chunk and slot indices, because XLA (GPU) hands
+cuBLAS a slice in place only then; with indices read from the table it copied each layer's
+cache slice (14% of a 70B pp=2 decode step) and, interleaved, a chunk's weights every tick
+(docs/benchmarks.md). So a tick switches over its local chunks, one branch each, and
+device s keeps micro-batch j's KV cache in slot (j + s) mod m: at tick t of the ring it
+runs j = (t - s) mod m, so the slot is t mod m on every device, a constant once the tick
+loop is unrolled by m.
+
 Shapes (local to one pp device): blocks leaves [v, Lc, ...]; cache [v, Lc, M, b, K, S, H]
 with M micro-batches of b rows each; activations [b, T, D].
 """
@@ -149,19 +157,28 @@ class Pipeline:
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          axis_names={PP}, check_vma=False)
 
-  def _run_chunk(self, blocks, counts, cache, x, positions, start, j, r, active, fresh,
-                 slots=None):
-    """Runs local chunk r on micro-batch j (skipped when idle); returns y and the cache."""
+  def _slot(self, microbatch, s):
+    """The cache slot device s keeps a micro-batch in (see the module docstring); -1 stays."""
+    return jnp.where(microbatch >= 0, (microbatch + s) % self.microbatches, microbatch)
 
-    def compute(_):
-      chunk = jax.tree.map(lambda a: a[r], blocks)
-      uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
-      return llama.run_blocks(self.config, chunk, x, positions, start, cache, chunk=r,
-                              microbatch=j, slots=slots, fresh=fresh,
-                              num_layers=counts[r] if uneven else None,
-                              unroll=self.scan_unroll)
+  def _run_chunk(self, blocks, counts, cache, x, positions, start, r, active, *, fresh,
+                 slot=0, slots=None):
+    """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
-    return jax.lax.cond(active, compute, lambda _: (x, cache), None)
+    `slots` (micro-batch slot, row) per row redirects the writes, as in llama.run_blocks.
+    """
+    uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
+
+    def compute(chunk):
+      return lambda _: llama.run_blocks(
+          self.config, blocks, x, positions, start, cache, chunk=chunk, microbatch=slot,
+          slots=slots, fresh=fresh, num_layers=counts[chunk] if uneven else None,
+          unroll=self.scan_unroll)
+
+    # One branch per chunk, so each reads its weights and cache at a constant chunk index
+    # (llama.run_blocks); branch 0 idles.
+    branches = [lambda _: (x, cache)] + [compute(c) for c in range(self.v)]
+    return jax.lax.switch(jnp.where(active, r + 1, 0), branches, None)
 
   def _from_last(self, a, s):
     """`a` as the last pp device holds it, on every device (a psum of it and zeros).
@@ -209,8 +226,9 @@ class Pipeline:
         active = j >= 0
         j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
         x = jnp.where((s == 0) & (r == 0), llama.embed(params, tokens[j], dtype), inbox[j])
-        y, cache = self._run_chunk(blocks, counts, cache, x, positions, start, j, r, active,
-                                   fresh=True, slots=(slots[j, :, 0], slots[j, :, 1]))
+        y, cache = self._run_chunk(blocks, counts, cache, x, positions, start, r, active,
+                                   fresh=True,
+                                   slots=(self._slot(slots[j, :, 0], s), slots[j, :, 1]))
         last = jnp.take_along_axis(y, (lengths[j] - 1)[:, None, None], axis=1)[:, 0]
         done_here = active & (s == last_dev) & (r == last_chunk)
         final = final.at[j].set(jnp.where(done_here, last, final[j]))
@@ -247,7 +265,8 @@ class Pipeline:
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
-    table = jnp.asarray(circular(self.pp, self.v, self.microbatches, rounds=steps).table)
+    m = self.microbatches
+    table = jnp.asarray(circular(self.pp, self.v, m, rounds=steps).padded(m))
     counts = jnp.asarray(self.partition.layer_counts())
     M, b = state.tokens.shape
     dtype = params_lib.activation_dtype(params)
@@ -261,7 +280,7 @@ class Pipeline:
       counts = counts[0]
       lengths0 = state.lengths
 
-      def tick(t, carry):
+      def tick(t, slot, carry):
         cache, state, tok_in, act_in, out = carry
         j, r, k = table[t, s]
         active = j >= 0
@@ -269,8 +288,8 @@ class Pipeline:
         pos = lengths0[j] + k
         x = jnp.where((s == 0) & (r == 0), llama.embed(params, tok_in[j][:, None], dtype),
                       act_in[j])
-        y, cache = self._run_chunk(blocks, counts, cache, x, pos[:, None], pos, j, r, active,
-                                   fresh=False)
+        y, cache = self._run_chunk(blocks, counts, cache, x, pos[:, None], pos, r, active,
+                                   fresh=False, slot=slot)
         samples_here = active & (s == last_dev) & (r == last_chunk)
         st_j = jax.tree.map(lambda a: a[j], state)
         sp_j = jax.tree.map(lambda a: a[j], params_s)
@@ -291,10 +310,15 @@ class Pipeline:
         tok_in = tok_in.at[sender].set(jnp.where(token_arrives, recv_tok, tok_in[sender]))
         return cache, state, tok_in, act_in, out
 
+      def ticks(g, carry):  # m ticks, unrolled: at tick g*m + u every device reads slot u
+        for u in range(m):
+          carry = tick(g * m + u, u, carry)
+        return carry
+
       act_in = jnp.zeros((M, b, 1, self.config.hidden_size), dtype)
       out = jnp.full((M, b, steps), -1, jnp.int32)
       cache, state, _, _, out = jax.lax.fori_loop(
-          0, table.shape[0], tick, (cache, state, state.tokens, act_in, out))
+          0, table.shape[0] // m, ticks, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
       pick = lambda a: self._from_last(a.astype(jnp.int32), s)
       state = generate.DecodeState(pick(state.tokens), pick(state.lengths),

@@ -40,6 +40,14 @@ class Schedule:
   def ticks(self) -> int:
     return self.table.shape[0]
 
+  def padded(self, multiple: int) -> np.ndarray:
+    """The table with idle ticks appended up to a multiple of `multiple` ticks (the decode
+    ring unrolls its tick loop by m, so it runs whole groups of m ticks)."""
+    ticks = -(-self.ticks // multiple) * multiple
+    out = np.full((ticks,) + self.table.shape[1:], IDLE, np.int32)
+    out[:self.ticks] = self.table
+    return out
+
   def busy(self) -> np.ndarray:
     """bool [ticks, pp]: device s computes at tick t."""
     return self.table[:, :, 0] != IDLE

@@ -39,7 +39,8 @@ def jit(*, tp_of: Callable[..., int], static_argnames: tuple[str, ...],
         donate_argnames: tuple[str, ...] = ()):
   """`jax.jit` with `for_tp(tp_of(*args, **kwargs))` as its compiler options.
 
-  The decorated function keeps jit's `lower` and `_cache_size` (summed over its programs).
+  The decorated function keeps jit's `trace`, `lower` and `_cache_size` (summed over its
+  programs).
   """
 
   def wrap(fn):
@@ -57,6 +58,7 @@ def jit(*, tp_of: Callable[..., int], static_argnames: tuple[str, ...],
     def run(*args, **kwargs):
       return program(args, kwargs)(*args, **kwargs)
 
+    run.trace = lambda *args, **kwargs: program(args, kwargs).trace(*args, **kwargs)
     run.lower = lambda *args, **kwargs: program(args, kwargs).lower(*args, **kwargs)
     run._cache_size = lambda: sum(p._cache_size() for p in programs.values())
     return run

@@ -202,3 +202,54 @@ def test_decode_does_not_copy_the_cache_per_layer(deep):
   local = ",".join(str(d) for d in cache[0].shape[1:])
   copies = [l for l in hlo.splitlines() if re.search(rf"f32\[(1,)?{local}\]\S* copy\(", l)]
   assert len(copies) <= 4, copies
+
+
+def _equations(jaxpr):
+  """(equation, its jaxpr's constant vars) for a jaxpr and every jaxpr nested in it.
+
+  A var is constant when an equation made it from literals and constants only (jnp
+  indexing turns a Python int into a small chain of such equations).
+  """
+  constant = set()
+  for eqn in jaxpr.eqns:
+    subs = [getattr(sub, "jaxpr", sub) for param in eqn.params.values()
+            for sub in (param if isinstance(param, (tuple, list)) else (param,))]
+    subs = [sub for sub in subs if hasattr(sub, "eqns")]  # a ClosedJaxpr wraps its Jaxpr
+    if not subs and all(hasattr(v, "val") or v in constant for v in eqn.invars):
+      constant.update(eqn.outvars)
+    yield eqn, constant
+    for sub in subs:
+      yield from _equations(sub)
+
+
+def test_decode_reads_weights_and_cache_at_constant_indices(deep):
+  """Every weight and cache read of the decode ring names its chunk and slot as constants.
+
+  A chunk or micro-batch slot read from the schedule table is a traced offset; XLA on GPU
+  then copies the slice before the matmuls instead of handing cuBLAS the slice in place
+  (the cache copy was 14% of a 70B pp=2 decode step). pipeline.py switches over chunks and
+  rotates the cache slots so that both are constants in the m-unrolled tick loop.
+  """
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=2, virtual_stages=2,
+                  microbatches=2)
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
+                                                   sampling.SamplingParams.make(len(PROMPTS)))
+  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+                                         steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
+  stage = lambda a: tuple(a.shape[1:])  # one device's part: [v, Lc, ...]
+  cache_shape = stage(cache[0])
+  weight_shapes = {stage(a) for a in jax.tree.leaves(llm.params["blocks"])}
+  reads = [(e, constant) for e, constant in _equations(jaxpr)
+           if e.primitive.name == "dynamic_slice"]
+  is_constant = lambda var, constant: hasattr(var, "val") or var in constant
+  cache_reads = [r for r in reads if tuple(r[0].invars[0].aval.shape) == cache_shape]
+  weight_reads = [r for r in reads if tuple(r[0].invars[0].aval.shape) in weight_shapes]
+  m, v = llm.pipeline.microbatches, llm.pipeline.v
+  assert len(cache_reads) == 2 * m * v  # keys and values, per unrolled tick and chunk
+  assert len(weight_reads) >= len(weight_shapes) * m * v
+  for e, constant in cache_reads:  # index operands follow the array: chunk, layer, slot
+    assert is_constant(e.invars[1], constant) and is_constant(e.invars[3], constant)
+  for e, constant in weight_reads:
+    assert is_constant(e.invars[1], constant)

@@ -36,6 +36,19 @@ def test_every_microbatch_visits_every_chunk_in_order(pp, v, m, rounds):
       assert min(t for t, _ in visits[(j, k)]) > max(t for t, _ in visits[(j, k - 1)])
 
 
+@pytest.mark.parametrize("pp,v,m,rounds", CASES)
+def test_rotated_slot_is_the_tick_mod_m(pp, v, m, rounds):
+  """pipeline.py keeps micro-batch j of device s in cache slot (j + s) mod m and reads slot
+  t mod m at tick t of the m-unrolled loop: the two must agree at every busy tick, also in
+  the idle ticks padded on to whole groups of m."""
+  sched = schedule.circular(pp, v, m, rounds)
+  table = sched.padded(m)
+  assert table.shape[0] % m == 0 and table.shape[0] - sched.ticks < m
+  assert (table[:sched.ticks] == sched.table).all() and (table[sched.ticks:] == -1).all()
+  for t, s in zip(*np.nonzero(table[:, :, 0] != schedule.IDLE)):
+    assert (table[t, s, 0] + s) % m == t % m
+
+
 def test_gpipe_is_fill_drain():
   sched = schedule.gpipe(3, 2)
   assert sched.render_text().splitlines() == [

@@ -141,10 +141,13 @@ class Block(nn.Module):
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
                microbatch=0, slots=None, fresh: bool = False, num_layers=None,
                unroll: int | bool = 1):
-  """Scans x [b, T, D] through stacked block params [Lc, ...]; returns (x, cache).
+  """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
-  `cache` leaves are [v, Lc, M, b, K, S, H]. Rows read their cached keys from
-  [chunk, layer, microbatch]; after the layer loop every layer's new keys/values are
+  `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
+  its weights at [chunk, i] and rows their cached keys at [chunk, i, microbatch], both
+  inside the layer loop: with chunk and microbatch constants XLA (GPU) hands cuBLAS those
+  slices in place; a traced chunk or micro-batch made it copy them first (pipeline.py
+  therefore passes constants). After the layer loop every layer's new keys/values are
   scattered at the rows' positions in one in-place update. `slots` = (micro-batch i32[b],
   row i32[b]) sends each row's writes elsewhere (prefill of new requests into free decode
   slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
@@ -164,8 +167,9 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   ck, cv = cache
   k_dtype = ck.dtype
 
-  def layer(carry, params):
+  def layer(carry, _):
     x, i = carry
+    params = jax.tree.map(lambda a: a[chunk, i], blocks)
 
     def compute(_):
       kv = None if fresh else (ck[chunk, i, microbatch], cv[chunk, i, microbatch])
@@ -184,8 +188,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
 
   # The loop only reads the cache; all layers' new keys/values are written after it in one
   # scatter. Writing inside the loop made XLA copy the whole cache once per layer.
-  (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), blocks, unroll=unroll)
-  Lc = k.shape[0]
+  Lc = ck.shape[1]
+  (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), None, length=Lc, unroll=unroll)
   # [Lc, b, T] targets (the K axis sliced between them, so k's [Lc, b, T, K, H] fits as is);
   # padding layers' writes land in unread slots
   at = (chunk, jnp.arange(Lc)[:, None, None], jnp.maximum(mb, 0)[None], rows[None],
