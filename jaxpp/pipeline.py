@@ -166,6 +166,8 @@ class Pipeline:
     """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
     `slots` (micro-batch slot, row) per row redirects the writes, as in llama.run_blocks.
+    With one stage no tick idles, and with one chunk as well the tick runs no conditional
+    at all (XLA's GPU conditional reads its branch index back to the host).
     """
     uneven = len(set(self.partition.counts)) > 1  # static: even splits skip the check
 
@@ -176,7 +178,10 @@ class Pipeline:
           unroll=self.scan_unroll)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
-    # (llama.run_blocks); branch 0 idles.
+    # (llama.run_blocks); with more than one stage, branch 0 idles.
+    if self.pp == 1:
+      return compute(0)(None) if self.v == 1 else jax.lax.switch(r, [
+          compute(c) for c in range(self.v)], None)
     branches = [lambda _: (x, cache)] + [compute(c) for c in range(self.v)]
     return jax.lax.switch(jnp.where(active, r + 1, 0), branches, None)
 
@@ -293,11 +298,12 @@ class Pipeline:
         samples_here = active & (s == last_dev) & (r == last_chunk)
         st_j = jax.tree.map(lambda a: a[j], state)
         sp_j = jax.tree.map(lambda a: a[j], params_s)
-        new = jax.lax.cond(
-            samples_here,
-            lambda: sampling.sample(llama.logits(self.config, params, y)[:, 0], pos + 1, sp_j,
-                                    do_sample=do_sample),
-            lambda: jnp.zeros((b,), jnp.int32))
+        sample = lambda: sampling.sample(llama.logits(self.config, params, y)[:, 0], pos + 1,
+                                         sp_j, do_sample=do_sample)
+        if self.pp == 1 and self.v == 1:  # every tick samples
+          new = sample()
+        else:
+          new = jax.lax.cond(samples_here, sample, lambda: jnp.zeros((b,), jnp.int32))
         st_new, emitted = generate.advance(st_j, new, eos_ids, max_len)
         state = jax.tree.map(lambda a, n, o: a.at[j].set(jnp.where(samples_here, n, o)),
                              state, st_new, st_j)

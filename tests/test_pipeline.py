@@ -21,7 +21,7 @@ PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44], [1, 3, 3, 90, 61, 17, 25, 26, 40, 
 NEW_TOKENS = 24
 MAX_LEN = 48
 LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (2, 2, 1), (4, 2, 1),
-           (2, 4, 1), (2, 1, 2), (4, 1, 2), (2, 2, 2)]
+           (2, 4, 1), (1, 1, 2), (2, 1, 2), (4, 1, 2), (2, 2, 2)]
 
 
 def reference(ckpt, prompts):
@@ -253,3 +253,21 @@ def test_decode_reads_weights_and_cache_at_constant_indices(deep):
     assert is_constant(e.invars[1], constant) and is_constant(e.invars[3], constant)
   for e, constant in weight_reads:
     assert is_constant(e.invars[1], constant)
+
+
+def test_one_stage_ticks_run_no_conditionals(deep):
+  """With one stage and one chunk every tick computes and samples: the programs hold no
+  conditional (on GPU each one reads its branch index back to the host, every tick)."""
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2)
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
+                                                   sampling.SamplingParams.make(len(PROMPTS)))
+  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  decode = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+                                          steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
+  prefill = pipeline.Pipeline.prefill.trace(
+      llm.pipeline, llm.params, cache, np.zeros(lengths.shape + (16,), np.int32), lengths,
+      pipeline.identity_slots(*lengths.shape), params_s, do_sample=False).jaxpr.jaxpr
+  for name, jaxpr in (("decode", decode), ("prefill", prefill)):
+    conds = [e for e, _ in _equations(jaxpr) if e.primitive.name == "cond"]
+    assert not conds, f"{name}: {len(conds)} conditionals"
