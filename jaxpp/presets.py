@@ -117,15 +117,16 @@ class Assumptions:
   # the CUDA context. Measured with jax 0.11.2 on an H100: bytes_limit 63.76e9 of 85.52e9.
   # Raise it with XLA_PYTHON_CLIENT_MEM_FRACTION and pass the same value here.
   mem_fraction: float = 0.745
-  prefill_efficiency: float = 0.6  # share of matmul_flops a whole prefill reaches: a guess
-  # Decode, fitted to jaxpp.bench on H200s with jax 0.11.2 (docs/planner.md): the share of
-  # hbm_bandwidth a decode step's weight and KV reads reach, a fixed cost per layer per
-  # tick (norms, rope, softmax, scatter: small kernels), and the cost of one small
-  # all-reduce inside a compiled decode step (NCCL launch and sync, not bytes).
-  decode_efficiency: float = 0.65
-  layer_overhead_s: float = 16e-6
-  collective_latency_s: float = 55e-6  # fixed cost of one all-reduce or neighbour send
-  tick_overhead_s: float = 500e-6  # fixed cost of one pipeline tick (pp > 1): fitted
+  # Fitted to jaxpp.bench on H200s with jax 0.11.2 (docs/planner.md, "Validation"): the
+  # share of matmul_flops a whole prefill reaches; the share of hbm_bandwidth a decode
+  # step's weight and KV reads reach (the profiled weight GEMMs ran at 93%), a fixed cost
+  # per layer per tick (small kernels, softmax, attention below the stream rate), and the
+  # cost of one small all-reduce inside a compiled decode step (NCCL launch and sync).
+  prefill_efficiency: float = 0.65
+  decode_efficiency: float = 0.93
+  layer_overhead_s: float = 100e-6
+  collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
+  tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
   dtype_bytes: int = 2  # KV cache and activations (bf16)
   kv_read: str = "max_len"  # decode reads all "max_len" cached positions (jaxpp) or "context"
   activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
