@@ -80,6 +80,7 @@ class Watchdog:
     finally:
       with self._cond:
         self._armed = None
+        self._cond.notify()  # the watcher ends: no thread outlives its steps
       seconds = time.monotonic() - start
       if (name, key) in self._durations:
         self._durations[(name, key)].append(seconds)
@@ -87,17 +88,18 @@ class Watchdog:
         self._durations[(name, key)] = collections.deque(maxlen=HISTORY)
 
   def _watch(self) -> None:
-    while True:
-      with self._cond:
-        while self._armed is None:
-          self._cond.wait()
-        armed = self._armed
-        n, name, start, limit, why = armed
+    """Watches the armed step until it ends (then forgets itself) or passes its deadline."""
+    with self._cond:
+      while self._armed is not None:
+        n, name, start, limit, why = self._armed
         remaining = start + limit - time.monotonic()
-        if remaining > 0:
-          self._cond.wait(remaining)
-          continue
-      self._stall(n, name, limit, why)
+        if remaining <= 0:
+          break
+        self._cond.wait(remaining)
+      else:
+        self._thread = None  # under the lock: the next step starts a new watcher
+        return
+    self._stall(n, name, limit, why)
 
   def _stall(self, n: int, name: str, limit: float, why: str) -> NoReturn:
     self.on_stall(f"error: watchdog: {name} (device step {n}) did not finish within "

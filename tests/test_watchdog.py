@@ -68,6 +68,21 @@ def test_bad_knobs_are_one_line_errors(knobs, match):
     make(**knobs)
 
 
+def test_no_watcher_thread_outlives_its_steps():
+  """A process that runs many jobs must not keep one thread per finished watchdog."""
+  watchers = lambda: [t for t in threading.enumerate() if t.name == "jaxpp-watchdog"]
+  before = len(watchers())
+  dogs = [make() for _ in range(5)]
+  for dog in dogs:
+    for _ in range(3):
+      with dog.step("decode"):
+        assert dog._thread in watchers()  # the step is watched
+  deadline = time.monotonic() + 5
+  while len(watchers()) > before and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert len(watchers()) == before
+
+
 def test_stalled_step_is_reported_with_its_stage():
   stalled = threading.Event()
   reports = []
