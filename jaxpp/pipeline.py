@@ -178,12 +178,11 @@ class Pipeline:
           unroll=self.scan_unroll)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
-    # (llama.run_blocks); with more than one stage, branch 0 idles.
-    if self.pp == 1:
-      return compute(0)(None) if self.v == 1 else jax.lax.switch(r, [
-          compute(c) for c in range(self.v)], None)
-    branches = [lambda _: (x, cache)] + [compute(c) for c in range(self.v)]
-    return jax.lax.switch(jnp.where(active, r + 1, 0), branches, None)
+    # (llama.run_blocks); with more than one stage ticks idle in fill and drain: branch 0.
+    branches, index = [compute(c) for c in range(self.v)], r
+    if self.pp > 1:
+      branches, index = [lambda _: (x, cache)] + branches, jnp.where(active, r + 1, 0)
+    return branches[0](None) if len(branches) == 1 else jax.lax.switch(index, branches, None)
 
   def _from_last(self, a, s):
     """`a` as the last pp device holds it, on every device (a psum of it and zeros).
@@ -270,10 +269,9 @@ class Pipeline:
   def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
-    m = self.microbatches
-    table = jnp.asarray(circular(self.pp, self.v, m, rounds=steps).padded(m))
+    M, b = state.tokens.shape  # M = the ring's micro-batches, m
+    table = jnp.asarray(circular(self.pp, self.v, M, rounds=steps).padded(M))
     counts = jnp.asarray(self.partition.layer_counts())
-    M, b = state.tokens.shape
     dtype = params_lib.activation_dtype(params)
     max_len = cache[0].shape[6]
     last_dev, last_chunk = self.pp - 1, self.v - 1
@@ -316,15 +314,15 @@ class Pipeline:
         tok_in = tok_in.at[sender].set(jnp.where(token_arrives, recv_tok, tok_in[sender]))
         return cache, state, tok_in, act_in, out
 
-      def ticks(g, carry):  # m ticks, unrolled: at tick g*m + u every device reads slot u
-        for u in range(m):
-          carry = tick(g * m + u, u, carry)
+      def ticks(g, carry):  # M ticks, unrolled: at tick g*M + u every device reads slot u
+        for u in range(M):
+          carry = tick(g * M + u, u, carry)
         return carry
 
       act_in = jnp.zeros((M, b, 1, self.config.hidden_size), dtype)
       out = jnp.full((M, b, steps), -1, jnp.int32)
       cache, state, _, _, out = jax.lax.fori_loop(
-          0, table.shape[0] // m, ticks, (cache, state, state.tokens, act_in, out))
+          0, table.shape[0] // M, ticks, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
       pick = lambda a: self._from_last(a.astype(jnp.int32), s)
       state = generate.DecodeState(pick(state.tokens), pick(state.lengths),
