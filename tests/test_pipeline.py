@@ -107,12 +107,19 @@ def _collectives(hlo: str, op: str) -> list[int]:
   return sizes
 
 
+def _prefilled(llm, prompts):
+  """(cache, lengths, sampling params, decode state) after prefilling `prompts`: what the
+  HLO and jaxpr checks below feed the programs they inspect."""
+  (first, cache), lengths, params_s = llm._prefill(llm.encode(prompts),
+                                                   sampling.SamplingParams.make(len(prompts)))
+  return cache, lengths, params_s, generate.start_state(first, lengths, lengths * 0 + 8, (),
+                                                        MAX_LEN)
+
+
 def test_hlo_moves_activations_by_collective_permute(deep):
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=4, microbatches=4)
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
-                                                   sampling.SamplingParams.make(len(PROMPTS)))
-  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
   c = llm.config
   smallest_weight = c.hidden_size * c.num_kv_heads * c.head_dim
   texts = {
@@ -164,9 +171,7 @@ def test_hlo_parser_sees_tensor_parallel_reductions(deep):
   """The check above can fail: with tp=2 the stage's matmuls do reduce over 'tp'."""
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2, microbatches=1)
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS[:2]),
-                                                   sampling.SamplingParams.make(2))
-  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS[:2])
   hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
                                        steps=2, do_sample=False, eos_ids=()).compile().as_text()
   assert _collectives(hlo, "all-reduce")
@@ -194,9 +199,7 @@ def test_decode_does_not_copy_the_cache_per_layer(deep):
   """
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, microbatches=1)
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS[:2]),
-                                                   sampling.SamplingParams.make(2))
-  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS[:2])
   hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
                                        steps=2, do_sample=False, eos_ids=()).compile().as_text()
   local = ",".join(str(d) for d in cache[0].shape[1:])
@@ -233,9 +236,7 @@ def test_decode_reads_weights_and_cache_at_constant_indices(deep):
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=2, virtual_stages=2,
                   microbatches=2)
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
-                                                   sampling.SamplingParams.make(len(PROMPTS)))
-  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
   jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
                                          steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   stage = lambda a: tuple(a.shape[1:])  # one device's part: [v, Lc, ...]
@@ -260,9 +261,7 @@ def test_one_stage_ticks_run_no_conditionals(deep):
   conditional (on GPU each one reads its branch index back to the host, every tick)."""
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2)
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(PROMPTS),
-                                                   sampling.SamplingParams.make(len(PROMPTS)))
-  state = generate.start_state(first, lengths, lengths * 0 + 8, (), MAX_LEN)
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
   decode = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
                                           steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   prefill = pipeline.Pipeline.prefill.trace(
