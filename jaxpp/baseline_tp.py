@@ -7,8 +7,9 @@ Requests run in static waves of `max_num_seqs`: a wave is prefilled together and
 until its last row finishes before the next wave starts (no refill), which is how a simple
 JAX script batches; a row asked for fewer tokens than its wave's longest idles (emits
 nothing) until then. generate.py's programs compile with the XLA options the pipeline's
-programs get at the same tp degree (`xla_options.py`), so a comparison measures the parallel
-structure, not the GEMM library or XLA's dot merging.
+programs get at the same tp degree (`xla_options.py`) and decode attention the same way
+(the fused kernel on GPUs, `decode_attention.py`), so a comparison measures the parallel
+structure, not the GEMM library, XLA's dot merging or the attention kernel.
 
 `python -m jaxpp.bench --layouts=gspmd_tp4,pp2tp2` puts it in the same table.
 """
@@ -95,9 +96,10 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
     rows = [np.asarray(token)[:, None]]
     while not bool(np.all(np.asarray(state.done))):
       start = time.perf_counter()
-      cache, state, emitted = generate.decode_chunk(
-          config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
-          eos_ids=tuple(eos_ids), tp=pipe.tp)
+      with jax.set_mesh(pipe.mesh):  # the fused attention kernel splits over its 'tp'
+        cache, state, emitted = generate.decode_chunk(
+            config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
+            eos_ids=tuple(eos_ids), tp=pipe.tp, fused_decode=pipe.fused_decode)
       rows.append(np.asarray(emitted))
       seconds = time.perf_counter() - start
       stats["decode_seconds"] += seconds

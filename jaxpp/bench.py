@@ -66,6 +66,8 @@ flags.DEFINE_integer("decode_chunk", 32, "tokens per return to the host")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32")
 flags.DEFINE_list("quant", ["none"], "weight storage per run: none, int8, fp8; a list runs "
                   "every layout once per entry")
+flags.DEFINE_list("attention", ["auto"], "decode attention per run: auto (the fused kernel "
+                  "on GPUs at tp=1), kernel, xla; a list runs every layout once per entry")
 flags.DEFINE_bool("quant_embed", False, "also store the embedding and LM head in 8 bits")
 flags.DEFINE_integer("scan_unroll", 1, "layers per stage-scan iteration (0 = all)")
 flags.DEFINE_string("out", "out/bench", "directory for results.json and results.md")
@@ -133,7 +135,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                    decode_chunk=args["decode_chunk"],
                    quant=quant_lib.Quant(args.get("quant", "none"),
                                          args.get("quant_embed", False)),
-                   scan_unroll=args.get("scan_unroll", 1), **layout)
+                   scan_unroll=args.get("scan_unroll", 1),
+                   attention=args.get("attention", "auto"), **layout)
   rt.set_layout(llm.pipeline.mesh)
   probe_start = time.perf_counter()
   health.startup(llm.pipeline.mesh, dog, lambda line: print(line, file=sys.stderr))
@@ -195,6 +198,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   return dict(
       layout=text, devices=layout["pp"] * layout["tp"], pp=pipe.pp, tp=layout["tp"],
       virtual_stages=pipe.v, quant=args.get("quant", "none"),
+      attention="kernel" if pipe.fused_decode else "xla",
       weight_gb_per_device=max(pipeline_lib.per_device_bytes(llm.params).values()) / 1e9,
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
       requests=len(prompts), workload=args.get("workload", "random"),
@@ -250,6 +254,7 @@ def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
                  head_bytes=head * itemsize, itemsize=itemsize)
   return dict(
       layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, quant="none",
+      attention="transformers",
       weight_gb_per_device=config.param_count() * itemsize / p / 1e9, microbatches=1,
       prefill_microbatches=1,
       max_num_seqs=slots, requests=len(prompts), workload=args.get("workload", "random"),
@@ -294,7 +299,7 @@ def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean
 
 
 def markdown(rows: list[dict], header: str) -> str:
-  cols = [("layout", "{}"), ("quant", "{}"), ("weight_gb_per_device", "{:.1f}"),
+  cols = [("layout", "{}"), ("quant", "{}"), ("attention", "{}"), ("weight_gb_per_device", "{:.1f}"),
           ("requests_per_second", "{:.2f}"),
           ("total_tokens_per_second", "{:,.0f}"), ("output_tokens_per_second", "{:,.0f}"),
           ("tokens_per_second_per_gpu", "{:,.0f}"), ("prefill_tokens_per_second", "{:,.0f}"),
@@ -338,6 +343,9 @@ def bench(writer: bool = True):
               profile_dir=FLAGS.profile_dir)
   for mode in FLAGS.quant:
     quant_lib.Quant(mode, FLAGS.quant_embed)  # every entry checked before the first run
+  for impl in FLAGS.attention:
+    if impl not in pipeline_lib.ATTENTION:
+      raise JaxppError(f"--attention={impl!r} is not one of {', '.join(pipeline_lib.ATTENTION)}")
   header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {work.describe()}; "
             f"{devices_summary()}; jax {jax.__version__}; rooflines from the {hw.name} preset")
   layouts = FLAGS.layouts.split(",")
@@ -351,9 +359,11 @@ def bench(writer: bool = True):
   if writer:
     print(header, flush=True)
   for text in layouts:
-    for mode in ["none"] if baseline_hf.parse(text) else FLAGS.quant:
+    runs = ([{}] if baseline_hf.parse(text) else
+            [dict(quant=q, attention=a) for q in FLAGS.quant for a in FLAGS.attention])
+    for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
-                  run_layout(config, hw, text, prompts, dict(args, quant=mode)))
+                  run_layout(config, hw, text, prompts, dict(args, **knobs)))
       if writer:
         print(json.dumps(rows[-1]), flush=True)
   if not writer:

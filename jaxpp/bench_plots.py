@@ -24,11 +24,12 @@ def write(rows: list[dict], out: pathlib.Path, decode_chunk: int) -> list[pathli
   throughput_png(rows, paths[0])
   for row in rows:
     if row["layout"].startswith("pp") and row["pp"] > 1:  # one stage has no schedule to draw
-      path = out / f"gantt_{row['layout']}_{row['quant']}.png"
+      path = out / f"gantt_{row['layout']}_{row['quant']}_{row['attention']}.png"
       sched = schedule.circular(row["pp"], row["virtual_stages"], row["microbatches"],
                                 rounds=min(decode_chunk, GANTT_ROUNDS))
       sched.render_png(str(path), tick_seconds=row["tick_seconds"]["p50"], title=(
-          f"{row['layout']} ({row['quant']}): {sched.rounds} of {decode_chunk} decode rounds\n"
+          f"{row['layout']} ({row['quant']}, {row['attention']} attention): "
+          f"{sched.rounds} of {decode_chunk} decode rounds\n"
           f"p50 tick {row['tick_seconds']['p50'] * 1e3:.2f} ms, measured bubble "
           f"{row['bubble_measured']:.1%}"))
       paths.append(path)
@@ -36,7 +37,7 @@ def write(rows: list[dict], out: pathlib.Path, decode_chunk: int) -> list[pathli
 
 
 def throughput_png(rows: list[dict], path: pathlib.Path) -> None:
-  """Total tokens/s against micro-batches, one line per pp x tp x v x quant family."""
+  """Total tokens/s against micro-batches, one line per pp x tp x v x quant x attention."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -45,7 +46,8 @@ def throughput_png(rows: list[dict], path: pathlib.Path) -> None:
   for r in rows:
     name = (f"pp{r['pp']}tp{r['tp']}v{r['virtual_stages']}" if r["layout"].startswith("pp")
             else r["layout"])
-    families[f"{name} {r['quant']}"].append((r["microbatches"], r["total_tokens_per_second"]))
+    families[f"{name} {r['quant']} {r['attention']}"].append(
+        (r["microbatches"], r["total_tokens_per_second"]))
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, points in sorted(families.items()):
     m, tps = zip(*sorted(points))

@@ -92,12 +92,15 @@ def prefill(config: LlamaConfig, params, cache, tokens, lengths, params_s, *, do
   return sampling.sample(logits, lengths, params_s, do_sample=do_sample), cache
 
 
-@xla_options.jit(tp_of=_tp, static_argnames=("config", "steps", "do_sample", "eos_ids", "tp"),
+@xla_options.jit(tp_of=_tp, static_argnames=("config", "steps", "do_sample", "eos_ids", "tp",
+                                             "fused_decode"),
                  donate_argnames=("cache",))
 def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_s, *,
-                 steps: int, do_sample: bool, eos_ids: tuple[int, ...], tp: int = 1):
+                 steps: int, do_sample: bool, eos_ids: tuple[int, ...], tp: int = 1,
+                 fused_decode: bool = False):
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k]);
-  `tp` as in `prefill`."""
+  `tp` as in `prefill`; `fused_decode` runs attention in decode_attention's kernel (with
+  tp > 1 only under `jax.set_mesh` of the params' mesh, which splits it over kv heads)."""
   B = state.tokens.shape[0]
   dtype = params_lib.activation_dtype(params)
   max_len = cache[0].shape[5]
@@ -106,7 +109,7 @@ def decode_chunk(config: LlamaConfig, params, cache, state: DecodeState, params_
     cache, state, out = carry
     x = llama.embed(params, state.tokens[:, None], dtype)
     x, cache = llama.run_blocks(config, _one_chunk(params), x, state.lengths[:, None],
-                                state.lengths, cache)
+                                state.lengths, cache, fused_decode=fused_decode)
     logits = llama.logits(config, params, x)[:, 0]
     new = sampling.sample(logits, state.lengths + 1, params_s, do_sample=do_sample)
     state, emitted = advance(state, new, eos_ids, max_len)
@@ -131,7 +134,8 @@ def forward_logits(config: LlamaConfig, params, tokens):
 
 def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
                        max_new_tokens: int, params_s: sampling.SamplingParams, *,
-                       max_len: int, steps: int = 16) -> list[list[int]]:
+                       max_len: int, steps: int = 16,
+                       fused_decode: bool = False) -> list[list[int]]:
   """Generated ids per prompt on one device, params in the plain [L, ...] layout.
 
   The reference the pipeline is tested against: no schedule, no micro-batches, one batch.
@@ -149,7 +153,8 @@ def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
   out = [first[:, None]]
   while not bool(jnp.all(state.done)):
     cache, state, emitted = decode_chunk(config, params, cache, state, params_s, steps=steps,
-                                         do_sample=do_sample, eos_ids=eos)
+                                         do_sample=do_sample, eos_ids=eos,
+                                         fused_decode=fused_decode)
     out.append(emitted)
   rows = jnp.concatenate(out, axis=1).tolist()
   return [[t for t in row if t >= 0] for row in rows]

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxpp import distributed, health, jobio, report, sampling, schedule
+from jaxpp import distributed, health, jobio, pipeline, report, sampling, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import watchdog as watchdog_lib
 from jaxpp.errors import JaxppError
@@ -55,6 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if job.priority not in engine_lib.CLASSES:
     raise JaxppError(f"job.priority={job.priority!r}; choose one of "
                      f"{', '.join(engine_lib.CLASSES)}")
+  if config.model.attention not in pipeline.ATTENTION:
+    raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
+                     f"{', '.join(pipeline.ATTENTION)}")
   if config.mesh.dp != 1:
     raise JaxppError(f"mesh.dp={config.mesh.dp}: only 1 replica is available in this version")
   if TEMPLATE_SLOT not in job.prompt_template:
@@ -157,7 +160,8 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
             decode_chunk=sched.decode_chunk,
             devices=jax.devices() if devices is None else devices,
             quant=config.model.quant, quant_embed=config.model.quant_embed,
-            params_cache_dir=config.model.params_cache or None, before_load=before_load)
+            params_cache_dir=config.model.params_cache or None,
+            attention=config.model.attention, before_load=before_load)
   prompter = Prompter(llm, config)
   eng = engine_lib.Engine(llm, max_num_seqs=eng_cfg.max_num_seqs,
                           reserve=dict(eng_cfg.priority_reserve), watchdog=dog)

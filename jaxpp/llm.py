@@ -57,17 +57,19 @@ class LLM:
                prefill_microbatches: int = 0, layer_split: str = "even", dtype: str = "bfloat16",
                max_len: int | None = None, decode_chunk: int = 16, devices=None,
                quant: str = "none", quant_embed: bool = False,
-               params_cache_dir: str | pathlib.Path | None = None,
+               params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto",
                before_load: Callable[[pipeline.Pipeline], None] | None = None):
     """`quant` "int8" / "fp8" stores the block projections in 8 bits (also the embedding and
     LM head with `quant_embed`); `params_cache_dir` keeps the placed (quantised) params with
     orbax so the next run restores them instead of re-reading the HF checkpoint;
+    `attention` is decode attention's implementation: "auto" (the fused Pallas kernel on
+    GPUs at tp = 1, einsums elsewhere), "kernel" or "xla";
     `before_load(pipeline)` runs once the layout is checked, before any weight is read."""
     q = quant_lib.Quant(quant, quant_embed)
     config = checkpoint.load_config(checkpoint_dir)
     pipe = make_pipeline(config, pp=pp, tp=tp, virtual_stages=virtual_stages,
                          microbatches=microbatches, prefill_microbatches=prefill_microbatches,
-                         layer_split=layer_split, devices=devices)
+                         layer_split=layer_split, devices=devices, attention=attention)
     quant_lib.check_backend(q, pipe.mesh.devices.flat[0])
     if before_load is not None:
       before_load(pipe)
@@ -216,7 +218,7 @@ def parse_layout(text: str) -> dict:
 def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stages: int = 1,
                   microbatches: int | None = None, prefill_microbatches: int = 0,
                   layer_split: str = "even", devices=None,
-                  scan_unroll: int | bool = 1) -> pipeline.Pipeline:
+                  scan_unroll: int | bool = 1, attention: str = "auto") -> pipeline.Pipeline:
   """Checks a layout and builds its pipeline; every mistake is reported before compiling.
 
   `devices` defaults to the first pp*tp devices, so a small layout runs on a big host.
@@ -225,6 +227,8 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
   engine cuts a prefill of every slot into.
   `layer_split` is "even", "balanced" (parameter counts: the embedding weighs on the first
   chunk and the LM head on the last), or explicit per-chunk counts like "21,20,20,19".
+  `attention` is "auto" (the fused decode kernel on GPUs at tp = 1), "kernel" or "xla"
+  (`pipeline.Pipeline.attention`).
   """
   m = pp if microbatches is None else microbatches
   if devices is None:
@@ -245,7 +249,8 @@ def make_pipeline(config: LlamaConfig, *, pp: int = 1, tp: int = 1, virtual_stag
                               head_cost=vocab)
   else:
     part = partition.explicit(layer_split, L, pp, virtual_stages)
-  return pipeline.Pipeline(config, mesh, part, m, scan_unroll, prefill_microbatches)
+  return pipeline.Pipeline(config, mesh, part, m, scan_unroll, prefill_microbatches,
+                           attention)
 
 
 def devices_summary(devices=None) -> str:

@@ -35,12 +35,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxpp import generate, sampling, xla_options
 from jaxpp.errors import JaxppError
 from jaxpp.mesh import PP, TP
-from jaxpp.model import llama, quant
+from jaxpp.model import decode_attention, llama, quant
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.partition import Partition
 from jaxpp.schedule import circular, prefill_microbatches
 
+ATTENTION = ("auto", "kernel", "xla")  # Pipeline.attention's choices
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
 
@@ -70,6 +71,10 @@ class Pipeline:
   # default). More shrink the prefill bubble (p-1)/(v*m+p-1) at the cost of smaller
   # matmuls; the decode ring keeps m.
   prefill_microbatches: int = 0
+  # Decode attention: "kernel" (decode_attention.py's fused Pallas kernel), "xla" (einsums),
+  # or "auto": the kernel on GPUs at tp = 1, where it was measured faster; einsums elsewhere
+  # (off GPUs the kernel is interpreted; at tp > 1 it is checked on CPUs, not yet timed).
+  attention: str = "auto"
 
   def __post_init__(self):
     c, tp = self.config, self.mesh.shape[TP]
@@ -81,6 +86,11 @@ class Pipeline:
       if n % tp:
         raise JaxppError(f"tp={tp} does not divide {what}={n}; choose tp among the "
                          f"divisors of {n}")
+    if self.attention not in ATTENTION:
+      raise JaxppError(f"attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
+    if self.attention == "kernel" and not decode_attention.supports(c.head_dim):
+      raise JaxppError(f"attention='kernel' needs head_dim a power of two >= 16, not "
+                       f"{c.head_dim}; use attention='xla'")
     if self.microbatches < 1:
       raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
     if self.prefill_microbatches < 0:
@@ -98,6 +108,14 @@ class Pipeline:
   @property
   def pp(self) -> int:
     return self.partition.pp
+
+  @property
+  def fused_decode(self) -> bool:
+    """Whether decode attention runs in the fused kernel (`attention`, resolved)."""
+    if self.attention == "auto":
+      return (self.mesh.devices.flat[0].platform == "gpu" and self.tp == 1 and
+              decode_attention.supports(self.config.head_dim))
+    return self.attention == "kernel"
 
   @property
   def v(self) -> int:
@@ -175,7 +193,7 @@ class Pipeline:
       return lambda _: llama.run_blocks(
           self.config, blocks, x, positions, start, cache, chunk=chunk, microbatch=slot,
           slots=slots, fresh=fresh, num_layers=counts[chunk] if uneven else None,
-          unroll=self.scan_unroll)
+          unroll=self.scan_unroll, fused_decode=self.fused_decode)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
     # (llama.run_blocks); with more than one stage ticks idle in fill and drain: branch 0.

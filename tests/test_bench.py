@@ -51,25 +51,30 @@ def test_random_weights_are_placed_on_their_stages(tiny):
 
 def test_cli_writes_json_and_markdown(tmp_path):
   out = tmp_path / "bench"
-  rows = cli.bench_rows(out, "--layouts=pp1tp1")
-  assert [r["layout"] for r in rows] == ["pp1tp1"]
-  assert "| pp1tp1 |" in (out / "results.md").read_text()
+  rows = cli.bench_rows(out, "--layouts=pp1tp1", "--attention=xla,kernel")
+  assert [(r["layout"], r["attention"]) for r in rows] == [("pp1tp1", "xla"),
+                                                            ("pp1tp1", "kernel")]
+  assert "| pp1tp1 | none | kernel |" in (out / "results.md").read_text()
 
 
-def test_cli_bad_layout_is_one_line(tmp_path):
-  proc = cli.run_module("jaxpp.bench", "--model=tiny", "--layouts=pp2x", f"--out={tmp_path}",
-                        timeout=120)
+@pytest.mark.parametrize("flag, message", [
+    ("--layouts=pp2x", "error: layout 'pp2x' is not of the form"),
+    ("--attention=flash", "error: --attention='flash' is not one of auto, kernel, xla")])
+def test_cli_bad_flag_is_one_line(tmp_path, flag, message):
+  proc = cli.run_module("jaxpp.bench", "--model=tiny", flag, f"--out={tmp_path}", timeout=120)
   assert proc.returncode != 0
-  assert "error: layout 'pp2x' is not of the form" in proc.stderr
+  assert message in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_gspmd_baseline_gives_the_single_device_tokens(tiny, tp):
+@pytest.mark.parametrize("tp,attention", [(1, "xla"), (2, "xla"), (2, "kernel")])
+def test_gspmd_baseline_gives_the_single_device_tokens(tiny, tp, attention):
+  """With the fused attention kernel too: under the baseline's mesh it splits over kv heads."""
   from jaxpp import baseline_tp, generate, sampling
   config, _ = tiny
   prompts = np.random.default_rng(1).integers(3, 200, (5, 10)).tolist()
-  llm = bench.random_llm(config, np.float32, max_len=20, decode_chunk=4, pp=1, tp=tp)
+  llm = bench.random_llm(config, np.float32, max_len=20, decode_chunk=4, pp=1, tp=tp,
+                         attention=attention)
   params = baseline_tp.plain_params(llm.pipeline, llm.params)
   assert params["blocks"]["mlp"]["w_up"].sharding.spec == P(None, None, "tp")
   got = baseline_tp.run(llm.pipeline, params, prompts, output_len=7, max_num_seqs=3,
@@ -97,8 +102,8 @@ def test_plots_are_written(tmp_path, tiny):
   rows = [bench.run_layout(config, hw, layout, prompts, ARGS)
           for layout in ("pp2tp1m2", "pp2tp1m4", "gspmd_tp2")]
   paths = bench_plots.write(rows, tmp_path, ARGS["decode_chunk"])
-  assert sorted(p.name for p in paths) == ["gantt_pp2tp1m2_none.png", "gantt_pp2tp1m4_none.png",
-                                           "throughput.png"]
+  assert sorted(p.name for p in paths) == ["gantt_pp2tp1m2_none_xla.png",
+                                           "gantt_pp2tp1m4_none_xla.png", "throughput.png"]
   for p in paths:
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

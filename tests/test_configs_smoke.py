@@ -153,6 +153,11 @@ def test_bad_quant(harbor):
   expect_fast_error(harbor, r"^quant='int4' is not supported; choose one of none, int8, fp8$")
 
 
+def test_bad_attention(harbor):
+  harbor.model.attention = "flash"
+  expect_fast_error(harbor, r"^model.attention='flash'; choose one of auto, kernel, xla$")
+
+
 def test_output_directory_not_writable(harbor, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory\n")

@@ -36,13 +36,23 @@ def reference(ckpt, prompts):
   return logits, tokens
 
 
+def _deep(tmp_path_factory, head_dim):
+  # 8 layers so pp=8 and pp*v=8 have a layer per chunk; kv heads 4 so tp=4 divides them.
+  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp(f"deep{head_dim}"), "deep",
+                                      num_key_value_heads=4, num_attention_heads=8,
+                                      head_dim=head_dim, vocab_size=96)
+  return ckpt, reference(ckpt, PROMPTS)
+
+
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
-  # 8 layers so pp=8 and pp*v=8 have a layer per chunk; kv heads 4 so tp=4 divides them.
-  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("deep"), "deep",
-                                      num_key_value_heads=4, num_attention_heads=8,
-                                      head_dim=8, vocab_size=96)
-  return ckpt, reference(ckpt, PROMPTS)
+  return _deep(tmp_path_factory, 8)
+
+
+@pytest.fixture(scope="module")
+def deep16(tmp_path_factory):
+  """head_dim 16: a tile side the fused decode kernel takes (8 is not)."""
+  return _deep(tmp_path_factory, 16)
 
 
 def check_layout(ckpt, ref, **layout):
@@ -60,6 +70,17 @@ def check_layout(ckpt, ref, **layout):
 def test_layout_matches_single_device(deep, pp, tp, v, m_per_stage):
   ckpt, ref = deep
   check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m_per_stage * pp)
+
+
+@pytest.mark.parametrize("pp,tp,v,m", [(1, 1, 1, 1), (1, 1, 1, 2), (2, 1, 1, 2), (2, 2, 1, 4),
+                                      (4, 2, 1, 4), (1, 4, 1, 1), (2, 1, 2, 2), (8, 1, 1, 8)])
+def test_kernel_attention_matches_single_device(deep16, pp, tp, v, m):
+  """The fused decode-attention kernel (interpreted here) gives the einsum reference's
+  tokens on every kind of layout: rotated slots, chunk switch, tp split over kv heads."""
+  ckpt, ref = deep16
+  llm = check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m,
+                     attention="kernel")
+  assert llm.pipeline.fused_decode
 
 
 @pytest.mark.parametrize("pp,tp,v,m,prefill_m", [(2, 1, 1, 2, 8), (4, 2, 1, 4, 8),
@@ -270,3 +291,25 @@ def test_one_stage_ticks_run_no_conditionals(deep):
   for name, jaxpr in (("decode", decode), ("prefill", prefill)):
     conds = [e for e, _ in _equations(jaxpr) if e.primitive.name == "cond"]
     assert not conds, f"{name}: {len(conds)} conditionals"
+
+
+def test_kernel_reads_each_layer_of_the_whole_cache(deep16):
+  """With the fused kernel no decode tick slices the cache: each kernel call gets the whole
+  local cache and the layer's (chunk, layer, slot) as scalars, so on GPU nothing is copied
+  out of the cache before attention (a slice cut inside the layer loop is a copy there)."""
+  ckpt, _ = deep16
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=2, virtual_stages=2,
+                  microbatches=2, attention="kernel")
+  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
+  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+                                         steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
+  local = tuple(cache[0].shape[1:])  # [v, Lc, M, b, K, S, H]
+  whole = (int(np.prod(local[:3])),) + local[3:]
+  eqns = [e for e, _ in _equations(jaxpr)]
+  calls = [e for e in eqns if e.primitive.name == "pallas_call"]
+  m, v = llm.pipeline.microbatches, llm.pipeline.v
+  assert len(calls) == m * v  # one per unrolled tick and chunk (the layer loop is a scan)
+  for e in calls:  # operands: index, lengths, q, keys, values
+    assert [tuple(x.aval.shape) for x in e.invars[3:]] == [whole, whole]
+  assert not [e for e in eqns if e.primitive.name == "dynamic_slice"
+              and tuple(e.invars[0].aval.shape) == local]

@@ -1,9 +1,10 @@
 """The Llama-family decoder in Flax: the repeated block plus embedding and head.
 
-The block is a pure function of (block params, activations, cache slice): `Block.apply`
-takes one layer's params (see `params.py`) and that layer's cached keys/values, and returns
-new activations plus the keys/values of its new tokens. It knows nothing about pipelines;
-`run_blocks` scans a stack of layers and writes the new keys/values into the cache in place.
+The block is a pure function of (block params, activations, cache): `Block.apply` takes
+one layer's params (see `params.py`) and a view of that layer's cached keys/values, and
+returns new activations plus the keys/values of its new tokens. It knows nothing about
+pipelines; `run_blocks` scans a stack of layers and writes the new keys/values into the
+cache in place.
 
 Cache protocol, shared by prefill and decode: row b's cache holds valid entries at positions
 < start[b]; its T new tokens sit at positions start[b] .. start[b]+T-1 and are written there
@@ -19,15 +20,31 @@ matmul libraries need a transposed copy of the whole slice per layer and step fi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpp.model import quant
+from jaxpp.model import decode_attention, quant
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, inverse_frequencies
 
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
+
+
+class LayerCache(NamedTuple):
+  """One layer's view of the whole cache: `keys[at]` is its [B, K, S, H] slice.
+
+  The view, not the slice, travels to the attention, so that the fused decode kernel can
+  read the layer where it lies (a slice cut inside the layer loop is a copy on GPU).
+  """
+
+  keys: jnp.ndarray  # [*lead, B, K, S, H]
+  values: jnp.ndarray
+  at: tuple  # indices of the lead axes (ints or traced int scalars)
+
+
 NEG_INF = -1e30
 
 # Cache positions are allocated in multiples of this. cuBLAS wants aligned strides: with a
@@ -66,10 +83,11 @@ class Attention(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   quantized: bool = False
+  fused_decode: bool = False  # one-token steps over a cache run decode_attention's kernel
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: KVCache | None):
-    """cache: this layer's (keys, values) [B, K, S, H], or None when nothing is cached."""
+  def __call__(self, x, positions, start, cache: LayerCache | None):
+    """cache: this layer's view of the cache, or None when nothing is cached."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "wq", (D, N, H), self.quantized)
@@ -82,24 +100,37 @@ class Attention(nn.Module):
     v = quant.einsum("BTD,DKH->BTKH", x, *wv)
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
-    causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
-    scores = jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
-                                          preferred_element_type=jnp.float32), NEG_INF)
-    if cache is None:
-      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-      out = jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
-    else:  # one softmax over [cached | new]; the cache is read in place, never concatenated
-      old_k, old_v = cache[0].astype(self.dtype), cache[1].astype(self.dtype)
-      S = old_k.shape[2]
-      cached = jnp.arange(S)[None, :] < start[:, None]  # [B, S]
-      old = jnp.einsum("BTKGH,BKSH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
-      old = jnp.where(cached[:, None, None, None, :], old, NEG_INF)
-      probs = jax.nn.softmax(jnp.concatenate([old, scores], axis=-1),
-                             axis=-1).astype(self.dtype)
-      out = (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], old_v) +
-             jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., S:], v))
+    out = attend(q, k, v, positions, start, cache, self.dtype, fused_decode=self.fused_decode)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
+
+
+def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *,
+           fused_decode: bool = False):
+  """Attention of T new tokens over the cache and themselves (causally) -> [B, T, K, G, H].
+
+  q [B, T, K, G, H] (scaled by H**-0.5), k/v [B, T, K, H]: the new tokens'. One-token steps
+  with `fused_decode` run the cache's part in decode_attention's kernel; otherwise one
+  softmax over [cached | new] by XLA, reading the cache in place, never concatenated.
+  """
+  if cache is not None and fused_decode and q.shape[1] == 1:
+    pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start)
+    return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype)[:, None]
+  causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+  scores = jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
+                                        preferred_element_type=jnp.float32), NEG_INF)
+  if cache is None:
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
+  old_k = cache.keys[cache.at].astype(dtype)
+  old_v = cache.values[cache.at].astype(dtype)
+  S = old_k.shape[2]
+  cached = jnp.arange(S)[None, :] < start[:, None]  # [B, S]
+  old = jnp.einsum("BTKGH,BKSH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
+  old = jnp.where(cached[:, None, None, None, :], old, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([old, scores], axis=-1), axis=-1).astype(dtype)
+  return (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], old_v) +
+          jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., S:], v))
 
 
 class MLP(nn.Module):
@@ -126,11 +157,13 @@ class Block(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   quantized: bool = False  # 8-bit projections with per-channel scales (quant.py)
+  fused_decode: bool = False  # see Attention
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: KVCache | None):
+  def __call__(self, x, positions, start, cache: LayerCache | None):
     eps = self.config.rms_norm_eps
-    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, name="attn")(
+    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, self.fused_decode,
+                                 name="attn")(
         RMSNorm(eps, name="attn_norm")(x), positions, start, cache)
     x = x + attn_out
     x = x + MLP(self.config, self.dtype, self.quantized, name="mlp")(
@@ -140,7 +173,7 @@ class Block(nn.Module):
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
                microbatch=0, slots=None, fresh: bool = False, num_layers=None,
-               unroll: int | bool = 1):
+               unroll: int | bool = 1, fused_decode: bool = False):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
   `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
@@ -154,9 +187,11 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
   only the first layers of the stack, so chunks shorter than the padded stack do no
   compute on padding. `unroll` is `lax.scan`'s (DESIGN.md: a rolled loop over stacked
-  weights can cost decode bandwidth on GPU).
+  weights can cost decode bandwidth on GPU). `fused_decode` runs one-token steps' attention
+  in decode_attention's kernel.
   """
-  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"])
+  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"],
+                fused_decode=fused_decode)
   b, T = x.shape[:2]
   S = cache[0].shape[5]
   if slots is None:
@@ -172,7 +207,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
     params = jax.tree.map(lambda a: a[chunk, i], blocks)
 
     def compute(_):
-      kv = None if fresh else (ck[chunk, i, microbatch], cv[chunk, i, microbatch])
+      kv = None if fresh else LayerCache(ck, cv, (chunk, i, microbatch))
       y, (k, v) = block.apply({"params": params}, x, positions, start, kv)
       return y, k.astype(k_dtype), v.astype(k_dtype)
 

@@ -1,0 +1,176 @@
+"""One decode token's attention over a KV cache, fused in a Pallas kernel (Triton on GPU).
+
+XLA runs decode attention as two batched matmuls over (row, kv head) with the softmax
+between them in f32: on an H200 that took 85 µs of GEMMs plus 33 µs of softmax and padding
+per 8B layer-step (the scores padded from 4 to 8 query heads, read three times), and on the
+70B shape its small [8, 128] x [128, S] GEMMs streamed the cache at 39% of HBM bandwidth
+(docs/benchmarks.md, "Profiles"). It also reads every cache position, however short a row.
+
+This kernel reads each row's keys and values once, only up to the row's length, and keeps
+scores and the running softmax in registers (the online softmax of flash attention); in
+the 8B decode program it streams the cache at 3.9 TB/s on an H200, and decode runs 1.16x
+faster than with XLA's attention (1.34x at 4,096 positions). One
+program per (row, kv head, split of the row's positions) takes the G query heads that share
+the kv head; `splits` > 1 cuts long rows into pieces run side by side (flash-decoding) for
+when rows x kv heads are too few to fill the GPU. Each program returns its un-normalised
+sum with its running max and denominator; `combine` merges the pieces with the decode
+token's own key and value (which are not in the cache yet) in a few small XLA ops.
+
+The kernel takes the whole cache and the layer's index (traced scalars are fine): given a
+slice cut out of the cache inside the layer loop, XLA would copy it first, which is the
+cost the pipeline's constant indices exist to avoid (pipeline.py). On other backends it runs
+in the Pallas interpreter, which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from jaxpp.mesh import TP
+
+MIN_TILE = 16  # Triton's smallest dot operand dimension: G query heads are padded to it
+# Cache positions per step; llama.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2
+# stages and the automatic splits, 64 came within 10% of the best configuration tried on
+# each decode shape on an H200 (tools/decode_attention_probe.py; docs/benchmarks.md).
+BLOCK_S = 64
+# Automatic splits aim for this many programs, two per SM on H100/H200 (132 SMs): with 16
+# rows x 8 kv heads at 4,096 positions 4 splits read 1.4x faster than 1; with 512 programs
+# splitting only added partial sums.
+TARGET_PROGRAMS = 264
+MAX_SPLITS = 8
+NEG_INF = -1e30
+HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
+
+
+def attend(q, keys, values, at, lengths, **options):
+  """`attend_cached`, split over kv heads where the surrounding mesh splits them over 'tp'.
+
+  GSPMD cannot partition a custom kernel: given one, it would gather the whole cache onto
+  every device. Under a mesh whose 'tp' axis is still automatic (the pipeline's stage
+  programs, or the GSPMD baseline run under `jax.set_mesh`), each tp device runs the kernel
+  on its own kv heads, which is where q, the cache and the output already lie.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
+    return attend_cached(q, keys, values, at, lengths, **options)
+  heads = P(*(None,) * (keys.ndim - 3), TP)  # the cache's K axis
+  out = P(None, None, TP)
+  run = jax.shard_map(
+      lambda q, k, v, at, n: attend_cached(q, k, v, tuple(at), n, **options), mesh=mesh,
+      in_specs=(P(None, TP), heads, heads, P(), P()), out_specs=(out, out, out),
+      axis_names={TP}, check_vma=False)
+  return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths)
+
+
+def attend_cached(q, keys, values, at, lengths, *, splits: int = 0, block_s: int = BLOCK_S,
+                  num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+  """Partial attention of q over the first lengths[b] cached positions of one layer.
+
+  q: [B, K, G, H], already scaled by H**-0.5. keys, values: the whole cache
+  [*lead, B, K, S, H]; `at` indexes the lead axes (ints or traced int scalars) to pick the
+  layer. Returns (acc f32[B, K, G, H] un-normalised, max f32[B, K, G], denominator
+  f32[B, K, G]), each with a leading `splits` axis; rows of length 0 give max NEG_INF and
+  zeros. `splits=0` picks the fewest (a power of two) that give TARGET_PROGRAMS programs.
+  `interpret` defaults to "not on a GPU".
+  """
+  B, K, G, H = q.shape
+  lead, (Bc, Kc, S, Hc) = keys.shape[:-4], keys.shape[-4:]
+  if (Bc, Kc, Hc) != (B, K, H) or values.shape != keys.shape or len(at) != len(lead):
+    raise ValueError(f"q {q.shape} does not match the cache {keys.shape} at {len(at)} "
+                     "lead indices")
+  if S % block_s:
+    raise ValueError(f"cache positions S={S} are not a multiple of block_s={block_s}")
+  if not supports(H):
+    raise ValueError(f"head_dim={H}: the kernel's tiles need a power of two >= {MIN_TILE}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  splits = splits or auto_splits(B * K, S // block_s)
+  Gp = max(MIN_TILE, 1 << (G - 1).bit_length())  # Triton tiles are powers of two
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+  flat = functools.reduce(lambda acc, ia: acc * ia[1] + ia[0], zip(at, lead), jnp.int32(0))
+  cache_shape = (-1, B, K, S, H)  # a bitcast: the lead axes as one
+  kernel = functools.partial(_kernel, block_s=block_s, splits=splits)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((splits, B, K, Gp, H), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, B, K, Gp), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, B, K, Gp), jnp.float32)),
+      grid=(splits, B, K),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="decode_attention",
+  )(jnp.reshape(jnp.asarray(flat, jnp.int32), (1,)), lengths.astype(jnp.int32), q,
+    keys.reshape(cache_shape), values.reshape(cache_shape))
+  return acc[..., :G, :], m[..., :G], l[..., :G]
+
+
+def _kernel(at_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s,
+            splits):
+  """Program (split, row, kv head): online softmax over its share of the row's blocks."""
+  p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  layer, n = at_ref[0], len_ref[b]
+  blocks = (n + block_s - 1) // block_s
+  per = (blocks + splits - 1) // splits
+  lo = p * per
+  hi = jnp.minimum(lo + per, blocks)
+  q = q_ref[b, h]  # [Gp, H]
+  Gp, H = q.shape
+
+  def step(i, carry):
+    acc, m, l = carry
+    pos = pl.ds(i * block_s, block_s)
+    k = k_ref[layer, b, h, pos, :].astype(q.dtype)  # [block_s, H]
+    v = v_ref[layer, b, h, pos, :].astype(q.dtype)
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=HIGHEST,
+                            preferred_element_type=jnp.float32)  # [Gp, block_s]
+    valid = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1) < n
+    s = jnp.where(valid, s, NEG_INF)
+    # a slot's stale positions past n (an earlier request's) stay out even if not finite
+    v = jnp.where(i * block_s + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) < n, v, 0)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    e = jnp.exp(s - m_new[:, None])
+    acc = acc * alpha[:, None] + jnp.dot(e.astype(q.dtype), v, precision=HIGHEST,
+                                         preferred_element_type=jnp.float32)
+    return acc, m_new, l * alpha + jnp.sum(e, axis=1)
+
+  init = (jnp.zeros((Gp, H), jnp.float32), jnp.full((Gp,), NEG_INF, jnp.float32),
+          jnp.zeros((Gp,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(lo, hi, step, init)
+  acc_ref[p, b, h] = acc
+  m_ref[p, b, h] = m
+  l_ref[p, b, h] = l
+
+
+def supports(head_dim: int) -> bool:
+  """Whether the kernel takes this head dim (a Triton tile side: a power of two >= 16)."""
+  return head_dim >= MIN_TILE and head_dim & (head_dim - 1) == 0
+
+
+def auto_splits(programs: int, blocks: int) -> int:
+  """Splits of a row for `programs` (row, kv head) pairs over `blocks` position blocks."""
+  splits = 1
+  while programs * splits < TARGET_PROGRAMS and splits < min(MAX_SPLITS, blocks):
+    splits *= 2
+  return splits
+
+
+def combine(acc, m, l, q, k_new, v_new, dtype):
+  """Merges the kernel's pieces with the new token's own key/value -> out [B, K, G, H].
+
+  q [B, K, G, H] (scaled), k_new/v_new [B, K, H] (the decode token's, not yet cached).
+  """
+  s_new = jnp.einsum("BKGH,BKH->BKG", q, k_new, preferred_element_type=jnp.float32)
+  top = jnp.maximum(jnp.max(m, axis=0), s_new)
+  w = jnp.exp(m - top)  # [splits, B, K, G]
+  w_new = jnp.exp(s_new - top)
+  denom = jnp.sum(l * w, axis=0) + w_new
+  total = (jnp.sum(acc * w[..., None], axis=0) +
+           w_new[..., None] * v_new.astype(jnp.float32)[:, :, None])
+  return (total / denom[..., None]).astype(dtype)
