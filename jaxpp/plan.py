@@ -216,7 +216,10 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   D, NH = cfg.hidden_size, cfg.num_heads * cfg.head_dim
   blk, head, last = _block_params(cfg, tp), _head_read(cfg, tp), len(part.counts) - 1
   b, T = w.rows(m), w.prefill_len
-  ctx = w.cache_len if assume.kv_read == "max_len" else w.input_len + w.output_len / 2
+  context = w.input_len + w.output_len / 2  # the mean cached positions a decode step reads
+  fused = layout.fused_decode(cfg)  # the kernel reads only those; XLA as kv_read says
+  ctx = w.cache_len if assume.kv_read == "max_len" and not fused else context
+  overhead = assume.kernel_layer_overhead_s if fused else assume.layer_overhead_s
 
   def decode_round_s(rows: int) -> float:
     chunk_s = []
@@ -227,7 +230,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
                 + rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a))
       flops = 2 * rows * params + 4 * rows * ctx * n * NH / tp
       chunk_s.append(max(nbytes / (hw.hbm_bandwidth * assume.decode_efficiency),
-                         flops / hw.matmul_flops) + n * assume.layer_overhead_s
+                         flops / hw.matmul_flops) + n * overhead
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))
     return _round_s(chunk_s, layout, _send_s(rows * D * a, layout, hw, assume), m)
 
@@ -261,7 +264,8 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
               hw: Hardware = H100, mode: str = "batch", bytes_per_param: float = 2,
               assume: Assumptions = Assumptions(), virtual_stages: int = 1,
               microbatches: int = 0, layer_split: str = "even", model_name: str = "model",
-              embed_bytes_per_param: float | None = None, prefill_microbatches: int = 0) -> Plan:
+              embed_bytes_per_param: float | None = None, prefill_microbatches: int = 0,
+              attention: str = "auto") -> Plan:
   """Sizes and predicts every pp x tp = devices layout; picks the best that fits for `mode`.
 
   batch: the highest total tokens/s. interactive: the lowest per-token latency at batch 1,
@@ -275,7 +279,7 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
   rows, skipped, tps = [], [], [t for t in range(1, devices + 1) if devices % t == 0]
   for tp in tps:
     layout = Layout(devices // tp, tp, virtual_stages, microbatches, layer_split,
-                    prefill_microbatches)
+                    prefill_microbatches, attention)
     problem = layout.problem(cfg, hw)
     if problem:
       skipped.append((layout.name, problem))

@@ -33,6 +33,8 @@ def _define_flags() -> None:
   f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = 8 per stage "
                    "(at most concurrency).")
   f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
+  f.DEFINE_enum("attention", "auto", ("auto", "kernel", "xla"), "Decode attention as "
+                "jaxpp.LLM takes it; auto: the fused kernel at tp=1.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}
   for name, field in Workload.__dataclass_fields__.items():
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> None:
                      F.mode, block_bytes, Assumptions(**given(Assumptions)),
                      F.virtual_stages, F.microbatches, F.layer_split, model_name=F.model,
                      embed_bytes_per_param=1 if F.quant_embed else F.bytes_per_param,
-                     prefill_microbatches=F.prefill_microbatches)
+                     prefill_microbatches=F.prefill_microbatches, attention=F.attention)
     if F.json:
       try:
         with open(F.json, "w") as out:

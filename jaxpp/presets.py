@@ -17,7 +17,7 @@ import pathlib
 
 from jaxpp import schedule
 from jaxpp.errors import JaxppError
-from jaxpp.model import llama
+from jaxpp.model import decode_attention, llama
 from jaxpp.model.config import LlamaConfig
 
 # Shared by the Llama 3.1 family (the 405B exists only as 3.1; 3.0 differs in context and rope
@@ -125,10 +125,14 @@ class Assumptions:
   prefill_efficiency: float = 0.65
   decode_efficiency: float = 0.93
   layer_overhead_s: float = 100e-6
+  # The same with decode attention in the fused kernel (Layout.fused_decode): fitted on its
+  # three one-GPU H200 runs (docs/planner.md, "Validation"); the kernel reads each row's own
+  # context, near the stream rate, where XLA's attention read all max_len positions slower.
+  kernel_layer_overhead_s: float = 55e-6
   collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
   tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
   dtype_bytes: int = 2  # KV cache and activations (bf16)
-  kv_read: str = "max_len"  # decode reads all "max_len" cached positions (jaxpp) or "context"
+  kv_read: str = "max_len"  # XLA's decode attention reads all "max_len" positions or "context"
   activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
   score_bytes: int = 8  # per attention score element: f32 scores + f32 softmax
 
@@ -150,6 +154,7 @@ class Layout:
   microbatches: int = 0  # 0 = pp: jaxpp's default, the fewest that keep the decode ring full
   layer_split: str = "even"  # "even" or "balanced" (partition.py)
   prefill_microbatches: int = 0  # a prefill of all sequences cut this fine; 0 = default
+  attention: str = "auto"  # decode attention as jaxpp.LLM(attention=...) takes it
 
   @property
   def m(self) -> int:
@@ -166,6 +171,13 @@ class Layout:
     v = f"v{self.virtual_stages}" if self.virtual_stages > 1 else ""
     return (f"pp{self.pp}tp{self.tp}{v}" + (f"m{self.m}" if self.m != self.pp else "")
             + (f"p{self.prefill_microbatches}" if self.prefill_microbatches else ""))
+
+  def fused_decode(self, cfg: LlamaConfig) -> bool:
+    """Whether decode attention runs in the fused kernel (pipeline.Pipeline.fused_decode on
+    GPUs, which the planner's hardware presets are)."""
+    if self.attention == "auto":
+      return self.tp == 1 and decode_attention.supports(cfg.head_dim)
+    return self.attention == "kernel"
 
   def problem(self, cfg: LlamaConfig, hw: Hardware) -> str | None:
     """Why jaxpp cannot run this layout (pipeline.py, schedule.py, mesh.py rules), or None."""
@@ -186,6 +198,10 @@ class Layout:
       return f"tp={tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh spans hosts"
     if self.layer_split not in ("even", "balanced"):
       return f"layer_split={self.layer_split!r} is not 'even' or 'balanced'"
+    if self.attention not in ("auto", "kernel", "xla"):
+      return f"attention={self.attention!r} is not 'auto', 'kernel' or 'xla'"
+    if self.attention == "kernel" and not decode_attention.supports(cfg.head_dim):
+      return f"attention='kernel' needs head_dim a power of two >= 16, not {cfg.head_dim}"
     return None
 
 
