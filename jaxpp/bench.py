@@ -49,6 +49,7 @@ from jaxpp import pipeline as pipeline_lib
 from jaxpp import watchdog as watchdog_lib
 from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary, make_pipeline, parse_layout, resolve_dtype
+from jaxpp.model import decode_attention
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
 
@@ -299,8 +300,8 @@ def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean
 
 
 def markdown(rows: list[dict], header: str) -> str:
-  cols = [("layout", "{}"), ("quant", "{}"), ("attention", "{}"), ("weight_gb_per_device", "{:.1f}"),
-          ("requests_per_second", "{:.2f}"),
+  cols = [("layout", "{}"), ("quant", "{}"), ("attention", "{}"),
+          ("weight_gb_per_device", "{:.1f}"), ("requests_per_second", "{:.2f}"),
           ("total_tokens_per_second", "{:,.0f}"), ("output_tokens_per_second", "{:,.0f}"),
           ("tokens_per_second_per_gpu", "{:,.0f}"), ("prefill_tokens_per_second", "{:,.0f}"),
           ("decode_tokens_per_second", "{:,.0f}"), ("decode_hbm_gbps_per_gpu", "{:,.0f}"),
@@ -344,8 +345,9 @@ def bench(writer: bool = True):
   for mode in FLAGS.quant:
     quant_lib.Quant(mode, FLAGS.quant_embed)  # every entry checked before the first run
   for impl in FLAGS.attention:
-    if impl not in pipeline_lib.ATTENTION:
-      raise JaxppError(f"--attention={impl!r} is not one of {', '.join(pipeline_lib.ATTENTION)}")
+    if impl not in decode_attention.CHOICES:
+      raise JaxppError(f"--attention={impl!r} is not one of "
+                       f"{', '.join(decode_attention.CHOICES)}")
   header = (f"{FLAGS.model}, {FLAGS.dtype} activations, {work.describe()}; "
             f"{devices_summary()}; jax {jax.__version__}; rooflines from the {hw.name} preset")
   layouts = FLAGS.layouts.split(",")

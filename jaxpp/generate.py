@@ -134,8 +134,7 @@ def forward_logits(config: LlamaConfig, params, tokens):
 
 def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
                        max_new_tokens: int, params_s: sampling.SamplingParams, *,
-                       max_len: int, steps: int = 16,
-                       fused_decode: bool = False) -> list[list[int]]:
+                       max_len: int, steps: int = 16) -> list[list[int]]:
   """Generated ids per prompt on one device, params in the plain [L, ...] layout.
 
   The reference the pipeline is tested against: no schedule, no micro-batches, one batch.
@@ -153,8 +152,7 @@ def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
   out = [first[:, None]]
   while not bool(jnp.all(state.done)):
     cache, state, emitted = decode_chunk(config, params, cache, state, params_s, steps=steps,
-                                         do_sample=do_sample, eos_ids=eos,
-                                         fused_decode=fused_decode)
+                                         do_sample=do_sample, eos_ids=eos)
     out.append(emitted)
   rows = jnp.concatenate(out, axis=1).tolist()
   return [[t for t in row if t >= 0] for row in rows]

@@ -30,11 +30,12 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxpp import distributed, health, jobio, pipeline, report, sampling, schedule
+from jaxpp import distributed, health, jobio, report, sampling, schedule
 from jaxpp import engine as engine_lib
 from jaxpp import watchdog as watchdog_lib
 from jaxpp.errors import JaxppError
 from jaxpp.llm import LLM, devices_summary
+from jaxpp.model import decode_attention
 
 LENGTH_POLICIES = ("truncate", "reject")
 TEMPLATE_SLOT = "{text}"
@@ -55,9 +56,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if job.priority not in engine_lib.CLASSES:
     raise JaxppError(f"job.priority={job.priority!r}; choose one of "
                      f"{', '.join(engine_lib.CLASSES)}")
-  if config.model.attention not in pipeline.ATTENTION:
+  if config.model.attention not in decode_attention.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
-                     f"{', '.join(pipeline.ATTENTION)}")
+                     f"{', '.join(decode_attention.CHOICES)}")
   if config.mesh.dp != 1:
     raise JaxppError(f"mesh.dp={config.mesh.dp}: only 1 replica is available in this version")
   if TEMPLATE_SLOT not in job.prompt_template:

@@ -41,7 +41,6 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.partition import Partition
 from jaxpp.schedule import circular, prefill_microbatches
 
-ATTENTION = ("auto", "kernel", "xla")  # Pipeline.attention's choices
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
 
@@ -72,8 +71,7 @@ class Pipeline:
   # matmuls; the decode ring keeps m.
   prefill_microbatches: int = 0
   # Decode attention: "kernel" (decode_attention.py's fused Pallas kernel), "xla" (einsums),
-  # or "auto": the kernel on GPUs at tp = 1, where it was measured faster; einsums elsewhere
-  # (off GPUs the kernel is interpreted; at tp > 1 it is checked on CPUs, not yet timed).
+  # or "auto": the kernel on GPUs at tp = 1 (decode_attention.fused).
   attention: str = "auto"
 
   def __post_init__(self):
@@ -86,11 +84,9 @@ class Pipeline:
       if n % tp:
         raise JaxppError(f"tp={tp} does not divide {what}={n}; choose tp among the "
                          f"divisors of {n}")
-    if self.attention not in ATTENTION:
-      raise JaxppError(f"attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
-    if self.attention == "kernel" and not decode_attention.supports(c.head_dim):
-      raise JaxppError(f"attention='kernel' needs head_dim a power of two >= 16, not "
-                       f"{c.head_dim}; use attention='xla'")
+    problem = decode_attention.choice_problem(self.attention, c.head_dim)
+    if problem:
+      raise JaxppError(problem)
     if self.microbatches < 1:
       raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
     if self.prefill_microbatches < 0:
@@ -112,10 +108,9 @@ class Pipeline:
   @property
   def fused_decode(self) -> bool:
     """Whether decode attention runs in the fused kernel (`attention`, resolved)."""
-    if self.attention == "auto":
-      return (self.mesh.devices.flat[0].platform == "gpu" and self.tp == 1 and
-              decode_attention.supports(self.config.head_dim))
-    return self.attention == "kernel"
+    return decode_attention.fused(self.attention,
+                                  on_gpu=self.mesh.devices.flat[0].platform == "gpu",
+                                  tp=self.tp, head_dim=self.config.head_dim)
 
   @property
   def v(self) -> int:

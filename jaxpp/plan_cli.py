@@ -11,6 +11,7 @@ import sys
 
 from jaxpp import presets
 from jaxpp.errors import JaxppError
+from jaxpp.model.decode_attention import CHOICES as CHOICES_ATTENTION
 from jaxpp.model.quant import MODES as MODES_QUANT
 from jaxpp.plan import MODES, format_plan, plan_json, recommend
 from jaxpp.presets import Assumptions, Hardware, Workload
@@ -33,7 +34,7 @@ def _define_flags() -> None:
   f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = 8 per stage "
                    "(at most concurrency).")
   f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
-  f.DEFINE_enum("attention", "auto", ("auto", "kernel", "xla"), "Decode attention as "
+  f.DEFINE_enum("attention", "auto", CHOICES_ATTENTION, "Decode attention as "
                 "jaxpp.LLM takes it; auto: the fused kernel at tp=1.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}

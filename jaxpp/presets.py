@@ -175,9 +175,8 @@ class Layout:
   def fused_decode(self, cfg: LlamaConfig) -> bool:
     """Whether decode attention runs in the fused kernel (pipeline.Pipeline.fused_decode on
     GPUs, which the planner's hardware presets are)."""
-    if self.attention == "auto":
-      return self.tp == 1 and decode_attention.supports(cfg.head_dim)
-    return self.attention == "kernel"
+    return decode_attention.fused(self.attention, on_gpu=True, tp=self.tp,
+                                  head_dim=cfg.head_dim)
 
   def problem(self, cfg: LlamaConfig, hw: Hardware) -> str | None:
     """Why jaxpp cannot run this layout (pipeline.py, schedule.py, mesh.py rules), or None."""
@@ -198,11 +197,7 @@ class Layout:
       return f"tp={tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh spans hosts"
     if self.layer_split not in ("even", "balanced"):
       return f"layer_split={self.layer_split!r} is not 'even' or 'balanced'"
-    if self.attention not in ("auto", "kernel", "xla"):
-      return f"attention={self.attention!r} is not 'auto', 'kernel' or 'xla'"
-    if self.attention == "kernel" and not decode_attention.supports(cfg.head_dim):
-      return f"attention='kernel' needs head_dim a power of two >= 16, not {cfg.head_dim}"
-    return None
+    return decode_attention.choice_problem(self.attention, cfg.head_dim)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ BLOCK_S = 64
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 8
 NEG_INF = -1e30
+CHOICES = ("auto", "kernel", "xla")  # how a layout's decode attention is picked (`fused`)
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
 
 
@@ -105,7 +106,7 @@ def attend_cached(q, keys, values, at, lengths, *, splits: int = 0, block_s: int
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="decode_attention",
-  )(jnp.reshape(jnp.asarray(flat, jnp.int32), (1,)), lengths.astype(jnp.int32), q,
+  )(jnp.reshape(flat, (1,)), lengths.astype(jnp.int32), q,
     keys.reshape(cache_shape), values.reshape(cache_shape))
   return acc[..., :G, :], m[..., :G], l[..., :G]
 
@@ -151,6 +152,25 @@ def _kernel(at_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bloc
 def supports(head_dim: int) -> bool:
   """Whether the kernel takes this head dim (a Triton tile side: a power of two >= 16)."""
   return head_dim >= MIN_TILE and head_dim & (head_dim - 1) == 0
+
+
+def choice_problem(choice: str, head_dim: int) -> str | None:
+  """Why a layout cannot take attention=`choice` with this head dim, or None."""
+  if choice not in CHOICES:
+    return f"attention={choice!r} is not one of {', '.join(CHOICES)}"
+  if choice == "kernel" and not supports(head_dim):
+    return (f"attention='kernel' needs head_dim a power of two >= {MIN_TILE}, not "
+            f"{head_dim}; use attention='xla'")
+  return None
+
+
+def fused(choice: str, *, on_gpu: bool, tp: int, head_dim: int) -> bool:
+  """Whether attention=`choice` runs decode attention in the kernel. "auto" picks it on GPUs
+  at tp = 1, where it was measured faster (docs/benchmarks.md); at tp > 1 it is checked on
+  CPUs, not yet timed, and off GPUs it would run interpreted."""
+  if choice == "auto":
+    return on_gpu and tp == 1 and supports(head_dim)
+  return choice == "kernel"
 
 
 def auto_splits(programs: int, blocks: int) -> int:
