@@ -1,7 +1,7 @@
 """Command line: `python -m jaxpp.run --config configs/harbor.py [--config.a.b=value ...]`.
 
 A thin entry point: it parses the config, starts the (multi-process) runtime, sets up
-devices and calls `job.run_job`, which holds all the logic. Configs are Python files whose
+devices and calls `job.runner.run_job`, which holds all the logic. Configs are Python files whose
 `get_config()` returns a ConfigDict; fields are overridden with
 `--config.sampling.max_new_tokens=8`, and a misspelled key is a flag error. Bad input of any
 kind (missing checkpoint, malformed JSONL, impossible layout, bad flag combination) prints
@@ -22,8 +22,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxpp import distributed, job, report
+from jaxpp.dist import distributed
 from jaxpp.errors import JaxppError
+from jaxpp.job import report, runner
 
 CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator (all processes)
 
@@ -37,6 +38,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   the overrides while defining a flag with a default; its KeyError / AttributeError for a
   field the config lacks (with a did-you-mean hint) would otherwise escape as a traceback.
   """
+  distributed.define_flags()
   try:
     config_flags.DEFINE_config_file(
         "config", str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
@@ -90,7 +92,7 @@ def main(argv: list[str]) -> None:
     runtime = distributed.start(distributed.options_from_flags())
   with runtime.guard():
     use_virtual_cpu_devices(runtime.num_processes)
-    rep = job.run_job(loaded_config())
+    rep = runner.run_job(loaded_config())
   if rep is None:
     print(f"{runtime.describe()}: done; process 0 writes the output, errors and report")
   else:

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from jaxpp import baseline_hf, bench, checkpoint, generate, presets, sampling
+from jaxpp.bench import baseline_hf, results
+from jaxpp.bench import measure as bench
+from jaxpp.load import checkpoint
+from jaxpp.model import sampling
+from jaxpp.plan import presets
+from jaxpp.serve import reference as generate
 from tests import cli
 from tests.hf_models import make_checkpoint
 
@@ -58,7 +63,7 @@ def test_hf_auto_row_in_the_bench_table():
       "hf_auto", 1, 1, 6)
   assert row["total_tokens_per_second"] == pytest.approx(6 * 18 / row["wall_seconds"])
   assert row["bubble_schedule"] == 0 and row["bubble_measured"] is None
-  line = bench.markdown([row], "header").splitlines()[-1]
+  line = results.markdown([row], "header").splitlines()[-1]
   assert line.startswith("| hf_auto | none |") and "| – |" in line
 
 

@@ -1,4 +1,4 @@
-"""`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs and its numbers add up."""
+"""`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs, its numbers add up."""
 
 
 import json
@@ -7,12 +7,17 @@ import re
 import jax
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 from jax.sharding import PartitionSpec as P
 
-from jaxpp import bench, bench_workload, presets
+from jaxpp.bench import measure as bench
+from jaxpp.bench import requests as bench_workload
+from jaxpp.bench import results
+from jaxpp.bench.random_weights import random_llm
+from jaxpp.bench.suite import BenchOptions, run_suite
 from jaxpp.errors import JaxppError
 from jaxpp.model import params as params_lib
+from jaxpp.parallel.layout import Layout
+from jaxpp.plan import presets
 from tests import cli
 
 ARGS = dict(input_len=12, output_len=6, dtype="float32", decode_chunk=3, max_num_seqs=4)
@@ -40,7 +45,7 @@ def test_layouts_run_and_report(tiny, layout):
 
 def test_random_weights_are_placed_on_their_stages(tiny):
   config, _ = tiny
-  llm = bench.random_llm(config, np.float32, max_len=32, decode_chunk=4, pp=4, tp=2)
+  llm = random_llm(config, np.float32, max_len=32, decode_chunk=4, layout=Layout(4, 2))
   wq = llm.params["blocks"]["attn"]["wq"]
   assert wq.shape[:3] == (4, 1, 1)
   shapes = {s.data.shape for s in wq.addressable_shards}
@@ -70,10 +75,12 @@ def test_cli_bad_flag_is_one_line(tmp_path, flag, message):
 @pytest.mark.parametrize("tp,attention", [(1, "xla"), (2, "xla"), (2, "kernel")])
 def test_gspmd_baseline_gives_the_single_device_tokens(tiny, tp, attention):
   """With the fused attention kernel too: under the baseline's mesh it splits over kv heads."""
-  from jaxpp import baseline_tp, generate, sampling
+  from jaxpp.bench import baseline_tp
+  from jaxpp.model import sampling
+  from jaxpp.serve import reference as generate
   config, _ = tiny
   prompts = np.random.default_rng(1).integers(3, 200, (5, 10)).tolist()
-  llm = bench.random_llm(config, np.float32, max_len=20, decode_chunk=4, pp=1, tp=tp,
+  llm = random_llm(config, np.float32, max_len=20, decode_chunk=4, layout=Layout(1, tp),
                          attention=attention)
   params = baseline_tp.plain_params(llm.pipeline, llm.params)
   assert params["blocks"]["mlp"]["w_up"].sharding.spec == P(None, None, "tp")
@@ -92,11 +99,11 @@ def test_gspmd_baseline_row_in_the_same_table(tiny):
   assert (row["layout"], row["devices"], row["pp"], row["microbatches"]) == ("gspmd_tp2", 2, 1, 1)
   assert row["total_tokens_per_second"] == pytest.approx(6 * 18 / row["wall_seconds"])
   assert row["bubble_schedule"] == 0 and row["tick_seconds"]["count"] > 0
-  assert "| gspmd_tp2 |" in bench.markdown([row], "header")
+  assert "| gspmd_tp2 |" in results.markdown([row], "header")
 
 
 def test_plots_are_written(tmp_path, tiny):
-  from jaxpp import bench_plots
+  from jaxpp.bench import plots as bench_plots
   config, hw = tiny
   prompts = np.random.default_rng(0).integers(3, 200, (4, ARGS["input_len"])).tolist()
   rows = [bench.run_layout(config, hw, layout, prompts, ARGS)
@@ -167,11 +174,13 @@ def test_empty_or_missing_workload_file(tmp_path):
 
 
 def test_gspmd_baseline_gives_each_prompt_its_own_tokens(tiny):
-  from jaxpp import baseline_tp, generate, sampling
+  from jaxpp.bench import baseline_tp
+  from jaxpp.model import sampling
+  from jaxpp.serve import reference as generate
   config, _ = tiny
   prompts = np.random.default_rng(2).integers(3, 200, (5, 6)).tolist()
   lens = [6, 1, 4, 2, 3]
-  llm = bench.random_llm(config, np.float32, max_len=12, decode_chunk=4, pp=1, tp=2)
+  llm = random_llm(config, np.float32, max_len=12, decode_chunk=4, layout=Layout(1, 2))
   params = baseline_tp.plain_params(llm.pipeline, llm.params)
   got = baseline_tp.run(llm.pipeline, params, prompts, output_len=lens, max_num_seqs=3,
                         decode_chunk=4, max_len=12)
@@ -184,7 +193,8 @@ def test_gspmd_baseline_gives_each_prompt_its_own_tokens(tiny):
 def test_hf_waves_give_each_prompt_its_own_tokens(tiny):
   pytest.importorskip("accelerate")
   import torch
-  from jaxpp import baseline_hf
+
+  from jaxpp.bench import baseline_hf
   model = baseline_hf.random_model(tiny[0].to_hf(), torch.float32)
   prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
   full = baseline_hf.generate_waves(model, prompts, output_len=4, max_num_seqs=2)
@@ -193,16 +203,12 @@ def test_hf_waves_give_each_prompt_its_own_tokens(tiny):
   assert got["completion_tokens"] == 8
 
 
-@flagsaver.flagsaver
 def test_bench_runs_a_mixed_workload_file(tmp_path):
   f = _jsonl(tmp_path / "mixed.jsonl", MIXED)
-  bench.FLAGS.mark_as_parsed()
-  for name, value in dict(model="tiny", workload=str(f), layouts="pp2tp1,gspmd_tp2",
-                          input_len=1000, output_len=1000, num_requests=1,  # not used
-                          decode_chunk=2, max_num_seqs=4, dtype="float32",
-                          out=str(tmp_path / "out")).items():
-    setattr(bench.FLAGS, name, value)
-  bench.bench()
+  run_suite(BenchOptions(model="tiny", workload=str(f), layouts="pp2tp1,gspmd_tp2",
+                         input_len=1000, output_len=1000, num_requests=1,  # not used
+                         decode_chunk=2, max_num_seqs=4, dtype="float32",
+                         out=str(tmp_path / "out")))
   result = json.loads((tmp_path / "out" / "results.json").read_text())
   assert "6 requests from mixed.jsonl (mean 6 in / 4 out)" in result["header"]
   assert [r["layout"] for r in result["rows"]] == ["pp2tp1", "gspmd_tp2"]

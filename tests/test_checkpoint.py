@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxpp import checkpoint
 from jaxpp.errors import JaxppError
+from jaxpp.load import checkpoint
 from jaxpp.model import params as params_lib
 from tests.hf_models import make_checkpoint
 

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import jax
+import ml_collections
 import pytest
 
-from jaxpp import job
 from jaxpp.errors import JaxppError
+from jaxpp.job import runner as job
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -129,7 +129,7 @@ def harbor(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (dict(mesh=dict(pp=2, tp=2)), r"pp\*tp\*dp = 2\*2\*1 = 4 but there are 8 devices"),
     (dict(schedule=dict(microbatches=2)), r"microbatches=2 < pp=4"),
-    (dict(mesh=dict(dp=2)), r"mesh.dp=2"),
+    (dict(mesh=dict(dp=2)), r"layout dp2pp4tp2: dp=2: only 1 replica"),
 ])
 def test_bad_layout_is_one_clear_error(harbor, overrides, match):
   for group, values in overrides.items():

@@ -11,15 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxpp.axes import PP, TP
 from jaxpp.errors import JaxppError
-from jaxpp.mesh import PP, TP, make_mesh
 from jaxpp.model import decode_attention as da
 from jaxpp.model import llama
 from jaxpp.model.config import LlamaConfig
-from jaxpp.pipeline import Pipeline
-from jaxpp import partition
+from jaxpp.parallel.layout import Layout
+from jaxpp.parallel.mesh import make_mesh
+from jaxpp.parallel.pipeline import Pipeline
 
 
 def _inputs(seed, lead, B, K, G, S, H):
@@ -111,8 +113,7 @@ def test_kernel_splits_over_tp_without_gathering_the_cache():
 def test_pipeline_resolves_attention():
   c = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16)
-  pipe = lambda attention, tp=1: Pipeline(c, make_mesh(tp=tp, devices=jax.devices()[:tp]),
-                                          partition.even(2, 1, 1), 1, attention=attention)
+  pipe = lambda attention, tp=1: Pipeline.build(c, Layout(1, tp), attention=attention)
   assert not pipe("auto").fused_decode  # CPU: einsums (the kernel would be interpreted)
   assert pipe("kernel").fused_decode and pipe("kernel", tp=2).fused_decode
   assert not pipe("xla").fused_decode
@@ -120,8 +121,7 @@ def test_pipeline_resolves_attention():
     pipe("flash")
   odd = dataclasses.replace(c, head_dim=12)
   with pytest.raises(JaxppError, match="needs head_dim a power of two >= 16, not 12"):
-    Pipeline(odd, make_mesh(devices=jax.devices()[:1]), partition.even(2, 1, 1), 1,
-             attention="kernel")
+    Pipeline.build(odd, Layout(), attention="kernel")
 
 
 def test_model_attention_takes_the_kernel_only_for_one_token_steps():

@@ -15,7 +15,7 @@ import transformers
 from safetensors import safe_open
 
 import jaxpp
-from jaxpp import checkpoint
+from jaxpp.load import checkpoint
 from jaxpp.model import params as params_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

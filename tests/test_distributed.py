@@ -18,9 +18,9 @@ import types
 import numpy as np
 import pytest
 
-from jaxpp import distributed, failfast, health
-from jaxpp import mesh as mesh_lib
+from jaxpp.dist import distributed, failfast, health
 from jaxpp.errors import JaxppError
+from jaxpp.parallel import mesh as mesh_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

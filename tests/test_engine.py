@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import jaxpp
-from jaxpp import checkpoint, engine, generate, sampling
+from jaxpp.load import checkpoint
+from jaxpp.model import decode_state, sampling
+from jaxpp.serve import engine, reference
 from tests import hf_models
 
 
@@ -16,7 +18,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(ckpt):
-  return jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2, decode_chunk=4)
+  return jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4, layout="pp2tp1")
 
 
 def prompts(n, seed=0):
@@ -37,7 +39,7 @@ def run_all(eng):
 def run_against_reference(llm, ckpt, ps, max_new, max_num_seqs):
   """Submits ps[i] as r{i} for max_new[i] tokens, runs them all, checks every one finished
   with exactly the single-device reference's greedy ids; returns (engine, finished)."""
-  eng = engine.Engine(llm, max_num_seqs=max_num_seqs)
+  eng = llm.engine(max_num_seqs=max_num_seqs)
   for i, p in enumerate(ps):
     eng.submit(request(i, p, max_new=max_new[i]))
   done = run_all(eng)
@@ -45,7 +47,7 @@ def run_against_reference(llm, ckpt, ps, max_new, max_num_seqs):
   config = checkpoint.load_config(ckpt)
   params = checkpoint.load_hf_params(ckpt, config, np.float32)
   for i, p in enumerate(ps):
-    ref, = generate.reference_generate(config, params, [p], max_new[i],
+    ref, = reference.reference_generate(config, params, [p], max_new[i],
                                        sampling.SamplingParams.make(1), max_len=40)
     assert done[f"r{i}"].token_ids == ref, i
   return eng, done
@@ -63,7 +65,7 @@ def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
 
 def test_burst_is_spread_evenly(llm):
   """A burst is spread so no micro-batch exceeds ceil(max_num_seqs / m)."""
-  eng = engine.Engine(llm, max_num_seqs=3)  # m = 2: at most ceil(3/2) = 2 per micro-batch
+  eng = llm.engine(max_num_seqs=3)  # m = 2: at most ceil(3/2) = 2 per micro-batch
   for i, p in enumerate(prompts(6)):
     eng.submit(request(i, p))
   eng._admit()
@@ -72,7 +74,7 @@ def test_burst_is_spread_evenly(llm):
 
 
 def test_backpressure_never_overfills(llm):
-  eng = engine.Engine(llm, max_num_seqs=2)
+  eng = llm.engine(max_num_seqs=2)
   for i, p in enumerate(prompts(7)):
     eng.submit(request(i, p, max_new=3))
   seen = []
@@ -84,7 +86,7 @@ def test_backpressure_never_overfills(llm):
 
 
 def test_request_that_cannot_fit_is_refused_not_truncated(llm):
-  eng = engine.Engine(llm, max_num_seqs=2)
+  eng = llm.engine(max_num_seqs=2)
   with pytest.raises(jaxpp.JaxppError, match=r"prompt of 30 tokens \+ max_new_tokens=12 does "
                                              r"not fit max_len=40"):
     eng.submit(engine.Request("big", [1] * 30, 12))
@@ -92,7 +94,7 @@ def test_request_that_cannot_fit_is_refused_not_truncated(llm):
 
 
 def test_priority_reserve_keeps_slots_for_interactive(llm):
-  eng = engine.Engine(llm, max_num_seqs=4, reserve={"interactive": 2})
+  eng = llm.engine(max_num_seqs=4, reserve={"interactive": 2})
   for i, p in enumerate(prompts(6)):
     eng.submit(request(i, p, priority="batch"))
   eng._admit()
@@ -106,7 +108,7 @@ def test_priority_reserve_keeps_slots_for_interactive(llm):
 
 
 def test_interactive_is_admitted_first(llm):
-  eng = engine.Engine(llm, max_num_seqs=2)
+  eng = llm.engine(max_num_seqs=2)
   for i, p in enumerate(prompts(3)):
     eng.submit(request(i, p))
   eng.submit(request(9, [1, 2, 3], priority="interactive"))
@@ -118,7 +120,7 @@ def test_sampled_tokens_do_not_depend_on_batch_mates(llm):
   kw = dict(temperature=1.0, top_p=0.9, max_new=8)
 
   def sample(keys, max_num_seqs):
-    eng = engine.Engine(llm, max_num_seqs=max_num_seqs)
+    eng = llm.engine(max_num_seqs=max_num_seqs)
     for i in keys:
       eng.submit(request(i, ps[i], seed=100 + i, **kw))
     return {k: f.token_ids for k, f in run_all(eng).items()}
@@ -130,25 +132,24 @@ def test_sampled_tokens_do_not_depend_on_batch_mates(llm):
 
 def test_bad_engine_settings(llm):
   with pytest.raises(jaxpp.JaxppError, match="unknown class"):
-    engine.Engine(llm, reserve={"vip": 1})
+    llm.engine(reserve={"vip": 1})
   with pytest.raises(jaxpp.JaxppError, match="leave no slot of max_num_seqs=2 for class "
                                              "'batch'"):
-    engine.Engine(llm, max_num_seqs=2, reserve={"interactive": 2})
-  eng = engine.Engine(llm, max_num_seqs=2)
+    llm.engine(max_num_seqs=2, reserve={"interactive": 2})
+  eng = llm.engine(max_num_seqs=2)
   with pytest.raises(jaxpp.JaxppError, match="unknown priority 'urgent'"):
     eng.submit(request(0, [1, 2], priority="urgent"))
 
 
 def test_measure_bubble_is_a_fraction(llm):
-  eng = engine.Engine(llm, max_num_seqs=2)
+  eng = llm.engine(max_num_seqs=2)
   assert 0.0 <= eng.measure_bubble() <= 1.0
 
 
 def test_finer_prefill_refills_like_the_reference(ckpt):
   """prefill_microbatches=6 over 2 decode micro-batches of 3 slots: six prefill micro-batches
   of one row each, every row landing in its own slot, refilled as sequences finish."""
-  llm6 = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, microbatches=2,
-                   prefill_microbatches=6, decode_chunk=4)
+  llm6 = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4, layout="pp2tp1p6")
   ps, max_new = prompts(9, seed=3), [2 + i % 4 for i in range(9)]
   run_against_reference(llm6, ckpt, ps, max_new, max_num_seqs=6)
 
@@ -160,8 +161,9 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
   """A refill of a few slots must not cost a prefill of every slot: it runs the fewest
   micro-batches of `prefill_rows` rows that hold it, rounded up to a power of two (at least
   pp when interleaved). Default cut at pp=2: 16 micro-batches, capped at the slot count."""
-  llm_v = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, virtual_stages=v, microbatches=2,
-                    prefill_microbatches=prefill_m, decode_chunk=4)
+  llm_v = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4,
+                    layout=jaxpp.Layout(2, virtual_stages=v, microbatches=2,
+                                        prefill_microbatches=prefill_m))
   calls, prefill = [], type(llm_v.pipeline).prefill
 
   def spy(self, params, cache, tokens, lengths, slots_arg, *args, **kw):
@@ -169,8 +171,8 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
     return prefill(self, params, cache, tokens, lengths, slots_arg, *args, **kw)
 
   monkeypatch.setattr(type(llm_v.pipeline), "prefill", spy)
-  starts, start_state = [], generate.start_state  # its eager ops: one shape per prefill shape
-  monkeypatch.setattr(generate, "start_state",
+  starts, start_state = [], decode_state.start_state  # its eager ops: one shape per prefill shape
+  monkeypatch.setattr(decode_state, "start_state",
                       lambda first, *a: starts.append(first.shape) or start_state(first, *a))
   ps, max_new = prompts(11, seed=4), [2 + (5 * i) % 7 for i in range(11)]
   eng, _ = run_against_reference(llm_v, ckpt, ps, max_new, max_num_seqs=slots)
@@ -188,12 +190,12 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
 def test_precompiled_prefills_leave_no_compile_to_the_run(ckpt, pp, tp, prefill_m, programs):
   """After precompile_prefills, refills of any size find their program compiled, and so does
   the first prefill into a fresh cache (its sharding is spelled as the programs' outputs)."""
-  llm_p = jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=pp, tp=tp, decode_chunk=4,
-                    prefill_microbatches=prefill_m)
+  llm_p = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4,
+                    layout=jaxpp.Layout(pp, tp, prefill_microbatches=prefill_m))
   ps, max_new = prompts(11, seed=6), [2 + (3 * i) % 7 for i in range(11)]
   # 6 slots; p5: micro-batches of 2 rows, admissions of 1..6 take 1, 2 or 4 of them; the
   # default (8 a stage, at most 6): 1, 2, 4 or 6 of one row. Every prompt pads to max_len.
-  assert engine.Engine(llm_p, max_num_seqs=6).precompile_prefills(map(len, ps)) == programs
+  assert llm_p.engine(max_num_seqs=6).precompile_prefills(map(len, ps)) == programs
   compiled = type(llm_p.pipeline).prefill._cache_size()
   run_against_reference(llm_p, ckpt, ps, max_new, max_num_seqs=6)
   assert type(llm_p.pipeline).prefill._cache_size() == compiled
@@ -201,9 +203,8 @@ def test_precompiled_prefills_leave_no_compile_to_the_run(ckpt, pp, tp, prefill_
 
 def test_prefill_microbatches_errors(ckpt):
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=-1 must be >= 0"):
-    jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, prefill_microbatches=-1)
+    jaxpp.LLM(ckpt, dtype="float32", max_len=40, layout="pp2tp1p-1")
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=1 < pp=2"):
-    jaxpp.LLM(ckpt, dtype="float32", max_len=40, pp=2, virtual_stages=2,
-              prefill_microbatches=1)
-  assert jaxpp.llm.parse_layout("pp4tp2v2m8p16") == dict(
-      pp=4, tp=2, virtual_stages=2, microbatches=8, prefill_microbatches=16)
+    jaxpp.LLM(ckpt, dtype="float32", max_len=40, layout="pp2tp1v2p1")
+  assert jaxpp.Layout.parse("pp4tp2v2m8p16") == jaxpp.Layout(
+      4, 2, virtual_stages=2, microbatches=8, prefill_microbatches=16)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxpp.model import quant
-from tools.pallas_int8_matmul import stacked_matmul
+from jaxpp.model.int8_matmul import stacked_matmul
 
 matmul = functools.partial(stacked_matmul, interpret=True)
 

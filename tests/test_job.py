@@ -18,8 +18,9 @@ import jax
 import ml_collections
 import pytest
 
-from jaxpp import job, jobio
-from jaxpp.tokenizer import Tokenizer
+from jaxpp.job import files as jobio
+from jaxpp.job import runner as job
+from jaxpp.load.tokenizer import Tokenizer
 from tests.test_jobio import EXPECTED_REJECTIONS, GOOD_LINES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -129,7 +130,7 @@ def test_report_fields_and_file(e2e):
 
 
 def test_report_names_the_devices_used(e2e):
-  """BUG (jaxpp/job.py, the `devices=devices_summary()` argument of build_report): the report
+  """BUG (jaxpp/job/runner.py, the `devices=devices_summary()` argument of build_report): the report
   names every device of the backend, not the ones the job ran on."""
   assert e2e["piped"][0]["devices"].startswith("8 x cpu")
   assert e2e["single"][0]["devices"].startswith("1 x cpu"), e2e["single"][0]["devices"]
@@ -188,8 +189,8 @@ def test_kill_and_resume(tmp_path):
 
 
 def test_reserve_that_starves_the_job_is_an_error(tmp_path):
-  """BUG (jaxpp/job.py run_job loop + jaxpp/engine.py Engine._admit): when the other class's
-  priority_reserve takes every slot (interactive=16 = max_num_seqs, job.priority=batch), no
+  """BUG (jaxpp/job/runner.py run_job loop + jaxpp/serve/engine.py Engine._admit): when the
+  other class's priority_reserve takes every slot (interactive=16 = max_num_seqs, job.priority=batch), no
   ticket can ever be admitted; Engine.step() then returns [] without doing anything and the
   job's `while True` spins forever at 100% CPU with an empty output instead of failing."""
   src = tmp_path / "in.jsonl"

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from jaxpp import jobio, report
 from jaxpp.errors import JaxppError
+from jaxpp.job import files as jobio
+from jaxpp.job import report
 
 DATA = pathlib.Path(__file__).parent / "data" / "bad_tickets.jsonl"
 
@@ -158,7 +159,7 @@ def test_resume_edge_cases(tmp_path):
 
 _KILLED_WRITER = """
 import sys
-from jaxpp import jobio
+from jaxpp.job import files as jobio
 w = jobio.ResultWriter(sys.argv[1])
 i = 0
 while True:

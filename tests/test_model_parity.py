@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import jaxpp
-from jaxpp import checkpoint, generate
+from jaxpp.load import checkpoint
+from jaxpp.serve import reference as generate
 from tests import hf_models
 
 VARIANTS = ["gqa", "mha", "mqa", "tied", "llama3_rope", "head_dim"]

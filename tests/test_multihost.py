@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from jaxpp import job, jobio
+from jaxpp.job import files as jobio
+from jaxpp.job import runner as job
 from tests.test_job import FIELDS, keys_once, read_jsonl, shrunk, ticket_lines
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

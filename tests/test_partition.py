@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxpp import partition
 from jaxpp.errors import JaxppError
+from jaxpp.parallel import partition
 
 
 def test_even_split_and_layer_index():

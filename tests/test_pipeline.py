@@ -1,6 +1,6 @@
 """Every pipeline layout gives the single-device reference's logits and greedy tokens.
 
-fp32 throughout, on the 8 CPU devices of conftest. The reference is `generate.py` on one
+fp32 throughout, on the 8 CPU devices of conftest. The reference is `reference.py` on one
 device with the plain [L, ...] params; the pipeline loads the same checkpoint straight onto
 its stages.
 """
@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 import jaxpp
-from jaxpp import checkpoint, generate, pipeline, sampling
-from jaxpp.llm import make_pipeline
+from jaxpp.load import checkpoint
+from jaxpp.model import decode_state, sampling
+from jaxpp.parallel import mesh, pipeline, shapes
+from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import reference
 from tests import hf_models
 
 PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44], [1, 3, 3, 90, 61, 17, 25, 26, 40, 11, 7, 19, 2, 4],
@@ -24,13 +27,13 @@ LAYOUTS = [(1, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 1), (4, 1, 1), (8, 1, 1), (2,
            (2, 4, 1), (1, 1, 2), (2, 1, 2), (4, 1, 2), (2, 2, 2)]
 
 
-def reference(ckpt, prompts):
+def single_device(ckpt, prompts):
   """Single-device last-position logits and greedy tokens."""
   config = checkpoint.load_config(ckpt)
   params = checkpoint.load_hf_params(ckpt, config, np.float32)
-  logits = np.stack([np.asarray(generate.forward_logits(config, params, np.array([p])))[0, -1]
+  logits = np.stack([np.asarray(reference.forward_logits(config, params, np.array([p])))[0, -1]
                      for p in prompts])
-  tokens = generate.reference_generate(config, params, prompts, NEW_TOKENS,
+  tokens = reference.reference_generate(config, params, prompts, NEW_TOKENS,
                                         sampling.SamplingParams.make(len(prompts)),
                                         max_len=MAX_LEN)
   return logits, tokens
@@ -41,7 +44,7 @@ def _deep(tmp_path_factory, head_dim):
   ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp(f"deep{head_dim}"), "deep",
                                       num_key_value_heads=4, num_attention_heads=8,
                                       head_dim=head_dim, vocab_size=96)
-  return ckpt, reference(ckpt, PROMPTS)
+  return ckpt, single_device(ckpt, PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,9 @@ def deep16(tmp_path_factory):
   return _deep(tmp_path_factory, 16)
 
 
-def check_layout(ckpt, ref, **layout):
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8, **layout)
+def check_layout(ckpt, ref, attention="auto", **layout):
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8,
+                  layout=jaxpp.Layout(**layout), attention=attention)
   ref_logits, ref_tokens = ref
   logits = llm.prompt_logits(PROMPTS)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
@@ -102,19 +106,19 @@ def test_finer_prefill_matches_single_device(deep, pp, tp, v, m, prefill_m):
 def test_uneven_splits(tmp_path_factory, pp, split, expected):
   ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("odd"), "gqa",
                                       num_hidden_layers=7)
-  llm = check_layout(ckpt, reference(ckpt, PROMPTS), pp=pp, layer_split=split)
+  llm = check_layout(ckpt, single_device(ckpt, PROMPTS), pp=pp, layer_split=split)
   counts = llm.pipeline.partition.counts
   assert sum(counts) == 7 and llm.pipeline.partition.max_layers == max(counts)
   if expected:
     assert counts == expected
-  else:  # embedding on the first chunk and head on the last push layers to the middle
-    assert counts[0] <= counts[1] and counts[-1] <= counts[-2]
+  else:  # the LM head weighs on the last chunk, which gets fewer layers
+    assert counts[-1] < max(counts) and counts == llm.layout.partition(llm.config).counts
 
 
 def test_interleaved_uneven(tmp_path_factory):
   ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp("odd_v"), "gqa",
                                       num_hidden_layers=7)
-  check_layout(ckpt, reference(ckpt, PROMPTS), pp=2, virtual_stages=2, microbatches=2)
+  check_layout(ckpt, single_device(ckpt, PROMPTS), pp=2, virtual_stages=2, microbatches=2)
 
 
 def _collectives(hlo: str, op: str) -> list[int]:
@@ -131,25 +135,25 @@ def _collectives(hlo: str, op: str) -> list[int]:
 def _prefilled(llm, prompts):
   """(cache, lengths, sampling params, decode state) after prefilling `prompts`: what the
   HLO and jaxpr checks below feed the programs they inspect."""
-  (first, cache), lengths, params_s = llm._prefill(llm.encode(prompts),
+  (first, cache), lengths, knobs = llm._prefill_all(llm.encode(prompts),
                                                    sampling.SamplingParams.make(len(prompts)))
-  return cache, lengths, params_s, generate.start_state(first, lengths, lengths * 0 + 8, (),
+  return cache, lengths, knobs, decode_state.start_state(first, lengths, lengths * 0 + 8, (),
                                                         MAX_LEN)
 
 
 def test_hlo_moves_activations_by_collective_permute(deep):
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=4, microbatches=4)
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp4tp1")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS)
   c = llm.config
   smallest_weight = c.hidden_size * c.num_kv_heads * c.head_dim
   texts = {
       "decode": pipeline.Pipeline.decode.lower(
-          llm.pipeline, llm.params, cache, state, params_s, steps=4, do_sample=False,
+          llm.pipeline, llm.params, cache, state, knobs, steps=4, do_sample=False,
           eos_ids=()).compile().as_text(),
       "prefill": pipeline.Pipeline.prefill.lower(
           llm.pipeline, llm.params, cache, np.zeros((4, 2, 16), np.int32), lengths,
-          pipeline.identity_slots(4, 2), params_s, do_sample=False).compile().as_text(),
+          shapes.identity_slots(4, 2), knobs, do_sample=False).compile().as_text(),
   }
   for name, hlo in texts.items():
     assert _collectives(hlo, "collective-permute"), name
@@ -160,12 +164,12 @@ def test_hlo_moves_activations_by_collective_permute(deep):
 
 def test_per_device_memory_is_a_share(deep):
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=4, tp=2)
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp4tp2")
   blocks = llm.params["blocks"]
   cache = llm.pipeline.init_cache(4, MAX_LEN, np.float32)
   for tree in (blocks, cache):
     total = sum(x.nbytes for x in jax.tree.leaves(tree))
-    per_device = pipeline.per_device_bytes(tree)
+    per_device = mesh.per_device_bytes(tree)
     assert len(per_device) == 8
     for nbytes in per_device.values():  # norms are replicated over tp: a little over 1/8
       assert total / 8 <= nbytes <= 1.05 * total / 8
@@ -175,25 +179,25 @@ def test_bad_layouts_fail_before_compile(deep):
   ckpt, _ = deep
   config = checkpoint.load_config(ckpt)
   with pytest.raises(jaxpp.JaxppError, match=r"microbatches=2 < pp=4"):
-    make_pipeline(config, pp=4, microbatches=2)
+    Pipeline.build(config, jaxpp.Layout(pp=4, microbatches=2))
   with pytest.raises(jaxpp.JaxppError, match=r"8 layers cannot fill pp\*virtual_stages=16"):
-    make_pipeline(config, pp=4, virtual_stages=4)
+    Pipeline.build(config, jaxpp.Layout(pp=4, virtual_stages=4))
   with pytest.raises(jaxpp.JaxppError, match=r"tp=8 does not divide num_key_value_heads=4"):
-    make_pipeline(config, pp=1, tp=8)
+    Pipeline.build(config, jaxpp.Layout(pp=1, tp=8))
   with pytest.raises(jaxpp.JaxppError, match=r"pp\*tp\*dp = 3\*2\*1 = 6 but there are 8"):
-    jaxpp.mesh.make_mesh(pp=3, tp=2)
+    mesh.make_mesh(pp=3, tp=2)
   with pytest.raises(jaxpp.JaxppError, match=r"sums to 9 but the model has 8 layers"):
-    make_pipeline(config, pp=2, layer_split="5,4")
+    Pipeline.build(config, jaxpp.Layout(pp=2, layer_split="5,4"))
   with pytest.raises(jaxpp.JaxppError, match=r"only 8 devices"):
-    make_pipeline(config, pp=4, tp=4)
+    Pipeline.build(config, jaxpp.Layout(pp=4, tp=4))
 
 
 def test_hlo_parser_sees_tensor_parallel_reductions(deep):
   """The check above can fail: with tp=2 the stage's matmuls do reduce over 'tp'."""
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2, microbatches=1)
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS[:2])
-  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp1tp2")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS[:2])
+  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, knobs,
                                        steps=2, do_sample=False, eos_ids=()).compile().as_text()
   assert _collectives(hlo, "all-reduce")
 
@@ -202,8 +206,8 @@ def test_sampled_tokens_do_not_depend_on_layout(deep):
   """Per-request keys (seed, position): the same seed samples the same tokens anywhere."""
   ckpt, _ = deep
   outs = []
-  for layout in (dict(pp=1), dict(pp=2, tp=2), dict(pp=4, virtual_stages=2, microbatches=4)):
-    llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8, **layout)
+  for layout in ("pp1", "pp2tp2", "pp4v2m4"):
+    llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=8, layout=layout)
     outs.append([c.token_ids for c in llm.generate(
         PROMPTS, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=[1, 2, 3, 4, 5])])
   assert outs[0] == outs[1] == outs[2]
@@ -219,9 +223,9 @@ def test_decode_does_not_copy_the_cache_per_layer(deep):
   leaves only the copies at the program's edge.
   """
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, microbatches=1)
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS[:2])
-  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, params_s,
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp1tp1")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS[:2])
+  hlo = pipeline.Pipeline.decode.lower(llm.pipeline, llm.params, cache, state, knobs,
                                        steps=2, do_sample=False, eos_ids=()).compile().as_text()
   local = ",".join(str(d) for d in cache[0].shape[1:])
   copies = [l for l in hlo.splitlines() if re.search(rf"f32\[(1,)?{local}\]\S* copy\(", l)]
@@ -255,10 +259,9 @@ def test_decode_reads_weights_and_cache_at_constant_indices(deep):
   rotates the cache slots so that both are constants in the m-unrolled tick loop.
   """
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=2, virtual_stages=2,
-                  microbatches=2)
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
-  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp2tp1v2")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS)
+  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, knobs,
                                          steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   stage = lambda a: tuple(a.shape[1:])  # one device's part: [v, Lc, ...]
   cache_shape = stage(cache[0])
@@ -281,13 +284,13 @@ def test_one_stage_ticks_run_no_conditionals(deep):
   """With one stage and one chunk every tick computes and samples: the programs hold no
   conditional (on GPU each one reads its branch index back to the host, every tick)."""
   ckpt, _ = deep
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=1, tp=2)
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
-  decode = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp1tp2")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS)
+  decode = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, knobs,
                                           steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   prefill = pipeline.Pipeline.prefill.trace(
       llm.pipeline, llm.params, cache, np.zeros(lengths.shape + (16,), np.int32), lengths,
-      pipeline.identity_slots(*lengths.shape), params_s, do_sample=False).jaxpr.jaxpr
+      shapes.identity_slots(*lengths.shape), knobs, do_sample=False).jaxpr.jaxpr
   for name, jaxpr in (("decode", decode), ("prefill", prefill)):
     conds = [e for e, _ in _equations(jaxpr) if e.primitive.name == "cond"]
     assert not conds, f"{name}: {len(conds)} conditionals"
@@ -298,10 +301,9 @@ def test_kernel_reads_each_layer_of_the_whole_cache(deep16):
   local cache and the layer's (chunk, layer, slot) as scalars, so on GPU nothing is copied
   out of the cache before attention (a slice cut inside the layer loop is a copy there)."""
   ckpt, _ = deep16
-  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, pp=2, virtual_stages=2,
-                  microbatches=2, attention="kernel")
-  cache, lengths, params_s, state = _prefilled(llm, PROMPTS)
-  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, params_s,
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, attention="kernel", layout="pp2tp1v2")
+  cache, lengths, knobs, state = _prefilled(llm, PROMPTS)
+  jaxpr = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, knobs,
                                          steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   local = tuple(cache[0].shape[1:])  # [v, Lc, M, b, K, S, H]
   whole = (int(np.prod(local[:3])),) + local[3:]

@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
-from jaxpp import plan, presets, schedule
 from jaxpp.errors import JaxppError
-from jaxpp.plan import Layout, Workload
+from jaxpp.parallel import schedule
+from jaxpp.parallel.layout import Layout
+from jaxpp.plan import estimate, presets, recommend
+from jaxpp.plan.inputs import Assumptions, Workload
 
 H100 = presets.HARDWARE["h100"]
 L8B, L70B, L405B = (presets.MODELS[n] for n in ("llama3-8b", "llama3-70b", "llama3-405b"))
@@ -31,7 +33,7 @@ def test_presets_have_the_published_sizes():
 
 def test_70b_weights_per_device_on_pp4():
   assert 2 * L70B.param_count() == pytest.approx(141e9, rel=1e-3)  # bf16
-  mem = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100)
+  mem = estimate.memory_per_stage(L70B, Layout(4, 1), Workload(), H100)
   # 20 of 80 layers (~35 GB) plus, on every stage as jaxpp places them, the whole
   # embedding and the whole LM head (tp=1), 2.1 GB each, plus the final norm (float32).
   block = 8192 * (64 + 16) * 128 + 64 * 128 * 8192 + 3 * 8192 * 28672 + 2 * 8192
@@ -39,106 +41,109 @@ def test_70b_weights_per_device_on_pp4():
   assert layers == pytest.approx(34.2e9, rel=1e-3)
   assert mem.weights == pytest.approx(layers + 2 * (2 * V * 8192) + 4 * 8192, rel=1e-12)
   # tp=2 halves the projections, not the norms, and vocab-shards only the head.
-  mem2 = plan.memory_per_stage(L70B, Layout(2, 2), Workload(), H100)
+  mem2 = estimate.memory_per_stage(L70B, Layout(2, 2), Workload(), H100)
   per_layer = (block - 2 * 8192) / 2 + 2 * 8192
   assert mem2.weights == pytest.approx(2 * (40 * per_layer + V * 8192 + V * 8192 / 2) + 4 * 8192)
   # 8-bit block weights halve the layers only; the embedding and head stay bf16 unless asked.
-  mem8 = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
+  mem8 = estimate.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
                                embed_bytes_per_param=2)
   assert mem8.weights == pytest.approx(layers / 2 + 2 * (2 * V * 8192) + 4 * 8192, rel=1e-12)
-  mem8e = plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
+  mem8e = estimate.memory_per_stage(L70B, Layout(4, 1), Workload(), H100, bytes_per_param=1,
                                 embed_bytes_per_param=1)
   assert mem8e.weights == pytest.approx(layers / 2 + 2 * V * 8192 + 4 * 8192, rel=1e-12)
 
 
 def test_kv_cache_bytes():
   # K and V, 8 kv heads of 128, bf16: 2 * 8 * 128 * 2 bytes = 4 KiB per token per layer.
-  assert plan.kv_bytes_per_token_layer(L8B) == 4096
-  assert plan.kv_bytes_per_token_layer(L8B, tp=2) == 2048
+  assert estimate.kv_bytes_per_token_layer(L8B) == 4096
+  assert estimate.kv_bytes_per_token_layer(L8B, tp=2) == 2048
   w = Workload(input_len=1000, output_len=24, concurrency=10)
-  mem = plan.memory_per_stage(L8B, Layout(1, 1), w, H100)
+  mem = estimate.memory_per_stage(L8B, Layout(1, 1), w, H100)
   assert mem.kv == 10 * 1024 * 32 * 4096
   # pp=2, m=2: 5 slots per micro-batch, 16 layers per stage; pp=3 pads 32 layers to 11.
-  assert plan.memory_per_stage(L8B, Layout(2, 1), w, H100).kv == 2 * 5 * 1024 * 16 * 4096
-  assert plan.memory_per_stage(L8B, Layout(3, 1), w, H100).kv == 3 * 4 * 1024 * 11 * 4096
+  assert estimate.memory_per_stage(L8B, Layout(2, 1), w, H100).kv == 2 * 5 * 1024 * 16 * 4096
+  assert estimate.memory_per_stage(L8B, Layout(3, 1), w, H100).kv == 3 * 4 * 1024 * 11 * 4096
 
 
 def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
   w = Workload(input_len=1, output_len=1, concurrency=1)
-  xla = Layout(1, 1, attention="xla")
-  p = plan.predict(L8B, xla, w, H100)
+  p = estimate.predict(L8B, Layout(1, 1), w, H100, attention="xla")
   block = 4096 * (32 + 16) * 128 + 32 * 128 * 4096 + 3 * 4096 * 14336 + 2 * 4096
   weights = 2 * (32 * block + V * 4096)  # blocks + LM head
   # XLA's attention reads the row's 128 cached positions (max_len 2, rounded up as allocated)
   read = weights + 1 * 128 * 32 * 4096
-  a = presets.Assumptions()  # at the decode efficiency, plus 32 layers' fixed cost
+  a = Assumptions()  # at the decode efficiency, plus 32 layers' fixed cost
   step = read / (3.0e12 * a.decode_efficiency) + 32 * a.layer_overhead_s
   assert p.decode_step_s == pytest.approx(step, rel=1e-12)
   assert p.latency_per_token_s == p.decode_step_s
   assert p.decode_tokens_per_s == pytest.approx(1 / step)  # ~116 tok/s on an H100
   assert p.decode_bubble == 0.0
-  ideal = presets.Assumptions(decode_efficiency=1.0, layer_overhead_s=0.0)
-  roofline = plan.predict(L8B, xla, w, H100, assume=ideal)
+  ideal = Assumptions(decode_efficiency=1.0, layer_overhead_s=0.0)
+  roofline = estimate.predict(L8B, Layout(1, 1), w, H100, assume=ideal, attention="xla")
   assert roofline.decode_step_s == pytest.approx(read / 3.0e12, rel=1e-12)
   # The fused kernel (tp=1's default) reads the mean context, 1 + 1/2 positions, at its
   # own fixed cost per layer
-  fused = plan.predict(L8B, Layout(1, 1), w, H100)
+  fused = estimate.predict(L8B, Layout(1, 1), w, H100)
   step = ((weights + 1.5 * 32 * 4096) / (3.0e12 * a.decode_efficiency)
           + 32 * a.kernel_layer_overhead_s)
   assert fused.decode_step_s == pytest.approx(step, rel=1e-12)
-  assert not Layout(1, 2).fused_decode(L8B) and Layout(1, 2, attention="kernel").fused_decode(L8B)
+  assert not estimate.fused_decode(L8B, Layout(1, 2))
+  assert estimate.fused_decode(L8B, Layout(1, 2), attention="kernel")
 
 
 # Measured on H200s with jax 0.11.2 (docs/benchmarks.md; docs/planner.md, "Validation"):
-# model, layout, decode and total tok/s; 64 sequences of 1024 + 128 tokens, decode_chunk 32.
+# model, layout, decode attention ("xla": einsums, before the fused kernel), decode and total
+# tok/s; 64 sequences of 1024 + 128 tokens, decode_chunk 32.
 # The planner models the code as it is, so only runs of today's programs count: pipelined
 # and tp <= 2 runs from before the in-place slices and the dot merger's removal are left out.
-XLA = dict(attention="xla")  # decode attention as XLA's einsums (before the fused kernel)
 MEASURED = [
     # 2 x H200, 2026-11-27 night (machine B, then machine C), XLA's attention
-    ("llama3-8b", Layout(1, 1, **XLA), 6545, 23579),
-    ("llama3-70b", Layout(2, 1, **XLA), 1343, 5272),
-    ("llama3-8b", Layout(2, 1, **XLA), 7469, 34176),
-    ("llama3-8b", Layout(2, 1, 2, **XLA), 7061, 33624),
-    ("llama3-8b", Layout(1, 2), 8245, 35380), ("llama3-8b", Layout(1, 1, **XLA), 6365, 23616),
-    ("llama3-8b", Layout(1, 2, prefill_microbatches=1), 8360, 35709),
+    ("llama3-8b", Layout(1, 1), "xla", 6545, 23579),
+    ("llama3-70b", Layout(2, 1), "xla", 1343, 5272),
+    ("llama3-8b", Layout(2, 1), "xla", 7469, 34176),
+    ("llama3-8b", Layout(2, 1, virtual_stages=2), "xla", 7061, 33624),
+    ("llama3-8b", Layout(1, 2), "auto", 8245, 35380),
+    ("llama3-8b", Layout(1, 1), "xla", 6365, 23616),
+    ("llama3-8b", Layout(1, 2, prefill_microbatches=1), "auto", 8360, 35709),
     # 1 x H200, 2026-12-01, the fused kernel against XLA's attention in one run each; the
     # 70B shape with 40 layers and m=2 on one card is one stage of pp=2
-    ("llama3-8b", Layout(1, 1), 7733, 25226), ("llama3-8b", Layout(1, 1, **XLA), 6681, 23938),
-    ("llama3-70b-40", Layout(1, 1, microbatches=2), 1510, 5634),
-    ("llama3-70b-40", Layout(1, 1, microbatches=2, **XLA), 1431, 5514),
+    ("llama3-8b", Layout(1, 1), "auto", 7733, 25226),
+    ("llama3-8b", Layout(1, 1), "xla", 6681, 23938),
+    ("llama3-70b-40", Layout(1, 1, microbatches=2), "auto", 1510, 5634),
+    ("llama3-70b-40", Layout(1, 1, microbatches=2), "xla", 1431, 5514),
     # 4 x H200, tp=4 on one stage (the dot merger stays on above tp=2), prefill in one
     # micro-batch as the default then was
-    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), 9917, 48660),
-    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), 10003, 49505),
-    ("llama3-70b", Layout(1, 4, prefill_microbatches=1), 2957, 9673),
+    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), "auto", 9917, 48660),
+    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), "auto", 10003, 49505),
+    ("llama3-70b", Layout(1, 4, prefill_microbatches=1), "auto", 2957, 9673),
 ]
 
 
-@pytest.mark.parametrize("model, layout, decode, total", MEASURED)
-def test_predictions_against_measured_h200_runs(model, layout, decode, total):
+@pytest.mark.parametrize("model, layout, attention, decode, total", MEASURED)
+def test_predictions_against_measured_h200_runs(model, layout, attention, decode, total):
   """Predicted decode and total tok/s within 15% of what was measured (issue 5's bar)."""
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
   cfg = (dataclasses.replace(L70B, num_layers=40) if model == "llama3-70b-40" else
          presets.model_config(model))
-  p = plan.predict(cfg, layout, w, presets.hardware("h200"))
+  p = estimate.predict(cfg, layout, w, presets.hardware("h200"), attention=attention)
   d, t = p.decode_tokens_per_s / decode, p.total_tokens_per_s / total
   assert 0.85 < d < 1.15 and 0.85 < t < 1.15, (d, t)
 
 
 def test_prefill_is_compute_bound_on_one_gpu():
   w = Workload(input_len=512, output_len=8, concurrency=4)
-  p = plan.predict(L8B, Layout(1, 1), w, H100)
+  p = estimate.predict(L8B, Layout(1, 1), w, H100)
   block = L8B.block_param_count()
   flops = 2 * 4 * 512 * 32 * block + 4 * 4 * 512 * 512 * 32 * 4096 + 2 * 4 * V * 4096
-  rate = 790e12 * presets.Assumptions().prefill_efficiency
+  rate = 790e12 * Assumptions().prefill_efficiency
   assert p.prefill_tokens_per_s == pytest.approx(4 * 512 / (flops / rate))
 
 
 def test_bubbles_match_the_schedule():
   w = Workload(concurrency=32, decode_chunk=8)
-  for layout in (Layout(4, 1), Layout(2, 2), Layout(4, 1, virtual_stages=2), Layout(2, 1, 1, 8)):
-    p = plan.predict(L70B, layout, w, H100)
+  for layout in (Layout(4, 1), Layout(2, 2), Layout(4, 1, virtual_stages=2),
+                 Layout(2, 1, microbatches=8)):
+    p = estimate.predict(L70B, layout, w, H100)
     pp, v, m = layout.pp, layout.virtual_stages, layout.m
     mp = schedule.prefill_microbatches(0, pp, m, w.concurrency)
     assert p.prefill_bubble == schedule.formula_bubble(pp, v, mp)
@@ -149,24 +154,25 @@ def test_bubbles_match_the_schedule():
 
 def test_kv_read_and_balanced_split():
   w = Workload(input_len=1024, output_len=128, concurrency=64, max_len=4096)
-  full = plan.predict(L8B, Layout(1, 1, attention="xla"), w, H100)
-  ctx = plan.predict(L8B, Layout(1, 1, attention="xla"), w, H100,
-                     assume=presets.Assumptions(kv_read="context"))
+  full = estimate.predict(L8B, Layout(1, 1), w, H100, attention="xla")
+  ctx = estimate.predict(L8B, Layout(1, 1), w, H100, attention="xla",
+                         assume=Assumptions(kv_read="context"))
   assert ctx.decode_tokens_per_s > full.decode_tokens_per_s  # 1088 positions read, not 4096
   # Balanced moves a layer off the stage that also reads the LM head: faster decode, but the
   # padded stack (21 layers on every device) costs memory.
-  even = plan.predict(L70B, Layout(4, 1), Workload(), H100)
-  bal = plan.predict(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
+  even = estimate.predict(L70B, Layout(4, 1), Workload(), H100)
+  bal = estimate.predict(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
   assert bal.decode_tokens_per_s > even.decode_tokens_per_s
-  mem = plan.memory_per_stage(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
-  assert mem.weights > plan.memory_per_stage(L70B, Layout(4, 1), Workload(), H100).weights
+  mem = estimate.memory_per_stage(L70B, Layout(4, 1, layer_split="balanced"), Workload(), H100)
+  assert mem.weights > estimate.memory_per_stage(L70B, Layout(4, 1), Workload(), H100).weights
 
 
 def test_bad_inputs_are_one_line_errors():
   for make in (lambda: Workload(concurrency=0), lambda: Workload(input_len=100, max_len=50),
-               lambda: presets.Assumptions(kv_read="some"), lambda: presets.hardware("tpu"),
+               lambda: Assumptions(kv_read="some"), lambda: presets.hardware("tpu"),
                lambda: presets.hardware("h100", hbm_bandwidth=-1.0),
-               lambda: plan.recommend(L8B, 0), lambda: plan.recommend(L8B, 2, mode="chat")):
+               lambda: recommend.recommend(L8B, 0),
+               lambda: recommend.recommend(L8B, 2, mode="chat")):
     with pytest.raises(JaxppError) as e:
       make()
     assert "\n" not in str(e.value)
@@ -175,68 +181,69 @@ def test_bad_inputs_are_one_line_errors():
 def test_min_pp():
   light = Workload(input_len=128, output_len=16, concurrency=1)
   # 405B in bf16 is ~812 GB: more than ten 80 GB cards even before the embeddings.
-  bf16 = plan.min_pp(L405B, tp=1, workload=light)
+  bf16 = estimate.min_pp(L405B, tp=1, workload=light)
   assert bf16 >= 11
-  int8 = plan.min_pp(L405B, tp=1, workload=light, bytes_per_param=1)
+  int8 = estimate.min_pp(L405B, tp=1, workload=light, bytes_per_param=1)
   assert 0.35 * bf16 <= int8 <= 0.6 * bf16
   # On 4 H100s pp divides 4/tp: 70B needs pp=4 alone, pp=2 with tp=2, one stage at tp=4.
-  assert plan.min_pp(L70B, 1, 4) == 4
-  assert plan.min_pp(L70B, 2, 4) == 2
-  assert plan.min_pp(L70B, 4, 4) == 1
-  assert plan.min_pp(L8B, 1, 1) == 1
+  assert estimate.min_pp(L70B, 1, 4) == 4
+  assert estimate.min_pp(L70B, 2, 4) == 2
+  assert estimate.min_pp(L70B, 4, 4) == 1
+  assert estimate.min_pp(L8B, 1, 1) == 1
   with pytest.raises(JaxppError, match="must divide devices"):
-    plan.min_pp(L70B, 3, 4)
+    estimate.min_pp(L70B, 3, 4)
 
 
 def test_interactive_prefers_tp_and_pp_does_not_cut_latency():
-  r = plan.recommend(L70B, 4, Workload(), H100, mode="interactive")
+  r = recommend.recommend(L70B, 4, Workload(), H100, mode="interactive")
   assert r.best == "pp1tp4"
   lat = {row.name: row.prediction.latency_per_token_s for row in r.rows}
   assert lat["pp1tp4"] < lat["pp2tp2"] < lat["pp4tp1"]
   # A lone sequence on pp=4 reads every weight in turn: no faster than one (big) device,
   # slower in fact, since lock-step ticks all wait for the stage that holds the LM head.
-  one = plan.predict(L70B, Layout(1, 1), Workload(), H100).latency_per_token_s
+  one = estimate.predict(L70B, Layout(1, 1), Workload(), H100).latency_per_token_s
   assert one <= lat["pp4tp1"] <= 1.15 * one
 
 
 def test_batch_never_picks_a_layout_that_does_not_fit():
   # 192 sequences of 1024 tokens: pp1tp4 predicts the most tokens/s but its KV cache and
   # prefill activations overflow, as do pp4tp1's; the pick must be the layout that fits.
-  r = plan.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch")
+  r = recommend.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch")
   rows = {row.name: row for row in r.rows}
   fastest = max(r.rows, key=lambda row: row.prediction.total_tokens_per_s)
   assert fastest.name == "pp1tp4" and not fastest.memory.fits
   assert r.best is not None and rows[r.best].memory.fits
   assert all(rows[r.best].prediction.total_tokens_per_s >= row.prediction.total_tokens_per_s
              for row in r.rows if row.memory.fits)
-  none = plan.recommend(L70B, 4, Workload(input_len=2048, concurrency=256), H100)
+  none = recommend.recommend(L70B, 4, Workload(input_len=2048, concurrency=256), H100)
   assert none.best is None and "no layout fits" in none.reason
 
 
 def test_layouts_jaxpp_refuses_are_skipped():
   tiny = presets.MODELS["tiny"]  # K=2 kv heads: tp=4 cannot split them
-  r = plan.recommend(tiny, 4, Workload(input_len=16, output_len=8, concurrency=4), H100)
+  r = recommend.recommend(tiny, 4, Workload(input_len=16, output_len=8, concurrency=4), H100)
   assert [row.name for row in r.rows] == ["pp4tp1", "pp2tp2"]
-  assert r.skipped == [("pp1tp4", "tp=4 does not divide num_key_value_heads=2")]
+  assert r.skipped == [("pp1tp4", "tp=4 does not divide num_key_value_heads=2; choose tp among "
+                                  "the divisors of 2")]
   with pytest.raises(JaxppError, match="^layout pp1tp4: tp=4 does not divide"):
-    plan.memory_per_stage(tiny, Layout(1, 4), Workload(), H100)
+    estimate.memory_per_stage(tiny, Layout(1, 4), Workload(), H100)
   with pytest.raises(JaxppError, match="decode ring needs at least pp"):
-    plan.predict(tiny, Layout(4, 1, microbatches=2), Workload(), H100)
+    estimate.predict(tiny, Layout(4, 1, microbatches=2), Workload(), H100)
   with pytest.raises(JaxppError, match="max_len=100"):
-    plan.predict(tiny, Layout(1, 1), Workload(max_len=100), H100)
+    estimate.predict(tiny, Layout(1, 1), Workload(max_len=100), H100)
   # 16 devices across two 8-GPU hosts: tp=16 would span hosts (16 kv heads, so
   # the host rule is what refuses it).
   wide = dataclasses.replace(L405B, num_kv_heads=16)
-  big = plan.recommend(wide, 16, Workload(), H100)
+  big = recommend.recommend(wide, 16, Workload(), H100)
   assert ("pp1tp16", "tp=16 must divide gpus_per_node=8 when the mesh spans hosts") in big.skipped
 
 
 def test_format_plan_lists_every_layout():
-  r = plan.recommend(L70B, 4, Workload(), H100, model_name="llama3-70b")
-  text = plan.format_plan(r)
+  r = recommend.recommend(L70B, 4, Workload(), H100, model_name="llama3-70b")
+  text = recommend.format_plan(r)
   for name in ("pp4tp1", "pp2tp2", "pp1tp4", "Recommendation", "Minimum pp", "Validation"):
     assert name in text
-  assert json.loads(plan.plan_json(r))["best"] == r.best
+  assert json.loads(recommend.plan_json(r))["best"] == r.best
 
 
 def _cli(*args, cwd=None):
@@ -245,7 +252,7 @@ def _cli(*args, cwd=None):
 
 
 def test_cli_runs_and_writes_json(tmp_path):
-  out = tmp_path / "plan.json"
+  out = tmp_path / "estimate.json"
   res = _cli("--model=tiny", "--devices=2", "--input_len=32", "--output_len=8",
              "--concurrency=4", "--hbm_bandwidth=1e12", f"--json={out}")
   assert res.returncode == 0, res.stderr
@@ -283,25 +290,26 @@ def test_recommendation_is_the_measured_best(model, devices, measured_best):
   timed on several GPUs, so the pick is checked for the programs that were measured.
   """
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
-  p = plan.recommend(presets.model_config(model), devices, w, presets.hardware("h200"),
-                     assume=presets.Assumptions(mem_fraction=0.95), attention="xla")
+  p = recommend.recommend(presets.model_config(model), devices, w, presets.hardware("h200"),
+                     assume=Assumptions(mem_fraction=0.95), attention="xla")
   assert p.best == measured_best, [(r.name, round(r.prediction.total_tokens_per_s))
                                    for r in p.rows]
 
 
 def test_finer_prefill_shrinks_the_prefill_bubble_only():
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
-  coarse = plan.predict(L8B, Layout(4, 1, prefill_microbatches=4), w, H100)
-  fine = plan.predict(L8B, Layout(4, 1, prefill_microbatches=16), w, H100)
+  coarse = estimate.predict(L8B, Layout(4, 1, prefill_microbatches=4), w, H100)
+  fine = estimate.predict(L8B, Layout(4, 1, prefill_microbatches=16), w, H100)
   assert fine.prefill_bubble == schedule.formula_bubble(4, 1, 16) < coarse.prefill_bubble
   assert fine.prefill_tokens_per_s > 1.3 * coarse.prefill_tokens_per_s
   assert fine.decode_tokens_per_s == coarse.decode_tokens_per_s
   assert Layout(4, 1, prefill_microbatches=16).name == "pp4tp1p16"
   # the default: 8 per stage, capped by the sequences in flight
-  default = plan.predict(L8B, Layout(4, 1), w, H100)
+  default = estimate.predict(L8B, Layout(4, 1), w, H100)
   assert default.prefill_bubble == schedule.formula_bubble(4, 1, 32)
-  assert plan.predict(L8B, Layout(4, 1), Workload(concurrency=12), H100).prefill_bubble == (
+  assert estimate.predict(L8B, Layout(4, 1), Workload(concurrency=12), H100).prefill_bubble == (
       schedule.formula_bubble(4, 1, 12))
-  assert plan.predict(L8B, Layout(1, 1), w, H100).prefill_bubble == 0.0
+  assert estimate.predict(L8B, Layout(1, 1), w, H100).prefill_bubble == 0.0
   assert Layout(4, 1).name == "pp4tp1"
-  assert "interleaving" in Layout(4, 1, 2, 4, prefill_microbatches=2).problem(L8B, H100)
+  interleaved = Layout(4, 1, virtual_stages=2, microbatches=4, prefill_microbatches=2)
+  assert "interleaving" in interleaved.problem(L8B)

@@ -18,10 +18,14 @@ import numpy as np
 import pytest
 
 import jaxpp
-from jaxpp import checkpoint, params_cache, pipeline, plan, presets
 from jaxpp.errors import JaxppError
+from jaxpp.load import checkpoint, params_cache
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant
+from jaxpp.parallel import mesh
+from jaxpp.plan import estimate as plan
+from jaxpp.plan import presets
+from jaxpp.plan.inputs import Assumptions, Workload
 from tests import cli
 from tests.test_trained_model import MODEL, held_out, train  # noqa: F401 (fixture)
 
@@ -96,11 +100,11 @@ def test_close_to_bf16_and_same_greedy_tokens(bf16, prompts, mode, embed, bound)
 
 def test_memory_per_device_halves_for_quantised_layers(bf16):
   base = bf16[0]
-  llm = jaxpp.LLM(MODEL, dtype="bfloat16", max_len=MAX_LEN, quant="int8", pp=2, tp=2)
-  ref = jaxpp.LLM(MODEL, dtype="bfloat16", max_len=MAX_LEN, pp=2, tp=2)
+  llm = jaxpp.LLM(MODEL, dtype="bfloat16", max_len=MAX_LEN, quant="int8", layout="pp2tp2")
+  ref = jaxpp.LLM(MODEL, dtype="bfloat16", max_len=MAX_LEN, layout="pp2tp2")
   projections = lambda p: {k: v for k, v in p["blocks"].items() if k in ("attn", "mlp")}
-  q_bytes = pipeline.per_device_bytes(projections(llm.params))
-  b_bytes = pipeline.per_device_bytes(projections(ref.params))
+  q_bytes = mesh.per_device_bytes(projections(llm.params))
+  b_bytes = mesh.per_device_bytes(projections(ref.params))
   for device, n in b_bytes.items():
     assert 0.49 < q_bytes[device] / n < 0.52, (device, q_bytes[device], n)  # + the scales
   assert base.params["embed"].dtype == llm.params["embed"].dtype == jnp.bfloat16
@@ -125,7 +129,7 @@ def single_quantised(prompts):
 def test_every_layout_gives_the_single_device_quantised_run(single_quantised, prompts, mode,
                                                             layout):
   llm = jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant=mode, quant_embed=True,
-                  **jaxpp.llm.parse_layout(layout))
+                  layout=layout)
   ref_logits, ref_tokens = single_quantised[mode]
   logits = llm.prompt_logits(prompts[:8])
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
@@ -136,7 +140,7 @@ def test_load_time_quantisation_is_quantize_params_of_the_loaded_weights():
   cfg = checkpoint.load_config(MODEL)
   q = quant.Quant("fp8", embed=True)
   loaded = checkpoint.load_hf_params(MODEL, cfg, jnp.float32, quant=q)
-  reference = quant.quantize_params(checkpoint.load_hf_params(MODEL, cfg, jnp.float32), q)
+  reference = params_lib.quantize_params(checkpoint.load_hf_params(MODEL, cfg, jnp.float32), q)
   flat, ref = params_lib.flatten(loaded), params_lib.flatten(reference)
   assert flat.keys() == ref.keys()
   for path in flat:
@@ -150,8 +154,8 @@ def test_load_time_quantisation_is_quantize_params_of_the_loaded_weights():
 
 def test_params_cache_restores_without_requantising(tmp_path, prompts, monkeypatch):
   cache = tmp_path / "cache"
-  first = jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8", pp=2, tp=2,
-                    params_cache_dir=cache)
+  first = jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8",
+                    params_cache_dir=cache, layout="pp2tp2")
   assert (cache / params_cache.DESCRIPTION).is_file()
 
   def no_hf(*a, **k):
@@ -159,8 +163,8 @@ def test_params_cache_restores_without_requantising(tmp_path, prompts, monkeypat
 
   monkeypatch.setattr(checkpoint, "load_hf_params", no_hf)
   # tp is not part of the stored shapes: the same cache restores onto pp=2 x tp=1.
-  again = jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8", pp=2, tp=1,
-                    params_cache_dir=cache)
+  again = jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8",
+                    params_cache_dir=cache, layout="pp2tp1")
   for path, a in params_lib.flatten(first.params).items():
     b = params_lib.flatten(again.params)[path]
     assert a.dtype == b.dtype
@@ -168,11 +172,12 @@ def test_params_cache_restores_without_requantising(tmp_path, prompts, monkeypat
   assert [c.token_ids for c in again.generate(prompts[:4], max_new_tokens=8)] == \
       [c.token_ids for c in first.generate(prompts[:4], max_new_tokens=8)]
   with pytest.raises(JaxppError, match="different quant than this run needs") as e:
-    jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="fp8", pp=2, params_cache_dir=cache)
+    jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="fp8", params_cache_dir=cache,
+              layout="pp2tp1")
   assert "\n" not in str(e.value)
   with pytest.raises(JaxppError, match="different layer_index"):
-    jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8", pp=4,
-              params_cache_dir=cache)
+    jaxpp.LLM(MODEL, dtype="float32", max_len=MAX_LEN, quant="int8",
+              params_cache_dir=cache, layout="pp4tp1")
 
 
 def test_params_cache_refuses_a_foreign_directory(tmp_path):
@@ -207,13 +212,13 @@ def test_fp8_refused_where_the_backend_cannot_run_it(monkeypatch):
 
 def test_planner_405b_fits_eight_80gb_cards_only_in_8_bit():
   cfg, h100 = presets.model_config("llama3-405b"), presets.hardware("h100")
-  work = presets.Workload(input_len=1024, output_len=128, concurrency=64)
-  roomy = presets.Assumptions(mem_fraction=0.95)  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  work = Workload(input_len=1024, output_len=128, concurrency=64)
+  roomy = Assumptions(mem_fraction=0.95)  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
   assert plan.min_pp(cfg, 2, 8, work, h100, 2, roomy) is None  # bf16: 8 cards are too few
   assert plan.min_pp(cfg, 2, 8, work, h100, 1, roomy, embed_bytes_per_param=2) == 4
-  mem = plan.memory_per_stage(cfg, presets.Layout(4, 2), work, h100, 1, roomy, 2)
+  mem = plan.memory_per_stage(cfg, jaxpp.Layout(4, 2), work, h100, 1, roomy, 2)
   assert mem.fits and mem.weights < 0.55 * plan.memory_per_stage(
-      cfg, presets.Layout(4, 2), work, h100, 2, roomy).weights
+      cfg, jaxpp.Layout(4, 2), work, h100, 2, roomy).weights
 
 
 def test_bench_and_plan_command_lines_take_quant(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpp.errors import JaxppError
-from jaxpp.sampling import SamplingParams, sample
+from jaxpp.model.sampling import SamplingParams, sample
 
 N = 20000
 TOL = 0.02  # > 5 sigma for a frequency estimate from N draws (sigma <= 0.5 / sqrt(N)).

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxpp import schedule
 from jaxpp.errors import JaxppError
+from jaxpp.parallel import schedule
 
 CASES = [(1, 1, 1, 1), (2, 1, 2, 1), (4, 1, 4, 1), (4, 1, 8, 1), (4, 1, 2, 1), (8, 1, 8, 1),
          (2, 2, 2, 1), (4, 2, 4, 1), (4, 3, 6, 1), (4, 1, 4, 16), (4, 2, 8, 4), (8, 4, 16, 2)]

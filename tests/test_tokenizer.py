@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from jaxpp.errors import JaxppError
-from jaxpp.tokenizer import Tokenizer
+from jaxpp.load.tokenizer import Tokenizer
 
 TEXTS = [
   "the quick brown fox jumps over the lazy dog",

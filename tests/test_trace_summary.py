@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxpp import bench, presets, trace_summary
-from jaxpp.trace_summary import Event
+from jaxpp.bench import measure as bench
+from jaxpp.bench import trace_summary
+from jaxpp.bench.trace_summary import Event
+from jaxpp.plan import presets
 
 
 @pytest.mark.parametrize("op,kernel,expected", [

@@ -36,8 +36,9 @@ def test_accuracy_on_held_out_tickets(held_out):
 def test_transformers_greedy_matches_jaxpp(held_out):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  import jaxpp
   from tokenizers import Tokenizer
+
+  import jaxpp
   tok = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
   prompts = [train.prompt_ids(tok, t["text"], 200) for t in held_out[:3]]
   ours = jaxpp.LLM(MODEL, dtype="float32", max_len=256).generate(prompts, max_new_tokens=24)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jaxpp import watchdog
+from jaxpp.dist import watchdog
 from jaxpp.errors import JaxppError
 from tests.test_job import ticket_lines
 
@@ -111,7 +111,8 @@ def test_stalled_step_is_reported_with_its_stage():
 STALLING_DRIVER = """
 import pathlib, sys, time
 from absl import app
-from jaxpp import pipeline, run
+from jaxpp.parallel import pipeline
+from jaxpp import run
 
 stamp = pathlib.Path(sys.argv.pop())  # where to note when the stall began
 decode, calls = pipeline.Pipeline.decode, []

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp import xla_options
+from jaxpp.parallel import xla_options
 
 
 def test_dot_merger_is_off_only_where_weights_are_whole_or_halved():

@@ -16,7 +16,6 @@ import numpy as np
 from absl import app, flags
 
 import jaxpp
-from jaxpp.llm import parse_layout
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 
@@ -64,7 +63,7 @@ def main(argv):
   first = None
   for text in FLAGS.layouts.split(","):
     llm = jaxpp.LLM.from_params(config, params, max_len=max_len,
-                                decode_chunk=FLAGS.decode_chunk, **parse_layout(text))
+                                decode_chunk=FLAGS.decode_chunk, layout=text)
     llm.generate(prompts, max_new_tokens=FLAGS.new_tokens)  # compile
     start = time.perf_counter()
     out = [c.token_ids for c in llm.generate(prompts, max_new_tokens=FLAGS.new_tokens)]

@@ -29,8 +29,7 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from tokenizers import (  # noqa: E402
-    Tokenizer, decoders, models, pre_tokenizers, processors, trainers)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 SEED = 20240601
 CORPUS_TICKETS = 3000

@@ -33,8 +33,19 @@ import json
 import pathlib
 import random
 
-from ticket_problems import (CATEGORIES, COMPONENTS, FIRST, MONTHS, PASTES, PROBLEMS, PRODUCTS,
-                             TONES, TRIED, Ctx, month_day)
+from ticket_problems import (
+  CATEGORIES,
+  COMPONENTS,
+  FIRST,
+  MONTHS,
+  PASTES,
+  PROBLEMS,
+  PRODUCTS,
+  TONES,
+  TRIED,
+  Ctx,
+  month_day,
+)
 
 
 def context_sentences(c: Ctx, tone: str) -> list[str]:

@@ -35,10 +35,11 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
 import train_tokenizer  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
 from jaxpp.model import llama  # noqa: E402
 from jaxpp.model import params as params_lib  # noqa: E402
 from jaxpp.model.config import LlamaConfig  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
 
 PROMPT_TEMPLATE = train_tokenizer.PROMPT_TEMPLATE
 PROMPT_TAIL = PROMPT_TEMPLATE.split("{text}")[-1]  # "\nSummary:"

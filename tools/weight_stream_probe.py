@@ -10,7 +10,7 @@ attention, cache, sampling or pipeline, in these forms:
   holds them (each step dynamic-slices its layer);
 - `scan_int8`: the same with int8 weights and per-channel scales, dequantised in the product
   as `jaxpp.model.quant.einsum` does;
-- `pallas[CONFIG]`: the int8 stream with every matmul through `tools/pallas_int8_matmul.py`, the
+- `pallas[CONFIG]`: the int8 stream with every matmul through `jaxpp/model/int8_matmul.py`, the
   Pallas kernel that reads layer `l` of the stacks in place, `l` a fori_loop index; one row
   per kernel configuration in `--pallas_configs`, each with its largest deviation from
   `scan_int8`'s output (relative to that output's largest magnitude).
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxpp.model import quant
-import pallas_int8_matmul  # tools/, beside this script
+from jaxpp.model import int8_matmul, quant
 
 flags.DEFINE_integer("layers", 32, "layers in the stage")
 flags.DEFINE_integer("hidden", 4096, "model dimension D")
@@ -82,7 +81,7 @@ def pallas_config(name: str) -> dict:
 def _pallas_stream(L: int, config: dict):
   """The int8 MLP stream through the Pallas kernel; the stacks are loop-invariant operands
   and the layer a fori_loop index, so no layer is sliced out before the kernel reads it."""
-  matmul = functools.partial(pallas_int8_matmul.stacked_matmul, **config,
+  matmul = functools.partial(int8_matmul.stacked_matmul, **config,
                              interpret=jax.default_backend() == "cpu")
 
   @jax.jit

@@ -50,11 +50,6 @@ class LlamaConfig:
           f"num_attention_heads={self.num_heads} is not a multiple of "
           f"num_key_value_heads={self.num_kv_heads}")
 
-  @property
-  def group_size(self) -> int:
-    """Query heads per kv head (N // K); 1 is plain multi-head, N is multi-query."""
-    return self.num_heads // self.num_kv_heads
-
   def block_param_count(self) -> int:
     """Parameters of one repeated block (attention + MLP + two norms)."""
     d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_heads,

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from jaxpp.mesh import TP
+from jaxpp.axes import TP
 
 MIN_TILE = 16  # Triton's smallest dot operand dimension: G query heads are padded to it
 # Cache positions per step; llama.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2

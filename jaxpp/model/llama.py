@@ -186,7 +186,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
   only the first layers of the stack, so chunks shorter than the padded stack do no
-  compute on padding. `unroll` is `lax.scan`'s (DESIGN.md: a rolled loop over stacked
+  compute on padding. `unroll` is `lax.scan`'s (docs/design.md: a rolled loop over stacked
   weights can cost decode bandwidth on GPU). `fused_decode` runs one-token steps' attention
   in decode_attention's kernel.
   """

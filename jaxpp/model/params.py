@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.quant import Quant, scale_path, scale_shape
 
@@ -175,7 +176,13 @@ def activation_dtype(params) -> jnp.dtype:
   return params.get("embed_scale", params["embed"]).dtype
 
 
-def param_bytes(params) -> int:
-  """Total bytes of a params pytree (arrays or ShapeDtypeStructs)."""
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(params))
+def quantize_params(params: dict, quant: quant_lib.Quant) -> dict:
+  """A copy of a (nested) params tree in the plain [L, ...] layout, stored as `quant` says.
+
+  The input is left as it is (tests compare against it); loading and random weights use
+  `quant.store`, which frees each wide leaf as soon as its 8-bit form exists.
+  """
+  out = {}
+  for path, leaf in flatten(params).items():
+    quant_lib.store(out, path, leaf, quant, lead=1)
+  return nest(out)

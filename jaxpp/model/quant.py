@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxpp.errors import JaxppError
 
-MODES = ("none", "int8", "fp8")
+FORMATS = ("none", "int8", "fp8")
 STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 LARGEST = {"int8": 127.0, "fp8": 448.0}  # largest magnitude each storage type holds
 SCALE = "_scale"  # suffix of a quantised leaf's scale sibling
@@ -49,9 +49,9 @@ class Quant:
   embed: bool = False
 
   def __post_init__(self):
-    if self.mode not in MODES:
+    if self.mode not in FORMATS:
       raise JaxppError(f"quant={self.mode!r} is not supported; choose one of "
-                       f"{', '.join(MODES)}")
+                       f"{', '.join(FORMATS)}")
     if self.embed and self.mode == "none":
       raise JaxppError("quant_embed=True needs quant='int8' or 'fp8'")
 
@@ -125,20 +125,6 @@ def einsum(spec: str, x, w, scale=None):
   if scale is None:
     return jnp.einsum(spec, x, w)
   return jnp.einsum(spec, x, w.astype(x.dtype)) * scale.astype(x.dtype)
-
-
-def quantize_params(params: dict, quant: Quant) -> dict:
-  """A copy of a (nested) params tree in the plain [L, ...] layout, stored as `quant` says.
-
-  The input is left as it is (tests compare against it); loading and random weights use
-  `store`, which frees each wide leaf as soon as its 8-bit form exists.
-  """
-  from jaxpp.model import params as params_lib  # params imports this module
-
-  out = {}
-  for path, leaf in params_lib.flatten(params).items():
-    store(out, path, leaf, quant, lead=1)
-  return params_lib.nest(out)
 
 
 def store(out: dict, path: tuple[str, ...], leaf, quant: Quant, lead: int,

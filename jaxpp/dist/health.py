@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxpp.errors import JaxppError
-from jaxpp.mesh import DP, PP, TP
+from jaxpp.axes import DP, PP, TP
 
 SIZE = 64  # the probe's matmul is [SIZE, SIZE] x [SIZE, SIZE]
 

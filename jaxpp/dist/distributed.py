@@ -26,27 +26,17 @@ import json
 import socket
 import sys
 import traceback
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import jax
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from jaxpp import failfast
-from jaxpp import mesh as mesh_lib
+from jaxpp.dist import failfast
+from jaxpp.dist.watchdog import Watchdog
+from jaxpp.parallel import mesh as mesh_lib
 from jaxpp.errors import JaxppError
-
-flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service "
-                    "(with --num_processes and --process_id) for a multi-process run")
-flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run")
-flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes-1")
-flags.DEFINE_list("local_device_ids", None, "this process's devices, e.g. 0,1,2,3 (default: "
-                  "all; under SLURM/Open MPI JAX otherwise gives each process one GPU)")
-flags.DEFINE_bool("distributed", False, "start a multi-process run, letting JAX detect what "
-                  "the flags above leave out from SLURM or Open MPI")
-flags.DEFINE_float("peer_timeout", 5.0, "seconds without a sign of life before a process "
-                   "counts as lost and every other process stops")
 
 HEARTBEAT_FACTOR = 2  # JAX's own heartbeat timeout, as a multiple of --peer_timeout
 HOST_WAIT_MS = 60_000  # how long a process waits for the others to report their host
@@ -60,6 +50,23 @@ class Options:
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
   peer_timeout: float = 5.0
+
+
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the multi-process flags; called by the entry points (`jaxpp.run`, `jaxpp.bench`)
+  before they parse, never on import, so importing jaxpp defines no absl flags."""
+  f = dict(flag_values=values)
+  flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service "
+                      "(with --num_processes and --process_id) for a multi-process run", **f)
+  flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run",
+                       **f)
+  flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes-1", **f)
+  flags.DEFINE_list("local_device_ids", None, "this process's devices, e.g. 0,1,2,3 (default: "
+                    "all; under SLURM/Open MPI JAX otherwise gives each process one GPU)", **f)
+  flags.DEFINE_bool("distributed", False, "start a multi-process run, letting JAX detect what "
+                    "the flags above leave out from SLURM or Open MPI", **f)
+  flags.DEFINE_float("peer_timeout", 5.0, "seconds without a sign of life before a process "
+                     "counts as lost and every other process stops", **f)
 
 
 def options_from_flags(values: flags.FlagValues = flags.FLAGS) -> Options | None:
@@ -162,7 +169,7 @@ class Runtime:
                coordinator: str | None = None, peer_timeout: float = 5.0):
     self.process_id, self.num_processes = process_id, num_processes
     self.stages: dict[int, list[int]] = {}
-    self.step: Callable[[], int] = lambda: 0  # the current device step (set by a watchdog)
+    self._watchdog: Watchdog | None = None  # the device steps the peer monitor publishes
     self.hosts = {process_id: socket.gethostname()}
     self.monitor: failfast.PeerMonitor | None = None
     self.hook: failfast.CoordinatorLossHook | None = None
@@ -172,10 +179,23 @@ class Runtime:
     for p in range(num_processes):
       self.hosts[p] = client.blocking_key_value_get(f"{failfast.PREFIX}host/{p}", HOST_WAIT_MS)
     self.monitor = failfast.PeerMonitor(client, process_id, num_processes, peer_timeout,
-                                        self.where, lambda: self.step())
+                                        self.where, self._current_step)
     self.monitor.start()
     if process_id != 0:
       self.hook = failfast.CoordinatorLossHook(coordinator, self.where)
+
+  def watchdog(self, **bounds) -> Watchdog:
+    """A watchdog over this process's device steps (`bounds`: the config's `watchdog`).
+
+    A stall is described with this process's stages and the processes behind it, and ends
+    every process; the peer monitor publishes the watchdog's step count, so a lost peer is
+    named with the step it last reached. The newest watchdog is the one published.
+    """
+    self._watchdog = Watchdog(**bounds, describe=self.describe_stall, on_stall=self.fail)
+    return self._watchdog
+
+  def _current_step(self) -> int:
+    return self._watchdog.started if self._watchdog is not None else 0
 
   @property
   def is_writer(self) -> bool:

@@ -18,19 +18,11 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-import numpy as np
 from tqdm import tqdm
 
+from jaxpp.serve.stats import percentiles
+
 PROJECTION_DOCUMENTS = 40_000  # the nightly volume the projection is quoted for
-
-
-def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, Any]:
-  """`{"p50": ..., "p90": ..., "p99": ..., "count": n}`; values are None when there are none."""
-  arr = np.asarray(list(values), dtype=np.float64)
-  out: dict[str, Any] = {f"p{q:g}": (float(np.percentile(arr, q)) if arr.size else None)
-                         for q in qs}
-  out["count"] = int(arr.size)
-  return out
 
 
 def _rate(amount: float, seconds: float | None) -> float | None:

@@ -25,7 +25,7 @@ import pathlib
 import re
 from typing import NamedTuple
 
-CLASSES = (
+KERNEL_KINDS = (
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|collective-permute|"
                               r"all-to-all|ppermute|psum|nccl|send|recv", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|nvjet|xmma|cudnn|\bdot|matmul|conv", re.I)),
@@ -46,7 +46,7 @@ _COMMAND_BUFFER = "command_buffer"
 def op_class(op: str, kernel: str) -> str:
   """The class of an op from its HLO name and its kernel's name (a GEMM hides in a
   `custom-call.N` whose kernel is named `...gemm...`)."""
-  for name, pattern in CLASSES:
+  for name, pattern in KERNEL_KINDS:
     if pattern.search(kernel) or pattern.search(op):
       return name
   return OTHER

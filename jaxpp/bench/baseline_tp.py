@@ -1,12 +1,12 @@
 """The plain GSPMD tensor-parallel baseline: what a JAX user would write instead of jaxpp.
 
-`generate.py`'s single-device prefill and decode programs, with the params sharded
+`reference.py`'s single-device prefill and decode programs, with the params sharded
 Megatron-style over 'tp' (heads, ffn and vocab split; every device holds every layer) and
 the KV cache split over kv heads, left to GSPMD: no shard_map, no pipeline, no engine.
 Requests run in static waves of `max_num_seqs`: a wave is prefilled together and decoded
 until its last row finishes before the next wave starts (no refill), which is how a simple
 JAX script batches; a row asked for fewer tokens than its wave's longest idles (emits
-nothing) until then. generate.py's programs compile with the XLA options the pipeline's
+nothing) until then. reference.py's programs compile with the XLA options the pipeline's
 programs get at the same tp degree (`xla_options.py`) and decode attention the same way
 (the fused kernel on GPUs, `decode_attention.py`), so a comparison measures the parallel
 structure, not the GEMM library, XLA's dot merging or the attention kernel.
@@ -23,14 +23,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxpp import generate, sampling
+from jaxpp.axes import TP
 from jaxpp.errors import JaxppError
-from jaxpp.mesh import TP
-from jaxpp.model import llama
+from jaxpp.model import decode_state, llama, sampling
 from jaxpp.model import params as params_lib
-from jaxpp.pipeline import Pipeline
+from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import reference
 
 NAME = re.compile(r"gspmd_tp(\d+)")
 
@@ -87,17 +88,17 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
                     out_shardings=(cache_sharding, cache_sharding))(config, B, max_len, dtype)
     knobs = sampling.SamplingParams.make(B)
     start = time.perf_counter()
-    token, cache = generate.prefill(config, params, cache, jnp.asarray(tokens),
+    token, cache = reference.plain_prefill(config, params, cache, jnp.asarray(tokens),
                                     jnp.asarray(lengths), knobs, do_sample=False, tp=pipe.tp)
     token.block_until_ready()
     stats["prefill_seconds"] += time.perf_counter() - start
-    state = generate.start_state(token, jnp.asarray(lengths),
+    state = decode_state.start_state(token, jnp.asarray(lengths),
                                  jnp.asarray(lens[first:first + B]), tuple(eos_ids), max_len)
     rows = [np.asarray(token)[:, None]]
     while not bool(np.all(np.asarray(state.done))):
       start = time.perf_counter()
       with jax.set_mesh(pipe.mesh):  # the fused attention kernel splits over its 'tp'
-        cache, state, emitted = generate.decode_chunk(
+        cache, state, emitted = reference.plain_decode(
             config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
             eos_ids=tuple(eos_ids), tp=pipe.tp, fused_decode=pipe.fused_decode)
       rows.append(np.asarray(emitted))

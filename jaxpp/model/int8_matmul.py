@@ -14,10 +14,11 @@ has few rows (M), so the work is a memory-bound stream of weights: the grid span
 and, where those are too few to keep every SM loading, splits K too (partial sums in f32,
 added by XLA: cheap, as M is small). float8_e4m3fn storage runs through the same code.
 
-It lives in tools/, used by `weight_stream_probe.py` only: on an H200 its best configuration
-streamed 1,667 GB/s of int8 (docs/benchmarks.md), i.e. a layer in about the time cuBLAS takes
-for the same layer in bf16, so it would make int8 decode as fast as bf16, not faster. It goes
-into the model once a configuration beats bf16's time.
+The model does not call it yet; `tools/weight_stream_probe.py` measures it: on an H200 its
+best configuration streamed 1,667 GB/s of int8 (docs/benchmarks.md), i.e. a layer in about
+the time cuBLAS takes for the same layer in bf16, so it would make int8 decode as fast as
+bf16, not faster. The block projections switch to it once a configuration beats bf16's time
+(docs/quantization.md).
 """
 
 from __future__ import annotations

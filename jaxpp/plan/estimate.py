@@ -22,26 +22,18 @@ bandwidth plus fixed per-layer and per-all-reduce costs, checked against H200 ru
 from __future__ import annotations
 
 import dataclasses
-import json
 
-from jaxpp import partition, presets
 from jaxpp.errors import JaxppError
+from jaxpp.model import decode_attention
 from jaxpp.model.config import LlamaConfig
-from jaxpp.presets import Assumptions, Hardware, Layout, Workload  # noqa: F401 (the API)
-from jaxpp.schedule import formula_bubble
+from jaxpp.parallel import partition
+from jaxpp.parallel.layout import Layout, block_params_per_device, head_params_per_device
+from jaxpp.parallel.schedule import formula_bubble
+from jaxpp.plan import presets
+from jaxpp.plan.inputs import Assumptions, Workload
+from jaxpp.plan.presets import Hardware
 
-MODES = ("batch", "interactive")
 H100 = presets.HARDWARE["h100"]
-RULES = (
-    "Decode re-reads a stage's weights for every micro-batch: pp with m >= pp micro-batches "
-    "reads them m times per token round, tp once. Inside one node tp therefore decodes faster "
-    "until b = B/m nears the critical batch, where decode turns compute bound.",
-    "pp for batch throughput when memory or the network decides: it needs no all-reduces, "
-    "and across nodes only its neighbour sends cross the network; keep tp inside a node.",
-    "tp inside one NVLink node for latency: it divides each token's weight reads by tp.",
-    "pp at batch depth one is useless for chat: the ring still runs m >= pp micro-batches, "
-    "so a lone sequence's token reads every weight while the other stages wait.",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,49 +62,7 @@ class Prediction:
   output_tokens_per_s: float
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-  name: str
-  layout: Layout
-  memory: Memory
-  prediction: Prediction
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  model: str
-  params: int
-  devices: int
-  mode: str
-  bytes_per_param: float  # block weights
-  embed_bytes_per_param: float  # embedding and LM head
-  hardware: Hardware
-  workload: Workload
-  assumptions: Assumptions
-  critical_batch: float  # rows at which a decode step turns from memory to compute bound
-  rows: list[Row]
-  skipped: list[tuple[str, str]]  # (layout, why jaxpp cannot run it)
-  min_pp: dict[int, int | None]  # tp -> smallest pp (pp*tp dividing devices) that fits
-  best: str | None
-  reason: str
-  rules: tuple[str, ...] = RULES
-
-
 # --- a stage's pieces -----------------------------------------------------------------------
-
-
-def _block_params(cfg: LlamaConfig, tp: int) -> float:
-  """Per-device params of one block: projections split over tp, the two norms whole."""
-  norms = 2 * cfg.hidden_size
-  return (cfg.block_param_count() - norms) / tp + norms
-
-
-def _head_read(cfg: LlamaConfig, tp: int) -> float:
-  """Per-device params the logits read: the head is vocab-sharded when tp divides V; a tied
-  embedding is replicated, so it is read whole.
-  """
-  whole = cfg.tie_word_embeddings or cfg.vocab_size % tp
-  return cfg.vocab_size * cfg.hidden_size / (1 if whole else tp)
 
 
 def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, dtype_bytes: int = 2) -> float:
@@ -120,16 +70,33 @@ def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, dtype_bytes: int = 2
   return 2 * cfg.num_kv_heads / tp * cfg.head_dim * dtype_bytes
 
 
-def _split(cfg: LlamaConfig, layout: Layout, hw: Hardware) -> partition.Partition:
-  """Layers per global chunk, or a one-line JaxppError for a layout jaxpp would refuse."""
-  problem = layout.problem(cfg, hw)
+def layout_problem(cfg: LlamaConfig, layout: Layout, hw: Hardware,
+                   attention: str = "auto") -> str | None:
+  """Why jaxpp (`Layout.problem`, the attention choice) or the hardware cannot run this
+  layout, in one line, or None."""
+  problem = layout.problem(cfg)
+  if problem:
+    return problem
+  if layout.pp * layout.tp > hw.gpus_per_node and hw.gpus_per_node % layout.tp:
+    return (f"tp={layout.tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh "
+            "spans hosts")
+  return decode_attention.choice_problem(attention, cfg.head_dim)
+
+
+def fused_decode(cfg: LlamaConfig, layout: Layout, attention: str = "auto") -> bool:
+  """Whether decode attention runs in the fused kernel (as `Pipeline.fused_decode` decides
+  on GPUs, which the hardware presets are)."""
+  return decode_attention.fused(attention, on_gpu=True, tp=layout.tp, head_dim=cfg.head_dim)
+
+
+def layers_per_chunk(cfg: LlamaConfig, layout: Layout, hw: Hardware, attention: str = "auto"
+           ) -> partition.Partition:
+  """The layout's layers per chunk (`Layout.partition`: the split that runs), or a
+  one-line JaxppError for a layout jaxpp would refuse."""
+  problem = layout_problem(cfg, layout, hw, attention)
   if problem:
     raise JaxppError(f"layout {layout.name}: {problem}")
-  L, pp, v = cfg.num_layers, layout.pp, layout.virtual_stages
-  if layout.layer_split == "even":
-    return partition.even(L, pp, v)
-  return partition.balanced(L, pp, v, layer_cost=_block_params(cfg, layout.tp),
-                            head_cost=_head_read(cfg, layout.tp))
+  return layout.partition(cfg)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -143,14 +110,14 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   `bytes_per_param` is for block weights, `embed_bytes_per_param` (default: the same) for
   the embedding and LM head: 8-bit weights keep those in bf16 unless asked.
   """
-  part = _split(cfg, layout, hw)
+  part = layers_per_chunk(cfg, layout, hw)
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   D, V, tp, m, a = cfg.hidden_size, cfg.vocab_size, layout.tp, layout.m, assume.dtype_bytes
   held = layout.virtual_stages * part.max_layers  # padded: every device holds the longest
-  head = 0 if cfg.tie_word_embeddings else _head_read(cfg, tp)
-  weights = bytes_per_param * held * _block_params(cfg, tp) + eb * (V * D + head) + 4 * D
+  head = 0 if cfg.tie_word_embeddings else head_params_per_device(cfg, tp)
+  weights = bytes_per_param * held * block_params_per_device(cfg, tp) + eb * (V * D + head) + 4 * D
   b, T = workload.rows(m), workload.prefill_len
-  mp = layout.mp(workload.concurrency)
+  mp = layout.prefill_m(workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -158,7 +125,7 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   activations = (mp * bp * T * D * a  # the prefill inbox: one [bp, T, D] per micro-batch
                  + bp * T * (assume.activation_width * D + qkv_ffn) * a  # one layer, live
                  + bp * cfg.num_heads / tp * T * T * assume.score_bytes  # [bp, N/tp, T, T]
-                 + mp * bp * _head_read(cfg, tp) / D * 4)  # f32 logits of last positions
+                 + mp * bp * head_params_per_device(cfg, tp) / D * 4)  # f32 last logits
   total = weights + kv + activations
   usable = hw.hbm_bytes * assume.mem_fraction
   return Memory(weights, kv, activations, total, usable, total <= usable)
@@ -174,7 +141,7 @@ def min_pp(cfg: LlamaConfig, tp: int = 1, devices: int | None = None,
   n = devices // tp if devices else cfg.num_layers
   for pp in (p for p in range(1, n + 1) if n % p == 0 or devices is None):
     layout = Layout(pp, tp)
-    if layout.problem(cfg, hw) is None and memory_per_stage(
+    if layout_problem(cfg, layout, hw) is None and memory_per_stage(
         cfg, layout, workload, hw, bytes_per_param, assume, embed_bytes_per_param).fits:
       return pp
   return None
@@ -208,16 +175,18 @@ def _round_s(chunk_s: list[float], layout: Layout, send_s: float, m: int) -> flo
 
 def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware = H100,
             bytes_per_param: float = 2, assume: Assumptions = Assumptions(),
-            embed_bytes_per_param: float | None = None) -> Prediction:
-  """Prefill (compute bound) and decode (weight + KV reads, fitted bandwidth) rates."""
-  part = _split(cfg, layout, hw)
+            embed_bytes_per_param: float | None = None, attention: str = "auto") -> Prediction:
+  """Prefill (compute bound) and decode (weight + KV reads, fitted bandwidth) rates;
+  `attention` as `jaxpp.LLM(attention=...)` takes it."""
+  part = layers_per_chunk(cfg, layout, hw, attention)
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   w, tp, m, a = workload, layout.tp, layout.m, assume.dtype_bytes
   D, NH = cfg.hidden_size, cfg.num_heads * cfg.head_dim
-  blk, head, last = _block_params(cfg, tp), _head_read(cfg, tp), len(part.counts) - 1
+  blk, head = block_params_per_device(cfg, tp), head_params_per_device(cfg, tp)
+  last = len(part.counts) - 1
   b, T = w.rows(m), w.prefill_len
   context = w.input_len + w.output_len / 2  # the mean cached positions a decode step reads
-  fused = layout.fused_decode(cfg)  # the kernel reads only those; XLA as kv_read says
+  fused = fused_decode(cfg, layout, attention)  # the kernel reads only those; XLA as kv_read says
   ctx = w.cache_len if assume.kv_read == "max_len" and not fused else context
   overhead = assume.kernel_layer_overhead_s if fused else assume.layer_overhead_s
 
@@ -238,7 +207,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   step = decode_round_s(b) / (1 - dec_bubble)
 
   flops_s = hw.matmul_flops * assume.prefill_efficiency
-  mp = layout.mp(w.concurrency)
+  mp = layout.prefill_m(w.concurrency)
   bp = w.rows(mp)  # rows of a prefill micro-batch
   chunk_s = [(2 * bp * T * n * blk + 4 * bp * T * T * n * NH / tp) / flops_s
              + n * 2 * _allreduce_s(bp * T * D * a, tp, hw, assume) for n in part.counts]
@@ -255,103 +224,3 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
       latency_per_token_s=decode_round_s(1) / (1 - dec_bubble),
       total_tokens_per_s=B * (w.input_len + w.output_len) / total_s,
       output_tokens_per_s=B * w.output_len / total_s)
-
-
-# --- choosing -------------------------------------------------------------------------------
-
-
-def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
-              hw: Hardware = H100, mode: str = "batch", bytes_per_param: float = 2,
-              assume: Assumptions = Assumptions(), virtual_stages: int = 1,
-              microbatches: int = 0, layer_split: str = "even", model_name: str = "model",
-              embed_bytes_per_param: float | None = None, prefill_microbatches: int = 0,
-              attention: str = "auto") -> Plan:
-  """Sizes and predicts every pp x tp = devices layout; picks the best that fits for `mode`.
-
-  batch: the highest total tokens/s. interactive: the lowest per-token latency at batch 1,
-  ties broken by throughput.
-  """
-  if mode not in MODES:
-    raise JaxppError(f"mode={mode!r} must be one of {', '.join(MODES)}")
-  if devices < 1:
-    raise JaxppError(f"devices={devices} must be >= 1")
-  eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
-  rows, skipped, tps = [], [], [t for t in range(1, devices + 1) if devices % t == 0]
-  for tp in tps:
-    layout = Layout(devices // tp, tp, virtual_stages, microbatches, layer_split,
-                    prefill_microbatches, attention)
-    problem = layout.problem(cfg, hw)
-    if problem:
-      skipped.append((layout.name, problem))
-      continue
-    rows.append(Row(layout.name, layout,
-                    memory_per_stage(cfg, layout, workload, hw, bytes_per_param, assume, eb),
-                    predict(cfg, layout, workload, hw, bytes_per_param, assume, eb)))
-  mins = {tp: min_pp(cfg, tp, devices, workload, hw, bytes_per_param, assume, eb)
-          for tp in tps}
-  best, reason = _choose(rows, mode)
-  critical = hw.matmul_flops * bytes_per_param / (2 * hw.hbm_bandwidth)
-  return Plan(model_name, cfg.param_count(), devices, mode, bytes_per_param, eb, hw, workload,
-              assume, critical, rows, skipped, mins, best, reason)
-
-
-def _choose(rows: list[Row], mode: str) -> tuple[str | None, str]:
-  fitting = [r for r in rows if r.memory.fits]
-  if not fitting:
-    need = min((r.memory.total for r in rows), default=0) / 1e9
-    return None, (f"no layout fits: the smallest needs {need:.1f} GB per device; add devices, "
-                  "shorten max_len, lower concurrency or use fewer bytes per param")
-  p = lambda r: r.prediction
-  if mode == "batch":
-    ranked = sorted(fitting, key=lambda r: -p(r).total_tokens_per_s)
-    rate, why = lambda r: f"{p(r).total_tokens_per_s:,.0f} tok/s", "highest total throughput"
-  else:
-    ranked = sorted(fitting, key=lambda r: (p(r).latency_per_token_s, -p(r).total_tokens_per_s))
-    rate = lambda r: f"{p(r).latency_per_token_s * 1e3:.2f} ms/token"
-    why = "lowest per-token latency at batch 1"
-  if len(ranked) == 1:
-    return ranked[0].name, f"{why}, {rate(ranked[0])}; the only layout that fits"
-  return ranked[0].name, f"{why}, {rate(ranked[0])}; next {ranked[1].name}, {rate(ranked[1])}"
-
-
-def format_plan(plan: Plan) -> str:
-  """Markdown: the layouts' table, the minimum pp per tp, the choice and the rules."""
-  w, hw, gb = plan.workload, plan.hardware, 1e9
-  lines = [
-      f"# {plan.model} ({plan.params / 1e9:.1f}B params, {plan.bytes_per_param:g} bytes per "
-      f"block weight, {plan.embed_bytes_per_param:g} per embedding/head weight) "
-      f"on {plan.devices} x {hw.name}, {plan.mode} mode", "",
-      f"Workload: {w.concurrency} sequences in flight, {w.input_len} in / {w.output_len} out "
-      f"tokens, {w.cache_len} cache positions a slot, decode_chunk {w.decode_chunk}. "
-      f"Usable per device: "
-      f"{hw.hbm_bytes * plan.assumptions.mem_fraction / gb:.1f} GB ({hw.hbm_bytes / gb:.1f} GB "
-      f"x mem_fraction {plan.assumptions.mem_fraction:g}). Critical batch: "
-      f"{plan.critical_batch:.0f} rows.", "",
-      "| layout | m x b | weights GB | KV GB | act GB | total GB | fits | prefill tok/s | "
-      "prefill bubble | decode tok/s | decode bubble | ms/token at b=1 | total tok/s |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in plan.rows:
-    mem, p, m = r.memory, r.prediction, r.layout.m
-    lines.append(
-        f"| {r.name} | {m} x {w.rows(m)} | {mem.weights / gb:.1f} | {mem.kv / gb:.1f} | "
-        f"{mem.activations / gb:.1f} | {mem.total / gb:.1f} | {'yes' if mem.fits else 'NO'} | "
-        f"{p.prefill_tokens_per_s:,.0f} | {p.prefill_bubble:.1%} | {p.decode_tokens_per_s:,.0f}"
-        f" | {p.decode_bubble:.1%} | {p.latency_per_token_s * 1e3:.2f} | "
-        f"{p.total_tokens_per_s:,.0f} |")
-  lines += [""] + [f"Skipped {name}: {why}." for name, why in plan.skipped]
-  mins = "; ".join(f"tp={tp}: {f'pp={p}' if p else 'none'}" for tp, p in plan.min_pp.items())
-  lines += [f"Minimum pp that fits (pp*tp dividing {plan.devices}): {mins}.", "",
-            f"**Recommendation: {plan.best or 'none'}** ({plan.reason}).", "", "Rules:"]
-  lines += [f"- {rule}" for rule in plan.rules]
-  lines += ["", "An estimate: constants fitted to H200 runs, within -17% / +30% of measured "
-            "decode and -16% / +15% of total tok/s there (docs/planner.md, \"Validation\")."]
-  return "\n".join(lines)
-
-
-def plan_json(plan: Plan) -> str:
-  return json.dumps(dataclasses.asdict(plan), indent=1)
-
-
-if __name__ == "__main__":  # `python -m jaxpp.plan`; the flags live in plan_cli.py
-  from jaxpp import plan_cli
-  plan_cli.run()

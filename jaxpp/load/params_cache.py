@@ -21,8 +21,8 @@ import pathlib
 
 import jax
 
-from jaxpp import checkpoint
 from jaxpp.errors import JaxppError
+from jaxpp.load import checkpoint
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig

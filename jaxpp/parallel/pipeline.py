@@ -30,16 +30,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxpp import generate, sampling, xla_options
+from jaxpp.axes import DP, PP, TP
 from jaxpp.errors import JaxppError
-from jaxpp.mesh import PP, TP
-from jaxpp.model import decode_attention, llama, quant
+from jaxpp.model import decode_attention, decode_state, llama, quant, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
-from jaxpp.partition import Partition
-from jaxpp.schedule import circular, prefill_microbatches
+from jaxpp.parallel import mesh as mesh_lib
+from jaxpp.parallel import xla_options
+from jaxpp.parallel.layout import Layout, vocab_sharded_head
+from jaxpp.parallel.partition import Partition
+from jaxpp.parallel.schedule import circular
 
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
 _TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
@@ -59,51 +62,68 @@ def _block_spec(name: str, ndim: int) -> P:
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-  """A model's layout on a mesh: who holds which layers, how micro-batches flow."""
+  """A model's layout on a mesh: who holds which layers, how micro-batches flow.
+
+  Build one with `Pipeline.build(config, layout)`; the layout's rules are checked first
+  (`Layout.check`), so every mistake is one line before anything compiles.
+  """
 
   config: LlamaConfig
   mesh: jax.sharding.Mesh
-  partition: Partition
-  microbatches: int
+  layout: Layout
   scan_unroll: int | bool = 1  # layers per iteration of the stage scan (True: all)
-  # Micro-batches a prefill of all slots is cut into (0 = schedule.prefill_microbatches's
-  # default). More shrink the prefill bubble (p-1)/(v*m+p-1) at the cost of smaller
-  # matmuls; the decode ring keeps m.
-  prefill_microbatches: int = 0
   # Decode attention: "kernel" (decode_attention.py's fused Pallas kernel), "xla" (einsums),
   # or "auto": the kernel on GPUs at tp = 1 (decode_attention.fused).
   attention: str = "auto"
+  partition: Partition = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    c, tp = self.config, self.mesh.shape[TP]
-    if self.mesh.shape[PP] != self.partition.pp:
-      raise JaxppError(f"mesh has pp={self.mesh.shape[PP]} but the partition has "
-                       f"pp={self.partition.pp}")
-    for what, n in (("num_key_value_heads", c.num_kv_heads), ("num_attention_heads",
-                    c.num_heads), ("intermediate_size", c.intermediate_size)):
-      if n % tp:
-        raise JaxppError(f"tp={tp} does not divide {what}={n}; choose tp among the "
-                         f"divisors of {n}")
-    problem = decode_attention.choice_problem(self.attention, c.head_dim)
+    self.layout.check(self.config)
+    shape = {a: self.mesh.shape[a] for a in (DP, PP, TP)}
+    want = dict(dp=self.layout.dp, pp=self.layout.pp, tp=self.layout.tp)
+    if shape != want:
+      raise JaxppError(f"the mesh {shape} does not match layout {self.layout.name} ({want})")
+    problem = decode_attention.choice_problem(self.attention, self.config.head_dim)
     if problem:
       raise JaxppError(problem)
-    if self.microbatches < 1:
-      raise JaxppError(f"microbatches={self.microbatches} must be >= 1")
-    if self.prefill_microbatches < 0:
-      raise JaxppError(f"prefill_microbatches={self.prefill_microbatches} must be >= 0 "
-                       "(0 = the default)")
-    if self.v > 1 and self.prefill_mb < self.pp:
-      raise JaxppError(f"prefill_microbatches={self.prefill_mb} < pp={self.pp}: "
-                       "virtual_stages > 1 needs at least pp micro-batches in flight")
+    object.__setattr__(self, "partition", self.layout.partition(self.config))
+
+  @classmethod
+  def build(cls, config: LlamaConfig, layout: Layout | str, *, devices=None,
+            scan_unroll: int | bool = 1, attention: str = "auto") -> Pipeline:
+    """The layout checked for `config`, then placed on `devices` (default: the first
+    dp*pp*tp devices, so a small layout runs on a big host)."""
+    layout = Layout.of(layout).check(config)
+    if devices is None:
+      available = jax.devices()
+      if layout.devices > len(available):
+        raise JaxppError(f"layout {layout.name} needs dp*pp*tp = {layout.devices} devices "
+                         f"but only {len(available)} devices are available")
+      devices = available[:layout.devices]
+    mesh = mesh_lib.make_mesh(pp=layout.pp, tp=layout.tp, dp=layout.dp, devices=devices)
+    return cls(config, mesh, layout, scan_unroll, attention)
+
+  @property
+  def pp(self) -> int:
+    return self.layout.pp
+
+  @property
+  def tp(self) -> int:
+    return self.layout.tp
+
+  @property
+  def v(self) -> int:
+    return self.layout.virtual_stages
+
+  @property
+  def microbatches(self) -> int:
+    """m: micro-batches of the decode ring (the KV cache's micro-batch axis)."""
+    return self.layout.m
 
   @property
   def prefill_mb(self) -> int:
     """Micro-batches of a prefill of every slot (the engine caps it at its slot count)."""
-    return prefill_microbatches(self.prefill_microbatches, self.pp, self.microbatches)
-
-  @property
-  def pp(self) -> int:
-    return self.partition.pp
+    return self.layout.prefill_m()
 
   @property
   def fused_decode(self) -> bool:
@@ -112,13 +132,10 @@ class Pipeline:
                                   on_gpu=self.mesh.devices.flat[0].platform == "gpu",
                                   tp=self.tp, head_dim=self.config.head_dim)
 
-  @property
-  def v(self) -> int:
-    return self.partition.virtual_stages
-
-  @property
-  def tp(self) -> int:
-    return self.mesh.shape[TP]
+  def decode_table(self, microbatches: int, steps: int) -> np.ndarray:
+    """The decode ring's schedule table, padded to whole groups of m ticks (the tick loop
+    is unrolled by m); its length is the ticks one decode call runs."""
+    return circular(self.pp, self.v, microbatches, rounds=steps).padded(microbatches)
 
   # --- placement --------------------------------------------------------------------------
 
@@ -131,8 +148,8 @@ class Pipeline:
     for path, aval in weights.items():
       if path[0] == "blocks":
         specs[path] = _block_spec(path[-1], aval.ndim - 3)
-      elif path == ("lm_head",) and self.config.vocab_size % self.mesh.shape[TP] == 0:
-        specs[path] = P(None, TP)  # vocab-parallel head; replicated when V % tp != 0
+      elif path == ("lm_head",) and vocab_sharded_head(self.config, self.tp):
+        specs[path] = P(None, TP)  # vocab-parallel head (layout.vocab_sharded_head)
       else:
         specs[path] = P()
       if quant_cfg.applies(path):  # a scale keeps its weight's output axes' sharding
@@ -213,7 +230,7 @@ class Pipeline:
 
   @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "do_sample", "with_logits"),
                    donate_argnames=("cache",))
-  def prefill(self, params, cache, tokens, lengths, slots, params_s, *, do_sample: bool,
+  def prefill(self, params, cache, tokens, lengths, slots, knobs, *, do_sample: bool,
               with_logits: bool = False):
     """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
 
@@ -229,7 +246,7 @@ class Pipeline:
     dtype = params_lib.activation_dtype(params)
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
-    def body(params, cache, counts, tokens, lengths, slots, params_s):
+    def body(params, cache, counts, tokens, lengths, slots, knobs):
       s = jax.lax.axis_index(PP)
       blocks = jax.tree.map(lambda a: a[0], params["blocks"])
       cache = jax.tree.map(lambda a: a[0], cache)
@@ -261,8 +278,8 @@ class Pipeline:
       # Head and sampling once per prefill: only the last device's rows are real; share
       # the sampled ids (one int per row) with every stage.
       logits = llama.logits(self.config, params, final.reshape(M * b, 1, -1))[:, 0]
-      flat_s = jax.tree.map(lambda a: a.reshape(M * b), params_s)
-      first = sampling.sample(logits, lengths.reshape(M * b), flat_s, do_sample=do_sample)
+      flat_knobs = jax.tree.map(lambda a: a.reshape(M * b), knobs)
+      first = sampling.sample(logits, lengths.reshape(M * b), flat_knobs, do_sample=do_sample)
       first = self._from_last(first, s).reshape(M, b)
       cache = jax.tree.map(lambda a: a[None], cache)
       if not with_logits:
@@ -270,26 +287,26 @@ class Pipeline:
       return first, cache, self._from_last(logits, s).reshape(M, b, -1)
 
     cache_spec = P(PP)
-    s_spec = jax.tree.map(lambda _: P(), params_s)
+    knob_spec = jax.tree.map(lambda _: P(), knobs)
     out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
     return self._shard_map(
         body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), P(), P(),
-                        P(), s_spec),
-        out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, params_s)
+                        P(), knob_spec),
+        out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, knobs)
 
   @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "steps", "do_sample", "eos_ids"),
                    donate_argnames=("cache",))
-  def decode(self, params, cache, state: generate.DecodeState, params_s, *, steps: int,
+  def decode(self, params, cache, state: decode_state.DecodeState, knobs, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
     M, b = state.tokens.shape  # M = the ring's micro-batches, m
-    table = jnp.asarray(circular(self.pp, self.v, M, rounds=steps).padded(M))
+    table = jnp.asarray(self.decode_table(M, steps))
     counts = jnp.asarray(self.partition.layer_counts())
     dtype = params_lib.activation_dtype(params)
     max_len = cache[0].shape[6]
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
-    def body(params, cache, counts, state, params_s):
+    def body(params, cache, counts, state, knobs):
       s = jax.lax.axis_index(PP)
       blocks = jax.tree.map(lambda a: a[0], params["blocks"])
       cache = jax.tree.map(lambda a: a[0], cache)
@@ -308,14 +325,14 @@ class Pipeline:
                                    fresh=False, slot=slot)
         samples_here = active & (s == last_dev) & (r == last_chunk)
         st_j = jax.tree.map(lambda a: a[j], state)
-        sp_j = jax.tree.map(lambda a: a[j], params_s)
+        knobs_j = jax.tree.map(lambda a: a[j], knobs)
         sample = lambda: sampling.sample(llama.logits(self.config, params, y)[:, 0], pos + 1,
-                                         sp_j, do_sample=do_sample)
+                                         knobs_j, do_sample=do_sample)
         if self.pp == 1 and self.v == 1:  # every tick samples
           new = sample()
         else:
           new = jax.lax.cond(samples_here, sample, lambda: jnp.zeros((b,), jnp.int32))
-        st_new, emitted = generate.advance(st_j, new, eos_ids, max_len)
+        st_new, emitted = decode_state.advance(st_j, new, eos_ids, max_len)
         state = jax.tree.map(lambda a, n, o: a.at[j].set(jnp.where(samples_here, n, o)),
                              state, st_new, st_j)
         out = out.at[j, :, k].set(jnp.where(samples_here, emitted, out[j, :, k]))
@@ -338,58 +355,20 @@ class Pipeline:
           0, table.shape[0] // M, ticks, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
       pick = lambda a: self._from_last(a.astype(jnp.int32), s)
-      state = generate.DecodeState(pick(state.tokens), pick(state.lengths),
+      state = decode_state.DecodeState(pick(state.tokens), pick(state.lengths),
                                    pick(state.remaining), pick(state.done).astype(bool))
       return jax.tree.map(lambda a: a[None], cache), state, pick(out)
 
     cache_spec = P(PP)
-    state_spec = generate.DecodeState(P(), P(), P(), P())
-    s_spec = jax.tree.map(lambda _: P(), params_s)
+    state_spec = decode_state.DecodeState(P(), P(), P(), P())
+    knob_spec = jax.tree.map(lambda _: P(), knobs)
     return self._shard_map(
         body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), state_spec,
-                        s_spec),
+                        knob_spec),
         out_specs=((cache_spec, cache_spec), state_spec, P()))(
-            params, cache, counts, state, params_s)
+            params, cache, counts, state, knobs)
 
   def _param_specs(self, params):
     """shard_map in_specs: only the 'pp' part of each leaf's sharding is manual."""
     return jax.tree.map(lambda _: P(), params) | {
         "blocks": jax.tree.map(lambda _: P(PP), params["blocks"])}
-
-
-def check_microbatches(pp: int, microbatches: int, virtual_stages: int) -> None:
-  """The decode ring needs m >= pp (and so does interleaving); fail before compiling."""
-  circular(pp, virtual_stages, microbatches, rounds=2)
-
-
-def per_device_bytes(tree) -> dict:
-  """{device: bytes} of a pytree of jax arrays, counting only each device's own shards."""
-  out: dict = {}
-  for leaf in jax.tree.leaves(tree):
-    for shard in leaf.addressable_shards:
-      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
-  return out
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-  """Pads lengths to powers of two so a handful of programs serve every prompt length."""
-  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def split_rows(n: int, microbatches: int) -> int:
-  """Rows per micro-batch for n sequences (the last micro-batches may hold padding rows)."""
-  return -(-n // microbatches)
-
-
-def identity_slots(microbatches: int, rows: int) -> np.ndarray:
-  """i32[M, b, 2]: prompt (j, r) fills cache slot (j, r), as when a whole batch starts."""
-  grid = np.stack(np.meshgrid(np.arange(microbatches), np.arange(rows), indexing="ij"), -1)
-  return grid.astype(np.int32)
-
-
-def to_microbatches(a: np.ndarray, microbatches: int, fill) -> np.ndarray:
-  """[B, ...] -> [M, b, ...] with the fewest rows b that fit, padding with `fill`."""
-  b = split_rows(a.shape[0], microbatches)
-  padded = np.full((microbatches * b,) + a.shape[1:], fill, a.dtype)
-  padded[:a.shape[0]] = a
-  return padded.reshape((microbatches, b) + a.shape[1:])

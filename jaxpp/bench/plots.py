@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import pathlib
 
-from jaxpp import schedule
+from jaxpp.parallel import schedule
 
 GANTT_ROUNDS = 2  # decode rounds drawn: the fill, one steady round and the drain
 
@@ -69,7 +69,7 @@ def activity_png(act: dict[str, dict[str, list]], path: pathlib.Path, title: str
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from jaxpp import trace_summary
+  from jaxpp.bench import trace_summary
 
   devices = list(act)
   busy = collections.Counter()

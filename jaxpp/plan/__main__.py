@@ -1,45 +1,50 @@
 """`python -m jaxpp.plan`: the planner's command line (flags in, Markdown and JSON out).
 
-The model, the formulas and the formatting are `jaxpp/plan.py`; this module only turns flags
-into its arguments. Flags are defined when the command runs, never on import, so importing
-the library defines no absl flags.
+`python -m jaxpp.plan --model=llama3-70b --hardware=h100 --devices=4` prints, for every
+`pp x tp` layout of the devices, each device's memory and the predicted rates, then picks
+one for the workload (docs/planner.md). The formulas are `estimate.py`, the choice and its
+formatting `recommend.py`; this module only turns flags into their arguments.
 """
 
 from __future__ import annotations
 
 import sys
 
-from jaxpp import presets
+from absl import app, flags
+
 from jaxpp.errors import JaxppError
-from jaxpp.model.decode_attention import CHOICES as CHOICES_ATTENTION
-from jaxpp.model.quant import MODES as MODES_QUANT
-from jaxpp.plan import MODES, format_plan, plan_json, recommend
-from jaxpp.presets import Assumptions, Hardware, Workload
+from jaxpp.model.decode_attention import CHOICES as ATTENTION_CHOICES
+from jaxpp.model.quant import FORMATS as QUANT_FORMATS
+from jaxpp.parallel.layout import SPLITS
+from jaxpp.plan import presets
+from jaxpp.plan.inputs import Assumptions, Workload
+from jaxpp.plan.presets import Hardware
+from jaxpp.plan.recommend import MODES, format_plan, plan_json, recommend
 
 
-
-def _define_flags() -> None:
-  """Defined only when run as a program: importing the library must not define flags."""
-  from absl import flags as f
+def define_flags() -> None:
+  """The planner's flags (defined only when run: importing jaxpp defines no flags)."""
+  f = flags
   f.DEFINE_string("model", "llama3-70b", f"Preset ({', '.join(presets.MODELS)}) or a HF "
                   "config.json / checkpoint directory.")
   f.DEFINE_string("hardware", "h100", f"Preset: {', '.join(presets.HARDWARE)}.")
   f.DEFINE_integer("devices", 4, "Devices of one replica; every pp x tp = devices is sized.")
   f.DEFINE_enum("mode", "batch", MODES, "batch: most tokens/s; interactive: least latency.")
   f.DEFINE_float("bytes_per_param", 2, "Bytes per weight when not quantised: 2 for bf16.")
-  f.DEFINE_enum("quant", "none", MODES_QUANT, "8-bit block weights (1 byte each).")
+  f.DEFINE_enum("quant", "none", QUANT_FORMATS, "8-bit block weights (1 byte each).")
   f.DEFINE_bool("quant_embed", False, "With --quant, the embedding and LM head in 8 bits too.")
   f.DEFINE_integer("virtual_stages", 1, "Layer chunks per device (interleaving).")
   f.DEFINE_integer("microbatches", 0, "Micro-batches in flight; 0 = pp.")
   f.DEFINE_integer("prefill_microbatches", 0, "Micro-batches of a prefill; 0 = 8 per stage "
                    "(at most concurrency).")
-  f.DEFINE_enum("layer_split", "even", ("even", "balanced"), "How layers split over chunks.")
-  f.DEFINE_enum("attention", "auto", CHOICES_ATTENTION, "Decode attention as "
+  f.DEFINE_string("layer_split", "even", f"How layers split over chunks: {', '.join(SPLITS)} "
+                  "(Layout.partition) or per-chunk counts like 21,20,20,19.")
+  f.DEFINE_enum("attention", "auto", ATTENTION_CHOICES, "Decode attention as "
                 "jaxpp.LLM takes it; auto: the fused kernel at tp=1.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}
   for name, field in Workload.__dataclass_fields__.items():
-    f.DEFINE_integer(name, field.default, f"Workload.{name} (jaxpp/presets.py).")
+    f.DEFINE_integer(name, field.default, f"Workload.{name} (jaxpp/plan/inputs.py).")
   for name, field in Assumptions.__dataclass_fields__.items():
     define[type(field.default)](name, field.default, f"Assumptions.{name} (docs/planner.md).")
   for name, field in Hardware.__dataclass_fields__.items():
@@ -49,7 +54,6 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   """Flags -> recommend -> Markdown on stdout (and JSON); bad input: one error line, exit 1."""
-  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   F = flags.FLAGS
@@ -76,8 +80,6 @@ def main(argv: list[str]) -> None:
   print(format_plan(plan))
 
 
-def run() -> None:
-  """Defines the flags and runs `main` under absl (the entry point of `python -m jaxpp.plan`)."""
-  from absl import app
-  _define_flags()
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

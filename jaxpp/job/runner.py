@@ -30,15 +30,22 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from jaxpp import distributed, health, jobio, report, sampling, schedule
-from jaxpp import engine as engine_lib
-from jaxpp import watchdog as watchdog_lib
+from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
-from jaxpp.llm import LLM, devices_summary
-from jaxpp.model import decode_attention
+from jaxpp.job import files as jobio
+from jaxpp.job import report
+from jaxpp.job.prompter import TEMPLATE_SLOT, Prompter
+from jaxpp.llm import LLM, devices_summary, resolve_dtype
+from jaxpp.load import checkpoint, weights
+from jaxpp.load.tokenizer import Tokenizer
+from jaxpp.model import decode_attention, sampling
+from jaxpp.model import quant as quant_lib
+from jaxpp.parallel import schedule
+from jaxpp.parallel.layout import Layout
+from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import engine as engine_lib
 
 LENGTH_POLICIES = ("truncate", "reject")
-TEMPLATE_SLOT = "{text}"
 
 
 def errors_path(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -47,20 +54,27 @@ def errors_path(config: ml_collections.ConfigDict) -> pathlib.Path:
       out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
+def layout_of(config: ml_collections.ConfigDict) -> Layout:
+  """The run's `Layout` from the config's mesh and schedule sections (checked against the
+  model when the pipeline is built)."""
+  m, s = config.mesh, config.schedule
+  return Layout(m.pp, m.tp, dp=m.dp, virtual_stages=s.virtual_stages,
+                microbatches=s.microbatches, prefill_microbatches=s.prefill_microbatches,
+                layer_split=s.layer_split)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The knobs jaxpp.LLM does not already check; each mistake is one line."""
   job = config.job
   if job.length_policy not in LENGTH_POLICIES:
     raise JaxppError(f"job.length_policy={job.length_policy!r}; choose one of "
                      f"{', '.join(LENGTH_POLICIES)}")
-  if job.priority not in engine_lib.CLASSES:
+  if job.priority not in engine_lib.PRIORITIES:
     raise JaxppError(f"job.priority={job.priority!r}; choose one of "
-                     f"{', '.join(engine_lib.CLASSES)}")
+                     f"{', '.join(engine_lib.PRIORITIES)}")
   if config.model.attention not in decode_attention.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
                      f"{', '.join(decode_attention.CHOICES)}")
-  if config.mesh.dp != 1:
-    raise JaxppError(f"mesh.dp={config.mesh.dp}: only 1 replica is available in this version")
   if TEMPLATE_SLOT not in job.prompt_template:
     raise JaxppError(f"job.prompt_template must contain {TEMPLATE_SLOT}")
   if config.sampling.max_new_tokens < 1:
@@ -71,38 +85,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.sampling.max_new_tokens >= config.engine.max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
                      f"room for a prompt in engine.max_len={config.engine.max_len}")
-
-
-class Prompter:
-  """Ticket -> prompt ids under the length policy (the template's ending always kept)."""
-
-  def __init__(self, llm: LLM, config: ml_collections.ConfigDict):
-    if llm.tokenizer is None:
-      raise JaxppError(f"checkpoint {config.model.checkpoint} has no tokenizer.json; the job "
-                       "needs one to read tickets")
-    self.tok, self.template = llm.tokenizer, config.job.prompt_template
-    self.policy = config.job.length_policy
-    self.budget = llm.max_len - config.sampling.max_new_tokens + 1  # prompt positions
-    tail = self.template.split(TEMPLATE_SLOT)[-1]
-    self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
-
-  def __call__(self, ticket: jobio.Ticket) -> tuple[list[int] | None, str | None]:
-    """(ids, None), or (None, reason) when the policy rejects the ticket.
-
-    Called by `jobio.read_tickets` before the ticket's id is claimed, so a ticket rejected
-    here does not block a corrected copy of it further down the input.
-    """
-    try:
-      prompt = self.template.format_map(ticket.doc)
-    except (KeyError, IndexError, ValueError) as e:
-      return None, f"prompt_template cannot be filled from this ticket ({e!r})"
-    ids = self.tok.encode(prompt)
-    if len(ids) <= self.budget:
-      return ids, None
-    if self.policy == "reject":
-      return None, (f"prompt of {len(ids)} tokens exceeds the {self.budget} that fit "
-                    "engine.max_len with sampling.max_new_tokens (length_policy=reject)")
-    return ids[:self.budget - len(self.tail)] + self.tail, None
 
 
 def log(line: str) -> None:
@@ -138,9 +120,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
   check_config(config)
   job = config.job
   rt = distributed.current()
-  dog = watchdog_lib.Watchdog(**config.watchdog, describe=rt.describe_stall,
-                              on_stall=rt.fail)
-  rt.step = lambda: dog.started
+  dog = rt.watchdog(**config.watchdog)
   jobio.check_input(job.input)
   output, errors = pathlib.Path(job.output), errors_path(config)
   resume = None
@@ -149,23 +129,23 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
     resume = jobio.resume_state(output, errors)
   resume = shared_resume(rt, resume)
 
-  def before_load(pipe) -> None:
-    rt.set_layout(pipe.mesh)
-    health.startup(pipe.mesh, dog, log)
-
-  sched, eng_cfg, s = config.schedule, config.engine, config.sampling
-  llm = LLM(config.model.checkpoint, pp=config.mesh.pp, tp=config.mesh.tp,
-            virtual_stages=sched.virtual_stages, microbatches=sched.microbatches or None,
-            prefill_microbatches=sched.prefill_microbatches,
-            layer_split=sched.layer_split, dtype=config.model.dtype, max_len=eng_cfg.max_len,
-            decode_chunk=sched.decode_chunk,
-            devices=jax.devices() if devices is None else devices,
-            quant=config.model.quant, quant_embed=config.model.quant_embed,
-            params_cache_dir=config.model.params_cache or None,
-            attention=config.model.attention, before_load=before_load)
+  # layout -> health probe -> weights: nothing is read before every stage has answered
+  model_cfg = checkpoint.load_config(config.model.checkpoint)
+  pipe = Pipeline.build(model_cfg, layout_of(config),
+                        devices=jax.devices() if devices is None else devices,
+                        attention=config.model.attention)
+  rt.set_layout(pipe.mesh)
+  health.startup(pipe.mesh, dog, log)
+  params = weights.load_weights(
+      config.model.checkpoint, pipe, resolve_dtype(config.model.dtype),
+      quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
+      cache_dir=config.model.params_cache or None)
+  llm = LLM.on_pipeline(model_cfg, pipe, params,
+                        tokenizer=Tokenizer.from_dir(config.model.checkpoint),
+                        max_len=config.engine.max_len, decode_chunk=config.schedule.decode_chunk)
   prompter = Prompter(llm, config)
-  eng = engine_lib.Engine(llm, max_num_seqs=eng_cfg.max_num_seqs,
-                          reserve=dict(eng_cfg.priority_reserve), watchdog=dog)
+  eng = llm.engine(max_num_seqs=config.engine.max_num_seqs,
+                   reserve=dict(config.engine.priority_reserve), watchdog=dog)
   bubble_measured = eng.measure_bubble() if job.measure_bubble else None
 
   counts = dict(input_lines=0, rejected_run=0, skipped_done=0, written_run=0)
@@ -191,6 +171,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
         else:
           yield item
 
+    knobs = config.sampling
     total = sum(1 for _ in pending(record=False))  # cheap first pass: the progress total
     feed = pending(record=True)
     with report.Progress(total, disable=not job.progress or not rt.is_writer) as progress:
@@ -201,8 +182,8 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
             break
           tickets[ticket.key] = ticket
           eng.submit(engine_lib.Request(
-              key=ticket.key, prompt=ticket.prompt, max_new_tokens=s.max_new_tokens,
-              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+              key=ticket.key, prompt=ticket.prompt, max_new_tokens=knobs.max_new_tokens,
+              temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed,
               priority=job.priority))
         if not eng.waiting() and not eng.tokens:
           break
@@ -223,13 +204,13 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
       prefill_seconds=st.prefill_seconds, decode_seconds=st.decode_seconds,
       wall_seconds=time.perf_counter() - started,
-      bubble_schedule=schedule.formula_bubble(llm.pipeline.pp, llm.pipeline.v,
-                                              llm.pipeline.microbatches, sched.decode_chunk),
+      bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, pipe.microbatches,
+                                              llm.decode_chunk),
       bubble_measured=bubble_measured, tick_seconds=st.tick_seconds,
-      devices=devices_summary(llm.pipeline.mesh.devices.flat),
-      layout=dict(pp=config.mesh.pp, tp=config.mesh.tp, dp=config.mesh.dp,
-                  virtual_stages=llm.pipeline.v, microbatches=llm.pipeline.microbatches,
-                  max_num_seqs=eng.max_num_seqs, layer_split=list(llm.pipeline.partition.counts)),
+      devices=devices_summary(pipe.mesh.devices.flat),
+      layout=dict(name=pipe.layout.name, pp=pipe.pp, tp=pipe.tp, dp=pipe.layout.dp,
+                  virtual_stages=pipe.v, microbatches=pipe.microbatches,
+                  max_num_seqs=eng.max_num_seqs, layer_split=list(pipe.partition.counts)),
       duplicate_rows=final.duplicate_rows)
   rep["report_file"] = str(report.write_report(rep, output))
   rep["output"], rep["errors"] = str(output), str(errors)

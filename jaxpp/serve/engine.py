@@ -25,19 +25,25 @@ import collections
 import contextlib
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Hashable, Protocol
 
 import numpy as np
 
-from jaxpp import generate, sampling
 from jaxpp.errors import JaxppError
-from jaxpp.pipeline import bucket
+from jaxpp.model import decode_state, sampling
+from jaxpp.model import params as params_lib
+from jaxpp.parallel import shapes
+from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve.stats import EngineStats
 
-if TYPE_CHECKING:
-  from jaxpp.llm import LLM
-  from jaxpp.watchdog import Watchdog
 
-CLASSES = ("interactive", "batch")  # admission order
+class StepGuard(Protocol):
+  """What the engine needs of a watchdog (`dist.watchdog.Watchdog` is one): a context
+  around each device call and its fetch, keyed by the compiled program it runs."""
+
+  def step(self, name: str, key: Hashable = None) -> contextlib.AbstractContextManager: ...
+
+PRIORITIES = ("interactive", "batch")  # admission order
 
 
 @dataclasses.dataclass
@@ -59,37 +65,33 @@ class Finished:
   finish_reason: str  # "stop" or "length"
 
 
-@dataclasses.dataclass
-class EngineStats:
-  prefill_seconds: float = 0.0
-  decode_seconds: float = 0.0
-  prompt_tokens: int = 0
-  completion_tokens: int = 0
-  decode_calls: int = 0
-  tick_seconds: list[float] = dataclasses.field(default_factory=list)
-  max_live_per_microbatch: int = 0
-
-
 class Engine:
-  """Schedules requests onto an `LLM`'s pipeline: submit(), then run().
+  """Schedules requests onto a pipeline holding `params`: submit(), then run().
+
+  `max_len` is each slot's context, `decode_chunk` the tokens per return to the host and
+  `eos_ids` the stop ids; `jaxpp.LLM.engine()` passes its own.
 
   With a `watchdog`, every device step (prefill, decode chunk) runs under its deadline.
   """
 
-  def __init__(self, llm: LLM, *, max_num_seqs: int | None = None,
-               reserve: dict[str, int] | None = None, watchdog: Watchdog | None = None):
-    self.llm, self.pipe, self.watchdog = llm, llm.pipeline, watchdog
+  def __init__(self, pipe: Pipeline, params, *, max_len: int, decode_chunk: int,
+               eos_ids: tuple[int, ...], max_num_seqs: int | None = None,
+               reserve: dict[str, int] | None = None, watchdog: StepGuard | None = None):
+    self.pipe, self.params, self.watchdog = pipe, params, watchdog
+    self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
+    if decode_chunk < 1:
+      raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
     M = self.M = self.pipe.microbatches
     self.max_num_seqs = max_num_seqs or 4 * M
     if self.max_num_seqs < 1:
       raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
-    self.rows = -(-self.max_num_seqs // M)  # b: slots per micro-batch (even fill cap)
-    self.reserve = {c: 0 for c in CLASSES} | dict(reserve or {})
-    unknown = set(self.reserve) - set(CLASSES)
+    self.rows = shapes.split_rows(self.max_num_seqs, M)  # b: slots per micro-batch (even fill)
+    self.reserve = {c: 0 for c in PRIORITIES} | dict(reserve or {})
+    unknown = set(self.reserve) - set(PRIORITIES)
     if unknown:
       raise JaxppError(f"priority reserve names unknown class(es) {sorted(unknown)}; "
-                       f"classes: {', '.join(CLASSES)}")
-    for cls in CLASSES:  # every class must be able to get a slot, or its queue never moves
+                       f"classes: {', '.join(PRIORITIES)}")
+    for cls in PRIORITIES:  # every class must be able to get a slot, or its queue never moves
       others = sum(n for c, n in self.reserve.items() if c != cls)
       if others >= self.max_num_seqs:
         raise JaxppError(f"priority reserves {self.reserve} leave no slot of max_num_seqs="
@@ -98,15 +100,15 @@ class Engine:
     # A prefill of every slot is cut this fine; a smaller admission takes fewer micro-batches
     self.prefill_m = min(self.pipe.prefill_mb, M * self.rows)
     self.prefill_rows = -(-M * self.rows // self.prefill_m)  # rows of a prefill micro-batch
-    self.cache = self.pipe.init_cache(self.rows, llm.max_len, llm.dtype)
-    self.state = generate.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
+    self.cache = self.pipe.init_cache(self.rows, max_len, params_lib.activation_dtype(params))
+    self.state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                       np.zeros(shape, np.int32), np.ones(shape, bool))
     self.sampling = sampling.SamplingParams.make(M * self.rows)
     self.sampling = sampling.SamplingParams(*(np.asarray(a).reshape(shape).copy()
                                               for a in self.sampling))
     self.owner: list[list[Request | None]] = [[None] * self.rows for _ in range(M)]
     self.tokens: dict[tuple[int, int], list[int]] = {}
-    self.queues = {c: collections.deque() for c in CLASSES}
+    self.queues = {c: collections.deque() for c in PRIORITIES}
     self.stats = EngineStats()
 
   # --- admission --------------------------------------------------------------------------
@@ -115,13 +117,13 @@ class Engine:
     """Queues a request; refuses one that could never run (one-line JaxppError)."""
     if request.priority not in self.queues:
       raise JaxppError(f"request {request.key}: unknown priority {request.priority!r}; "
-                       f"classes: {', '.join(CLASSES)}")
+                       f"classes: {', '.join(PRIORITIES)}")
     # every token but the last is fed back, so it needs a cache position
     need = len(request.prompt) + request.max_new_tokens - 1
-    if not request.prompt or request.max_new_tokens < 1 or need > self.llm.max_len:
+    if not request.prompt or request.max_new_tokens < 1 or need > self.max_len:
       raise JaxppError(f"request {request.key}: prompt of {len(request.prompt)} tokens + "
                        f"max_new_tokens={request.max_new_tokens} does not fit max_len="
-                       f"{self.llm.max_len}")
+                       f"{self.max_len}")
     self.queues[request.priority].append(request)
 
   def live(self) -> np.ndarray:
@@ -133,18 +135,18 @@ class Engine:
 
   def _live_by_class(self) -> dict[str, int]:
     counts = collections.Counter(o.priority for row in self.owner for o in row if o)
-    return {c: counts.get(c, 0) for c in CLASSES}
+    return {c: counts.get(c, 0) for c in PRIORITIES}
 
   def _admit(self) -> list[tuple[Request, int, int]]:
     """Moves waiting requests into free slots, interactive first, honouring reserves."""
     admitted = []
     live = self.live()
     by_class = self._live_by_class()
-    for cls in CLASSES:
+    for cls in PRIORITIES:
       queue = self.queues[cls]
       while queue:
         free = self.max_num_seqs - int(live.sum())
-        owed = sum(max(0, self.reserve[c] - by_class[c]) for c in CLASSES if c != cls)
+        owed = sum(max(0, self.reserve[c] - by_class[c]) for c in PRIORITIES if c != cls)
         if free - owed < 1:
           break
         j = int(np.argmin(np.where(live < self.rows, live, np.iinfo(np.int32).max)))
@@ -177,38 +179,37 @@ class Engine:
     admitted requests fill, rounded up to a power of two (interleaving keeps at least pp in
     flight).
     """
-    return min(self.prefill_m, max(bucket(-(-admitted // self.prefill_rows), minimum=1),
+    return min(self.prefill_m, max(shapes.bucket(-(-admitted // self.prefill_rows), minimum=1),
                                    self.pipe.pp if self.pipe.v > 1 else 1))
 
   def _prefill_len(self, longest: int) -> int:
-    """Positions a prefill pads its prompts to: the longest one's bucket."""
-    return min(bucket(longest, minimum=64), self.llm.max_len)
+    return shapes.prefill_len(longest, self.max_len)
 
-  def _run_prefill(self, tokens, lengths, slots, knobs, max_new) -> generate.DecodeState:
+  def _run_prefill(self, tokens, lengths, slots, knob_rows, max_new) -> decode_state.DecodeState:
     """One prefill program call; the decode state of every one of its rows (host arrays)."""
-    params_s = sampling.SamplingParams(*knobs.values())  # numpy: jit places it on the mesh
-    do_sample = params_s.needs_sampling()
+    knobs = sampling.SamplingParams(*knob_rows.values())  # numpy: jit places it on the mesh
+    do_sample = knobs.needs_sampling()
     with self._device_step("prefill", (tokens.shape, do_sample)):
-      first, self.cache = self.pipe.prefill(self.llm.params, self.cache, tokens, lengths, slots,
-                                            params_s, do_sample=do_sample)
+      first, self.cache = self.pipe.prefill(self.params, self.cache, tokens, lengths, slots,
+                                            knobs, do_sample=do_sample)
       first = np.asarray(first)
     # Over every row (admitted i is row i, row-major), so these few eager ops compile once
     # per prefill shape, not once per admission size.
-    new = generate.start_state(first.reshape(-1), lengths.reshape(-1), max_new,
-                               self.llm.config.eos_token_ids, self.llm.max_len)
-    return generate.DecodeState(*(np.asarray(a) for a in new))  # one fetch each
+    new = decode_state.start_state(first.reshape(-1), lengths.reshape(-1), max_new,
+                               self.eos_ids, self.max_len)
+    return decode_state.DecodeState(*(np.asarray(a) for a in new))  # one fetch each
 
   def _prefill_inputs(self, M: int, p: int, T: int):
     """Empty prefill inputs: no prompt, every row padding (slot -1), greedy knobs."""
-    knobs = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
-    knobs["top_p"][:] = 1.0
+    knob_rows = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
+    knob_rows["top_p"][:] = 1.0
     return (np.zeros((M, p, T), np.int32), np.ones((M, p), np.int32),
-            np.full((M, p, 2), -1, np.int32), knobs, np.ones(M * p, np.int32))
+            np.full((M, p, 2), -1, np.int32), knob_rows, np.ones(M * p, np.int32))
 
-  def _prefill(self, admitted: list[tuple[Request, int, int]]) -> None:
+  def _prefill_admitted(self, admitted: list[tuple[Request, int, int]]) -> None:
     """Prefills newly admitted requests into their slots; sets their decode state."""
     p = self.prefill_rows
-    tokens, lengths, slots, knobs, max_new = self._prefill_inputs(
+    tokens, lengths, slots, knob_rows, max_new = self._prefill_inputs(
         self._prefill_size(len(admitted)), p,
         self._prefill_len(max(len(a[0].prompt) for a in admitted)))
     for i, (req, j, r) in enumerate(admitted):
@@ -217,12 +218,12 @@ class Engine:
       lengths[q, row] = len(req.prompt)
       slots[q, row] = (j, r)
       max_new[i] = req.max_new_tokens
-      for f in knobs:
+      for f in knob_rows:
         value = getattr(req, f)
-        knobs[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
-        getattr(self.sampling, f)[j, r] = knobs[f][q, row]
+        knob_rows[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
+        getattr(self.sampling, f)[j, r] = knob_rows[f][q, row]
     start = time.perf_counter()
-    new = self._run_prefill(tokens, lengths, slots, knobs, max_new)
+    new = self._run_prefill(tokens, lengths, slots, knob_rows, max_new)
     self.stats.prefill_seconds += time.perf_counter() - start
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
@@ -248,22 +249,22 @@ class Engine:
 
   def _decode(self) -> None:
     """One return-to-host worth of tokens for every live slot."""
-    k = self.llm.decode_chunk
+    k = self.decode_chunk
     live = ~self.state.done
     do_sample = bool(np.any(self.sampling.temperature[live] > 0))
     # Host arrays go to the jitted call as they are: jit copies each straight to the devices
     # that need it, where jnp.asarray would first commit it to one device, then reshard.
-    state, params_s = generate.DecodeState(*self.state), self.sampling
+    state, knobs = decode_state.DecodeState(*self.state), self.sampling
     start = time.perf_counter()
-    eos = self.llm.config.eos_token_ids
+    eos = self.eos_ids
     with self._device_step("decode", (live.shape, k, do_sample, eos)):
       self.cache, state, emitted = self.pipe.decode(
-          self.llm.params, self.cache, state, params_s, steps=k, do_sample=do_sample,
+          self.params, self.cache, state, knobs, steps=k, do_sample=do_sample,
           eos_ids=eos)
       emitted = np.asarray(emitted)
     seconds = time.perf_counter() - start
-    self.state = generate.DecodeState(*(np.array(a) for a in state))
-    ticks = k * self.M * self.pipe.v + self.pipe.pp - 1
+    self.state = decode_state.DecodeState(*(np.array(a) for a in state))
+    ticks = len(self.pipe.decode_table(self.M, k))  # the ticks the program ran
     self.stats.decode_seconds += seconds
     self.stats.decode_calls += 1
     self.stats.tick_seconds.append(seconds / ticks)
@@ -274,7 +275,7 @@ class Engine:
 
   def _retire(self) -> list[Finished]:
     done = []
-    eos = self.llm.config.eos_token_ids
+    eos = self.eos_ids
     for (j, r) in list(self.tokens):
       if self.state.done[j, r]:
         toks = self.tokens.pop((j, r))
@@ -291,7 +292,7 @@ class Engine:
     finished = []
     if admitted:
       self.stats.completion_tokens += len(admitted)  # each prefill samples one token
-      self._prefill(admitted)
+      self._prefill_admitted(admitted)
       finished += self._retire()
     if self.tokens:
       self._decode()
@@ -307,16 +308,16 @@ class Engine:
     """
     if self.tokens:
       raise JaxppError("measure_bubble runs before requests are admitted")
-    k, shape = self.llm.decode_chunk, (self.M, self.rows)
+    k, shape = self.decode_chunk, (self.M, self.rows)
     # Host arrays, as `_decode` passes them, so the timed calls are the engine's own.
-    state = generate.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
+    state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                  np.full(shape, 4 * k, np.int32), np.zeros(shape, bool))
-    params_s = self.sampling
+    knobs = self.sampling
     seconds = {}
     for steps in (k, 2 * k, k, 2 * k):  # first pass compiles, second is timed
       start = time.perf_counter()
       with self._device_step("decode", (shape, steps, False, ())):
-        self.cache, _, out = self.pipe.decode(self.llm.params, self.cache, state, params_s,
+        self.cache, _, out = self.pipe.decode(self.params, self.cache, state, knobs,
                                               steps=steps, do_sample=False, eos_ids=())
         np.asarray(out)
       seconds[steps] = time.perf_counter() - start

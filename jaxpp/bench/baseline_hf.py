@@ -7,7 +7,7 @@ waves of `max_num_seqs` through `model.generate` (greedy, left-padded, exactly
 `output_len` new tokens: stop ids are ignored as the bench ignores them; with a length per
 request, a wave runs to its longest and each row keeps its own).
 
-It runs in a child process (`python -m jaxpp.baseline_hf REQUEST RESULT`): torch and JAX
+It runs in a child process (`python -m jaxpp.bench.baseline_hf REQUEST RESULT`): torch and JAX
 would compete for the same GPU memory, and JAX reserves most of each card the first time a
 program touches it, so the bench runs this baseline before its own programs start.
 Weights are random, placed exactly as `from_pretrained(..., device_map="auto")` places a
@@ -45,7 +45,7 @@ def run(hf_config: dict, prompts: list[list[int]], *, output_len: int | list[int
     request.write_text(json.dumps(dict(
         hf_config=hf_config, prompts=prompts, output_len=output_len,
         max_num_seqs=max_num_seqs, dtype=dtype)))
-    proc = subprocess.run([sys.executable, "-m", "jaxpp.baseline_hf", str(request),
+    proc = subprocess.run([sys.executable, "-m", "jaxpp.bench.baseline_hf", str(request),
                            str(result)], stderr=subprocess.PIPE, text=True)
     if proc.returncode:
       last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

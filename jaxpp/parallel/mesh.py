@@ -1,4 +1,4 @@
-"""The device mesh, and the names of its axes (declared here once, used everywhere).
+"""The device mesh over the axes of `jaxpp/axes.py`.
 
 Axes, outermost first: `dp` (independent replicas), `pp` (pipeline stages), `tp` (tensor
 parallel inside a stage). Device order follows JAX's own mesh utilities: `tp` is the
@@ -17,10 +17,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from jaxpp.axes import AXES
 from jaxpp.errors import JaxppError
-
-DP, PP, TP = "dp", "pp", "tp"
-AXES = (DP, PP, TP)
 
 
 def make_mesh(pp: int = 1, tp: int = 1, dp: int = 1, devices=None) -> Mesh:
@@ -80,3 +78,12 @@ def describe_stages(stages: list[int]) -> str:
   if stages == list(range(stages[0], stages[-1] + 1)):
     return f"pp stages {stages[0]}-{stages[-1]}"
   return "pp stages " + ", ".join(map(str, stages))
+
+
+def per_device_bytes(tree) -> dict:
+  """{device: bytes} of a pytree of jax arrays, counting only each device's own shards."""
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out

@@ -1,6 +1,6 @@
 """The bench's requests: fixed-length random prompts, or one request per line of a JSONL file.
 
-Its own module so bench.py stays about running and reporting layouts: reading a workload
+Its own module so measure.py stays about running and reporting layouts: reading a workload
 file is mostly checking it, and every mistake in it must be one line naming `file:line`.
 
 A line is `{"input_len": 700, "output_len": 90}` (a random-token prompt of that length,
@@ -24,7 +24,7 @@ FIRST_ID = 3  # random prompts avoid the ids tokenizers keep for specials, as be
 
 
 @dataclasses.dataclass(frozen=True)
-class Workload:
+class RequestSet:
   """Prompts (token ids) and each one's number of new tokens; `source` the file, if any."""
   prompts: list[list[int]]
   output_lens: list[int]
@@ -50,13 +50,13 @@ class Workload:
 
 
 def random(num_requests: int, input_len: int, output_len: int, vocab_size: int,
-           rng: np.random.Generator) -> Workload:
+           rng: np.random.Generator) -> RequestSet:
   """`num_requests` random-token prompts of `input_len`, `output_len` new tokens each."""
   prompts = rng.integers(FIRST_ID, vocab_size, (num_requests, input_len)).tolist()
-  return Workload(prompts, [output_len] * num_requests)
+  return RequestSet(prompts, [output_len] * num_requests)
 
 
-def load(path: str, vocab_size: int, rng: np.random.Generator) -> Workload:
+def load(path: str, vocab_size: int, rng: np.random.Generator) -> RequestSet:
   """The requests of a JSONL workload file (see the module docstring)."""
   p = pathlib.Path(path)
   try:
@@ -67,7 +67,7 @@ def load(path: str, vocab_size: int, rng: np.random.Generator) -> Workload:
 
 
 def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,
-          name: str | None = None) -> Workload:
+          name: str | None = None) -> RequestSet:
   """Requests from JSONL `lines`; `where` (the file) prefixes every error's line number."""
   prompts, output_lens = [], []
   for number, line in enumerate(lines, 1):
@@ -96,7 +96,7 @@ def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,
       prompts.append(_prompt_ids(req["prompt_ids"], vocab_size, at))
   if not prompts:
     raise JaxppError(f"{where}: no requests (the workload file is empty)")
-  return Workload(prompts, output_lens, name or where)
+  return RequestSet(prompts, output_lens, name or where)
 
 
 def _is_int(v) -> bool:

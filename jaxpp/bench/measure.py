@@ -1,0 +1,223 @@
+"""One layout measured: warm-up, the timed run, and its rates against the rooflines.
+
+`run_layout` places random weights of the shape on the layout, probes every stage, compiles
+every program the timed run meets (a short wave of every slot, then every prefill an
+admission can pick) and only then times the requests through the batch engine, or through
+the plain GSPMD baseline for `gspmd_tpN`; `hf_row` measures transformers'
+`device_map="auto"`. `_numbers` turns token counts and seconds into the reported rates.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+
+from jaxpp.bench import baseline_hf, baseline_tp, trace_summary
+from jaxpp.bench import plots as bench_plots
+from jaxpp.bench.random_weights import random_llm
+from jaxpp.dist import distributed, health
+from jaxpp.errors import JaxppError
+from jaxpp.llm import resolve_dtype
+from jaxpp.model import quant as quant_lib
+from jaxpp.parallel import schedule
+from jaxpp.parallel.layout import Layout
+from jaxpp.parallel.mesh import per_device_bytes
+from jaxpp.serve import engine as engine_lib
+from jaxpp.serve.stats import percentiles
+
+
+def output_lens(prompts: list[list[int]], args) -> list[int]:
+  """Each prompt's new tokens: `args["output_lens"]` (a workload file) or `output_len` each."""
+  lens = args.get("output_lens") or [args["output_len"]] * len(prompts)
+  if len(lens) != len(prompts):
+    raise JaxppError(f"{len(lens)} output lengths for {len(prompts)} prompts")
+  return list(lens)
+
+
+def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
+  """Warm up, then time every prompt on one layout; returns the layout's numbers.
+
+  `text` is a pipeline layout (`pp2tp2`, run by the engine) or `gspmd_tpN`, the plain
+  GSPMD tensor-parallel baseline (`baseline_tp.py`, static waves of max_num_seqs).
+  """
+  tp_baseline = baseline_tp.parse(text)
+  layout = (Layout(1, tp_baseline) if tp_baseline else
+            Layout.parse(text, layer_split=args.get("layer_split", "even")))
+  lens = output_lens(prompts, args)
+  max_len = max(len(p) + n for p, n in zip(prompts, lens))
+  rt = distributed.current()
+  dog = rt.watchdog()
+  start = time.perf_counter()
+  llm = random_llm(config, resolve_dtype(args["dtype"]), max_len=max_len,
+                   decode_chunk=args["decode_chunk"],
+                   quant=quant_lib.Quant(args.get("quant", "none"),
+                                         args.get("quant_embed", False)),
+                   scan_unroll=args.get("scan_unroll", 1),
+                   attention=args.get("attention", "auto"), layout=layout)
+  rt.set_layout(llm.pipeline.mesh)
+  probe_start = time.perf_counter()
+  health.startup(llm.pipeline.mesh, dog, lambda line: print(line, file=sys.stderr))
+  start += time.perf_counter() - probe_start  # compile_seconds leaves the probe out
+  slots = args["max_num_seqs"] or len(prompts)
+  pipe = llm.pipeline
+  if tp_baseline:
+    params = llm.params = baseline_tp.plain_params(pipe, llm.params)
+    run = lambda batch, new: baseline_tp.run(pipe, params, batch, output_len=new,
+                                             max_num_seqs=slots,
+                                             decode_chunk=args["decode_chunk"], max_len=max_len)
+    waves = {}  # a wave's programs depend on its size and longest prompt, not on lengths
+    for first in range(0, len(prompts), slots):
+      wave = prompts[first:first + slots]
+      waves.setdefault((len(wave), max(map(len, wave))), wave)
+    for wave in waves.values():  # compiles the programs of every wave shape the timed run
+      run(wave, args["decode_chunk"] + 2)  # meets; two decode calls: the 2nd is its own
+    compile_s, bubble_measured, microbatches, prefill_m = time.perf_counter() - start, 0.0, 1, 1
+    wall = time.perf_counter()
+    result = run(prompts, lens)
+    wall = time.perf_counter() - wall
+    st = types.SimpleNamespace(**result, tick_seconds=[
+        s / args["decode_chunk"] for s in result["call_seconds"]])
+  else:
+
+    def run(batch, new_tokens):
+      eng = llm.engine(max_num_seqs=slots, watchdog=dog)
+      for i, (p, n) in enumerate(zip(batch, new_tokens)):
+        eng.submit(engine_lib.Request(str(i), p, n))
+      eng.run(lambda f: None)
+      return eng
+
+    # One short wave of every slot compiles the decode programs the timed run meets (shapes
+    # depend on the slots, not on lengths)...
+    warm = run(prompts[:slots], [2] * slots)
+    # ...and the prefills of every admission the timed run can meet: with a workload file
+    # any size (requests finish at different times); else full waves and the last one.
+    fixed = args.get("workload", "random") == "random"
+    warm.precompile_prefills(map(len, prompts), admissions=(
+        {min(slots, len(prompts)), len(prompts) % slots} - {0} if fixed else None))
+    compile_s = time.perf_counter() - start
+    bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
+    prefill_m = warm.prefill_m
+    del warm  # frees its KV cache before the timed engine allocates one
+    wall = time.perf_counter()
+    st = run(prompts, lens).stats
+    wall = time.perf_counter() - wall
+  profile = None
+  if args.get("profile_dir"):
+    profile = str(trace_wave(run, prompts[:slots], lens[:slots], text, args["profile_dir"]))
+  head_name = "embed" if config.tie_word_embeddings else "lm_head"
+  row = _numbers(config, hw, st, wall, len(prompts), microbatches, _mean_ctx(prompts, lens),
+                 devices=pipe.mesh.size, rounds=st.decode_calls * args["decode_chunk"],
+                 weight_bytes=sum(x.nbytes for x in jax.tree.leaves(llm.params["blocks"])),
+                 head_bytes=sum(llm.params[name].nbytes
+                                for name in (head_name, head_name + quant_lib.SCALE)
+                                if name in llm.params),
+                 itemsize=jnp.dtype(llm.dtype).itemsize)
+  return dict(
+      layout=text, devices=layout.devices, pp=pipe.pp, tp=layout.tp,
+      virtual_stages=pipe.v, layer_split=list(pipe.partition.counts),
+      quant=args.get("quant", "none"),
+      attention="kernel" if pipe.fused_decode else "xla",
+      weight_gb_per_device=max(per_device_bytes(llm.params).values()) / 1e9,
+      microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
+      requests=len(prompts), workload=args.get("workload", "random"),
+      prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+      scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
+      bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
+                                              args["decode_chunk"]),
+      bubble_measured=bubble_measured, tick_seconds=percentiles(st.tick_seconds),
+      profile=profile)
+
+
+def trace_wave(run, prompts, lens, layout: str, profile_dir: str) -> pathlib.Path:
+  """Runs one wave under `jax.profiler.trace`; writes the trace, where its device time went
+  (`summary.json`, `summary.md`) and when (`activity.png`) to profile_dir/layout[/pN];
+  returns summary.md's path.
+
+  After the timed run, so every program is compiled and the trace holds only execution.
+  """
+  rt = distributed.current()
+  directory = pathlib.Path(profile_dir) / layout
+  if rt.num_processes > 1:
+    directory = directory / f"p{rt.process_id}"
+  with jax.profiler.trace(str(directory)):
+    run(prompts, lens)
+  evs = trace_summary.events(trace_summary.find_trace(directory))
+  summary = trace_summary.summarize(evs)
+  (directory / "summary.json").write_text(json.dumps(summary, indent=1))
+  md = directory / "summary.md"
+  title = f"{layout}: one wave of {len(prompts)} requests, {sum(lens)} new tokens"
+  md.write_text(trace_summary.markdown(summary, title) + "\n")
+  try:
+    bench_plots.activity_png(trace_summary.activity(evs), directory / "activity.png", title)
+  except ImportError:
+    print("activity.png skipped: matplotlib is not installed (pip install matplotlib)")
+  return md
+
+
+def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
+  """The `hf_auto` baseline's numbers (bf16 or f32 weights as --dtype; never quantised)."""
+  start, lens = time.perf_counter(), output_lens(prompts, args)
+  slots = args["max_num_seqs"] or len(prompts)
+  res = baseline_hf.run(config.to_hf(), prompts, output_len=lens, max_num_seqs=slots,
+                        dtype=args["dtype"])
+  setup = time.perf_counter() - start - res["wall_seconds"] - res["prefill_seconds"]
+  st = types.SimpleNamespace(**res)
+  itemsize = jnp.dtype(resolve_dtype(args["dtype"])).itemsize
+  p = len(res["devices"])
+  head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+  row = _numbers(config, hw, st, res["wall_seconds"], len(prompts), 1, _mean_ctx(prompts, lens),
+                 devices=p, rounds=sum(max(lens[i:i + slots]) - 1  # a wave runs to its longest
+                                       for i in range(0, len(prompts), slots)),
+                 weight_bytes=config.num_layers * config.block_param_count() * itemsize,
+                 head_bytes=head * itemsize, itemsize=itemsize)
+  return dict(
+      layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, layer_split=None,
+      quant="none",
+      attention="transformers",
+      weight_gb_per_device=config.param_count() * itemsize / p / 1e9, microbatches=1,
+      prefill_microbatches=1,
+      max_num_seqs=slots, requests=len(prompts), workload=args.get("workload", "random"),
+      prompt_tokens=res["prompt_tokens"], completion_tokens=res["completion_tokens"],
+      scan_unroll=None, compile_seconds=setup, wall_seconds=res["wall_seconds"], **row,
+      bubble_schedule=(p - 1) / p,  # one device works at a time
+      bubble_measured=None, tick_seconds=percentiles([]), profile=None)
+
+
+def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
+  """Mean context a generated token attends to: input + output / 2 per request, weighted by
+  each request's output tokens (input_len + output_len / 2 for the fixed-length workload)."""
+  return sum(n * (len(p) + n / 2) for p, n in zip(prompts, lens)) / sum(lens)
+
+
+def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean_ctx: float,
+             *, devices: int, rounds: int, weight_bytes: int, head_bytes: int,
+             itemsize: int) -> dict:
+  """Rates and roofline shares from a run's token counts and prefill / decode seconds.
+
+  `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
+  and `head_bytes` the LM head's, all of which each micro-batch of a round reads;
+  `mean_ctx` the mean context (cache positions) a decode step reads per token.
+  """
+  n, head = st.prompt_tokens, head_bytes
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+  # every micro-batch re-reads its stage's weights each round; KV read once per token
+  decode_bytes = rounds * microbatches * (weight_bytes + head) + \
+      st.completion_tokens * mean_ctx * kv_per_token
+  prefill_flops = 2 * config.param_count() * n
+  tokens = n + st.completion_tokens
+  return dict(
+      requests_per_second=requests / wall,
+      total_tokens_per_second=tokens / wall,
+      output_tokens_per_second=st.completion_tokens / wall,
+      tokens_per_second_per_gpu=tokens / wall / devices,
+      prefill_tokens_per_second=n / st.prefill_seconds,
+      decode_tokens_per_second=st.completion_tokens / st.decode_seconds,
+      decode_hbm_gbps_per_gpu=decode_bytes / st.decode_seconds / devices / 1e9,
+      decode_hbm_roofline=decode_bytes / st.decode_seconds / devices / hw.hbm_bandwidth,
+      prefill_matmul_roofline=prefill_flops / st.prefill_seconds / devices / hw.matmul_flops)

@@ -1,0 +1,111 @@
+"""A bench run: every layout of the options, on one workload, into one table.
+
+`BenchOptions` holds what the command line sets (`python -m jaxpp.bench --help`), so tests
+and scripts run the same suite without flags. The `hf_auto` baseline runs first, before any
+JAX program claims the GPUs' memory; every other row is `measure.run_layout`'s, once per
+quantisation and attention choice asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from jaxpp.bench import baseline_hf, measure, requests, results
+from jaxpp.bench import plots as bench_plots
+from jaxpp.dist import distributed
+from jaxpp.errors import JaxppError
+from jaxpp.llm import devices_summary
+from jaxpp.model import decode_attention
+from jaxpp.model import quant as quant_lib
+from jaxpp.plan import presets
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+  """One bench run; each field is the flag of the same name (jaxpp/bench/__main__.py)."""
+
+  model: str = "llama3-8b"
+  hardware: str = "h100"
+  layouts: str = "pp1tp1"
+  layer_split: str = "even"
+  input_len: int = 1024
+  output_len: int = 128
+  num_requests: int = 256
+  workload: str = ""
+  max_num_seqs: int = 0
+  decode_chunk: int = 32
+  dtype: str = "bfloat16"
+  quant: tuple[str, ...] = ("none",)
+  attention: tuple[str, ...] = ("auto",)
+  quant_embed: bool = False
+  scan_unroll: int = 1
+  out: str = "out/bench"
+  profile_dir: str = ""
+
+
+def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
+  """Runs every layout of `opts`; the writer prints and writes results.json and .md.
+
+  Returns the rows (on every process).
+  """
+  config = presets.model_config(opts.model)
+  hw = presets.hardware(opts.hardware)
+  rng = np.random.default_rng(0)
+  if opts.workload:
+    work = requests.load(opts.workload, config.vocab_size, rng)
+  else:
+    work = requests.random(opts.num_requests, opts.input_len, opts.output_len,
+                           config.vocab_size, rng)
+  config = dataclasses.replace(config, max_position_embeddings=max(
+      config.max_position_embeddings, work.max_len))
+  prompts = work.prompts
+  args = dict(output_lens=work.output_lens, workload=work.name, dtype=opts.dtype,
+              decode_chunk=opts.decode_chunk, max_num_seqs=opts.max_num_seqs,
+              scan_unroll=opts.scan_unroll or True, quant_embed=opts.quant_embed,
+              profile_dir=opts.profile_dir, layer_split=opts.layer_split)
+  for mode in opts.quant:
+    quant_lib.Quant(mode, opts.quant_embed)  # every entry checked before the first run
+  for impl in opts.attention:
+    if impl not in decode_attention.CHOICES:
+      raise JaxppError(f"--attention={impl!r} is not one of "
+                       f"{', '.join(decode_attention.CHOICES)}")
+  header = (f"{opts.model}, {opts.dtype} activations, {work.describe()}; "
+            f"{devices_summary()}; jax {jax.__version__}; rooflines from the {hw.name} preset")
+  layouts = opts.layouts.split(",")
+  hf = {}  # first: JAX has not yet claimed the GPUs' memory
+  if baseline_hf.NAME in layouts:
+    if distributed.current().num_processes > 1:
+      raise JaxppError(f"{baseline_hf.NAME} runs in one process; leave it out of "
+                       "multi-process runs")
+    hf = measure.hf_row(config, hw, prompts, args)
+  rows = []
+  if writer:
+    print(header, flush=True)
+  for text in layouts:
+    runs = ([{}] if baseline_hf.parse(text) else
+            [dict(quant=q, attention=a) for q in opts.quant for a in opts.attention])
+    for knobs in runs:
+      rows.append(hf if baseline_hf.parse(text) else
+                  measure.run_layout(config, hw, text, prompts, dict(args, **knobs)))
+      if writer:
+        print(json.dumps(rows[-1]), flush=True)
+  if not writer:
+    return rows
+  out = pathlib.Path(opts.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+  table = results.markdown(rows, header)
+  (out / "results.md").write_text(table + "\n")
+  try:
+    plots = bench_plots.write(rows, out, opts.decode_chunk)
+    print("plots: " + " ".join(str(p) for p in plots))
+  except ImportError:
+    print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+  print(table)
+  return rows
+

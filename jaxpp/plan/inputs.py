@@ -1,0 +1,82 @@
+"""What the planner is asked about (`Workload`) and what it assumes (`Assumptions`).
+
+A workload is the job's shape: prompt and completion lengths, sequences in flight, the
+context each slot is given and the decode chunk. Assumptions are the constants no datasheet
+gives, fitted to measured runs (docs/planner.md, "Validation"); every one can be overridden
+from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxpp.errors import JaxppError
+from jaxpp.model import llama
+from jaxpp.parallel import shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Assumptions:
+  """The planner's constants that no datasheet gives (sources in docs/planner.md)."""
+
+  # Share of hbm_bytes JAX lets a program use: it preallocates 75% of the memory free after
+  # the CUDA context. Measured with jax 0.11.2 on an H100: bytes_limit 63.76e9 of 85.52e9.
+  # Raise it with XLA_PYTHON_CLIENT_MEM_FRACTION and pass the same value here.
+  mem_fraction: float = 0.745
+  # Fitted to jaxpp.bench on H200s with jax 0.11.2 (docs/planner.md, "Validation"): the
+  # share of matmul_flops a whole prefill reaches; the share of hbm_bandwidth a decode
+  # step's weight and KV reads reach (the profiled weight GEMMs ran at 93%), a fixed cost
+  # per layer per tick (small kernels, softmax, attention below the stream rate), and the
+  # cost of one small all-reduce inside a compiled decode step (NCCL launch and sync).
+  prefill_efficiency: float = 0.65
+  decode_efficiency: float = 0.93
+  layer_overhead_s: float = 100e-6
+  # The same with decode attention in the fused kernel (the planner's `fused_decode`): fitted on its
+  # three one-GPU H200 runs (docs/planner.md, "Validation"); the kernel reads each row's own
+  # context, near the stream rate, where XLA's attention read all max_len positions slower.
+  kernel_layer_overhead_s: float = 55e-6
+  collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
+  tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
+  dtype_bytes: int = 2  # KV cache and activations (bf16)
+  kv_read: str = "max_len"  # XLA's decode attention reads all "max_len" positions or "context"
+  activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
+  score_bytes: int = 8  # per attention score element: f32 scores + f32 softmax
+
+  def __post_init__(self):
+    for name in ("mem_fraction", "prefill_efficiency", "decode_efficiency"):
+      if not 0 < getattr(self, name) <= 1:
+        raise JaxppError(f"{name}={getattr(self, name)} must be in (0, 1]")
+    if self.kv_read not in ("max_len", "context"):
+      raise JaxppError(f"kv_read={self.kv_read!r} must be 'max_len' or 'context'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What the job asks for: prompt and completion lengths and sequences in flight."""
+
+  input_len: int = 1024
+  output_len: int = 128
+  concurrency: int = 64  # sequences in flight: the engine's max_num_seqs (B)
+  max_len: int = 0  # KV positions per slot; 0 = input_len + output_len
+  decode_chunk: int = 16  # decode rounds per return to the host; each call fills and drains
+
+  def __post_init__(self):
+    if min(self.input_len, self.output_len, self.concurrency, self.decode_chunk) < 1:
+      raise JaxppError("input_len, output_len, concurrency and decode_chunk must be >= 1")
+    if self.max_len and self.max_len < self.input_len + self.output_len - 1:
+      raise JaxppError(f"max_len={self.max_len} < input_len + output_len - 1 = "
+                       f"{self.input_len + self.output_len - 1}: jaxpp would refuse every request")
+
+  @property
+  def cache_len(self) -> int:
+    """KV positions per slot as the engine allocates them (rounded up to 128)."""
+    return llama.cache_positions(self.max_len or self.input_len + self.output_len)
+
+  @property
+  def prefill_len(self) -> int:
+    """T of the prefill program, padded as the engine pads it (shapes.prefill_len)."""
+    return shapes.prefill_len(self.input_len, self.max_len or self.input_len + self.output_len)
+
+  def rows(self, m: int) -> int:
+    """b: slots per micro-batch (the engine's even fill)."""
+    return shapes.split_rows(self.concurrency, m)
