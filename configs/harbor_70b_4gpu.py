@@ -39,8 +39,9 @@ Why this layout (pp=4, tp=1):
   sends such tickets to the errors file instead.
 - Throughput: this is an offline batch job, so throughput, not latency, is the goal. Pipeline
   stages exchange one activation per micro-batch per stage boundary, where tp=4 would
-  all-reduce twice per layer; with microbatches=8 >= pp the decode ring keeps all 4 stages
-  busy across tokens, and only the first fill and the last drain are bubbles. Whether
+  all-reduce twice per layer; with microbatches = pp (the default) the decode ring keeps all
+  4 stages busy across tokens, and only the first fill and the last drain are bubbles; more
+  micro-batches than pp would only re-read each stage's weights more often per token. Whether
   pp=2 x tp=2 (`--config.mesh.pp=2 --config.mesh.tp=2`) or `layer_split="balanced"` is
   faster on a given host is an open measurement, not a claim.
 - decode_chunk=32 halves harbor.py's host round trips: 4 per sequence at 128 new tokens.
@@ -68,14 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
-  c.schedule.microbatches = 8  # 2 x pp in flight: the decode ring stays full
+  c.schedule.microbatches = 0  # 0 = pp: the fewest that keep the decode ring full
   c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = 8 per stage)
   c.schedule.layer_split = "even"  # 80 layers / 4 stages = 20 each
   c.schedule.decode_chunk = 32  # tokens generated per return to the host
 
   c.engine = ml_collections.ConfigDict()
   c.engine.max_len = 2048  # KV positions per slot: prompt + generated tokens
-  c.engine.max_num_seqs = 64  # slots: 8 per micro-batch; KV 64 x 160 MiB = 10 GiB per stage
+  c.engine.max_num_seqs = 64  # slots: 16 per micro-batch; KV 64 x 160 MiB = 10 GiB per stage
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests
@@ -97,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
   c.job.measure_bubble = True  # time two decode lengths at start to measure the bubble
   c.job.progress = True  # progress bar on stderr
+  c.job.compile_cache = "~/.cache/jaxpp/xla"  # JAX's persistent compilation cache; "" = off
 
   c.watchdog = ml_collections.ConfigDict()  # deadline of every device step (docs/multihost.md)
   c.watchdog.multiple = 10.0  # a step may take this many times its expected (median) time

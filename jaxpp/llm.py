@@ -24,9 +24,10 @@ from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
 from jaxpp.model import sampling
 from jaxpp.model.config import LlamaConfig
-from jaxpp.parallel import shapes
+from jaxpp.parallel import packing, shapes
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import defaults
 from jaxpp.serve import engine as engine_lib
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -59,7 +60,7 @@ class LLM:
   """
 
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, layout: Layout | str = "pp1tp1",
-               dtype: str = "bfloat16", max_len: int | None = None, decode_chunk: int = 16,
+               dtype: str = "bfloat16", max_len: int | None = None, decode_chunk: int = 0,
                devices=None, quant: str = "none", quant_embed: bool = False,
                params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto"):
     """`layout` is a `Layout` or its name ("pp4tp2v2m8"); `quant` "int8" / "fp8" stores the
@@ -80,7 +81,7 @@ class LLM:
   @classmethod
   def from_params(cls, config: LlamaConfig, params, *, layout: Layout | str = "pp1tp1",
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
-                  decode_chunk: int = 16, devices=None, attention: str = "auto") -> "LLM":
+                  decode_chunk: int = 0, devices=None, attention: str = "auto") -> "LLM":
     """Places params held in the plain [L, ...] layout (random weights, tests) on `layout`."""
     pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
     return cls.on_pipeline(config, pipe, weights.place_plain(pipe, params),
@@ -89,7 +90,7 @@ class LLM:
   @classmethod
   def on_pipeline(cls, config: LlamaConfig, pipe: Pipeline, params, *,
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
-                  decode_chunk: int = 16) -> "LLM":
+                  decode_chunk: int = 0) -> "LLM":
     """Wraps params already placed in `pipe`'s layout (e.g. generated on the devices)."""
     self = cls.__new__(cls)
     self._setup(config, pipe, params, tokenizer, max_len, decode_chunk)
@@ -103,9 +104,9 @@ class LLM:
     if self.max_len > limit:
       raise JaxppError(f"max_len={self.max_len} exceeds the model's "
                        f"max_position_embeddings={limit}")
-    if decode_chunk < 1:
-      raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
-    self.decode_chunk = decode_chunk
+    if decode_chunk < 0:
+      raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1 (0 = from the layout)")
+    self.decode_chunk = decode_chunk or defaults.decode_chunk(pipe.layout)
 
   @property
   def layout(self) -> Layout:
@@ -142,22 +143,22 @@ class LLM:
     return ids
 
   def _prefill_all(self, ids: list[list[int]], knobs: sampling.SamplingParams, *,
-               with_logits: bool = False):
-    """Splits prompts into micro-batches and runs the pipeline's prefill over them."""
-    B, M = len(ids), self.pipeline.microbatches
-    lengths = np.array([len(p) for p in ids], np.int32)
-    tokens = np.zeros((B, min(shapes.bucket(int(lengths.max())), self.max_len)), np.int32)
-    for i, p in enumerate(ids):
-      tokens[i, :len(p)] = p
-    mb = lambda a, fill: jnp.asarray(shapes.to_microbatches(np.asarray(a), M, fill))
+                   with_logits: bool = False):
+    """Prefills every prompt into its own cache row (prompt i in slot (i // b, i % b) of the
+    ring's m micro-batches); returns the program's outputs [m, b(, V)], lengths and knobs
+    [m, b]."""
+    M = self.pipeline.microbatches
+    T = min(shapes.bucket(max(map(len, ids))), self.max_len)
+    batch = packing.one_per_row(ids, M, T)
+    mb = lambda a, fill: shapes.to_microbatches(np.asarray(a), M, fill)
     knobs = sampling.SamplingParams(*(mb(a, 0) for a in knobs))
-    lengths_mb = mb(lengths, 1)
-    cache = self.pipeline.init_cache(lengths_mb.shape[1], self.max_len, self.dtype)
-    slots = jnp.asarray(shapes.identity_slots(M, lengths_mb.shape[1]))
-    out = self.pipeline.prefill(self.params, cache, mb(tokens, 0), lengths_mb, slots,
-                                knobs, do_sample=knobs.needs_sampling(),
-                                with_logits=with_logits)
-    return out, lengths_mb, knobs
+    lengths = batch.lengths[..., 0]
+    cache = self.pipeline.init_cache(lengths.shape[1], self.max_len, self.dtype)
+    out = self.pipeline.prefill(self.params, cache, batch,
+                                sampling.SamplingParams(*(a[..., None] for a in knobs)),
+                                do_sample=knobs.needs_sampling(), with_logits=with_logits)
+    out = (out[0][..., 0],) + tuple(out[1:2]) + tuple(o[:, :, 0] for o in out[2:])
+    return out, jnp.asarray(lengths), knobs
 
   def prompt_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
     """f32[B, V]: next-token logits after each prompt (the distribution of token one)."""

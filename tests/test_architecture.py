@@ -32,7 +32,7 @@ ALLOWED = {
     "dist": VOCABULARY | {"parallel"},
     "plan": VOCABULARY | {"model", "parallel"},
     "job": VOCABULARY | {"model", "parallel", "load", "serve", "llm", "dist"},
-    "bench": VOCABULARY | {"model", "parallel", "load", "serve", "llm", "dist", "plan"},
+    "bench": VOCABULARY | {"model", "parallel", "load", "serve", "llm", "dist", "plan", "job"},
     "run": VOCABULARY | {"dist", "job"},
     "__init__": VOCABULARY | {"llm", "parallel"},
 }

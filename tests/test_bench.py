@@ -1,7 +1,7 @@
 """`jaxpp.bench` on CPU devices with a tiny shape (CI has no GPU): it runs, its numbers add up."""
 
-
 import json
+import pathlib
 import re
 
 import jax
@@ -232,3 +232,33 @@ def test_cli_bad_workload_is_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {f}:1: unknown key 'n' (allowed: input_len, output_len, prompt_ids)")
   assert "Traceback" not in proc.stderr
+
+
+def test_a_job_input_file_is_the_job_s_own_prompts(tmp_path):
+  """`--workload=data/tickets.jsonl --tokenizer=...`: the prompts the job would build (its
+  template, tokenizer, truncation) and --output_len each; bad lines skipped as the job's."""
+  import types
+
+  from jaxpp.job import files as jobio
+  from jaxpp.job.prompter import Prompter
+  from jaxpp.load.tokenizer import Tokenizer
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  tickets, model = repo / "data" / "tickets.jsonl", repo / "models" / "harbor-tiny"
+  src = tmp_path / "mixed.jsonl"
+  src.write_text(tickets.read_text() + "not json\n" + '{"id": 7}\n')
+  work = bench_workload.load(str(src), 1 << 16, np.random.default_rng(0), tickets=dict(
+      tokenizer=str(model), template="Ticket:\n{text}\nSummary:", output_len=32, max_len=256))
+  config = types.SimpleNamespace(model=types.SimpleNamespace(checkpoint=str(model)),
+                                 job=types.SimpleNamespace(prompt_template="Ticket:\n{text}\n"
+                                                           "Summary:", length_policy="truncate"),
+                                 sampling=types.SimpleNamespace(max_new_tokens=32))
+  llm = types.SimpleNamespace(tokenizer=Tokenizer.from_dir(model), max_len=256)
+  job = [t.prompt for t in jobio.read_tickets(tickets, prepare=Prompter.for_job(llm, config))]
+  assert work.prompts == job and len(job) == 240
+  assert work.output_lens == [32] * 240 and max(map(len, job)) == 225  # cut to the budget
+  assert "240 requests from mixed.jsonl" in work.describe()
+  with pytest.raises(JaxppError, match="needs --tokenizer|pass --tokenizer"):
+    bench_workload.load(str(tickets), 1 << 16, np.random.default_rng(0))
+  with pytest.raises(JaxppError, match="outside the model's vocabulary"):
+    bench_workload.load(str(tickets), 64, np.random.default_rng(0),
+                        tickets=dict(tokenizer=str(model)))

@@ -316,3 +316,19 @@ def test_error_missing_orbax_path(tmp_path):
   cfg = checkpoint.load_config(d)
   with raises_one_line("orbax checkpoint .*nope does not exist"):
     checkpoint.restore_params(tmp_path / "nope", params_lib.abstract_params(cfg, jnp.float32))
+
+
+@pytest.mark.parametrize("shape,dtype", [((300, 70), "bfloat16"), ((5, 3), "bfloat16"),
+                                         ((130, 6, 9), "float32"), ((200, 64), "float32")])
+def test_banded_copy_equals_numpy_s_assignment(shape, dtype):
+  """checkpoint.copy_banded (bands of rows on threads, integer views for same-dtype copies)
+  writes exactly what `dst[...] = src` writes, transposed sources and casts included."""
+  import ml_dtypes
+  rng = np.random.default_rng(1)
+  src = rng.standard_normal(shape[::-1]).astype(getattr(ml_dtypes, dtype, dtype)).T
+  for out_dtype in (src.dtype, np.float32):
+    want = np.empty(shape, out_dtype)
+    want[...] = src
+    got = np.full(shape, np.nan, out_dtype)
+    checkpoint.copy_banded(got, src, band=16)
+    np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))

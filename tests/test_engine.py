@@ -154,21 +154,22 @@ def test_finer_prefill_refills_like_the_reference(ckpt):
   run_against_reference(llm6, ckpt, ps, max_new, max_num_seqs=6)
 
 
-@pytest.mark.parametrize("v, prefill_m, slots, rows", [(1, 0, 6, 1), (1, 4, 8, 2),
-                                                       (2, 0, 6, 1)])
-def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch, v, prefill_m,
-                                                                slots, rows):
-  """A refill of a few slots must not cost a prefill of every slot: it runs the fewest
-  micro-batches of `prefill_rows` rows that hold it, rounded up to a power of two (at least
-  pp when interleaved). Default cut at pp=2: 16 micro-batches, capped at the slot count."""
+@pytest.mark.parametrize("v, prefill_m, slots", [(1, 0, 6), (1, 4, 8), (2, 0, 6)])
+def test_an_admission_prefills_only_the_rows_it_fills(ckpt, monkeypatch, v, prefill_m, slots):
+  """Prompts are packed into rows (several a row), and an admission runs the shape its rows
+  need (`Prefiller.shape`): a refill of a few slots never costs a prefill of every slot,
+  interleaving keeps pp=2 micro-batches in flight, and each prompt's first token and decode
+  state come from its own segment."""
   llm_v = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4,
                     layout=jaxpp.Layout(2, virtual_stages=v, microbatches=2,
                                         prefill_microbatches=prefill_m))
   calls, prefill = [], type(llm_v.pipeline).prefill
 
-  def spy(self, params, cache, tokens, lengths, slots_arg, *args, **kw):
-    calls.append((tokens.shape[:2], int((slots_arg[..., 0] >= 0).sum())))
-    return prefill(self, params, cache, tokens, lengths, slots_arg, *args, **kw)
+  def spy(self, params, cache, batch, *args, **kw):
+    used = batch.segments[..., 0] >= 0  # rows holding a prompt
+    prompts_in = int((batch.segments.max(-1) + 1).sum())
+    calls.append((batch.tokens.shape, int(used.sum()), prompts_in, batch.ends.shape))
+    return prefill(self, params, cache, batch, *args, **kw)
 
   monkeypatch.setattr(type(llm_v.pipeline), "prefill", spy)
   starts, start_state = [], decode_state.start_state  # its eager ops: one shape per prefill shape
@@ -176,25 +177,25 @@ def test_an_admission_prefills_only_the_micro_batches_it_fills(ckpt, monkeypatch
                       lambda first, *a: starts.append(first.shape) or start_state(first, *a))
   ps, max_new = prompts(11, seed=4), [2 + (5 * i) % 7 for i in range(11)]
   eng, _ = run_against_reference(llm_v, ckpt, ps, max_new, max_num_seqs=slots)
-  assert starts[:len(calls)] == [(m * p,) for (m, p), _ in calls]  # then the reference's
-  assert (eng.prefill_m, eng.prefill_rows) == (slots // rows, rows)
-  assert calls[0] == ((slots // rows, rows), slots)  # the first admission fills every slot
-  floor = 2 if v > 1 else 1  # interleaving keeps pp=2 micro-batches in flight
-  for (m, p), n in calls:
-    need = -(-n // rows)
-    assert p == rows and m == min(slots // rows, max(1 << (need - 1).bit_length(), floor)), (m, n)
-  assert any(m < slots // rows for (m, _), _ in calls), calls  # some refills were small
+  assert starts[:len(calls)] == [(int(np.prod(e)),) for *_, e in calls]  # then the reference's
+  assert calls[0][2] == slots  # the first admission fills every slot
+  floor = 2 if v > 1 else 1
+  for (M, p, T), rows, n, _ in calls:
+    assert (M, p) == eng.prefiller.shape(rows, T) and M >= floor
+    assert rows <= M * p <= max(1.5 * rows, floor)
+  assert any(n < slots for *_, n, _ in calls), calls  # some refills were small
+  assert any(rows < n for _, rows, n, _ in calls), calls  # some rows held several prompts
 
 
-@pytest.mark.parametrize("pp, tp, prefill_m, programs", [(2, 1, 5, 3), (1, 2, 0, 4)])
+@pytest.mark.parametrize("pp, tp, prefill_m, programs", [(2, 1, 5, 6), (1, 2, 0, 6)])
 def test_precompiled_prefills_leave_no_compile_to_the_run(ckpt, pp, tp, prefill_m, programs):
   """After precompile_prefills, refills of any size find their program compiled, and so does
   the first prefill into a fresh cache (its sharding is spelled as the programs' outputs)."""
   llm_p = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4,
                     layout=jaxpp.Layout(pp, tp, prefill_microbatches=prefill_m))
   ps, max_new = prompts(11, seed=6), [2 + (3 * i) % 7 for i in range(11)]
-  # 6 slots; p5: micro-batches of 2 rows, admissions of 1..6 take 1, 2 or 4 of them; the
-  # default (8 a stage, at most 6): 1, 2, 4 or 6 of one row. Every prompt pads to max_len.
+  # 6 slots, rows of max_len = 40 tokens. pp=2, p5: 1..5 rows spread over as many
+  # micro-batches of one row, 6 over 5 of two; pp=1: one micro-batch of 1 to 6 rows.
   assert llm_p.engine(max_num_seqs=6).precompile_prefills(map(len, ps)) == programs
   compiled = type(llm_p.pipeline).prefill._cache_size()
   run_against_reference(llm_p, ckpt, ps, max_new, max_num_seqs=6)
@@ -203,7 +204,7 @@ def test_precompiled_prefills_leave_no_compile_to_the_run(ckpt, pp, tp, prefill_
 
 def test_prefill_microbatches_errors(ckpt):
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=-1 must be >= 0"):
-    jaxpp.LLM(ckpt, dtype="float32", max_len=40, layout="pp2tp1p-1")
+    jaxpp.LLM(ckpt, dtype="float32", max_len=40, layout=jaxpp.Layout(2, prefill_microbatches=-1))
   with pytest.raises(jaxpp.JaxppError, match="prefill_microbatches=1 < pp=2"):
     jaxpp.LLM(ckpt, dtype="float32", max_len=40, layout="pp2tp1v2p1")
   assert jaxpp.Layout.parse("pp4tp2v2m8p16") == jaxpp.Layout(

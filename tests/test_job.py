@@ -119,6 +119,11 @@ def test_report_fields_and_file(e2e):
     assert tick["count"] >= 1 and 0 < tick["p50"] <= tick["p90"] <= tick["p99"]
     assert rep["projected_wall_seconds_40000"] > 0
     assert rep["projected_wall_40000"] not in ("", "n/a")
+    # packed prefill: the programs computed a few rows' tails more than the prompts
+    assert rep["prefill_positions"] >= rep["prompt_tokens"]
+    assert 0 <= rep["prefill_padding"] < 0.5, rep["prefill_padding"]
+    assert 0 < rep["load_seconds"] <= rep["startup_seconds"] < rep["wall_seconds"]
+    assert rep["compile_seconds"] >= 0 and rep["steady_documents_per_second"] > 0
     path = pathlib.Path(rep["report_file"])
     assert path == pathlib.Path(rep["output"]).with_name("out.jsonl.report.json")
     saved = json.loads(path.read_text(encoding="utf-8"))
@@ -190,9 +195,10 @@ def test_kill_and_resume(tmp_path):
 
 def test_reserve_that_starves_the_job_is_an_error(tmp_path):
   """BUG (jaxpp/job/runner.py run_job loop + jaxpp/serve/engine.py Engine._admit): when the
-  other class's priority_reserve takes every slot (interactive=16 = max_num_seqs, job.priority=batch), no
-  ticket can ever be admitted; Engine.step() then returns [] without doing anything and the
-  job's `while True` spins forever at 100% CPU with an empty output instead of failing."""
+  other class's priority_reserve takes every slot (interactive=16 = max_num_seqs,
+  job.priority=batch), no ticket can ever be admitted; Engine.step() then returns []
+  without doing anything and the job's `while True` spins forever at 100% CPU with an empty
+  output instead of failing."""
   src = tmp_path / "in.jsonl"
   src.write_text("".join(ticket_lines(4)), encoding="utf-8")
   cmd = job_cli(src, tmp_path / "out.jsonl", n_seqs=16) + [

@@ -214,6 +214,20 @@ def test_report_numbers():
   assert report.human_duration(45) == "45 s" and report.human_duration(750) == "12.5 min"
 
 
+def test_projection_counts_start_up_and_compiles_once():
+  """150 documents in 60 s, of which 20 s start-up and 10 s of compiles after it: the
+  steady rate is 150 / 30 s, and 40,000 documents take the 30 s once plus 8,000 s."""
+  r = _report(startup_seconds=20.0, load_seconds=12.0, compile_seconds=14.0,
+              steady_seconds=30.0, prefill_positions=40_000)
+  assert r["steady_documents_per_second"] == 5.0
+  assert r["projected_wall_seconds_40000"] == 30.0 + 8_000.0
+  assert (r["startup_seconds"], r["load_seconds"], r["compile_seconds"]) == (20.0, 12.0, 14.0)
+  assert r["prefill_padding"] == pytest.approx(0.25)  # 30,000 real of 40,000 computed
+  text = report.format_report(r)
+  assert "prefill padding 25.0%" in text and "startup     20 s (weights 12 s), compile 14 s" in text
+  assert _report()["prefill_padding"] is None
+
+
 def test_format_report_lines():
   text = report.format_report(_report())
   assert "input lines = written + rejected: 212 = 200 + 12 ✓" in text

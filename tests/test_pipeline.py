@@ -14,7 +14,7 @@ import pytest
 import jaxpp
 from jaxpp.load import checkpoint
 from jaxpp.model import decode_state, sampling
-from jaxpp.parallel import mesh, pipeline, shapes
+from jaxpp.parallel import mesh, packing, pipeline
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import reference
 from tests import hf_models
@@ -141,6 +141,13 @@ def _prefilled(llm, prompts):
                                                         MAX_LEN)
 
 
+def _prefill_inputs(M, b, T=16):
+  """A packed prefill of M x b one-token prompts, one a row, and its greedy knobs."""
+  knobs = sampling.SamplingParams.make(M * b)
+  return (packing.one_per_row([[1]] * (M * b), M, T),
+          sampling.SamplingParams(*(np.asarray(a).reshape(M, b, 1) for a in knobs)))
+
+
 def test_hlo_moves_activations_by_collective_permute(deep):
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp4tp1")
@@ -152,8 +159,8 @@ def test_hlo_moves_activations_by_collective_permute(deep):
           llm.pipeline, llm.params, cache, state, knobs, steps=4, do_sample=False,
           eos_ids=()).compile().as_text(),
       "prefill": pipeline.Pipeline.prefill.lower(
-          llm.pipeline, llm.params, cache, np.zeros((4, 2, 16), np.int32), lengths,
-          shapes.identity_slots(4, 2), knobs, do_sample=False).compile().as_text(),
+          llm.pipeline, llm.params, cache, *_prefill_inputs(4, 2),
+          do_sample=False).compile().as_text(),
   }
   for name, hlo in texts.items():
     assert _collectives(hlo, "collective-permute"), name
@@ -289,8 +296,8 @@ def test_one_stage_ticks_run_no_conditionals(deep):
   decode = pipeline.Pipeline.decode.trace(llm.pipeline, llm.params, cache, state, knobs,
                                           steps=3, do_sample=False, eos_ids=()).jaxpr.jaxpr
   prefill = pipeline.Pipeline.prefill.trace(
-      llm.pipeline, llm.params, cache, np.zeros(lengths.shape + (16,), np.int32), lengths,
-      shapes.identity_slots(*lengths.shape), knobs, do_sample=False).jaxpr.jaxpr
+      llm.pipeline, llm.params, cache, *_prefill_inputs(*lengths.shape),
+      do_sample=False).jaxpr.jaxpr
   for name, jaxpr in (("decode", decode), ("prefill", prefill)):
     conds = [e for e, _ in _equations(jaxpr) if e.primitive.name == "cond"]
     assert not conds, f"{name}: {len(conds)} conditionals"

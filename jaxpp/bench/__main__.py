@@ -53,7 +53,15 @@ def define_flags() -> None:
   f.DEFINE_integer("num_requests", d.num_requests, "requests in the timed run")
   f.DEFINE_string("workload", d.workload, "JSONL file, one request a line: {\"output_len\": N} "
                   "and one of \"input_len\": N (random tokens) or \"prompt_ids\": [ids]; "
-                  "replaces --num_requests, --input_len and --output_len")
+                  "replaces --num_requests, --input_len and --output_len; or a job input "
+                  "file ({\"id\", \"text\"} lines: tickets made into the job's prompts, "
+                  "--output_len new tokens each; needs --tokenizer)")
+  f.DEFINE_string("tokenizer", d.tokenizer, "checkpoint directory whose tokenizer.json turns "
+                  "a job input file's tickets into prompts")
+  f.DEFINE_string("prompt_template", d.prompt_template, "the job's prompt_template, for a "
+                  "job input file")
+  f.DEFINE_integer("max_len", d.max_len, "the job's engine.max_len, for a job input file: "
+                   "longer prompts are truncated as the job truncates them (0: never)")
   f.DEFINE_integer("max_num_seqs", d.max_num_seqs, "slots (sequences in flight); "
                    "0 = num_requests")
   f.DEFINE_integer("decode_chunk", d.decode_chunk, "tokens per return to the host")

@@ -98,11 +98,12 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
     # ...and the prefills of every admission the timed run can meet: with a workload file
     # any size (requests finish at different times); else full waves and the last one.
     fixed = args.get("workload", "random") == "random"
-    warm.precompile_prefills(map(len, prompts), admissions=(
-        {min(slots, len(prompts)), len(prompts) % slots} - {0} if fixed else None))
+    waves = [n for n in {min(slots, len(prompts)), len(prompts) % slots} if n]
+    warm.precompile_prefills([len(p) for p in prompts], admissions=(
+        [[len(prompts[0])] * n for n in waves] if fixed else None))
     compile_s = time.perf_counter() - start
     bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
-    prefill_m = warm.prefill_m
+    prefill_m = warm.prefiller.prefill_m
     del warm  # frees its KV cache before the timed engine allocates one
     wall = time.perf_counter()
     st = run(prompts, lens).stats
@@ -127,6 +128,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
       requests=len(prompts), workload=args.get("workload", "random"),
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+      prefill_padding=(1 - st.prompt_tokens / st.prefill_positions
+                       if getattr(st, "prefill_positions", 0) else None),
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
                                               args["decode_chunk"]),

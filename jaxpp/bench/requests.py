@@ -7,6 +7,11 @@ A line is `{"input_len": 700, "output_len": 90}` (a random-token prompt of that 
 drawn from the bench's seeded generator, as the fixed-length workload's are) or
 `{"prompt_ids": [128000, 791, 4062], "output_len": 90}`; blank lines are skipped. Exactly
 `output_len` tokens are generated per request (stop ids ignored).
+
+A job input file (lines `{"id": ..., "text": ...}`, e.g. data/tickets.jsonl) is read as the
+job reads it (`job/files.py`), each ticket turned into its prompt by the job's own
+`Prompter` (the template, the tokenizer, truncation to the context), so the bench and the
+job can be compared on the same requests; each gets `--output_len` new tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ import pathlib
 import numpy as np
 
 from jaxpp.errors import JaxppError
+from jaxpp.job import files as jobio
+from jaxpp.job.prompter import Prompter
+from jaxpp.load.tokenizer import Tokenizer
+
+DEFAULT_TEMPLATE = "Ticket:\n{text}\nSummary:"  # configs/harbor.py's
 
 KEYS = ("input_len", "output_len", "prompt_ids")
 FIRST_ID = 3  # random prompts avoid the ids tokenizers keep for specials, as before
@@ -56,14 +66,47 @@ def random(num_requests: int, input_len: int, output_len: int, vocab_size: int,
   return RequestSet(prompts, [output_len] * num_requests)
 
 
-def load(path: str, vocab_size: int, rng: np.random.Generator) -> RequestSet:
-  """The requests of a JSONL workload file (see the module docstring)."""
+def load(path: str, vocab_size: int, rng: np.random.Generator, *, tickets: dict | None = None
+         ) -> RequestSet:
+  """The requests of a JSONL workload file or, when its lines hold ticket "text", of a job
+  input file (`tickets`: `from_tickets`'s keyword arguments; see the module docstring)."""
   p = pathlib.Path(path)
   try:
     text = p.read_text()
   except (OSError, UnicodeDecodeError) as e:
     raise JaxppError(f"--workload={path}: cannot read it ({type(e).__name__})") from None
+  first = next((line for line in text.splitlines() if line.strip()), "")
+  try:
+    is_tickets = "text" in json.loads(first)
+  except (json.JSONDecodeError, TypeError):
+    is_tickets = False
+  if is_tickets:
+    return from_tickets(path, vocab_size, **(tickets or {}))
   return parse(text.splitlines(), path, vocab_size, rng, name=p.name)
+
+
+def from_tickets(path: str, vocab_size: int, *, tokenizer: str = "", template: str = "",
+                 output_len: int = 128, max_len: int = 0) -> RequestSet:
+  """The job's prompts for a job input file: `tokenizer` is a checkpoint directory with a
+  tokenizer.json, `template` the job's prompt_template, `max_len` its engine.max_len (0:
+  no truncation); bad lines are skipped as the job's errors file would take them."""
+  if not tokenizer:
+    raise JaxppError(f"--workload={path} is a job input file (lines with \"text\"): pass "
+                     "--tokenizer=DIR, a checkpoint directory with tokenizer.json")
+  tok = Tokenizer.from_dir(tokenizer)
+  if tok is None:
+    raise JaxppError(f"--tokenizer={tokenizer}: no tokenizer.json there")
+  budget = max_len - output_len + 1 if max_len else 1 << 30
+  prompter = Prompter(tok, template or DEFAULT_TEMPLATE, budget=budget)
+  prompts = [t.prompt for t in jobio.read_tickets(path, prepare=prompter)
+             if not isinstance(t, jobio.Rejected)]
+  if not prompts:
+    raise JaxppError(f"--workload={path}: no ticket could be read")
+  bad = [t for p in prompts for t in p if not 0 <= t < vocab_size]
+  if bad:
+    raise JaxppError(f"--tokenizer={tokenizer}: token id {bad[0]} is outside the model's "
+                     f"vocabulary [0, {vocab_size})")
+  return RequestSet(prompts, [output_len] * len(prompts), pathlib.Path(path).name)
 
 
 def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,

@@ -37,6 +37,9 @@ class BenchOptions:
   output_len: int = 128
   num_requests: int = 256
   workload: str = ""
+  tokenizer: str = ""  # a job input file as --workload: the checkpoint dir to tokenize with
+  prompt_template: str = "Ticket:\n{text}\nSummary:"
+  max_len: int = 0  # ... and its context (the job's engine.max_len); 0: no truncation
   max_num_seqs: int = 0
   decode_chunk: int = 32
   dtype: str = "bfloat16"
@@ -57,7 +60,9 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
   hw = presets.hardware(opts.hardware)
   rng = np.random.default_rng(0)
   if opts.workload:
-    work = requests.load(opts.workload, config.vocab_size, rng)
+    work = requests.load(opts.workload, config.vocab_size, rng, tickets=dict(
+        tokenizer=opts.tokenizer, template=opts.prompt_template, output_len=opts.output_len,
+        max_len=opts.max_len))
   else:
     work = requests.random(opts.num_requests, opts.input_len, opts.output_len,
                            config.vocab_size, rng)

@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxpp.errors import JaxppError
 from jaxpp.job import files as jobio
+from jaxpp.load.tokenizer import Tokenizer
 
 TEMPLATE_SLOT = "{text}"
 
@@ -18,15 +19,22 @@ TEMPLATE_SLOT = "{text}"
 class Prompter:
   """Ticket -> prompt ids under the length policy (the template's ending always kept)."""
 
-  def __init__(self, llm, config: ml_collections.ConfigDict):
+  def __init__(self, tokenizer: Tokenizer, template: str, *, budget: int,
+               policy: str = "truncate"):
+    """`budget`: prompt positions (the context less the new tokens, plus one: the last new
+    token is never fed back)."""
+    self.tok, self.template, self.policy, self.budget = tokenizer, template, policy, budget
+    tail = self.template.split(TEMPLATE_SLOT)[-1]
+    self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
+
+  @classmethod
+  def for_job(cls, llm, config: ml_collections.ConfigDict) -> Prompter:
+    """The job's prompter: its template and length policy, `llm`'s tokenizer and context."""
     if llm.tokenizer is None:
       raise JaxppError(f"checkpoint {config.model.checkpoint} has no tokenizer.json; the job "
                        "needs one to read tickets")
-    self.tok, self.template = llm.tokenizer, config.job.prompt_template
-    self.policy = config.job.length_policy
-    self.budget = llm.max_len - config.sampling.max_new_tokens + 1  # prompt positions
-    tail = self.template.split(TEMPLATE_SLOT)[-1]
-    self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
+    return cls(llm.tokenizer, config.job.prompt_template, policy=config.job.length_policy,
+               budget=llm.max_len - config.sampling.max_new_tokens + 1)
 
   def __call__(self, ticket: jobio.Ticket) -> tuple[list[int] | None, str | None]:
     """(ids, None), or (None, reason) when the policy rejects the ticket.

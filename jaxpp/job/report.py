@@ -85,15 +85,26 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
                  wall_seconds: float, bubble_schedule: float,
                  bubble_measured: float | None = None, tick_seconds: Sequence[float] = (),
                  devices: str = "", layout: dict | None = None,
-                 duplicate_rows: int = 0) -> dict[str, Any]:
+                 duplicate_rows: int = 0, startup_seconds: float = 0.0,
+                 load_seconds: float = 0.0, compile_seconds: float = 0.0,
+                 steady_seconds: float | None = None,
+                 prefill_positions: int = 0) -> dict[str, Any]:
   """The job report as a JSON-ready dict; rates are None where nothing was timed.
 
   `*_run` count this run, `*_total` the whole output / errors file (earlier runs included,
   unique ids / lines). `reconciled` is the promise of the job: every non-blank input line is
   either a row of the output or a row of the errors file, and no id is written twice.
+  `startup_seconds` (checks, probe, weights: `load_seconds` of it) and `compile_seconds`
+  (all of JAX's compiles) are paid once a run; `steady_seconds` is the wall time less
+  start-up and the compiles after it (default: the whole wall). The projection is this
+  run's one-off time plus 40,000 documents at the steady rate. `prefill_positions` are the
+  token positions the prefill programs computed; over the prompt tokens they give the share
+  spent on padding.
   """
   dps = _rate(written_run, wall_seconds)
-  projected = PROJECTION_DOCUMENTS / dps if dps else None
+  steady_s = wall_seconds if steady_seconds is None else steady_seconds
+  steady = _rate(written_run, steady_s)
+  projected = wall_seconds - steady_s + PROJECTION_DOCUMENTS / steady if steady else None
   return {
       "input_lines": input_lines,
       "written_run": written_run,
@@ -104,10 +115,16 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
       "duplicate_rows": duplicate_rows,
       "reconciled": input_lines == written_total + rejected_total and duplicate_rows == 0,
       "prompt_tokens": prompt_tokens,
+      "prefill_positions": prefill_positions,
+      "prefill_padding": (1 - prompt_tokens / prefill_positions if prefill_positions else None),
       "completion_tokens": completion_tokens,
       "prefill_seconds": prefill_seconds,
       "decode_seconds": decode_seconds,
       "wall_seconds": wall_seconds,
+      "startup_seconds": startup_seconds,
+      "load_seconds": load_seconds,
+      "compile_seconds": compile_seconds,
+      "steady_documents_per_second": steady,
       "prefill_tokens_per_second": _rate(prompt_tokens, prefill_seconds),
       "decode_tokens_per_second": _rate(completion_tokens, decode_seconds),
       "total_tokens_per_second": _rate(prompt_tokens + completion_tokens, wall_seconds),
@@ -156,7 +173,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"documents   {r['written_run']:,} written this run ({r['written_total']:,} in output), "
       f"{r['rejected_run']:,} rejected ({r['rejected_total']:,} in errors), "
       f"{r['skipped_done']:,} already done",
-      f"tokens      prompt {r['prompt_tokens']:,}  completion {r['completion_tokens']:,}",
+      f"tokens      prompt {r['prompt_tokens']:,}  completion {r['completion_tokens']:,}  "
+      f"(prefill padding {_pct(r.get('prefill_padding'))})",
       f"tokens/s    prefill {_num(r['prefill_tokens_per_second'])}  "
       f"decode {_num(r['decode_tokens_per_second'])}  "
       f"total {_num(r['total_tokens_per_second'])}",
@@ -167,6 +185,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"wall        {human_duration(r['wall_seconds'])} "
       f"(prefill {human_duration(r['prefill_seconds'])}, "
       f"decode {human_duration(r['decode_seconds'])})",
+      f"startup     {human_duration(r.get('startup_seconds'))} (weights "
+      f"{human_duration(r.get('load_seconds'))}), "
+      f"compile {human_duration(r.get('compile_seconds'))}",
       f"projection  {PROJECTION_DOCUMENTS:,} tickets in {r['projected_wall_40000']}",
       f"devices     {r['devices'] or 'n/a'}" + (f"  layout {layout}" if layout else ""),
       reconciliation_line(r),

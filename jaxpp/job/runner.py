@@ -32,8 +32,8 @@ import ml_collections
 
 from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
+from jaxpp.job import compile_cache, report
 from jaxpp.job import files as jobio
-from jaxpp.job import report
 from jaxpp.job.prompter import TEMPLATE_SLOT, Prompter
 from jaxpp.llm import LLM, devices_summary, resolve_dtype
 from jaxpp.load import checkpoint, weights
@@ -43,6 +43,7 @@ from jaxpp.model import quant as quant_lib
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import defaults
 from jaxpp.serve import engine as engine_lib
 
 LENGTH_POLICIES = ("truncate", "reject")
@@ -116,6 +117,11 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
 
   Processes other than 0 of a multi-process run write nothing and return None.
   """
+  with contextlib.ExitStack() as stack:
+    return _run(config, devices, stack)
+
+
+def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   started = time.perf_counter()
   check_config(config)
   job = config.job
@@ -129,24 +135,35 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
     resume = jobio.resume_state(output, errors)
   resume = shared_resume(rt, resume)
 
+  compile_cache.enable(job.compile_cache)
+  clock = stack.enter_context(compile_cache.CompileClock())
   # layout -> health probe -> weights: nothing is read before every stage has answered
   model_cfg = checkpoint.load_config(config.model.checkpoint)
   pipe = Pipeline.build(model_cfg, layout_of(config),
                         devices=jax.devices() if devices is None else devices,
                         attention=config.model.attention)
+  for line in defaults.warnings(pipe.layout):
+    log(f"warning: {line}")
   rt.set_layout(pipe.mesh)
   health.startup(pipe.mesh, dog, log)
+  loading = time.perf_counter()
   params = weights.load_weights(
       config.model.checkpoint, pipe, resolve_dtype(config.model.dtype),
       quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
       cache_dir=config.model.params_cache or None)
+  load_seconds = time.perf_counter() - loading
   llm = LLM.on_pipeline(model_cfg, pipe, params,
                         tokenizer=Tokenizer.from_dir(config.model.checkpoint),
                         max_len=config.engine.max_len, decode_chunk=config.schedule.decode_chunk)
-  prompter = Prompter(llm, config)
+  prompter = Prompter.for_job(llm, config)
   eng = llm.engine(max_num_seqs=config.engine.max_num_seqs,
                    reserve=dict(config.engine.priority_reserve), watchdog=dog)
+  log(f"layout {pipe.layout}: {pipe.microbatches} decode micro-batches, decode_chunk "
+      f"{llm.decode_chunk}, {eng.max_num_seqs} sequences in flight, weights in "
+      f"{load_seconds:.1f} s")
   bubble_measured = eng.measure_bubble() if job.measure_bubble else None
+  startup_seconds = time.perf_counter() - started
+  startup_compile = clock.seconds  # compiles after this are the run's, not its start-up's
 
   counts = dict(input_lines=0, rejected_run=0, skipped_done=0, written_run=0)
   tickets: dict[str, jobio.Ticket] = {}
@@ -196,14 +213,15 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
   if not rt.is_writer:
     return None
   final = jobio.resume_state(output, errors)
-  st = eng.stats
+  st, wall = eng.stats, time.perf_counter() - started
   rep = report.build_report(
       input_lines=counts["input_lines"], written_run=counts["written_run"],
       written_total=len(final.done_keys), rejected_run=counts["rejected_run"],
       rejected_total=len(final.rejected_lines), skipped_done=counts["skipped_done"],
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+      prefill_positions=st.prefill_positions,
       prefill_seconds=st.prefill_seconds, decode_seconds=st.decode_seconds,
-      wall_seconds=time.perf_counter() - started,
+      wall_seconds=wall,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, pipe.microbatches,
                                               llm.decode_chunk),
       bubble_measured=bubble_measured, tick_seconds=st.tick_seconds,
@@ -211,7 +229,9 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
       layout=dict(name=pipe.layout.name, pp=pipe.pp, tp=pipe.tp, dp=pipe.layout.dp,
                   virtual_stages=pipe.v, microbatches=pipe.microbatches,
                   max_num_seqs=eng.max_num_seqs, layer_split=list(pipe.partition.counts)),
-      duplicate_rows=final.duplicate_rows)
+      duplicate_rows=final.duplicate_rows, startup_seconds=startup_seconds,
+      load_seconds=load_seconds, compile_seconds=clock.seconds,
+      steady_seconds=wall - startup_seconds - (clock.seconds - startup_compile))
   rep["report_file"] = str(report.write_report(rep, output))
   rep["output"], rep["errors"] = str(output), str(errors)
   return rep

@@ -14,6 +14,7 @@ instead of an XLA shape error minutes into a load.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -30,6 +31,8 @@ from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
+BAND_ROWS = 64  # rows a copy_banded band moves at once
+_COPIERS = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -159,6 +162,25 @@ def _validate(reader: _Reader, cfg: LlamaConfig, d: pathlib.Path) -> None:
                          f"implies {want}")
 
 
+def copy_banded(dst: np.ndarray, src: np.ndarray, band: int = BAND_ROWS) -> None:
+  """dst[...] = src (cast to dst's dtype), in bands of rows on a few threads.
+
+  Our layout is HF's transposed, so `src` is usually a strided view; numpy copies a whole
+  transposed bf16 matrix at about 0.3 GB/s (each row of the destination gathers across
+  the source), a band of 64 rows at a time at about 1.3 GB/s, and the bands run in
+  parallel (numpy lets go of the GIL while it copies). Same-dtype copies go through
+  unsigned-integer views, numpy's own fast path, rather than ml_dtypes' bfloat16.
+  """
+  if dst.ndim == 0 or dst.shape[0] <= band:
+    dst[...] = src
+    return
+  if src.dtype == dst.dtype:
+    raw = np.dtype(f"u{dst.dtype.itemsize}")
+    dst, src = dst.view(raw), src.view(raw)
+  bands = range(0, dst.shape[0], band)
+  list(_COPIERS.map(lambda i: dst.__setitem__(slice(i, i + band), src[i:i + band]), bands))
+
+
 def _leaf_callback(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype: np.dtype,
                    shape: tuple[int, ...], layer_index: np.ndarray):
   """The `make_array_from_callback` callback for one leaf: index in our layout -> host data.
@@ -183,10 +205,13 @@ def _leaf_callback(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dty
         out = np.zeros(layers.shape + rest, dtype)
         for pos, i in np.ndenumerate(layers):
           if i >= 0:
-            out[pos] = src.to_ours(reader.read(src.name.format(i=i)), cfg)[index[lead:]]
+            copy_banded(out[pos], src.to_ours(reader.read(src.name.format(i=i)), cfg)[
+                index[lead:]])
         memo[key] = out
       else:
-        memo[key] = src.to_ours(reader.read(src.name), cfg)[index].astype(dtype)
+        view = src.to_ours(reader.read(src.name), cfg)[index]
+        memo[key] = np.empty(view.shape, dtype)
+        copy_banded(memo[key], view)
     return memo[key]
 
   return callback

@@ -86,8 +86,9 @@ class Attention(nn.Module):
   fused_decode: bool = False  # one-token steps over a cache run decode_attention's kernel
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None):
-    """cache: this layer's view of the cache, or None when nothing is cached."""
+  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
+    """cache: this layer's view of the cache, or None when nothing is cached; segments
+    [B, T]: which prompt of a packed row each token belongs to (None: one per row)."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "wq", (D, N, H), self.quantized)
@@ -100,23 +101,28 @@ class Attention(nn.Module):
     v = quant.einsum("BTD,DKH->BTKH", x, *wv)
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
-    out = attend(q, k, v, positions, start, cache, self.dtype, fused_decode=self.fused_decode)
+    out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
+                 fused_decode=self.fused_decode)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
 
 
-def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *,
+def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segments=None,
            fused_decode: bool = False):
   """Attention of T new tokens over the cache and themselves (causally) -> [B, T, K, G, H].
 
   q [B, T, K, G, H] (scaled by H**-0.5), k/v [B, T, K, H]: the new tokens'. One-token steps
   with `fused_decode` run the cache's part in decode_attention's kernel; otherwise one
-  softmax over [cached | new] by XLA, reading the cache in place, never concatenated.
+  softmax over [cached | new] by XLA, reading the cache in place, never concatenated. With
+  `segments` [B, T] (a packed prefill row, nothing cached) a token attends only to earlier
+  tokens of its own segment.
   """
   if cache is not None and fused_decode and q.shape[1] == 1:
     pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start)
     return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype)[:, None]
   causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+  if segments is not None:
+    causal &= segments[:, None, None, None, :] == segments[:, None, None, :, None]
   scores = jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
                                         preferred_element_type=jnp.float32), NEG_INF)
   if cache is None:
@@ -160,11 +166,11 @@ class Block(nn.Module):
   fused_decode: bool = False  # see Attention
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None):
+  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
     eps = self.config.rms_norm_eps
     attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, self.fused_decode,
                                  name="attn")(
-        RMSNorm(eps, name="attn_norm")(x), positions, start, cache)
+        RMSNorm(eps, name="attn_norm")(x), positions, start, cache, segments)
     x = x + attn_out
     x = x + MLP(self.config, self.dtype, self.quantized, name="mlp")(
         RMSNorm(eps, name="mlp_norm")(x))
@@ -172,8 +178,8 @@ class Block(nn.Module):
 
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
-               microbatch=0, slots=None, fresh: bool = False, num_layers=None,
-               unroll: int | bool = 1, fused_decode: bool = False):
+               microbatch=0, slots=None, segments=None, fresh: bool = False,
+               num_layers=None, unroll: int | bool = 1, fused_decode: bool = False):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
   `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
@@ -181,9 +187,10 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   inside the layer loop: with chunk and microbatch constants XLA (GPU) hands cuBLAS those
   slices in place; a traced chunk or micro-batch made it copy them first (pipeline.py
   therefore passes constants). After the layer loop every layer's new keys/values are
-  scattered at the rows' positions in one in-place update. `slots` = (micro-batch i32[b],
-  row i32[b]) sends each row's writes elsewhere (prefill of new requests into free decode
-  slots; a micro-batch of -1 writes nothing); default: row r of `microbatch`. `fresh`
+  scattered at the tokens' positions in one in-place update. `slots` = (micro-batch, row),
+  each i32[b] or i32[b, T] (per token: a packed prefill row fills several slots), sends the
+  writes elsewhere (prefill of new requests into free decode slots; a micro-batch of -1
+  writes nothing); default: row r of `microbatch`. `segments` as in `attend`. `fresh`
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
   only the first layers of the stack, so chunks shorter than the padded stack do no
   compute on padding. `unroll` is `lax.scan`'s (docs/design.md: a rolled loop over stacked
@@ -196,8 +203,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   S = cache[0].shape[5]
   if slots is None:
     slots = (jnp.full((b,), microbatch, jnp.int32), jnp.arange(b, dtype=jnp.int32))
-  mb, rows = slots[0][:, None], slots[1][:, None]
-  cols = jnp.where(mb >= 0, start[:, None] + jnp.arange(T)[None, :], S)  # >= S: dropped
+  mb, rows = (jnp.broadcast_to(a if a.ndim == 2 else a[:, None], (b, T)) for a in slots)
+  cols = jnp.where(mb >= 0, positions, S)  # a token's column is its position; S: dropped
 
   ck, cv = cache
   k_dtype = ck.dtype
@@ -208,7 +215,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
 
     def compute(_):
       kv = None if fresh else LayerCache(ck, cv, (chunk, i, microbatch))
-      y, (k, v) = block.apply({"params": params}, x, positions, start, kv)
+      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments)
       return y, k.astype(k_dtype), v.astype(k_dtype)
 
     def skip(_):

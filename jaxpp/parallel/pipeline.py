@@ -41,6 +41,7 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import mesh as mesh_lib
 from jaxpp.parallel import xla_options
 from jaxpp.parallel.layout import Layout, vocab_sharded_head
+from jaxpp.parallel.packing import PrefillBatch
 from jaxpp.parallel.partition import Partition
 from jaxpp.parallel.schedule import circular
 
@@ -192,10 +193,11 @@ class Pipeline:
     return jnp.where(microbatch >= 0, (microbatch + s) % self.microbatches, microbatch)
 
   def _run_chunk(self, blocks, counts, cache, x, positions, start, r, active, *, fresh,
-                 slot=0, slots=None):
+                 slot=0, slots=None, segments=None):
     """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
-    `slots` (micro-batch slot, row) per row redirects the writes, as in llama.run_blocks.
+    `slots` (micro-batch slot, row) per row or token redirects the writes and `segments`
+    keeps a packed row's prompts apart, as in llama.run_blocks.
     With one stage no tick idles, and with one chunk as well the tick runs no conditional
     at all (XLA's GPU conditional reads its branch index back to the host).
     """
@@ -204,7 +206,8 @@ class Pipeline:
     def compute(chunk):
       return lambda _: llama.run_blocks(
           self.config, blocks, x, positions, start, cache, chunk=chunk, microbatch=slot,
-          slots=slots, fresh=fresh, num_layers=counts[chunk] if uneven else None,
+          slots=slots, segments=segments, fresh=fresh,
+          num_layers=counts[chunk] if uneven else None,
           unroll=self.scan_unroll, fused_decode=self.fused_decode)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
@@ -230,28 +233,29 @@ class Pipeline:
 
   @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "do_sample", "with_logits"),
                    donate_argnames=("cache",))
-  def prefill(self, params, cache, tokens, lengths, slots, knobs, *, do_sample: bool,
+  def prefill(self, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
               with_logits: bool = False):
-    """tokens i32[m, p, T] right-padded, lengths i32[m, p] -> (first i32[m, p], cache).
+    """A packed prefill (`packing.PrefillBatch`) -> (first i32[m, p, q], cache).
 
-    Prompts travel in m micro-batches of p rows, m set by the shape (the engine picks it per
-    admission, up to `prefill_mb`; p may differ from the cache's rows per micro-batch); `slots`
-    i32[m, p, 2] names the cache (micro-batch, row) each prompt fills, -1 for padding rows.
-    `with_logits` also returns the last prompt position's logits f32[m, p, V] (for tests and
-    parity checks; it adds a reduction of that size over 'pp').
+    Prompts travel in m micro-batches of p rows of T tokens, q prompts at most a row, m set
+    by the shape (the engine picks it per admission, up to `prefill_mb`; p may differ from
+    the cache's rows per micro-batch). Every token's keys and values go to the cache slot
+    `batch.targets` names, at its position; each prompt samples its first token at its last
+    one, with its own `knobs` [m, p, q]. `with_logits` also returns those positions' logits
+    f32[m, p, q, V] (for tests and parity checks; it adds a reduction of that size over 'pp').
     """
-    M, b, T = tokens.shape
+    M, b, T = batch.tokens.shape
+    q = batch.ends.shape[-1]
     table = jnp.asarray(circular(self.pp, self.v, M).table)
     counts = jnp.asarray(self.partition.layer_counts())
     dtype = params_lib.activation_dtype(params)
     last_dev, last_chunk = self.pp - 1, self.v - 1
 
-    def body(params, cache, counts, tokens, lengths, slots, knobs):
+    def body(params, cache, counts, batch, knobs):
       s = jax.lax.axis_index(PP)
       blocks = jax.tree.map(lambda a: a[0], params["blocks"])
       cache = jax.tree.map(lambda a: a[0], cache)
       counts = counts[0]
-      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))
       start = jnp.zeros((b,), jnp.int32)
 
       def tick(t, carry):
@@ -259,11 +263,13 @@ class Pipeline:
         j, r, _ = table[t, s]
         active = j >= 0
         j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
-        x = jnp.where((s == 0) & (r == 0), llama.embed(params, tokens[j], dtype), inbox[j])
-        y, cache = self._run_chunk(blocks, counts, cache, x, positions, start, r, active,
-                                   fresh=True,
-                                   slots=(self._slot(slots[j, :, 0], s), slots[j, :, 1]))
-        last = jnp.take_along_axis(y, (lengths[j] - 1)[:, None, None], axis=1)[:, 0]
+        x = jnp.where((s == 0) & (r == 0), llama.embed(params, batch.tokens[j], dtype),
+                      inbox[j])
+        targets = batch.targets[j]
+        y, cache = self._run_chunk(blocks, counts, cache, x, batch.positions[j], start, r,
+                                   active, fresh=True, segments=batch.segments[j],
+                                   slots=(self._slot(targets[..., 0], s), targets[..., 1]))
+        last = jnp.take_along_axis(y, batch.ends[j][..., None], axis=1)  # [b, q, D]
         done_here = active & (s == last_dev) & (r == last_chunk)
         final = final.at[j].set(jnp.where(done_here, last, final[j]))
         (recv,) = self._ring(y)
@@ -273,26 +279,29 @@ class Pipeline:
         return cache, inbox, final
 
       inbox = jnp.zeros((M, b, T, self.config.hidden_size), dtype)
-      final = jnp.zeros((M, b, self.config.hidden_size), dtype)
+      final = jnp.zeros((M, b, q, self.config.hidden_size), dtype)
       cache, _, final = jax.lax.fori_loop(0, table.shape[0], tick, (cache, inbox, final))
       # Head and sampling once per prefill: only the last device's rows are real; share
-      # the sampled ids (one int per row) with every stage.
-      logits = llama.logits(self.config, params, final.reshape(M * b, 1, -1))[:, 0]
-      flat_knobs = jax.tree.map(lambda a: a.reshape(M * b), knobs)
-      first = sampling.sample(logits, lengths.reshape(M * b), flat_knobs, do_sample=do_sample)
-      first = self._from_last(first, s).reshape(M, b)
+      # the sampled ids (one int per prompt) with every stage.
+      n = M * b * q
+      logits = llama.logits(self.config, params, final.reshape(n, 1, -1))[:, 0]
+      flat_knobs = jax.tree.map(lambda a: a.reshape(n), knobs)
+      first = sampling.sample(logits, batch.lengths.reshape(n), flat_knobs,
+                              do_sample=do_sample)
+      first = self._from_last(first, s).reshape(M, b, q)
       cache = jax.tree.map(lambda a: a[None], cache)
       if not with_logits:
         return first, cache
-      return first, cache, self._from_last(logits, s).reshape(M, b, -1)
+      return first, cache, self._from_last(logits, s).reshape(M, b, q, -1)
 
     cache_spec = P(PP)
     knob_spec = jax.tree.map(lambda _: P(), knobs)
+    batch_spec = jax.tree.map(lambda _: P(), batch)
     out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
     return self._shard_map(
-        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), P(), P(),
-                        P(), knob_spec),
-        out_specs=out_specs)(params, cache, counts, tokens, lengths, slots, knobs)
+        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), batch_spec,
+                        knob_spec),
+        out_specs=out_specs)(params, cache, counts, batch, knobs)
 
   @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "steps", "do_sample", "eos_ids"),
                    donate_argnames=("cache",))

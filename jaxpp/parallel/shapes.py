@@ -28,12 +28,6 @@ def split_rows(n: int, microbatches: int) -> int:
   return -(-n // microbatches)
 
 
-def identity_slots(microbatches: int, rows: int) -> np.ndarray:
-  """i32[M, b, 2]: prompt (j, r) fills cache slot (j, r), as when a whole batch starts."""
-  grid = np.stack(np.meshgrid(np.arange(microbatches), np.arange(rows), indexing="ij"), -1)
-  return grid.astype(np.int32)
-
-
 def to_microbatches(a: np.ndarray, microbatches: int, fill) -> np.ndarray:
   """[B, ...] -> [M, b, ...] with the fewest rows b that fit, padding with `fill`."""
   b = split_rows(a.shape[0], microbatches)

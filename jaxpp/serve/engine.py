@@ -34,6 +34,8 @@ from jaxpp.model import decode_state, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
+from jaxpp.serve import defaults
+from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
 
 
@@ -82,7 +84,8 @@ class Engine:
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
     M = self.M = self.pipe.microbatches
-    self.max_num_seqs = max_num_seqs or 4 * M
+    self.max_num_seqs = max_num_seqs or defaults.max_num_seqs(
+        pipe, max_len, params_lib.activation_dtype(params).itemsize)
     if self.max_num_seqs < 1:
       raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
     self.rows = shapes.split_rows(self.max_num_seqs, M)  # b: slots per micro-batch (even fill)
@@ -97,9 +100,7 @@ class Engine:
         raise JaxppError(f"priority reserves {self.reserve} leave no slot of max_num_seqs="
                          f"{self.max_num_seqs} for class {cls!r}")
     shape = (M, self.rows)
-    # A prefill of every slot is cut this fine; a smaller admission takes fewer micro-batches
-    self.prefill_m = min(self.pipe.prefill_mb, M * self.rows)
-    self.prefill_rows = -(-M * self.rows // self.prefill_m)  # rows of a prefill micro-batch
+    self.prefiller = Prefiller(pipe, max_len, M * self.rows, self.eos_ids)
     self.cache = self.pipe.init_cache(self.rows, max_len, params_lib.activation_dtype(params))
     self.state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                       np.zeros(shape, np.int32), np.ones(shape, bool))
@@ -172,59 +173,23 @@ class Engine:
     """
     return self.watchdog.step(name, key) if self.watchdog else contextlib.nullcontext()
 
-  def _prefill_size(self, admitted: int) -> int:
-    """Micro-batches (of `prefill_rows` rows) of the prefill of `admitted` prompts.
-
-    Work in proportion to the admission, with few shapes (few compiles): as many as the
-    admitted requests fill, rounded up to a power of two (interleaving keeps at least pp in
-    flight).
-    """
-    return min(self.prefill_m, max(shapes.bucket(-(-admitted // self.prefill_rows), minimum=1),
-                                   self.pipe.pp if self.pipe.v > 1 else 1))
-
-  def _prefill_len(self, longest: int) -> int:
-    return shapes.prefill_len(longest, self.max_len)
-
-  def _run_prefill(self, tokens, lengths, slots, knob_rows, max_new) -> decode_state.DecodeState:
-    """One prefill program call; the decode state of every one of its rows (host arrays)."""
-    knobs = sampling.SamplingParams(*knob_rows.values())  # numpy: jit places it on the mesh
-    do_sample = knobs.needs_sampling()
-    with self._device_step("prefill", (tokens.shape, do_sample)):
-      first, self.cache = self.pipe.prefill(self.params, self.cache, tokens, lengths, slots,
-                                            knobs, do_sample=do_sample)
-      first = np.asarray(first)
-    # Over every row (admitted i is row i, row-major), so these few eager ops compile once
-    # per prefill shape, not once per admission size.
-    new = decode_state.start_state(first.reshape(-1), lengths.reshape(-1), max_new,
-                               self.eos_ids, self.max_len)
-    return decode_state.DecodeState(*(np.asarray(a) for a in new))  # one fetch each
-
-  def _prefill_inputs(self, M: int, p: int, T: int):
-    """Empty prefill inputs: no prompt, every row padding (slot -1), greedy knobs."""
-    knob_rows = {f: np.zeros((M, p), a.dtype) for f, a in self.sampling._asdict().items()}
-    knob_rows["top_p"][:] = 1.0
-    return (np.zeros((M, p, T), np.int32), np.ones((M, p), np.int32),
-            np.full((M, p, 2), -1, np.int32), knob_rows, np.ones(M * p, np.int32))
-
   def _prefill_admitted(self, admitted: list[tuple[Request, int, int]]) -> None:
-    """Prefills newly admitted requests into their slots; sets their decode state."""
-    p = self.prefill_rows
-    tokens, lengths, slots, knob_rows, max_new = self._prefill_inputs(
-        self._prefill_size(len(admitted)), p,
-        self._prefill_len(max(len(a[0].prompt) for a in admitted)))
-    for i, (req, j, r) in enumerate(admitted):
-      q, row = divmod(i, p)
-      tokens[q, row, :len(req.prompt)] = req.prompt
-      lengths[q, row] = len(req.prompt)
-      slots[q, row] = (j, r)
-      max_new[i] = req.max_new_tokens
-      for f in knob_rows:
-        value = getattr(req, f)
-        knob_rows[f][q, row] = value & 0xFFFFFFFF if f == "seed" else value
-        getattr(self.sampling, f)[j, r] = knob_rows[f][q, row]
+    """Prefills newly admitted requests into their slots, packed (`prefill.py`); sets their
+    decode state."""
+    knobs = []
+    for req, j, r in admitted:
+      values = {f: getattr(req, f) & 0xFFFFFFFF if f == "seed" else getattr(req, f)
+                for f in self.sampling._fields}
+      for f, value in values.items():
+        getattr(self.sampling, f)[j, r] = value
+      knobs.append(values)
     start = time.perf_counter()
-    new = self._run_prefill(tokens, lengths, slots, knob_rows, max_new)
+    new, self.cache = self.prefiller.run(
+        self.params, self.cache, [req.prompt for req, _, _ in admitted],
+        [(j, r) for _, j, r in admitted], knobs, [req.max_new_tokens for req, _, _ in admitted],
+        lambda key: self._device_step("prefill", key))
     self.stats.prefill_seconds += time.perf_counter() - start
+    self.stats.prefill_positions += int(np.prod(self.prefiller.last_shape))
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
@@ -232,20 +197,17 @@ class Engine:
         field[j, r] = value[i]
 
   def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
-    """Runs the greedy prefill program of every admission size in `admissions` (default:
-    any, 1 to max_num_seqs) for the length buckets of `prompt_lengths`, filling no slot;
+    """Runs the greedy prefill program of every shape an admission of these prompt lengths
+    can take (or of exactly `admissions`, lists of prompt lengths), filling no slot;
     returns how many ran.
 
     Admissions of different sizes and prompt lengths are different programs; a benchmark
     calls this first so that no compile lands in its timed run.
     """
-    admissions = admissions or range(1, self.max_num_seqs + 1)
-    sizes = {self._prefill_size(n) for n in admissions}
-    lens = {self._prefill_len(n) for n in set(prompt_lengths)}
-    for M in sorted(sizes):
-      for T in sorted(lens):
-        self._run_prefill(*self._prefill_inputs(M, self.prefill_rows, T))
-    return len(sizes) * len(lens)
+    ran, self.cache = self.prefiller.precompile(
+        self.params, self.cache, prompt_lengths, lambda key: self._device_step("prefill", key),
+        admissions)
+    return ran
 
   def _decode(self) -> None:
     """One return-to-host worth of tokens for every live slot."""

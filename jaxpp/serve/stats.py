@@ -19,6 +19,7 @@ class EngineStats:
   prefill_seconds: float = 0.0
   decode_seconds: float = 0.0
   prompt_tokens: int = 0
+  prefill_positions: int = 0  # token positions the prefill programs computed (m * p * T)
   completion_tokens: int = 0
   decode_calls: int = 0
   tick_seconds: list[float] = dataclasses.field(default_factory=list)

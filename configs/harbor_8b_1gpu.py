@@ -1,0 +1,86 @@
+"""Harbor on an 8B-class Llama on one GPU: one-line ticket summaries, JSONL in, JSONL out.
+
+Command (from the repo root; the checkpoint path is a placeholder you must override):
+
+    JAX_PLATFORMS=cuda,cpu python -m jaxpp.run --config configs/harbor_8b_1gpu.py \\
+      --config.model.checkpoint=/path/to/Meta-Llama-3.1-8B-Instruct \\
+      --config.job.input=/path/to/tickets.jsonl
+
+(`cpu` next to `cuda`: the safetensors reader stages tensors through JAX's CPU backend.)
+Hardware: one NVIDIA H200 (or H100; an 8B model in bf16 is 16 GB). Any Hugging Face
+Llama-architecture checkpoint of about 8B parameters, e.g. Llama 3.1 8B (L=32, D=4096,
+F=14336, N=32, K=8, H=128, V=128256).
+
+Measured (2026-12-01, one H200, jax 0.11.2; docs/benchmarks.md, "The job at the engine's
+speed"; `bash tools/job_speed.sh OUT 10 128`): a random-weight checkpoint of that shape and
+data/tickets.jsonl repeated 10 times (2,400 tickets, 454,550 prompt tokens, mean 189), 64
+new tokens each. Compile cache warm: prefill 28,912 tok/s (the bench's fixed 1,024-token
+prefill on the same card: 35,223), decode 14,099 tok/s, 2,400 tickets in 2.0 min of which
+89 s were reading the 16 GB checkpoint; the report projects 40,000 tickets in 9.7 min.
+
+Layout: pp=1 x tp=1 (the model fits one card; no pipeline bubble), one decode micro-batch
+(microbatches=0 = pp), decode_chunk 0 = from the layout (16), 128 sequences in flight as
+measured (0 would size them from free memory, up to 256), prompts of up to 961 tokens.
+"""
+
+import pathlib
+
+import ml_collections
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  # Placeholder: override with --config.model.checkpoint=/path/to/your/checkpoint.
+  c.model.checkpoint = "/path/to/Meta-Llama-3.1-8B-Instruct"  # HF safetensors directory
+  c.model.dtype = "bfloat16"
+  c.model.quant = "none"  # block weights: "none", "int8" or "fp8" (8-bit, per-channel scales)
+  c.model.quant_embed = False  # also store the embedding and LM head in 8 bits
+  c.model.params_cache = ""  # orbax dir: placed (quantised) params saved once, then restored
+  c.model.attention = "auto"  # decode attention: "auto" (kernel on GPUs at tp=1), "kernel", "xla"
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.pp = 1  # the model fits one card
+  c.mesh.tp = 1  # tensor-parallel devices per stage
+  c.mesh.dp = 1  # independent replicas
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
+  c.schedule.microbatches = 0  # decode micro-batches in flight (>= pp); 0 = pp
+  c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = 8 per stage)
+  c.schedule.layer_split = "even"  # "even", "balanced" or per-chunk counts "2,1,1,..."
+  c.schedule.decode_chunk = 0  # tokens per return to the host; 0 = from the layout (16)
+
+  c.engine = ml_collections.ConfigDict()
+  c.engine.max_len = 1024  # KV positions per slot: prompt + generated tokens
+  c.engine.max_num_seqs = 128  # slots as measured; 0 = what free memory holds (up to 256)
+  c.engine.priority_reserve = ml_collections.ConfigDict()
+  c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
+  c.engine.priority_reserve.batch = 0  # slots kept free for batch requests
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.max_new_tokens = 64
+  c.sampling.temperature = 0.0  # 0 = greedy
+  c.sampling.top_k = 0  # 0 = off
+  c.sampling.top_p = 1.0  # 1 = off
+  c.sampling.seed = 0
+
+  c.job = ml_collections.ConfigDict()
+  c.job.input = str(REPO / "data" / "tickets.jsonl")  # lines {"id": ..., "text": ...}
+  c.job.output = "out/summaries_8b.jsonl"  # relative to the working directory
+  c.job.errors = ""  # rejected input lines; "" = <output>.errors.jsonl
+  c.job.prompt_template = "Ticket:\n{text}\nSummary:"
+  c.job.length_policy = "truncate"  # prompt too long for max_len: "truncate" (keep its end) or "reject"
+  c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
+  c.job.measure_bubble = False  # pp=1: no pipeline bubble to measure
+  c.job.progress = True  # progress bar on stderr
+  c.job.compile_cache = "~/.cache/jaxpp/xla"  # JAX's persistent compilation cache; "" = off
+
+  c.watchdog = ml_collections.ConfigDict()  # deadline of every device step (docs/multihost.md)
+  c.watchdog.multiple = 10.0  # a step may take this many times its expected (median) time
+  c.watchdog.min_seconds = 30.0  # ... and never less than this (no cut-off on jitter)
+  c.watchdog.max_seconds = 900.0  # absolute bound, also for a program's first (compiling) call
+  return c

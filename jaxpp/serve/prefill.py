@@ -1,0 +1,112 @@
+"""The engine's prefills: admitted prompts packed into one call of the pipeline's program.
+
+Admitted requests already own their cache slots; this module packs their prompts into rows
+(`parallel/packing.py`), picks the program's shape from a small family (so a run compiles
+a handful of prefills, not one per admission) and turns the sampled first tokens into each
+request's decode state.
+
+Shape: rows of T = max(the longest prompt's bucket, the context's bucket up to PACK_LEN)
+tokens, q prompts at most a row; micro-batches as `packing.prefill_shape` cuts them (spread
+over up to `prefill_m` micro-batches when pipelined, to shrink the fill and drain; as few
+as fit when not, since each micro-batch re-reads the stage's weights).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxpp.model import decode_state, sampling
+from jaxpp.parallel import packing, shapes
+from jaxpp.parallel.pipeline import Pipeline
+
+PACK_LEN = 1024  # row length prompts are packed into, unless the context is shorter
+
+
+class Prefiller:
+  """Packs and runs prefills for an engine of `slots` sequences with context `max_len`."""
+
+  def __init__(self, pipe: Pipeline, max_len: int, slots: int, eos_ids: tuple[int, ...]):
+    self.pipe, self.max_len, self.eos_ids = pipe, max_len, eos_ids
+    self.prefill_m = min(pipe.prefill_mb, slots)  # micro-batches of the largest prefill
+    self.slots = slots
+    self.min_m = pipe.pp if pipe.v > 1 else 1  # interleaving needs pp in flight
+    self.last_shape = (0, 0, 0)
+
+  def row_len(self, longest: int) -> int:
+    """T of the rows for an admission whose longest prompt has `longest` tokens."""
+    return max(shapes.prefill_len(longest, self.max_len),
+               shapes.prefill_len(min(self.max_len, PACK_LEN), self.max_len))
+
+  def shape(self, rows: int, T: int) -> tuple[int, int]:
+    return packing.prefill_shape(rows, T, max_microbatches=self.prefill_m,
+                                 spread=self.pipe.pp > 1, min_microbatches=self.min_m)
+
+  def run(self, params, cache, prompts: Sequence[Sequence[int]],
+          targets: Sequence[tuple[int, int]], knobs: Sequence[dict], max_new: Sequence[int],
+          step: Callable) -> tuple[decode_state.DecodeState, object]:
+    """Prefills `prompts` into cache slots `targets`; returns (each prompt's decode state
+    as host arrays, in the order given; the new cache). `knobs[i]` holds prompt i's
+    sampling fields; `step(key)` is the watchdog's context for the device call. The shape
+    it ran is left in `last_shape` (M, p, T)."""
+    T = self.row_len(max(map(len, prompts)))
+    q = packing.seqs_per_row(T)
+    rows = packing.first_fit([len(p) for p in prompts], T, q)
+    M, p = self.shape(len(rows), T)
+    self.last_shape = (M, p, T)
+    batch, where = packing.pack(prompts, targets, rows, M, p, T, q)
+    knob_arrays = _knob_arrays(M, p, q)
+    budget = np.ones((M, p, q), np.int32)
+    for i, (j, r, s) in enumerate(where):
+      for f, value in knobs[i].items():
+        knob_arrays[f][j, r, s] = value
+      budget[j, r, s] = max_new[i]
+    state, cache = self._call(params, cache, batch, knob_arrays, budget, step)
+    flat = [(j * p + r) * q + s for j, r, s in where]
+    return decode_state.DecodeState(*(a[flat] for a in state)), cache
+
+  def _call(self, params, cache, batch, knob_arrays, budget, step):
+    knobs = sampling.SamplingParams(*knob_arrays.values())  # numpy: jit places it
+    do_sample = knobs.needs_sampling()
+    with step((batch.tokens.shape, batch.ends.shape, do_sample)):
+      first, cache = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample)
+      first = np.asarray(first)
+    # Over every prompt position of the shape, so these few eager ops compile once per
+    # prefill shape, not once per admission size.
+    new = decode_state.start_state(first.reshape(-1), batch.lengths.reshape(-1),
+                                   budget.reshape(-1), self.eos_ids, self.max_len)
+    return decode_state.DecodeState(*(np.asarray(a) for a in new)), cache  # one fetch each
+
+  def shapes_for(self, prompt_lengths, admissions=None) -> set[tuple[int, int, int]]:
+    """Every (M, p, T) an admission of these prompt lengths can take (1 row to one per
+    slot), or, given `admissions` (lists of prompt lengths), the shapes of exactly those."""
+    if admissions is not None:
+      out = set()
+      for lengths in admissions:
+        T = self.row_len(max(lengths))
+        rows = packing.first_fit(lengths, T, packing.seqs_per_row(T))
+        out.add(self.shape(len(rows), T) + (T,))
+      return out
+    Ts = {self.row_len(n) for n in set(prompt_lengths)}
+    return {self.shape(rows, T) + (T,) for T in Ts for rows in range(1, self.slots + 1)}
+
+  def precompile(self, params, cache, prompt_lengths, step, admissions=None
+                 ) -> tuple[int, object]:
+    """Runs every prefill shape of `shapes_for` once with greedy knobs, filling no slot;
+    returns (how many ran, the cache)."""
+    todo = sorted(self.shapes_for(prompt_lengths, admissions))
+    for M, p, T in todo:
+      q = packing.seqs_per_row(T)
+      batch, _ = packing.pack([], [], [], M, p, T, q)
+      _, cache = self._call(params, cache, batch, _knob_arrays(M, p, q),
+                            np.ones((M, p, q), np.int32), step)
+    return len(todo), cache
+
+
+def _knob_arrays(M: int, p: int, q: int) -> dict[str, np.ndarray]:
+  """Greedy sampling fields for every prompt position of a prefill shape."""
+  fields = sampling.SamplingParams.make(1)._asdict()
+  out = {f: np.zeros((M, p, q), np.asarray(a).dtype) for f, a in fields.items()}
+  out["top_p"][:] = 1.0
+  return out

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The job's speed on one GPU against the bench's, as docs/benchmarks.md ("The job at the
+# engine's speed") reports it: a Llama-3-8B-shaped random checkpoint, the shipped tickets
+# repeated REPEAT times with unique ids, the job run twice (compile cache cold, then warm),
+# then `jaxpp.bench` on fixed 1,024/128 requests in the same session.
+#
+#   bash tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]
+#
+# SLOTS 0 lets the job pick (engine.max_num_seqs=0: what memory holds); STEPS, a list of
+# cold, warm and bench, says what to run (default all three). Needs a GPU, ~17 GB of disk
+# for the checkpoint (kept in out/llama3-8b-random between runs) and jaxpp importable
+# (PYTHONPATH=. from the repo root). Logs and reports go to OUT_DIR; each job line also
+# gives the peak anonymous host memory (RssAnon, sampled every 0.2 s).
+set -euo pipefail
+out=${1:?usage: tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]}
+repeat=${2:-10}
+slots=${3:-0}
+steps=${4:-cold warm bench}
+mkdir -p "$out" out
+ckpt=out/llama3-8b-random
+[[ -f $ckpt/model.safetensors.index.json ]] || python tools/random_checkpoint.py \
+  --model=llama3-8b --out=$ckpt --tokenizer=models/harbor-tiny | tee "$out/checkpoint.log"
+python - "$repeat" <<'EOF'
+import json, sys
+n = int(sys.argv[1])
+lines = [json.loads(l) for l in open("data/tickets.jsonl") if l.strip()]
+with open("out/tickets_x%d.jsonl" % n, "w") as f:
+  for r in range(n):
+    for t in lines:
+      f.write(json.dumps(dict(t, id=f"{t['id']}-{r}")) + "\n")
+EOF
+job() {  # $1: run name; the rest: extra overrides
+  local name=$1; shift
+  rm -f "out/$name.jsonl" "out/$name.errors.jsonl"
+  python -m jaxpp.run --config configs/harbor.py \
+    --config.model.checkpoint=$ckpt --config.model.dtype=bfloat16 \
+    --config.job.input=out/tickets_x$repeat.jsonl --config.job.output=out/$name.jsonl \
+    --config.mesh.pp=1 --config.mesh.tp=1 --config.engine.max_len=1024 \
+    --config.engine.max_num_seqs=$slots --config.sampling.max_new_tokens=64 \
+    --config.job.measure_bubble=False --config.job.progress=False "$@" \
+    > "$out/$name.log" 2> "$out/$name.stderr" &
+  local pid=$! peak=0 hwm=0 kb
+  while kill -0 $pid 2> /dev/null; do
+    kb=$(awk '/RssAnon/ {print $2}' /proc/$pid/status 2> /dev/null || echo 0)
+    (( ${kb:-0} > peak )) && peak=$kb
+    kb=$(awk '/VmHWM/ {print $2}' /proc/$pid/status 2> /dev/null || echo 0)
+    (( ${kb:-0} > hwm )) && hwm=$kb
+    sleep 0.2
+  done
+  wait $pid || { tail -30 "$out/$name.stderr"; return 1; }
+  cp "out/$name.jsonl.report.json" "$out/$name.report.json"
+  tail -15 "$out/$name.log"
+  echo "host memory: peak RssAnon $((peak / 1024)) MiB, VmHWM (file pages too) $((hwm / 1024)) MiB"
+}
+[[ $steps == *cold* ]] && { rm -rf ~/.cache/jaxpp/xla; job cold; }
+[[ $steps == *warm* ]] && job warm
+[[ $steps == *bench* ]] || exit 0
+python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 --input_len=1024 \
+  --output_len=128 --num_requests=256 --max_num_seqs=64 --out="$out/bench" \
+  > "$out/bench.log" 2>&1 || tail -30 "$out/bench.log"
+tail -4 "$out/bench.log"
