@@ -1,17 +1,17 @@
 """Command line: `python -m jaxpp.run --config configs/harbor.py [--config.a.b=value ...]`.
 
 A thin entry point: it parses the config, starts the (multi-process) runtime, sets up
-devices and calls `job.runner.run_job`, which holds all the logic. Configs are Python files whose
-`get_config()` returns a ConfigDict; fields are overridden with
+devices and calls `job.runner.run_job`, which holds all the logic. Configs are Python files
+whose `get_config()` returns a ConfigDict; fields are overridden with
 `--config.sampling.max_new_tokens=8`, and a misspelled key is a flag error. Bad input of any
 kind (missing checkpoint, malformed JSONL, impossible layout, bad flag combination) prints
 one `error: ...` line and exits 1, without a traceback.
 
 Several processes (docs/multihost.md): the same command on every host, plus
 `--coordinator=host:port --num_processes=N --process_id=i`, or `--distributed` under SLURM
-or Open MPI. Exit codes: 0 done, 1 error, 3 another process was lost
-(`failfast.EXIT_PEER_LOST`), 4 a device step passed its deadline
-(`watchdog.EXIT_STALLED`).
+or Open MPI. Exit codes: 0 done, 1 error, 2 the report's reconciliation does not hold
+(lines unaccounted for or an id written twice: `EXIT_MISMATCH`), 3 another process was lost
+(`failfast.EXIT_PEER_LOST`), 4 a device step passed its deadline (`watchdog.EXIT_STALLED`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from jaxpp.dist import distributed
 from jaxpp.errors import JaxppError
 from jaxpp.job import report, runner
 
+EXIT_MISMATCH = 2  # the job ran but input lines != written + rejected, or duplicates
 CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator (all processes)
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "harbor.py"
@@ -99,6 +100,9 @@ def main(argv: list[str]) -> None:
     print(report.format_report(rep))
     print(f"output {rep['output']}  errors {rep['errors']}  report {rep['report_file']}")
   runtime.close()
+  if rep is not None and not rep["reconciled"]:
+    print(f"error: {report.reconciliation_line(rep)}", file=sys.stderr)
+    sys.exit(EXIT_MISMATCH)
 
 
 if __name__ == "__main__":

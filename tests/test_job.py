@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import pytest
 
+from jaxpp import run
+from jaxpp.errors import JaxppError
 from jaxpp.job import files as jobio
 from jaxpp.job import runner as job
 from jaxpp.load.tokenizer import Tokenizer
@@ -285,3 +287,45 @@ def test_corrected_copy_after_a_length_rejection_is_summarised(tmp_path):
   assert [(e["line"], e["id"]) for e in rejected] == [(1, "A")]
   assert "length_policy=reject" in rejected[0]["reason"]
   assert rep["input_lines"] == 2 and rep["reconciled"] is True
+
+
+# --- the job's own files: never one another, and the exit code tells the truth ------------
+
+
+@pytest.mark.parametrize("same", ["output", "errors", "link"])
+def test_job_files_that_are_one_file_are_refused(tmp_path, same):
+  """output = input (or a link to it), or errors = output: one error line before anything
+  compiles, and the input is left byte for byte (its last line has no newline: the resume
+  repair would have cut it)."""
+  src = tmp_path / "in.jsonl"
+  src.write_bytes("".join(ticket_lines(3)).rstrip("\n").encode())
+  before = src.read_bytes()
+  out, err = tmp_path / "out.jsonl", ""
+  if same == "output":
+    out = src
+  elif same == "errors":
+    err = str(out)
+  else:
+    out = tmp_path / "link.jsonl"
+    out.symlink_to(src)
+  config = shrunk(src, out, errors=err)
+  with pytest.raises(JaxppError, match="is the same file as the job"):
+    job.run_job(config)
+  assert src.read_bytes() == before
+  assert same == "link" or not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_broken_reconciliation_exits_non_zero(tmp_path):
+  """An output that already holds an id twice can never reconcile: the report says
+  MISMATCH and the exit code is 2, so a scheduler does not count the night a success."""
+  lines = ticket_lines(3)
+  src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  src.write_text("".join(lines), encoding="utf-8")
+  row = json.dumps(dict(id=json.loads(lines[0])["id"], summary="x", finish_reason="length",
+                        prompt_tokens=1, completion_tokens=1))
+  out.write_text(row + "\n" + row + "\n", encoding="utf-8")
+  proc = subprocess.run(job_cli(src, out), cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == run.EXIT_MISMATCH == 2, proc.stderr[-2000:]
+  assert "!!! MISMATCH" in proc.stdout
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: !!! MISMATCH")

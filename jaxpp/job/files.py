@@ -312,6 +312,18 @@ class ErrorWriter(ResultWriter):
     self.write({"line": rejected.line, "id": rejected.id, "reason": rejected.reason})
 
 
+def check_distinct(**paths: PathLike) -> None:
+  """Refuses two of the job's files that are one file (same path, or links to it): with the
+  output equal to the input, the resume repair would cut the input's last line."""
+  seen: dict[pathlib.Path, str] = {}
+  for role, path in paths.items():
+    real = pathlib.Path(os.path.realpath(path))
+    if real in seen:
+      raise JaxppError(f"job {role} {path} is the same file as the job {seen[real]}; give "
+                       "the input, output, errors and report files different paths")
+    seen[real] = role
+
+
 def check_output_dir(output_path: PathLike) -> pathlib.Path:
   """Creates the output's parent directories and proves they are writable, before any work.
 

@@ -129,6 +129,8 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   dog = rt.watchdog(**config.watchdog)
   jobio.check_input(job.input)
   output, errors = pathlib.Path(job.output), errors_path(config)
+  jobio.check_distinct(input=job.input, output=output, errors=errors,
+                       report=report.report_path(output))
   resume = None
   if rt.is_writer:
     output, errors = jobio.check_output_dir(output), jobio.check_output_dir(errors)
