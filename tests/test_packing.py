@@ -46,7 +46,11 @@ def test_row_counts_waste_at_most_a_fifth():
 def test_prefill_shape_spreads_pipelines_and_packs_one_stage():
   # pp > 1: rows over as many micro-batches as they fill (up to the cap), one row each
   assert packing.prefill_shape(3, 256, max_microbatches=32, spread=True) == (3, 1)
-  assert packing.prefill_shape(40, 256, max_microbatches=16, spread=True) == (16, 3)
+  assert packing.prefill_shape(40, 256, max_microbatches=16, spread=True) == (14, 3)
+  # past the cap: rows per micro-batch first, then as few micro-batches as hold them
+  for rows, cap in ((9, 8), (17, 16), (5, 4), (100, 32)):
+    M, p = packing.prefill_shape(rows, 256, max_microbatches=cap, spread=True)
+    assert M <= cap and rows <= M * p < 1.25 * rows + p
   assert packing.prefill_shape(1, 256, max_microbatches=16, spread=True,
                                min_microbatches=2) == (2, 1)
   # pp = 1: as few micro-batches as keep one near TOKENS_PER_MICROBATCH tokens

@@ -10,8 +10,9 @@ drawn from the bench's seeded generator, as the fixed-length workload's are) or
 
 A job input file (lines `{"id": ..., "text": ...}`, e.g. data/tickets.jsonl) is read as the
 job reads it (`job/files.py`), each ticket turned into its prompt by the job's own
-`Prompter` (the template, the tokenizer, truncation to the context), so the bench and the
-job can be compared on the same requests; each gets `--output_len` new tokens.
+`Prompter` (the template, the tokenizer, and with `--max_len` the job's truncation to its
+context), so the bench and the job can be compared on the same requests; each gets
+`--output_len` new tokens.
 """
 
 from __future__ import annotations

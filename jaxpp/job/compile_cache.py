@@ -1,9 +1,10 @@
 """JAX's persistent compilation cache for the job, and the compile time a run spends.
 
 A nightly job compiles the same programs every night; with the cache (on by default in
-`job.compile_cache`) a rerun loads them from disk instead. `CompileClock` sums the backend
-compile time JAX reports (its `/jax/core/compile/backend_compile_duration` event), so the
-report can show compile time apart from the steady-state work it projects from.
+`job.compile_cache`) a rerun loads them from disk instead. `CompileClock` sums the time JAX
+reports for its `/jax/core/compile/backend_compile_duration` event (a compile, or a load
+from the cache), so the report can show it apart from the steady-state work it projects
+from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def enable(directory: str) -> pathlib.Path | None:
-  """Turns the persistent cache on in `directory` ("" = off); call before any compile."""
+  """Turns the persistent cache on in `directory` ("" = off). Call it before the process's
+  first compile: JAX decides at that compile whether a cache is in use, for good."""
   if not directory:
     return None
   path = pathlib.Path(os.path.expanduser(directory))
@@ -35,7 +37,8 @@ def enable(directory: str) -> pathlib.Path | None:
 
 
 class CompileClock:
-  """Seconds JAX spent compiling while the clock was open: `with CompileClock() as c:`."""
+  """Seconds JAX spent compiling (or loading compiled programs from the cache) while the
+  clock was open: `with CompileClock() as c:`."""
 
   def __init__(self):
     self.seconds = 0.0

@@ -124,6 +124,9 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
 def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   started = time.perf_counter()
   check_config(config)
+  # before the first compile of the process (the resume broadcast below compiles one): JAX
+  # decides once whether a persistent cache is in use
+  compile_cache.enable(config.job.get("compile_cache", ""))
   job = config.job
   rt = distributed.current()
   dog = rt.watchdog(**config.watchdog)
@@ -137,7 +140,6 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
     resume = jobio.resume_state(output, errors)
   resume = shared_resume(rt, resume)
 
-  compile_cache.enable(job.compile_cache)
   clock = stack.enter_context(compile_cache.CompileClock())
   # layout -> health probe -> weights: nothing is read before every stage has answered
   model_cfg = checkpoint.load_config(config.model.checkpoint)

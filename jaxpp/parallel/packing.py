@@ -80,12 +80,16 @@ def prefill_shape(rows: int, T: int, *, max_microbatches: int, spread: bool,
 
   With `spread` (pipelines: more micro-batches shrink the bubble) the rows are cut into as
   many micro-batches as they fill, up to `max_microbatches`; otherwise into as few as keep
-  a micro-batch near TOKENS_PER_MICROBATCH tokens. Both M and p are `row_count`s, so the
-  shapes stay few and padding rows stay under about a fifth.
+  a micro-batch near TOKENS_PER_MICROBATCH tokens. M and p come from `row_count`'s family
+  where the limits allow (past `max_microbatches`, p first and then as few micro-batches as
+  hold the rows), so the shapes stay few and padding rows stay under about a fifth.
   """
   cap = max(1, TOKENS_PER_MICROBATCH // T)
-  want = rows if spread else math.ceil(rows / cap)
-  M = max(min(row_count(max(want, min_microbatches)), max_microbatches), min_microbatches)
+  want = max(rows if spread else math.ceil(rows / cap), min_microbatches)
+  if row_count(want) > max_microbatches:
+    p = row_count(math.ceil(rows / max_microbatches))
+    return max(math.ceil(rows / p), min_microbatches), p
+  M = row_count(want)
   return M, row_count(math.ceil(rows / M))
 
 

@@ -5,10 +5,10 @@ Admitted requests already own their cache slots; this module packs their prompts
 a handful of prefills, not one per admission) and turns the sampled first tokens into each
 request's decode state.
 
-Shape: rows of T = max(the longest prompt's bucket, the context's bucket up to PACK_LEN)
-tokens, q prompts at most a row; micro-batches as `packing.prefill_shape` cuts them (spread
-over up to `prefill_m` micro-batches when pipelined, to shrink the fill and drain; as few
-as fit when not, since each micro-batch re-reads the stage's weights).
+Shape: rows of T = max(the longest prompt's bucket, the bucket of all the admitted tokens
+up to PACK_LEN) tokens, q prompts at most a row; micro-batches as `packing.prefill_shape`
+cuts them (spread over up to `prefill_m` micro-batches when pipelined, to shrink the fill
+and drain; as few as fit when not, since each micro-batch re-reads the stage's weights).
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ class Prefiller:
     self.min_m = pipe.pp if pipe.v > 1 else 1  # interleaving needs pp in flight
     self.last_shape = (0, 0, 0)
 
-  def row_len(self, longest: int) -> int:
-    """T of the rows for an admission whose longest prompt has `longest` tokens."""
-    return max(shapes.prefill_len(longest, self.max_len),
-               shapes.prefill_len(min(self.max_len, PACK_LEN), self.max_len))
+  def row_len(self, lengths: Sequence[int]) -> int:
+    """T of the rows for an admission of prompts of these lengths: the longest one's bucket,
+    or that of all their tokens together up to PACK_LEN (a lone short prompt gets a short
+    row, not PACK_LEN positions)."""
+    pack = min(sum(lengths), PACK_LEN, self.max_len)
+    return max(shapes.prefill_len(max(lengths), self.max_len),
+               shapes.prefill_len(pack, self.max_len))
 
   def shape(self, rows: int, T: int) -> tuple[int, int]:
     return packing.prefill_shape(rows, T, max_microbatches=self.prefill_m,
@@ -50,7 +53,7 @@ class Prefiller:
     as host arrays, in the order given; the new cache). `knobs[i]` holds prompt i's
     sampling fields; `step(key)` is the watchdog's context for the device call. The shape
     it ran is left in `last_shape` (M, p, T)."""
-    T = self.row_len(max(map(len, prompts)))
+    T = self.row_len([len(p) for p in prompts])
     q = packing.seqs_per_row(T)
     rows = packing.first_fit([len(p) for p in prompts], T, q)
     M, p = self.shape(len(rows), T)
@@ -84,11 +87,16 @@ class Prefiller:
     if admissions is not None:
       out = set()
       for lengths in admissions:
-        T = self.row_len(max(lengths))
+        T = self.row_len(lengths)
         rows = packing.first_fit(lengths, T, packing.seqs_per_row(T))
         out.add(self.shape(len(rows), T) + (T,))
       return out
-    Ts = {self.row_len(n) for n in set(prompt_lengths)}
+    lengths = sorted(set(prompt_lengths))
+    Ts = {self.row_len([n]) for n in lengths}  # a lone prompt of each length
+    T = self.row_len([lengths[0]])
+    while T < self.row_len([lengths[0]] * self.slots):  # ... up to a full admission's rows
+      T = shapes.prefill_len(2 * T, self.max_len)
+      Ts.add(T)
     return {self.shape(rows, T) + (T,) for T in Ts for rows in range(1, self.slots + 1)}
 
   def precompile(self, params, cache, prompt_lengths, step, admissions=None
