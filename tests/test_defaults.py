@@ -51,8 +51,9 @@ def test_slots_follow_free_memory():
     def memory_stats(self):
       return free
 
-  pipe = types.SimpleNamespace(microbatches=4, config=cfg, v=1, tp=1, partition=real.partition,
+  pipe = types.SimpleNamespace(microbatches=4, cache_bytes_per_slot=real.cache_bytes_per_slot,
                                mesh=types.SimpleNamespace(devices=np.array([Device()] * 2)))
+  assert real.cache_bytes_per_slot(1024, 2) == per_slot
   assert defaults.max_num_seqs(pipe, 1024, 2) == 8  # 0.8 x 10 = 8 slots, two per micro-batch
   free["bytes_limit"] = 1000 * per_slot
   assert defaults.max_num_seqs(pipe, 1024, 2) == defaults.MAX_AUTO_SLOTS

@@ -173,12 +173,22 @@ class Pipeline:
       axes.pop()
     return NamedSharding(self.mesh, P(*axes))
 
-  def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
-    """Zeroed KV cache [pp, v, Lc, M, b, K, S, H], created already sharded on its stages;
-    S = llama.cache_positions(max_len)."""
+  def cache_shape(self, rows_per_microbatch: int, max_len: int) -> tuple[int, ...]:
+    """[pp, v, Lc, M, b, K, S, H] of the keys (and of the values); S =
+    llama.cache_positions(max_len)."""
     c = self.config
-    shape = self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
-                               llama.cache_positions(max_len), c.head_dim)
+    return self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
+                              llama.cache_positions(max_len), c.head_dim)
+
+  def cache_bytes_per_slot(self, max_len: int, dtype_bytes: int) -> int:
+    """Keys and values one slot (one row of one micro-batch) holds on each device."""
+    _, v, Lc, _, _, K, S, H = self.cache_shape(1, max_len)
+    return 2 * v * Lc * (K // self.tp) * S * H * dtype_bytes  # K is split over tp
+
+  def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
+    """Zeroed KV cache `cache_shape(rows_per_microbatch, max_len)`, created already
+    sharded on its stages."""
+    shape = self.cache_shape(rows_per_microbatch, max_len)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
     return make(), make()
 

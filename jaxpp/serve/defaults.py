@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxpp.model import llama
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
 
@@ -52,9 +51,7 @@ def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int) -> int:
     fit = SLOTS_PER_MICROBATCH_CPU * m
   else:
     free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
-    c = pipe.config
-    per_slot = (2 * pipe.v * pipe.partition.max_layers * c.num_kv_heads // pipe.tp
-                * c.head_dim * llama.cache_positions(max_len) * dtype_bytes)
+    per_slot = pipe.cache_bytes_per_slot(max_len, dtype_bytes)
     fit = max(m, min(MAX_AUTO_SLOTS, int(KV_MEMORY_SHARE * max(free, 0) // per_slot)) // m * m)
   if jax.process_count() > 1:
     fit = int(np.min(multihost_utils.process_allgather(np.int32(fit))))

@@ -29,7 +29,7 @@ class Prefiller:
 
   def __init__(self, pipe: Pipeline, max_len: int, slots: int, eos_ids: tuple[int, ...]):
     self.pipe, self.max_len, self.eos_ids = pipe, max_len, eos_ids
-    self.prefill_m = min(pipe.prefill_mb, slots)  # micro-batches of the largest prefill
+    self.prefill_m = pipe.layout.prefill_m(slots)  # micro-batches of the largest prefill
     self.slots = slots
     self.min_m = pipe.pp if pipe.v > 1 else 1  # interleaving needs pp in flight
     self.last_shape = (0, 0, 0)
@@ -114,7 +114,5 @@ class Prefiller:
 
 def _knob_arrays(M: int, p: int, q: int) -> dict[str, np.ndarray]:
   """Greedy sampling fields for every prompt position of a prefill shape."""
-  fields = sampling.SamplingParams.make(1)._asdict()
-  out = {f: np.zeros((M, p, q), np.asarray(a).dtype) for f, a in fields.items()}
-  out["top_p"][:] = 1.0
-  return out
+  return {f: np.full((M, p, q), np.asarray(a)[0])
+          for f, a in sampling.SamplingParams.make(1)._asdict().items()}
