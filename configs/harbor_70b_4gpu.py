@@ -96,7 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.job.prompt_template = "Ticket:\n{text}\nSummary:"
   c.job.length_policy = "truncate"  # prompt over 1921 tokens: cut the text, keep "Summary:"
   c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
-  c.job.measure_bubble = True  # time two decode lengths at start to measure the bubble
   c.job.progress = True  # progress bar on stderr
   c.job.compile_cache = "~/.cache/jaxpp/xla"  # JAX's persistent compilation cache; "" = off
 

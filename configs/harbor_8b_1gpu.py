@@ -12,11 +12,12 @@ Llama-architecture checkpoint of about 8B parameters, e.g. Llama 3.1 8B (L=32, D
 F=14336, N=32, K=8, H=128, V=128256).
 
 Measured (2026-12-01, one H200, jax 0.11.2; docs/benchmarks.md, "The job at the engine's
-speed"; `bash tools/job_speed.sh OUT 10 128`): a random-weight checkpoint of that shape and
-data/tickets.jsonl repeated 10 times (2,400 tickets, 454,550 prompt tokens, mean 189), 64
-new tokens each. Compile cache warm: prefill 28,912 tok/s (the bench's fixed 1,024-token
-prefill on the same card: 35,223), decode 14,099 tok/s, 2,400 tickets in 2.0 min of which
-89 s were reading the 16 GB checkpoint; the report projects 40,000 tickets in 9.7 min.
+speed"): this config as shipped on a random-weight checkpoint of that shape and
+data/tickets.jsonl repeated 167 times (40,080 tickets, 7.6M prompt tokens, mean 189), 64 new
+tokens each, compile cache cold (`bash tools/job_speed.sh OUT 167 0 config`): 40,080
+tickets in 8.6 min, prefill 26,633 tok/s, decode 14,643 tok/s, start-up 51 s of which 42 s
+reading the 16 GB checkpoint. The same command again on the finished output: 8 s, no model
+loaded.
 
 Layout: pp=1 x tp=1 (the model fits one card; no pipeline bubble), one decode micro-batch
 (microbatches=0 = pp), decode_chunk 0 = from the layout (16), 128 sequences in flight as
@@ -75,7 +76,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.job.prompt_template = "Ticket:\n{text}\nSummary:"
   c.job.length_policy = "truncate"  # prompt too long for max_len: "truncate" (keep its end) or "reject"
   c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
-  c.job.measure_bubble = False  # pp=1: no pipeline bubble to measure
   c.job.progress = True  # progress bar on stderr
   c.job.compile_cache = "~/.cache/jaxpp/xla"  # JAX's persistent compilation cache; "" = off
 

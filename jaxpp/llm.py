@@ -49,6 +49,20 @@ def resolve_dtype(name: str):
   return DTYPES[name]
 
 
+def check_context(config: LlamaConfig, max_len: int, decode_chunk: int) -> int:
+  """The context (max_len; 0 = the model's, at most 4,096) after checking it and
+  decode_chunk against the model, so a job can refuse them before anything loads."""
+  limit = config.max_position_embeddings
+  if max_len < 0 or max_len == 1:
+    raise JaxppError(f"max_len={max_len} must be >= 2 (0 = the model's, at most 4096)")
+  max_len = max_len or min(limit, 4096)
+  if max_len > limit:
+    raise JaxppError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
+  if decode_chunk < 0:
+    raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1 (0 = from the layout)")
+  return max_len
+
+
 class LLM:
   """A model placed on a layout from a Hugging Face checkpoint, ready to generate.
 
@@ -99,13 +113,7 @@ class LLM:
   def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
     self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
     self.dtype = params_lib.activation_dtype(params)
-    limit = config.max_position_embeddings
-    self.max_len = max_len or min(limit, 4096)
-    if self.max_len > limit:
-      raise JaxppError(f"max_len={self.max_len} exceeds the model's "
-                       f"max_position_embeddings={limit}")
-    if decode_chunk < 0:
-      raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1 (0 = from the layout)")
+    self.max_len = check_context(config, max_len, decode_chunk)
     self.decode_chunk = decode_chunk or defaults.decode_chunk(pipe.layout)
 
   @property

@@ -11,12 +11,14 @@ Several processes (docs/multihost.md): the same command on every host, plus
 `--coordinator=host:port --num_processes=N --process_id=i`, or `--distributed` under SLURM
 or Open MPI. Exit codes: 0 done, 1 error, 2 the report's reconciliation does not hold
 (lines unaccounted for or an id written twice: `EXIT_MISMATCH`), 3 another process was lost
-(`failfast.EXIT_PEER_LOST`), 4 a device step passed its deadline (`watchdog.EXIT_STALLED`).
+(`failfast.EXIT_PEER_LOST`), 4 a device step passed its deadline (`watchdog.EXIT_STALLED`),
+128 + N stopped by signal N (143 SIGTERM, 130 SIGINT; `job/stop.py`), the rerun resumes.
 """
 
 from __future__ import annotations
 
 import pathlib
+import signal
 import sys
 
 from absl import app, flags
@@ -24,7 +26,7 @@ from ml_collections import config_flags
 
 from jaxpp.dist import distributed
 from jaxpp.errors import JaxppError
-from jaxpp.job import report, runner
+from jaxpp.job import report, runner, stop
 
 EXIT_MISMATCH = 2  # the job ran but input lines != written + rejected, or duplicates
 CPU_DEVICES = 8  # virtual XLA CPU devices when running without an accelerator (all processes)
@@ -45,7 +47,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         "config", str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None,
         "Run config: a Python file whose get_config() returns a ConfigDict.",
         lock_config=True)
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type, an unknown flag: absl's FATAL form
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
   except (AttributeError, KeyError) as e:
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
@@ -93,13 +98,19 @@ def main(argv: list[str]) -> None:
     runtime = distributed.start(distributed.options_from_flags())
   with runtime.guard():
     use_virtual_cpu_devices(runtime.num_processes)
-    rep = runner.run_job(loaded_config())
+    try:
+      rep = runner.run_job(loaded_config())
+    except stop.Stopped as e:
+      print(f"{e}: nothing was in flight; rerun the same command to resume", file=sys.stderr)
+      sys.exit(stop.exit_code(e.signum))
   if rep is None:
     print(f"{runtime.describe()}: done; process 0 writes the output, errors and report")
   else:
     print(report.format_report(rep))
     print(f"output {rep['output']}  errors {rep['errors']}  report {rep['report_file']}")
   runtime.close()
+  if rep is not None and rep["interrupted"]:
+    sys.exit(stop.exit_code(signal.Signals[rep["interrupted"]]))
   if rep is not None and not rep["reconciled"]:
     print(f"error: {report.reconciliation_line(rep)}", file=sys.stderr)
     sys.exit(EXIT_MISMATCH)

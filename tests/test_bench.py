@@ -251,9 +251,10 @@ def test_a_job_input_file_is_the_job_s_own_prompts(tmp_path):
   config = types.SimpleNamespace(model=types.SimpleNamespace(checkpoint=str(model)),
                                  job=types.SimpleNamespace(prompt_template="Ticket:\n{text}\n"
                                                            "Summary:", length_policy="truncate"),
-                                 sampling=types.SimpleNamespace(max_new_tokens=32))
-  llm = types.SimpleNamespace(tokenizer=Tokenizer.from_dir(model), max_len=256)
-  job = [t.prompt for t in jobio.read_tickets(tickets, prepare=Prompter.for_job(llm, config))]
+                                 sampling=types.SimpleNamespace(max_new_tokens=32),
+                                 engine=types.SimpleNamespace(max_len=256))
+  prompter = Prompter.for_job(Tokenizer.from_dir(model), config)
+  job = [t.prompt for t in jobio.read_tickets(tickets, prepare=prompter)]
   assert work.prompts == job and len(job) == 240
   assert work.output_lens == [32] * 240 and max(map(len, job)) == 225  # cut to the budget
   assert "240 requests from mixed.jsonl" in work.describe()

@@ -24,7 +24,8 @@ from jaxpp.job import runner as job
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 TICKETS = REPO / "data" / "tickets.jsonl"
-FIELDS = {"id", "summary", "finish_reason", "prompt_tokens", "completion_tokens"}
+FIELDS = {"id", "line", "summary", "finish_reason", "prompt_tokens", "completion_tokens",
+          "truncated_tokens"}
 FAST_S = 5.0  # a config / input / output mistake must surface before any compile
 
 
@@ -63,7 +64,6 @@ def shrunk(config: ml_collections.ConfigDict, tmp_path: pathlib.Path, *, n: int 
   config.job.input = str(tmp_path / "in.jsonl")
   write_tickets(tmp_path / "in.jsonl", n)
   config.job.output = str(tmp_path / "out" / "summaries.jsonl")
-  config.job.measure_bubble = False
   config.job.progress = False
   return config
 
@@ -193,7 +193,7 @@ def test_cli_runs_with_overrides(tmp_path):
   out = tmp_path / "nested" / "summaries.jsonl"
   proc = run_cli("--config", "configs/harbor.py", "--config.sampling.max_new_tokens=4",
                  f"--config.job.input={tmp_path / 'in.jsonl'}", f"--config.job.output={out}",
-                 "--config.job.measure_bubble=False", "--config.job.progress=False")
+                 "--config.job.progress=False")
   assert proc.returncode == 0, proc.stderr
   assert "8 x cpu" in proc.stdout  # virtual devices were set before the backend started
   assert "input lines = written + rejected: 6 = 6 + 0 ✓" in proc.stdout, proc.stdout
@@ -216,9 +216,68 @@ def test_cli_jaxpp_error_is_one_line(tmp_path):
                  f"--config.model.checkpoint={tmp_path / 'missing'}",
                  f"--config.job.input={tmp_path / 'in.jsonl'}",
                  f"--config.job.output={tmp_path / 'o.jsonl'}",
-                 "--config.job.measure_bubble=False", "--config.job.progress=False")
+                 "--config.job.progress=False")
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "missing" in errors[0], proc.stderr
   assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("group, key, value, match", [
+    ("engine", "max_len", 100000, r"^max_len=100000 exceeds the model's max_position_embeddings"),
+    ("engine", "max_len", 1, r"^max_len=1 must be >= 2"),
+    ("schedule", "decode_chunk", -1, r"^decode_chunk=-1 must be >= 1 \(0 = from the layout\)$"),
+    ("model", "dtype", "float16", r"^dtype 'float16' is not supported; choose one of"),
+    ("engine", "max_num_seqs", -1, r"^engine.max_num_seqs=-1 must be >= 1 \(0 = what free"),
+    ("watchdog", "min_seconds", 0.0, r"^watchdog: multiple=.* must be > 0"),
+])
+def test_out_of_range_values_are_refused_before_the_probe(harbor, capsys, group, key, value,
+                                                          match):
+  """Refused with the config and the model alone: no health probe, no compile, no files."""
+  harbor[group][key] = value
+  expect_fast_error(harbor, match)
+  assert "health:" not in capsys.readouterr().err
+
+
+def copy_checkpoint(tmp_path: pathlib.Path, src: str) -> pathlib.Path:
+  dst = tmp_path / "ckpt"
+  dst.mkdir()
+  for f in pathlib.Path(src).iterdir():
+    (dst / f.name).write_bytes(f.read_bytes())
+  return dst
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", r"^checkpoint file .*model\.safetensors: unreadable safetensors \(Error "
+                 r"while deserializing header: incomplete metadata, file not fully covered\)$"),
+    ("garbage", r"^checkpoint file .*model\.safetensors: unreadable safetensors"),
+    ("shape", r"^checkpoint .*: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
+              r"\(\d+, \d+\) but config\.json implies"),
+])
+def test_damaged_checkpoint_is_refused_before_the_probe(harbor, tmp_path, capsys, damage,
+                                                        match):
+  """A cut-off download, a file that is not safetensors, a config.json that does not
+  describe the tensors: one error line from the headers alone, before the probe."""
+  ckpt = copy_checkpoint(tmp_path, harbor.model.checkpoint)
+  weights = ckpt / "model.safetensors"
+  if damage == "truncate":
+    weights.write_bytes(weights.read_bytes()[:-1000])
+  elif damage == "garbage":
+    weights.write_bytes(b"<html>rate limited</html>" * 40)
+  else:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+  harbor.model.checkpoint = str(ckpt)
+  expect_fast_error(harbor, match)
+  assert "health:" not in capsys.readouterr().err
+
+
+def test_cli_value_of_the_wrong_type_is_one_error_line(tmp_path):
+  """absl's two-line FATAL for `--config.mesh.pp=abc` becomes the job's `error:` form."""
+  proc = run_cli("--config", "configs/harbor.py", "--config.mesh.pp=abc",
+                 f"--config.job.output={tmp_path / 'o.jsonl'}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "error: flag --config.mesh.pp=abc: invalid literal for int() with base 10: 'abc'"]

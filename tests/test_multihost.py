@@ -37,7 +37,7 @@ def free_port() -> int:
 def job_args(src, out, *extra: str) -> list[str]:
   return ["--config", "configs/harbor.py", f"--config.job.input={src}",
           f"--config.job.output={out}", "--config.sampling.max_new_tokens=8",
-          "--config.job.measure_bubble=False", "--config.job.progress=False", *extra]
+          "--config.job.progress=False", *extra]
 
 
 class Run:

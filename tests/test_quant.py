@@ -241,7 +241,7 @@ def test_job_runs_quantised_from_the_command_line(tmp_path):
   out, cache = tmp_path / "out.jsonl", tmp_path / "cache"
   proc = run_cli("--config", "configs/harbor.py", f"--config.job.input={tmp_path / 'in.jsonl'}",
                  f"--config.job.output={out}", "--config.sampling.max_new_tokens=4",
-                 "--config.job.measure_bubble=False", "--config.job.progress=False",
+                 "--config.job.progress=False",
                  "--config.model.quant=int8", f"--config.model.params_cache={cache}")
   assert proc.returncode == 0, proc.stderr
   assert sorted(r["id"] for r in read_jsonl(out)) == sorted(ids)

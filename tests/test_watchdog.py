@@ -136,7 +136,7 @@ def test_stalled_step_in_the_job_stops_it_naming_the_stages(tmp_path):
   cmd = [sys.executable, "-c", STALLING_DRIVER, "--config", "configs/harbor.py",
          f"--config.job.input={src}", f"--config.job.output={tmp_path / 'out.jsonl'}",
          "--config.sampling.max_new_tokens=8", "--config.engine.max_num_seqs=4",
-         "--config.job.measure_bubble=False", "--config.job.progress=False",
+         "--config.job.progress=False",
          "--config.watchdog.multiple=3", "--config.watchdog.min_seconds=1",
          "--config.watchdog.max_seconds=120", str(stamp)]
   proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),

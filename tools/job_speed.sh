@@ -7,9 +7,14 @@
 #   bash tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]
 #
 # SLOTS 0 lets the job pick (engine.max_num_seqs=0: what memory holds); STEPS, a list of
-# cold, warm and bench, says what to run (default all three). Needs a GPU, ~17 GB of disk
-# for the checkpoint (kept in out/llama3-8b-random between runs) and jaxpp importable
-# (PYTHONPATH=. from the repo root). Logs and reports go to OUT_DIR; each job line also
+# cold, warm, bench, workload, config and rerun, says what to run (default cold warm bench):
+# cold / warm run configs/harbor.py with the overrides below; `workload` is `jaxpp.bench
+# --workload` of the job's own input at SLOTS slots (the engine on the same requests
+# without the job around it); `config` runs configs/harbor_8b_1gpu.py as shipped (only the
+# checkpoint, input and output set; SLOTS ignored) and `rerun` repeats that command on its
+# finished output (nothing left to do: the start-up of a no-op rerun). Needs a GPU, ~17 GB
+# of disk for the checkpoint (kept in out/llama3-8b-random between runs) and jaxpp
+# importable (PYTHONPATH=. from the repo root). Logs and reports go to OUT_DIR; each job line also
 # gives the peak anonymous host memory (RssAnon, sampled every 0.2 s).
 set -euo pipefail
 out=${1:?usage: tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]}
@@ -29,17 +34,15 @@ with open("out/tickets_x%d.jsonl" % n, "w") as f:
     for t in lines:
       f.write(json.dumps(dict(t, id=f"{t['id']}-{r}")) + "\n")
 EOF
-job() {  # $1: run name; the rest: extra overrides
-  local name=$1; shift
-  rm -f "out/$name.jsonl" "out/$name.errors.jsonl"
-  python -m jaxpp.run --config configs/harbor.py \
-    --config.model.checkpoint=$ckpt --config.model.dtype=bfloat16 \
-    --config.job.input=out/tickets_x$repeat.jsonl --config.job.output=out/$name.jsonl \
-    --config.mesh.pp=1 --config.mesh.tp=1 --config.engine.max_len=1024 \
-    --config.engine.max_num_seqs=$slots --config.sampling.max_new_tokens=64 \
-    --config.job.measure_bubble=False --config.job.progress=False "$@" \
-    > "$out/$name.log" 2> "$out/$name.stderr" &
-  local pid=$! peak=0 hwm=0 kb
+job() {  # $1: output name; $2: config; the rest: overrides. KEEP=1 keeps the output,
+  # LOG=name names the logs and report copy (default: the output name)
+  local name=$1 config=$2 log=${LOG:-$1}; shift 2
+  [[ ${KEEP:-0} == 1 ]] || rm -f "out/$name.jsonl" "out/$name.errors.jsonl"
+  python -m jaxpp.run --config "$config" \
+    --config.model.checkpoint=$ckpt --config.job.input=out/tickets_x$repeat.jsonl \
+    --config.job.output=out/$name.jsonl --config.job.progress=False "$@" \
+    > "$out/$log.log" 2> "$out/$log.stderr" &
+  local pid=$! peak=0 hwm=0 kb start=$SECONDS
   while kill -0 $pid 2> /dev/null; do
     kb=$(awk '/RssAnon/ {print $2}' /proc/$pid/status 2> /dev/null || echo 0)
     (( ${kb:-0} > peak )) && peak=$kb
@@ -47,13 +50,28 @@ job() {  # $1: run name; the rest: extra overrides
     (( ${kb:-0} > hwm )) && hwm=$kb
     sleep 0.2
   done
-  wait $pid || { tail -30 "$out/$name.stderr"; return 1; }
-  cp "out/$name.jsonl.report.json" "$out/$name.report.json"
-  tail -15 "$out/$name.log"
-  echo "host memory: peak RssAnon $((peak / 1024)) MiB, VmHWM (file pages too) $((hwm / 1024)) MiB"
+  wait $pid || { tail -30 "$out/$log.stderr"; return 1; }
+  cp "out/$name.jsonl.report.json" "$out/$log.report.json"
+  tail -15 "$out/$log.log"
+  echo "$log: $((SECONDS - start)) s wall (process start to exit); host memory: peak" \
+    "RssAnon $((peak / 1024)) MiB, VmHWM (file pages too) $((hwm / 1024)) MiB"
 }
-[[ $steps == *cold* ]] && { rm -rf ~/.cache/jaxpp/xla; job cold; }
-[[ $steps == *warm* ]] && job warm
+tuned() {  # the workload on configs/harbor.py
+  job "$1" configs/harbor.py --config.model.dtype=bfloat16 --config.mesh.pp=1 \
+    --config.mesh.tp=1 --config.engine.max_len=1024 --config.engine.max_num_seqs=$slots \
+    --config.sampling.max_new_tokens=64
+}
+[[ $steps == *cold* ]] && { rm -rf ~/.cache/jaxpp/xla; tuned cold; }
+[[ $steps == *warm* ]] && tuned warm
+[[ $steps == *config* ]] && job config configs/harbor_8b_1gpu.py
+[[ $steps == *rerun* ]] && KEEP=1 LOG=rerun job config configs/harbor_8b_1gpu.py
+if [[ $steps == *workload* ]]; then
+  python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 \
+    --workload=out/tickets_x$repeat.jsonl --tokenizer=$ckpt --max_len=1024 --output_len=64 \
+    --max_num_seqs=$slots --out="$out/workload" > "$out/workload.log" 2>&1 \
+    || tail -30 "$out/workload.log"
+  tail -4 "$out/workload.log"
+fi
 [[ $steps == *bench* ]] || exit 0
 python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 --input_len=1024 \
   --output_len=128 --num_requests=256 --max_num_seqs=64 --out="$out/bench" \

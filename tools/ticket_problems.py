@@ -80,8 +80,8 @@ def billing(c: Ctx):
              f"My card statement shows two identical {p} charges of ${c.amount} on {c.date}, "
              f"but there is only one invoice for {c.month} ({c.invoice}).",
              f"{p} double charged me for {c.month}, ${c.amount} twice, invoice {c.invoice}."],
-            [f"Only one of the two charges has an invoice number.",
-             f"The second charge appeared about a minute after the first."])
+            ["Only one of the two charges has an invoice number.",
+             "The second charge appeared about a minute after the first."])
   if k == 1:
     return (f"billed ${c.amount} instead of the {c.plan} plan price",
             [f"We are on the {c.plan} plan, but invoice {c.invoice} charged ${c.amount}, which "
@@ -90,7 +90,7 @@ def billing(c: Ctx):
              f"less; nothing changed on our side (invoice {c.invoice})."],
             [f"We did not add seats or upgrade anything in {c.month}."])
   if k == 2:
-    return (f"charged after cancelling the subscription",
+    return ("charged after cancelling the subscription",
             [f"I cancelled my {p} subscription before the renewal date, and on {c.date} I was "
              f"still charged ${c.amount}.",
              f"Even though I cancelled {p} last month, a renewal charge of ${c.amount} arrived "

@@ -297,7 +297,8 @@ def main(argv):
   from absl import flags
   F = flags.FLAGS
   buckets = tuple(b for b in TrainConfig.buckets if b < F.max_len) + (F.max_len,)
-  cfg = TrainConfig(buckets=buckets, hidden_size=F.hidden_size, num_layers=F.num_layers, num_heads=F.num_heads,
+  cfg = TrainConfig(buckets=buckets, hidden_size=F.hidden_size, num_layers=F.num_layers,
+                    num_heads=F.num_heads,
                     num_kv_heads=F.num_kv_heads, max_len=F.max_len, batch_size=F.batch_size,
                     steps=F.steps, warmup_steps=F.warmup_steps, learning_rate=F.learning_rate,
                     seed=F.seed, log_every=F.log_every)

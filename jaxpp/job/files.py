@@ -19,6 +19,7 @@ neither written nor rejected, so "input lines" below means non-blank lines (the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -41,6 +42,8 @@ class Ticket:
   text: str
   doc: dict  # the whole JSON object, "id" and "text" included, so no field is lost
   prompt: Any = None  # what `read_tickets`' `prepare` made of it (the job: prompt ids)
+  truncated_tokens: int = 0  # prompt tokens the length policy cut (the job's prepare sets it)
+  done: bool = False  # an earlier run wrote its row (read_tickets' `done`): not prepared
 
 
 @dataclasses.dataclass
@@ -123,42 +126,65 @@ def _check(obj: Any) -> tuple[Any | None, str | None]:
   return id_, None
 
 
-def read_tickets(path: PathLike, prepare: Callable[[Ticket], tuple[Any, str | None]] | None
-                 = None) -> Iterator[Ticket | Rejected]:
+Prepare = Callable[[list["Ticket"]], list[str | None]]
+
+
+def read_tickets(path: PathLike, prepare: Prepare | None = None, *,
+                 done: dict[str, int] | None = None, batch: int = 512
+                 ) -> Iterator[Ticket | Rejected]:
   """Streams the input, yielding one `Ticket` or `Rejected` per non-blank line, in order.
 
-  Deterministic from the file alone (no resume state goes in), so every run assigns the same
-  verdict to the same line. `prepare(ticket) -> (prompt, reason)` is the caller's own check
-  (the job's length policy); a reason rejects the line. Duplicates: the first ACCEPTED line
-  with an id wins and later ones are rejected naming it; a line rejected for any other
-  reason, `prepare`'s included, does not claim its id, so a corrected copy further down is
-  still summarised rather than lost.
+  Deterministic from the file alone, so every run assigns the same verdict to the same line.
+  `prepare(tickets) -> reasons` is the caller's own check (the job's tokenizer and length
+  policy), called on up to `batch` tickets at once so it can tokenize them in one parallel
+  call; it sets each ticket's `prompt` and returns a reason (rejecting the line) or None per
+  ticket. Duplicates: the first ACCEPTED line with an id wins and later ones are rejected
+  naming it; a line rejected for any other reason, `prepare`'s included, does not claim its
+  id, so a corrected copy further down is still summarised rather than lost.
+
+  `done` ({key: input line} of the rows earlier runs wrote) spares finished tickets the
+  preparing: a ticket at the very line its row names is yielded with `done=True` and no
+  prompt. It was accepted there before, and verdicts are deterministic, so it still claims
+  its id.
   """
   p = check_input(path)
+  done = done or {}
   first_line: dict[str, int] = {}
   with open(p, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark some editors write
-      if not raw.strip():
-        continue
-      obj, reason = _parse(raw.rstrip(b"\r\n"))
-      id_ = None
-      if reason is None:
-        id_, reason = _check(obj)
-      if reason is None:
-        key = ticket_key(id_)
-        if key in first_line:
-          reason = f"duplicate id {key} (first accepted on line {first_line[key]})"
+    lines = enumerate(f, start=1)
+    while chunk := [_candidate(n, raw, done) for n, raw in itertools.islice(lines, batch)]:
+      fresh = [c for c in chunk if isinstance(c, Ticket) and not c.done]
+      reasons = dict(zip(map(id, fresh), prepare(fresh) if prepare and fresh else ()))
+      for item in chunk:
+        if item is None or isinstance(item, Rejected):
+          if item is not None:
+            yield item
+          continue
+        reason = reasons.get(id(item))
+        if item.key in first_line:
+          reason = f"duplicate id {item.key} (first accepted on line {first_line[item.key]})"
+        if reason is None:
+          first_line[item.key] = item.line
+          yield item
         else:
-          ticket = Ticket(line=lineno, id=id_, key=key, text=obj["text"], doc=obj)
-          if prepare is not None:
-            ticket.prompt, reason = prepare(ticket)
-          if reason is None:
-            first_line[key] = lineno
-            yield ticket
-            continue
-      yield Rejected(line=lineno, id=id_, reason=reason)
+          yield Rejected(line=item.line, id=item.id, reason=reason)
+
+
+def _candidate(lineno: int, raw: bytes, done: dict[str, int]) -> Ticket | Rejected | None:
+  """One line's verdict before `prepare` and the duplicate check; None for a blank line."""
+  if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+    raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+  if not raw.strip():
+    return None
+  obj, reason = _parse(raw.rstrip(b"\r\n"))
+  id_ = None
+  if reason is None:
+    id_, reason = _check(obj)
+  if reason is not None:
+    return Rejected(line=lineno, id=id_, reason=reason)
+  key = ticket_key(id_)
+  return Ticket(line=lineno, id=id_, key=key, text=obj["text"], doc=obj,
+                done=done.get(key) == lineno)
 
 
 @dataclasses.dataclass
@@ -216,6 +242,7 @@ def repair_jsonl(path: PathLike) -> RepairResult:
 class ResumeState:
   """What earlier runs already finished; the job skips these and writes only the rest."""
   done_keys: set[str] = dataclasses.field(default_factory=set)
+  done_lines: dict[str, int] = dataclasses.field(default_factory=dict)  # key -> row's "line"
   rejected_lines: set[int] = dataclasses.field(default_factory=set)
   output_rows: int = 0  # rows in the output; > len(done_keys) means duplicate_rows > 0
   duplicate_rows: int = 0  # output rows whose key was already seen (should stay 0)
@@ -253,6 +280,8 @@ def resume_state(output_path: PathLike, errors_path: PathLike) -> ResumeState:
     if key in state.done_keys:
       state.duplicate_rows += 1
     state.done_keys.add(key)
+    if isinstance(row.get("line"), int) and key not in state.done_lines:
+      state.done_lines[key] = row["line"]
   for row in _rows(err):
     if isinstance(row.get("line"), int):
       state.rejected_lines.add(row["line"])

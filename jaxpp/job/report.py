@@ -46,27 +46,37 @@ def human_duration(seconds: float | None) -> str:
 
 
 class Progress:
-  """A tqdm bar on stderr counting documents, with documents/s and generated tokens/s.
+  """A tqdm bar on stderr: documents done, one doc/s, one tok/s and an ETA.
 
-  `total` is the number of documents this run will process (already-done ones excluded), so
-  the ETA is honest on a resumed run. `disable=True` keeps tests and logs quiet.
+  Both rates are averages since the first document of the run finished, so start-up and
+  the first compiles do not pass for throughput and the first ETA is not hours off; tok/s
+  counts prompt and generated tokens of finished documents (what the devices processed).
+  `total` is this run's documents (already-done ones excluded), so a resumed run's ETA is
+  honest. `disable=True` keeps tests and logs quiet.
   """
 
+  FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
   def __init__(self, total: int | None, *, disable: bool = False, desc: str = "summaries"):
-    self.documents = 0
-    self.tokens = 0
-    self._start = time.perf_counter()
+    self.total, self.documents, self.tokens = total, 0, 0
+    self._first: float | None = None  # when the first document finished
+    self._before = (0, 0)  # documents and tokens counted by then
     self._bar = tqdm(total=total, desc=desc, unit="doc", file=sys.stderr, disable=disable,
-                     dynamic_ncols=True)
+                     dynamic_ncols=True, bar_format=self.FORMAT)
 
   def update(self, documents: int = 1, tokens: int = 0) -> None:
+    now = time.perf_counter()
     self.documents += documents
     self.tokens += tokens
-    elapsed = time.perf_counter() - self._start
-    if elapsed > 0:
+    if self._first is None:  # the rates start here: this document's time was start-up
+      self._first, self._before = now, (self.documents, self.tokens)
+    elif now > self._first:
+      elapsed = now - self._first
+      rate = (self.documents - self._before[0]) / elapsed
+      left = (self.total - self.documents) / rate if self.total else None
       self._bar.set_postfix_str(
-          f"{self.documents / elapsed:.2f} doc/s, {self.tokens / elapsed:.1f} tok/s",
-          refresh=False)
+          f"{rate:.1f} doc/s, {(self.tokens - self._before[1]) / elapsed:,.0f} tok/s, "
+          f"ETA {human_duration(left)}", refresh=False)
     self._bar.update(documents)
 
   def close(self) -> None:
@@ -88,7 +98,8 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
                  duplicate_rows: int = 0, startup_seconds: float = 0.0,
                  load_seconds: float = 0.0, compile_seconds: float = 0.0,
                  steady_seconds: float | None = None,
-                 prefill_positions: int = 0) -> dict[str, Any]:
+                 prefill_positions: int = 0, truncated_run: int = 0,
+                 interrupted: str | None = None) -> dict[str, Any]:
   """The job report as a JSON-ready dict; rates are None where nothing was timed.
 
   `*_run` count this run, `*_total` the whole output / errors file (earlier runs included,
@@ -99,7 +110,10 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
   start-up and the compiles after it (default: the whole wall). The projection is this
   run's one-off time plus 40,000 documents at the steady rate. `prefill_positions` are the
   token positions the prefill programs computed; over the prompt tokens they give the share
-  spent on padding.
+  spent on padding. `bubble_measured` is the decode ring's idle share from the run's own
+  timed decode calls (`EngineStats.idle_share`); `tick_seconds`, one stage-step's latency
+  per timed call. `truncated_run` counts this run's rows whose prompt the length policy
+  cut; `interrupted` names the signal that stopped the run (None: it ran to the end).
   """
   dps = _rate(written_run, wall_seconds)
   steady_s = wall_seconds if steady_seconds is None else steady_seconds
@@ -114,6 +128,8 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
       "skipped_done": skipped_done,
       "duplicate_rows": duplicate_rows,
       "reconciled": input_lines == written_total + rejected_total and duplicate_rows == 0,
+      "interrupted": interrupted,
+      "truncated_run": truncated_run,
       "prompt_tokens": prompt_tokens,
       "prefill_positions": prefill_positions,
       "prefill_padding": (1 - prompt_tokens / prefill_positions if prefill_positions else None),
@@ -156,6 +172,9 @@ def reconciliation_line(r: dict[str, Any]) -> str:
   n, w, e = r["input_lines"], r["written_total"], r["rejected_total"]
   if r["reconciled"]:
     return f"input lines = written + rejected: {n} = {w} + {e} ✓"
+  if r.get("interrupted") and not r.get("duplicate_rows") and n > w + e:
+    return (f"input lines = written + rejected: {n} != {w} + {e} "
+            f"({n - (w + e):,} still to do: interrupted by {r['interrupted']})")
   problems = []
   if n != w + e:
     problems.append(f"{n - (w + e):+d} lines unaccounted for")
@@ -172,16 +191,17 @@ def format_report(r: dict[str, Any]) -> str:
   lines = [
       f"documents   {r['written_run']:,} written this run ({r['written_total']:,} in output), "
       f"{r['rejected_run']:,} rejected ({r['rejected_total']:,} in errors), "
-      f"{r['skipped_done']:,} already done",
+      f"{r['skipped_done']:,} already done, {r.get('truncated_run', 0):,} prompts truncated",
       f"tokens      prompt {r['prompt_tokens']:,}  completion {r['completion_tokens']:,}  "
       f"(prefill padding {_pct(r.get('prefill_padding'))})",
       f"tokens/s    prefill {_num(r['prefill_tokens_per_second'])}  "
       f"decode {_num(r['decode_tokens_per_second'])}  "
       f"total {_num(r['total_tokens_per_second'])}",
       f"documents/s {_num(r['documents_per_second'], ',.2f')}",
-      f"bubble      schedule {_pct(r['bubble_schedule'])}  measured {_pct(r['bubble_measured'])}",
-      f"tick        p50 {_ms(tick['p50'])}  p90 {_ms(tick['p90'])}  p99 {_ms(tick['p99'])}  "
-      f"({tick['count']:,} ticks)",
+      f"bubble      schedule {_pct(r['bubble_schedule'])}  measured {_pct(r['bubble_measured'])}"
+      " (decode ring idle: fill, drain and host time)",
+      f"stage step  p50 {_ms(tick['p50'])}  p90 {_ms(tick['p90'])}  p99 {_ms(tick['p99'])}  "
+      f"({tick['count']:,} timed decode calls)",
       f"wall        {human_duration(r['wall_seconds'])} "
       f"(prefill {human_duration(r['prefill_seconds'])}, "
       f"decode {human_duration(r['decode_seconds'])})",
@@ -192,6 +212,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"devices     {r['devices'] or 'n/a'}" + (f"  layout {layout}" if layout else ""),
       reconciliation_line(r),
   ]
+  if r.get("interrupted"):
+    lines.append(f"interrupted by {r['interrupted']}: rerun the same command to resume")
   return "\n".join(lines)
 
 

@@ -2,15 +2,19 @@
 
 `run_job(config)` is everything `python -m jaxpp.run` does after parsing flags:
 
-1. check the config, the input and the output locations (one-line errors, before any
-   compile);
-2. repair and read what earlier runs wrote (resume: finished ids are skipped, rejected
-   lines are not rejected twice);
-3. place the model on the layout, then stream tickets into the engine, keeping its queue a
+1. check every config value against the model, the checkpoint's files (headers and
+   shapes), the input and the output locations: one-line errors, before any compile;
+2. take the output's lock (`lock.py`), repair and read what earlier runs wrote (resume:
+   finished ids are skipped, rejected lines are not rejected twice);
+3. read the input once: tickets still to do are tokenized in parallel batches, finished
+   ones not at all; with nothing left to do, no model is loaded;
+4. place the model on the layout, then stream tickets into the engine, keeping its queue a
    little ahead of its slots, and write each summary (whole line, flushed) the moment its
-   ticket finishes; every bad line becomes an errors-file line instead;
-4. report: documents, tokens/s, bubble (schedule and measured), tick latency, wall time,
-   the projection for 40,000 tickets, and whether input lines = written + rejected.
+   ticket finishes; every bad line becomes an errors-file line instead; SIGTERM or SIGINT
+   stops it cleanly (`stop.py`);
+5. report: documents, tokens/s, bubble (schedule and measured from the run's own decode
+   calls), per-stage latency (and its histogram PNG), start-up and compile time, the
+   projection for 40,000 tickets, and whether input lines = written + rejected.
 
 In a multi-process run (`distributed.py`) every process runs all of this on the same input
 and config and makes the same decisions; only process 0 reads and writes the output, the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -34,17 +39,22 @@ from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
 from jaxpp.job import compile_cache, report
 from jaxpp.job import files as jobio
+from jaxpp.job.latency_plot import write_latency_png
+from jaxpp.job.lock import OutputLock
 from jaxpp.job.prompter import TEMPLATE_SLOT, Prompter
-from jaxpp.llm import LLM, devices_summary, resolve_dtype
+from jaxpp.job.stop import StopSignals
+from jaxpp.llm import LLM, check_context, devices_summary, resolve_dtype
 from jaxpp.load import checkpoint, weights
 from jaxpp.load.tokenizer import Tokenizer
 from jaxpp.model import decode_attention, sampling
 from jaxpp.model import quant as quant_lib
+from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import defaults
 from jaxpp.serve import engine as engine_lib
+from jaxpp.serve.stats import EngineStats
 
 LENGTH_POLICIES = ("truncate", "reject")
 
@@ -64,9 +74,10 @@ def layout_of(config: ml_collections.ConfigDict) -> Layout:
                 layer_split=s.layer_split)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The knobs jaxpp.LLM does not already check; each mistake is one line."""
-  job = config.job
+def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> None:
+  """Every knob checked against the model before anything is probed, loaded or compiled;
+  each mistake is one line."""
+  job, eng = config.job, config.engine
   if job.length_policy not in LENGTH_POLICIES:
     raise JaxppError(f"job.length_policy={job.length_policy!r}; choose one of "
                      f"{', '.join(LENGTH_POLICIES)}")
@@ -76,6 +87,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.model.attention not in decode_attention.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
                      f"{', '.join(decode_attention.CHOICES)}")
+  resolve_dtype(config.model.dtype)
+  quant_lib.Quant(config.model.quant, config.model.quant_embed)
   if TEMPLATE_SLOT not in job.prompt_template:
     raise JaxppError(f"job.prompt_template must contain {TEMPLATE_SLOT}")
   if config.sampling.max_new_tokens < 1:
@@ -83,9 +96,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   s = config.sampling  # validated as the engine will use them (one-line errors)
   sampling.SamplingParams.make(1, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                seed=s.seed)
-  if config.sampling.max_new_tokens >= config.engine.max_len:
+  max_len = check_context(model, eng.max_len, config.schedule.decode_chunk)
+  if config.sampling.max_new_tokens >= max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
-                     f"room for a prompt in engine.max_len={config.engine.max_len}")
+                     f"room for a prompt in engine.max_len={max_len}")
+  if eng.max_num_seqs < 0:
+    raise JaxppError(f"engine.max_num_seqs={eng.max_num_seqs} must be >= 1 (0 = what free "
+                     "memory holds)")
+  for cls, n in eng.priority_reserve.items():
+    if n < 0:
+      raise JaxppError(f"engine.priority_reserve.{cls}={n} must be >= 0")
+  w = config.watchdog
+  if min(w.multiple, w.min_seconds, w.max_seconds) <= 0 or w.min_seconds > w.max_seconds:
+    raise JaxppError(f"watchdog: multiple={w.multiple}, min_seconds={w.min_seconds} and "
+                     f"max_seconds={w.max_seconds} must be > 0, min_seconds <= max_seconds")
+  layout_of(config).check(model)
 
 
 def log(line: str) -> None:
@@ -101,21 +126,46 @@ class _Discard:
   def write_rejected(self, rejected: jobio.Rejected) -> None:
     del rejected
 
+  def close(self) -> None:
+    pass
+
 
 def shared_resume(rt: distributed.Runtime, state: jobio.ResumeState | None
                   ) -> jobio.ResumeState:
-  """Process 0's resume state (finished ids, rejected lines) on every process."""
+  """Process 0's resume state (finished ids and their lines, rejected lines) everywhere."""
   mine = None if state is None else dict(done=sorted(state.done_keys),
+                                         lines=state.done_lines,
                                          rejected=sorted(state.rejected_lines))
   shared = rt.broadcast_json(mine)
   return state if state is not None else jobio.ResumeState(
-      done_keys=set(shared["done"]), rejected_lines=set(shared["rejected"]))
+      done_keys=set(shared["done"]), done_lines=dict(shared["lines"]),
+      rejected_lines=set(shared["rejected"]))
+
+
+def read_input(path, prompter: Prompter, resume: jobio.ResumeState, reject
+               ) -> tuple[list[jobio.Ticket], dict[str, int]]:
+  """One pass over the input: the tickets still to summarise, tokenized (in parallel
+  batches, finished ones not at all), and the counts; each bad line goes to `reject`."""
+  counts = dict(input_lines=0, skipped_done=0)
+  todo = []
+  for item in jobio.read_tickets(path, prepare=prompter, done=resume.done_lines):
+    counts["input_lines"] += 1
+    if isinstance(item, jobio.Rejected):
+      reject(item)
+    elif item.done or item.key in resume.done_keys:
+      counts["skipped_done"] += 1
+    else:
+      item.doc = None  # only the id and the prompt are needed from here on
+      todo.append(item)
+  return todo, counts
 
 
 def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] | None:
   """Runs (or resumes) the job; returns the report (also written next to the output).
 
-  Processes other than 0 of a multi-process run write nothing and return None.
+  Processes other than 0 of a multi-process run write nothing and return None. A report
+  whose `interrupted` names a signal comes from a run SIGTERM or SIGINT stopped; a signal
+  before any row is in flight raises `stop.Stopped`.
   """
   with contextlib.ExitStack() as stack:
     return _run(config, devices, stack)
@@ -123,12 +173,19 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
 
 def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   started = time.perf_counter()
-  check_config(config)
+  stop = stack.enter_context(StopSignals(log))
+  job, rt = config.job, distributed.current()
+  model_cfg = checkpoint.load_config(config.model.checkpoint)
+  check_config(config, model_cfg)
+  checkpoint.check_checkpoint(config.model.checkpoint, model_cfg)
+  tokenizer = Tokenizer.from_dir(config.model.checkpoint)
+  prompter = Prompter.for_job(tokenizer, config)
+  pipe = Pipeline.build(model_cfg, layout_of(config),  # layout against the devices
+                        devices=jax.devices() if devices is None else devices,
+                        attention=config.model.attention)
   # before the first compile of the process (the resume broadcast below compiles one): JAX
   # decides once whether a persistent cache is in use
-  compile_cache.enable(config.job.get("compile_cache", ""))
-  job = config.job
-  rt = distributed.current()
+  compile_cache.enable(job.get("compile_cache", ""))
   dog = rt.watchdog(**config.watchdog)
   jobio.check_input(job.input)
   output, errors = pathlib.Path(job.output), errors_path(config)
@@ -137,114 +194,128 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   resume = None
   if rt.is_writer:
     output, errors = jobio.check_output_dir(output), jobio.check_output_dir(errors)
+    stack.enter_context(OutputLock(output))  # before the resume repair touches the output
     resume = jobio.resume_state(output, errors)
   resume = shared_resume(rt, resume)
+  out, err = ((stack.enter_context(jobio.ResultWriter(output)),
+               stack.enter_context(jobio.ErrorWriter(errors))) if rt.is_writer else
+              (_Discard(), _Discard()))
+  rejected_run = 0
 
-  clock = stack.enter_context(compile_cache.CompileClock())
-  # layout -> health probe -> weights: nothing is read before every stage has answered
-  model_cfg = checkpoint.load_config(config.model.checkpoint)
-  pipe = Pipeline.build(model_cfg, layout_of(config),
-                        devices=jax.devices() if devices is None else devices,
-                        attention=config.model.attention)
-  for line in defaults.warnings(pipe.layout):
-    log(f"warning: {line}")
-  rt.set_layout(pipe.mesh)
-  health.startup(pipe.mesh, dog, log)
-  loading = time.perf_counter()
-  params = weights.load_weights(
-      config.model.checkpoint, pipe, resolve_dtype(config.model.dtype),
-      quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
-      cache_dir=config.model.params_cache or None)
-  load_seconds = time.perf_counter() - loading
-  llm = LLM.on_pipeline(model_cfg, pipe, params,
-                        tokenizer=Tokenizer.from_dir(config.model.checkpoint),
-                        max_len=config.engine.max_len, decode_chunk=config.schedule.decode_chunk)
-  prompter = Prompter.for_job(llm, config)
-  eng = llm.engine(max_num_seqs=config.engine.max_num_seqs,
-                   reserve=dict(config.engine.priority_reserve), watchdog=dog)
-  log(f"layout {pipe.layout}: {pipe.microbatches} decode micro-batches, decode_chunk "
-      f"{llm.decode_chunk}, {eng.max_num_seqs} sequences in flight, weights in "
-      f"{load_seconds:.1f} s")
-  bubble_measured = eng.measure_bubble() if job.measure_bubble else None
+  def reject(item: jobio.Rejected) -> None:
+    nonlocal rejected_run
+    if item.line not in resume.rejected_lines:
+      err.write_rejected(item)
+      rejected_run += 1
+
+  todo, counts = read_input(job.input, prompter, resume, reject)
+  log(f"input {job.input}: {counts['input_lines']:,} lines, {len(todo):,} to summarise, "
+      f"{counts['skipped_done']:,} already done, {rejected_run:,} newly rejected")
+  run = _Run(config, pipe, tokenizer, stack, dog, log) if todo else None
   startup_seconds = time.perf_counter() - started
-  startup_compile = clock.seconds  # compiles after this are the run's, not its start-up's
-
-  counts = dict(input_lines=0, rejected_run=0, skipped_done=0, written_run=0)
-  tickets: dict[str, jobio.Ticket] = {}
-  writers = ((jobio.ResultWriter(output), jobio.ErrorWriter(errors)) if rt.is_writer else
-             (contextlib.nullcontext(_Discard()), contextlib.nullcontext(_Discard())))
-  with writers[0] as out, writers[1] as err:
-
-    def reject(line: int, id_, reason: str) -> None:
-      if line not in resume.rejected_lines:
-        err.write_rejected(jobio.Rejected(line, id_, reason))
-        counts["rejected_run"] += 1
-
-    def pending(record: bool) -> Iterator[jobio.Ticket]:
-      """Tickets still to summarise; with `record`, counts lines and writes rejections."""
-      for item in jobio.read_tickets(job.input, prepare=prompter):
-        counts["input_lines"] += record
-        if isinstance(item, jobio.Rejected):
-          if record:
-            reject(item.line, item.id, item.reason)
-        elif item.key in resume.done_keys:
-          counts["skipped_done"] += record
-        else:
-          yield item
-
-    knobs = config.sampling
-    total = sum(1 for _ in pending(record=False))  # cheap first pass: the progress total
-    feed = pending(record=True)
-    with report.Progress(total, disable=not job.progress or not rt.is_writer) as progress:
-      while True:
-        while eng.waiting() < 2 * eng.max_num_seqs:
-          ticket = next(feed, None)
-          if ticket is None:
-            break
-          tickets[ticket.key] = ticket
-          eng.submit(engine_lib.Request(
-              key=ticket.key, prompt=ticket.prompt, max_new_tokens=knobs.max_new_tokens,
-              temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed,
-              priority=job.priority))
-        if not eng.waiting() and not eng.tokens:
-          break
-        for f in eng.step():
-          ticket = tickets.pop(f.request.key)
-          out.write(summary_row(llm, ticket, f))
-          counts["written_run"] += 1
-          progress.update(documents=1, tokens=len(f.token_ids))
-
+  startup_compile = run.clock.seconds if run else 0.0
+  written, truncated = 0, 0
+  with stop.deferred(), report.Progress(
+      len(todo), disable=not job.progress or not rt.is_writer) as progress:
+    for finished, ticket in (run.summarise(todo, stop, rt) if run else ()):
+      out.write(summary_row(tokenizer, ticket, finished))
+      written += 1
+      truncated += ticket.truncated_tokens > 0
+      progress.update(documents=1,
+                      tokens=len(finished.request.prompt) + len(finished.token_ids))
+  for f in (out, err):
+    f.close()
   if not rt.is_writer:
     return None
   final = jobio.resume_state(output, errors)
-  st, wall = eng.stats, time.perf_counter() - started
+  wall = time.perf_counter() - started
+  compile_seconds = run.clock.seconds if run else 0.0
+  st = run.eng.stats if run else EngineStats()
   rep = report.build_report(
-      input_lines=counts["input_lines"], written_run=counts["written_run"],
-      written_total=len(final.done_keys), rejected_run=counts["rejected_run"],
+      input_lines=counts["input_lines"], written_run=written,
+      written_total=len(final.done_keys), rejected_run=rejected_run,
       rejected_total=len(final.rejected_lines), skipped_done=counts["skipped_done"],
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
       prefill_positions=st.prefill_positions,
       prefill_seconds=st.prefill_seconds, decode_seconds=st.decode_seconds,
       wall_seconds=wall,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, pipe.microbatches,
-                                              llm.decode_chunk),
-      bubble_measured=bubble_measured, tick_seconds=st.tick_seconds,
+                                              run.llm.decode_chunk if run else 1),
+      bubble_measured=st.idle_share(), tick_seconds=st.tick_seconds,
       devices=devices_summary(pipe.mesh.devices.flat),
       layout=dict(name=pipe.layout.name, pp=pipe.pp, tp=pipe.tp, dp=pipe.layout.dp,
                   virtual_stages=pipe.v, microbatches=pipe.microbatches,
-                  max_num_seqs=eng.max_num_seqs, layer_split=list(pipe.partition.counts)),
+                  max_num_seqs=run.eng.max_num_seqs if run else None,
+                  layer_split=list(pipe.partition.counts)),
       duplicate_rows=final.duplicate_rows, startup_seconds=startup_seconds,
-      load_seconds=load_seconds, compile_seconds=clock.seconds,
-      steady_seconds=wall - startup_seconds - (clock.seconds - startup_compile))
+      load_seconds=run.load_seconds if run else 0.0, compile_seconds=compile_seconds,
+      steady_seconds=wall - startup_seconds - (compile_seconds - startup_compile),
+      truncated_run=truncated,
+      interrupted=signal.Signals(stop.signum).name if stop.requested else None)
   rep["report_file"] = str(report.write_report(rep, output))
+  png = write_latency_png(st.tick_seconds, output, f"{rep['layout'].get('name', '')}: "
+                          f"{len(st.tick_seconds):,} timed decode calls")
+  rep["latency_png"] = str(png) if png else None
   rep["output"], rep["errors"] = str(output), str(errors)
   return rep
 
 
-def summary_row(llm: LLM, ticket: jobio.Ticket, finished: engine_lib.Finished) -> dict:
-  """The output line: the first line of the decoded completion, stop token dropped."""
-  text = llm.tokenizer.decode(finished.token_ids).strip()
-  return dict(id=ticket.id, summary=text.split("\n", 1)[0].strip(),
+class _Run:
+  """The model and the engine, for a run with tickets to summarise: health probe, then
+  weights, so nothing is read before every stage has answered."""
+
+  def __init__(self, config, pipe: Pipeline, tokenizer, stack, dog, log_line):
+    self.config, self.pipe = config, pipe
+    self.clock = stack.enter_context(compile_cache.CompileClock())
+    for line in defaults.warnings(pipe.layout):
+      log_line(f"warning: {line}")
+    distributed.current().set_layout(pipe.mesh)
+    health.startup(pipe.mesh, dog, log_line)
+    loading = time.perf_counter()
+    params = weights.load_weights(
+        config.model.checkpoint, pipe, resolve_dtype(config.model.dtype),
+        quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
+        cache_dir=config.model.params_cache or None)
+    self.load_seconds = time.perf_counter() - loading
+    self.llm = LLM.on_pipeline(pipe.config, pipe, params, tokenizer=tokenizer,
+                               max_len=config.engine.max_len,
+                               decode_chunk=config.schedule.decode_chunk)
+    self.eng = self.llm.engine(max_num_seqs=config.engine.max_num_seqs,
+                               reserve=dict(config.engine.priority_reserve), watchdog=dog)
+    log_line(f"layout {pipe.layout}: {pipe.microbatches} decode micro-batches, decode_chunk "
+             f"{self.llm.decode_chunk}, {self.eng.max_num_seqs} sequences in flight, "
+             f"weights in {self.load_seconds:.1f} s")
+
+  def summarise(self, todo: list[jobio.Ticket], stop: StopSignals, rt: distributed.Runtime
+                ) -> Iterator[tuple[engine_lib.Finished, jobio.Ticket]]:
+    """Streams the tickets through the engine, its queue kept a little ahead of its slots;
+    yields each finished one. After a stop signal (process 0's, on every process) nothing
+    more is admitted and the rows still in flight are dropped: the rerun redoes them."""
+    eng, knobs, job = self.eng, self.config.sampling, self.config.job
+    feed, tickets = iter(todo), {}
+    while not rt.broadcast_json(stop.requested):
+      while eng.waiting() < 2 * eng.max_num_seqs:
+        ticket = next(feed, None)
+        if ticket is None:
+          break
+        tickets[ticket.key] = ticket
+        eng.submit(engine_lib.Request(
+            key=ticket.key, prompt=ticket.prompt, max_new_tokens=knobs.max_new_tokens,
+            temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p,
+            seed=knobs.seed, priority=job.priority))
+      if not eng.waiting() and not eng.tokens:
+        return
+      for f in eng.step():
+        yield f, tickets.pop(f.request.key)
+
+
+def summary_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
+                finished: engine_lib.Finished) -> dict:
+  """The output line: the first line of the decoded completion, stop token dropped; `line`
+  is the ticket's input line (a rerun skips it without tokenizing it again)."""
+  text = tokenizer.decode(finished.token_ids).strip()
+  return dict(id=ticket.id, line=ticket.line, summary=text.split("\n", 1)[0].strip(),
               finish_reason=finished.finish_reason,
               prompt_tokens=len(finished.request.prompt),
-              completion_tokens=len(finished.token_ids))
+              completion_tokens=len(finished.token_ids),
+              truncated_tokens=ticket.truncated_tokens)

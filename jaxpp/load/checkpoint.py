@@ -109,12 +109,15 @@ class _Reader:
   ml_dtypes arrays, which are then sliced and cast on the host before placement.
   """
 
-  def __init__(self, d: pathlib.Path, stack: contextlib.ExitStack):
+  def __init__(self, d: pathlib.Path, stack: contextlib.ExitStack, framework: str = "flax"):
+    """`framework="numpy"` serves names and shapes only (its reads cannot give bfloat16)
+    and needs no JAX backend."""
     self._dir = d
     self._stack = stack
     self._files = _tensor_files(d)
     self._handles: dict[pathlib.Path, Any] = {}
-    self._host = _host_device()
+    self._framework = framework
+    self._host = _host_device() if framework == "flax" else None
     if isinstance(self._files, pathlib.Path):
       self._names = set(self._open(self._files).keys())
     else:
@@ -122,9 +125,17 @@ class _Reader:
 
   def _open(self, file: pathlib.Path):
     if file not in self._handles:
-      with jax.default_device(self._host):
-        self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="flax"))
+      with contextlib.ExitStack() as on_host:
+        if self._host is not None:
+          on_host.enter_context(jax.default_device(self._host))
+        self._handles[file] = self._stack.enter_context(_safe_open(file, self._framework))
     return self._handles[file]
+
+  def open_all(self) -> None:
+    """Opens every file now, so a corrupt one is refused before any tensor is read."""
+    files = [self._files] if isinstance(self._files, pathlib.Path) else self._files.values()
+    for file in sorted(set(files)):
+      self._open(file)
 
   def _slice(self, name: str):
     file = self._files if isinstance(self._files, pathlib.Path) else self._files[name]
@@ -142,6 +153,27 @@ class _Reader:
   def read(self, name: str) -> np.ndarray:
     with jax.default_device(self._host):
       return np.asarray(self._slice(name)[:])
+
+
+def _safe_open(file: pathlib.Path, framework: str):
+  """safetensors' reader for a file; a corrupt or truncated file is one JaxppError naming it
+  (safetensors checks the header and that the data covers every tensor's offsets)."""
+  try:
+    return safe_open(str(file), framework=framework)
+  except (SafetensorError, OSError) as e:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    raise JaxppError(f"checkpoint file {file}: unreadable safetensors ({reason})") from None
+
+
+def check_checkpoint(ckpt_dir, cfg: LlamaConfig) -> None:
+  """Refuses a checkpoint whose files are missing, corrupt or truncated, or whose tensors
+  lack a name or a shape `config.json` implies; reads headers only, so a job can call it
+  before anything compiles or any device is probed."""
+  d = _existing_dir(ckpt_dir)
+  with contextlib.ExitStack() as stack:
+    reader = _Reader(d, stack, framework="numpy")
+    reader.open_all()
+    _validate(reader, cfg, d)
 
 
 def _hf_names(path: params_lib.Path, cfg: LlamaConfig) -> list[str]:

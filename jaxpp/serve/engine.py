@@ -32,7 +32,7 @@ import numpy as np
 from jaxpp.errors import JaxppError
 from jaxpp.model import decode_state, sampling
 from jaxpp.model import params as params_lib
-from jaxpp.parallel import shapes
+from jaxpp.parallel import schedule, shapes
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import defaults
 from jaxpp.serve.prefill import Prefiller
@@ -111,6 +111,9 @@ class Engine:
     self.tokens: dict[tuple[int, int], list[int]] = {}
     self.queues = {c: collections.deque() for c in PRIORITIES}
     self.stats = EngineStats()
+    self._decode_programs: set = set()  # keys of decode programs already run (compiled)
+    self._last_decode_end: float | None = None  # host time the last timed decode returned
+    self._prefill_since = 0.0  # prefill seconds since then
 
   # --- admission --------------------------------------------------------------------------
 
@@ -188,7 +191,9 @@ class Engine:
         self.params, self.cache, [req.prompt for req, _, _ in admitted],
         [(j, r) for _, j, r in admitted], knobs, [req.max_new_tokens for req, _, _ in admitted],
         lambda key: self._device_step("prefill", key))
-    self.stats.prefill_seconds += time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.stats.prefill_seconds += seconds
+    self._prefill_since += seconds
     self.stats.prefill_positions += int(np.prod(self.prefiller.last_shape))
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
@@ -217,23 +222,46 @@ class Engine:
     # Host arrays go to the jitted call as they are: jit copies each straight to the devices
     # that need it, where jnp.asarray would first commit it to one device, then reshard.
     state, knobs = decode_state.DecodeState(*self.state), self.sampling
+    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids)
     start = time.perf_counter()
-    eos = self.eos_ids
-    with self._device_step("decode", (live.shape, k, do_sample, eos)):
+    with self._device_step("decode", key):
       self.cache, state, emitted = self.pipe.decode(
           self.params, self.cache, state, knobs, steps=k, do_sample=do_sample,
           eos_ids=eos)
       emitted = np.asarray(emitted)
     seconds = time.perf_counter() - start
     self.state = decode_state.DecodeState(*(np.array(a) for a in state))
-    ticks = len(self.pipe.decode_table(self.M, k))  # the ticks the program ran
     self.stats.decode_seconds += seconds
     self.stats.decode_calls += 1
-    self.stats.tick_seconds.append(seconds / ticks)
+    if key in self._decode_programs:  # a compiling first call would skew the timings
+      self._time_decode(start, seconds, self.pipe.decode_table(self.M, k))
+    else:
+      self._decode_programs.add(key)
+      self._last_decode_end = None
+    self._prefill_since = 0.0
     for (j, r), toks in self.tokens.items():
       new = [int(t) for t in emitted[j, r] if t >= 0]
       toks.extend(new)
       self.stats.completion_tokens += len(new)
+
+  def _time_decode(self, start: float, seconds: float, table: np.ndarray) -> None:
+    """Per-tick time and stage occupancy of one decode call (not a program's first).
+
+    Every tick of the ring is one synchronous step of every stage (each stage's slice is a
+    collective-permute away from the next), so a call's time over its ticks is one
+    stage-step's latency. The stages computed in `busy` of the table's stage-ticks; the
+    rest is fill and drain. The host time since the previous timed call, less the prefills
+    in between, is time the ring sat idle.
+    """
+    ticks = len(table)
+    self.stats.tick_seconds.append(seconds / ticks)
+    busy = float(np.mean(table[..., 0] != schedule.IDLE))
+    self.stats.decode_timed_seconds += seconds
+    self.stats.decode_busy_seconds += seconds * busy
+    if self._last_decode_end is not None:
+      self.stats.decode_gap_seconds += max(start - self._last_decode_end - self._prefill_since,
+                                           0.0)
+    self._last_decode_end = start + seconds
 
   def _retire(self) -> list[Finished]:
     done = []

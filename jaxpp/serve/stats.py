@@ -14,7 +14,14 @@ import numpy as np
 
 @dataclasses.dataclass
 class EngineStats:
-  """Totals since the engine started; `tick_seconds` holds one entry per decode call."""
+  """Totals since the engine started.
+
+  `tick_seconds` holds one entry per timed decode call (a program's first, compiling call
+  is not timed): the call's time over its ticks, i.e. one stage-step. Over the timed calls,
+  `decode_busy_seconds` is the share of `decode_timed_seconds` the stages computed (the
+  schedule table's occupancy) and `decode_gap_seconds` the host time between them, prefills
+  excluded: `idle_share` is the rest.
+  """
 
   prefill_seconds: float = 0.0
   decode_seconds: float = 0.0
@@ -24,6 +31,15 @@ class EngineStats:
   decode_calls: int = 0
   tick_seconds: list[float] = dataclasses.field(default_factory=list)
   max_live_per_microbatch: int = 0
+  decode_timed_seconds: float = 0.0
+  decode_busy_seconds: float = 0.0
+  decode_gap_seconds: float = 0.0
+
+  def idle_share(self) -> float | None:
+    """Share of the decode ring's time (timed calls and the host gaps between them) its
+    stages did not compute: fill and drain plus host time; None before any timed call."""
+    total = self.decode_timed_seconds + self.decode_gap_seconds
+    return 1.0 - self.decode_busy_seconds / total if total > 0 else None
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, Any]:
