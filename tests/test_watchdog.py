@@ -80,7 +80,8 @@ def test_no_watcher_thread_outlives_its_steps():
   deadline = time.monotonic() + 5
   while len(watchers()) > before and time.monotonic() < deadline:
     time.sleep(0.01)
-  assert len(watchers()) == before
+  # at most as many as before: a watcher an earlier test's job left may end meanwhile
+  assert len(watchers()) <= before
 
 
 def test_stalled_step_is_reported_with_its_stage():

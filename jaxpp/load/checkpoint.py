@@ -1,11 +1,14 @@
 """Weights in and out: Hugging Face safetensors checkpoints, and orbax for our own layout.
 
-`load_hf_params` streams. Each leaf is built with `jax.make_array_from_callback`, whose
-callback is asked for one device shard at a time (an index in *our* layout) and reads only
-what that shard needs from the memory-mapped safetensors files: for stacked block leaves, only
-the layers on the shard's slice of the leading L axis. With pipeline shardings such as
-`P('pp', None, 'tp', None)` a stage therefore reads only its own layers, and the host never
-holds more than one leaf's local shards at once, let alone a second copy of the model.
+`load_hf_params` streams, one HF tensor at a time. Each leaf is built on its devices: every
+tensor a local shard needs (for stacked block leaves, only the layers on the shard's slice
+of the leading axes) is read once from the memory-mapped safetensors files, copied as it is
+stored to each device whose shard holds it, and converted there (transposed into our
+layout, sliced to the shard, cast) into a preallocated shard buffer. With pipeline
+shardings such as `P('pp', None, 'tp', None)` a stage therefore reads only its own layers,
+the host holds one tensor at a time, and the transposes run at device memory speed: on the
+host numpy moves a transposed bf16 matrix at 0.3 GB/s (1.3 in bands of rows on a thread),
+which made the 16 GB of an 8B model an 89 s load on an H200 host.
 
 Everything is validated (tensor present, HF shape as `config.json` implies) before the first
 byte of weights is read, so a wrong checkpoint fails in a second with a one-line `JaxppError`
@@ -14,14 +17,16 @@ instead of an XLA shape error minutes into a load.
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
+import functools
 import json
 import os
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -31,8 +36,6 @@ from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
-BAND_ROWS = 64  # rows a copy_banded band moves at once
-_COPIERS = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -194,59 +197,48 @@ def _validate(reader: _Reader, cfg: LlamaConfig, d: pathlib.Path) -> None:
                          f"implies {want}")
 
 
-def copy_banded(dst: np.ndarray, src: np.ndarray, band: int = BAND_ROWS) -> None:
-  """dst[...] = src (cast to dst's dtype), in bands of rows on a few threads.
-
-  Our layout is HF's transposed, so `src` is usually a strided view; numpy copies a whole
-  transposed bf16 matrix at about 0.3 GB/s (each row of the destination gathers across
-  the source), a band of 64 rows at a time at about 1.3 GB/s, and the bands run in
-  parallel (numpy lets go of the GIL while it copies). Same-dtype copies go through
-  unsigned-integer views, numpy's own fast path, rather than ml_dtypes' bfloat16.
-  """
-  if dst.ndim == 0 or dst.shape[0] <= band:
-    dst[...] = src
-    return
-  if src.dtype == dst.dtype:
-    raw = np.dtype(f"u{dst.dtype.itemsize}")
-    dst, src = dst.view(raw), src.view(raw)
-  bands = range(0, dst.shape[0], band)
-  list(_COPIERS.map(lambda i: dst.__setitem__(slice(i, i + band), src[i:i + band]), bands))
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(shard: jax.Array, pos: jax.Array, value: jax.Array) -> jax.Array:
+  """shard[pos] = value in place (the buffer is donated): `pos` indexes the leading axes."""
+  start = tuple(pos) + (0,) * value.ndim
+  return jax.lax.dynamic_update_slice(shard, value.reshape((1,) * pos.shape[0] + value.shape),
+                                      start)
 
 
-def _leaf_callback(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype: np.dtype,
-                   shape: tuple[int, ...], layer_index: np.ndarray):
-  """The `make_array_from_callback` callback for one leaf: index in our layout -> host data.
+def _place_leaf(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype: np.dtype,
+                shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                layer_index: np.ndarray) -> jax.Array:
+  """One leaf, built shard by shard on this process's devices (see the module docstring).
 
   Stacked leaves lead with `layer_index.shape` (e.g. [L], or [pp, v, layers_per_chunk] for
-  a pipeline): the callback reads only the model layers its shard's slice of those axes
-  names, and fills padding slots (-1) with zeros. Shards that share an index (replication,
-  e.g. over 'tp' for a norm scale) are read once; the memo lives only while this leaf is
-  being built.
+  a pipeline); padding slots (-1) stay zero. A tensor is read once however many devices
+  need it (replication over 'tp', say), and the next is read only once the devices have
+  taken it, so the host holds one tensor at a time.
   """
   src = params_lib.HF_SOURCES[path]
-  memo: dict[tuple, np.ndarray] = {}
   lead = layer_index.ndim if src.stacked else 0
-
-  def callback(index: tuple[slice, ...]) -> np.ndarray:
+  indices = sharding.addressable_devices_indices_map(shape)
+  shards: dict[jax.Device, jax.Array] = {}
+  targets = collections.defaultdict(list)  # HF tensor name -> [(device, pos, rest index)]
+  for device, index in indices.items():
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    key = tuple(s.indices(n) for s, n in zip(index, shape))  # slices are unhashable on 3.11
-    if key not in memo:
-      if src.stacked:  # read only the layers on this shard's slice of the layer axes
-        layers = layer_index[index[:lead]]
-        rest = tuple(len(range(*k)) for k in key[lead:])
-        out = np.zeros(layers.shape + rest, dtype)
-        for pos, i in np.ndenumerate(layers):
-          if i >= 0:
-            copy_banded(out[pos], src.to_ours(reader.read(src.name.format(i=i)), cfg)[
-                index[lead:]])
-        memo[key] = out
-      else:
-        view = src.to_ours(reader.read(src.name), cfg)[index]
-        memo[key] = np.empty(view.shape, dtype)
-        copy_banded(memo[key], view)
-    return memo[key]
-
-  return callback
+    if not src.stacked:
+      targets[src.name].append((device, None, index))
+      continue
+    local = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+    shards[device] = jnp.zeros(local, dtype, device=device)
+    for pos, i in np.ndenumerate(layer_index[index[:lead]]):
+      if i >= 0:
+        targets[src.name.format(i=i)].append((device, np.asarray(pos, np.int32), index[lead:]))
+  for name, places in targets.items():
+    raw = reader.read(name)
+    for device, pos, rest in places:
+      value = src.to_ours(jax.device_put(raw, device), cfg)[rest].astype(dtype)
+      shards[device] = value if pos is None else _write_layer(shards[device], pos, value)
+    jax.block_until_ready([shards[device] for device, _, _ in places])
+    del raw
+  return jax.make_array_from_single_device_arrays(shape, sharding,
+                                                  [shards[d] for d in indices])
 
 
 def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
@@ -289,9 +281,8 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
     reader = _Reader(d, stack)
     _validate(reader, cfg, d)
     for path, aval in abstract.items():
-      callback = _leaf_callback(reader, path, cfg, np.dtype(aval.dtype), aval.shape,
-                                layer_index)
-      leaf = jax.make_array_from_callback(aval.shape, flat_shardings[path], callback)
+      leaf = _place_leaf(reader, path, cfg, np.dtype(aval.dtype), aval.shape,
+                         flat_shardings[path], layer_index)
       quant_lib.store(out, path, leaf, quant, layer_index.ndim, flat_shardings, free=True)
   return params_lib.nest(out)
 
