@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.job.output = "out/summaries_8b.jsonl"  # relative to the working directory
   c.job.errors = ""  # rejected input lines; "" = <output>.errors.jsonl
   c.job.prompt_template = "Ticket:\n{text}\nSummary:"
+  c.job.prompt_format = "text"  # "text": the filled template is the prompt; "chat": it is the
+  # user message, laid out by the checkpoint's chat template (instruct models)
+  c.job.system_prompt = ""  # with "chat": a system message before it ("" = none)
   c.job.length_policy = "truncate"  # prompt too long for max_len: "truncate" (keep its end) or "reject"
   c.job.priority = "batch"  # priority class of the job's requests: "batch" or "interactive"
   c.job.progress = True  # progress bar on stderr

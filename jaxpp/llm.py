@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxpp.errors import JaxppError
 from jaxpp.load import checkpoint, weights
+from jaxpp.load.chat_template import Message
 from jaxpp.load.tokenizer import Tokenizer
 from jaxpp.model import params as params_lib
 from jaxpp.model import quant as quant_lib
@@ -35,12 +36,13 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 @dataclasses.dataclass
 class Completion:
-  """One prompt's result. `finish_reason` is "stop" (a stop token) or "length"."""
+  """One prompt's result. `finish_reason` is "stop" (a stop token or string) or "length"."""
 
   token_ids: list[int]
   text: str | None
   finish_reason: str
   prompt_tokens: int
+  truncated_tokens: int = 0  # prompt tokens cut from the start (length_policy="truncate")
 
 
 def resolve_dtype(name: str):
@@ -61,6 +63,9 @@ def check_context(config: LlamaConfig, max_len: int, decode_chunk: int) -> int:
   if decode_chunk < 0:
     raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1 (0 = from the layout)")
   return max_len
+
+
+LENGTH_POLICIES = ("error", "truncate")  # generate's, for prompts that leave no room
 
 
 class LLM:
@@ -115,6 +120,7 @@ class LLM:
     self.dtype = params_lib.activation_dtype(params)
     self.max_len = check_context(config, max_len, decode_chunk)
     self.decode_chunk = decode_chunk or defaults.decode_chunk(pipe.layout)
+    self._engines: dict[int | None, engine_lib.Engine] = {}  # generate's, by slot count
 
   @property
   def layout(self) -> Layout:
@@ -126,11 +132,17 @@ class LLM:
     return engine_lib.Engine(self.pipeline, self.params, max_len=self.max_len,
                              decode_chunk=self.decode_chunk,
                              eos_ids=self.config.eos_token_ids, max_num_seqs=max_num_seqs,
-                             reserve=reserve, watchdog=watchdog)
+                             reserve=reserve, watchdog=watchdog,
+                             detokenize=self.tokenizer.decode if self.tokenizer else None)
 
-  def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
-    """Token ids for each prompt; text needs the checkpoint's tokenizer.json."""
-    ids = []
+  def encode(self, prompts: Sequence[str | Sequence[int]], fit: int | None = None
+             ) -> list[tuple[list[int], int]]:
+    """(token ids, tokens cut) for each prompt; text needs the checkpoint's tokenizer.json.
+
+    A prompt that leaves no room to generate in the context is an error, or with `fit`
+    (new tokens to leave room for) has its start cut to `max_len - fit + 1` tokens.
+    """
+    out = []
     for i, p in enumerate(prompts):
       if isinstance(p, str):
         if self.tokenizer is None:
@@ -144,11 +156,16 @@ class LLM:
       if bad:
         raise JaxppError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
                          f"[0, {self.config.vocab_size})")
+      cut = 0
+      if fit is not None and len(p) > self.max_len - fit + 1:
+        keep = max(self.max_len - fit + 1, 1)
+        cut, p = len(p) - keep, p[len(p) - keep:]
       if len(p) >= self.max_len:
         raise JaxppError(f"prompt {i} has {len(p)} tokens; the context (max_len) is "
-                         f"{self.max_len}, leaving no room to generate")
-      ids.append(p)
-    return ids
+                         f"{self.max_len}, leaving no room to generate (length_policy="
+                         "\"truncate\" cuts its start)")
+      out.append((p, cut))
+    return out
 
   def _prefill_all(self, ids: list[list[int]], knobs: sampling.SamplingParams, *,
                    with_logits: bool = False):
@@ -170,37 +187,80 @@ class LLM:
 
   def prompt_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
     """f32[B, V]: next-token logits after each prompt (the distribution of token one)."""
-    ids = self.encode(prompts)
+    ids = [p for p, _ in self.encode(prompts)]
     (_, _, logits), _, _ = self._prefill_all(ids, sampling.SamplingParams.make(len(ids)),
                                          with_logits=True)
     return np.asarray(logits).reshape(-1, logits.shape[-1])[:len(ids)]
 
-  def generate(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int = 64,
-               temperature=0.0, top_k=0, top_p=1.0, seed=0) -> list[Completion]:
-    """One completion per prompt. Sampling knobs are scalars or one value per prompt.
+  def generate(self, prompts: str | Sequence[str | Sequence[int]], *,
+               max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+               max_num_seqs: int | None = None, length_policy: str = "error",
+               stop: str | Sequence[str] = ()) -> list[Completion]:
+    """One completion per prompt (a single string is one prompt). Sampling knobs are scalars
+    or one value per prompt.
 
-    Generation stops at a stop id, after `max_new_tokens`, or when the context (max_len)
-    is full ("length"). Runs on the batch engine with one slot per prompt.
+    Prompts stream through a fixed number of slots (`max_num_seqs`; default: what memory
+    holds, as the job's engine), so the programs' shapes, and their compiles, do not depend
+    on how many prompts a call passes. A prompt with no room for `max_new_tokens` in the
+    context is an error before anything runs (`length_policy="error"`), or has its start cut
+    (`"truncate"`: `Completion.truncated_tokens` says how much). Generation stops at a stop
+    id, at a `stop` string (matched on the text across tokens, left out of `text`; the
+    token that completed it is the last of `token_ids`), after `max_new_tokens`, or when
+    the context is full ("length").
     """
     if max_new_tokens < 1:
       raise JaxppError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    ids = self.encode(prompts)
-    knobs = sampling.SamplingParams.make(len(ids), temperature=temperature, top_k=top_k,
+    if length_policy not in LENGTH_POLICIES:
+      raise JaxppError(f"length_policy={length_policy!r}; choose one of "
+                       f"{', '.join(LENGTH_POLICIES)}")
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if stop and (self.tokenizer is None or not all(isinstance(s, str) and s for s in stop)):
+      raise JaxppError(f"stop={stop!r}: stop strings are non-empty strings and need the "
+                       "checkpoint's tokenizer.json")
+    return self._run(self.encode(prompts, fit=None if length_policy == "error" else
+                                 max_new_tokens), max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                     max_num_seqs=max_num_seqs, stop=stop)
+
+  def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]], *,
+           add_generation_prompt: bool = True, **generate_kwargs) -> list[Completion]:
+    """`generate` on conversations ([{"role", "content"}, ...], or a list of them), laid
+    out by the checkpoint's chat template exactly as transformers' `apply_chat_template`
+    lays them out (one BOS, the template's)."""
+    if self.tokenizer is None:
+      raise JaxppError("chat needs the checkpoint's tokenizer.json and chat template")
+    if conversations and isinstance(conversations[0], dict):
+      conversations = [conversations]
+    ids = [self.tokenizer.apply_chat_template(c, add_generation_prompt)
+           for c in conversations]
+    return self.generate(ids, **generate_kwargs)
+
+  def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int, temperature,
+           top_k, top_p, seed, max_num_seqs: int | None, stop: tuple[str, ...]
+           ) -> list[Completion]:
+    knobs = sampling.SamplingParams.make(len(encoded), temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=seed)
-    eng = self.engine(max_num_seqs=len(ids))
-    for i, p in enumerate(ids):
+    # One engine per slot count, kept: its cache and programs serve every later call. One
+    # that failed mid-call may hold queued requests, so it is dropped.
+    eng = self._engines.pop(max_num_seqs, None) or self.engine(max_num_seqs=max_num_seqs)
+    for i, (p, _) in enumerate(encoded):
       eng.submit(engine_lib.Request(
           key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
           temperature=float(knobs.temperature[i]), top_k=int(knobs.top_k[i]),
-          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i])))
+          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i]), stop=stop))
     done: dict[str, engine_lib.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
-    return [self._completion(done[str(i)], len(p)) for i, p in enumerate(ids)]
+    self._engines[max_num_seqs] = eng
+    return [self._completion(done[str(i)], len(p), cut) for i, (p, cut) in enumerate(encoded)]
 
-  def _completion(self, finished, prompt_tokens: int) -> Completion:
+  def _completion(self, finished, prompt_tokens: int, truncated: int) -> Completion:
     ids = finished.token_ids
-    text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
-    return Completion(ids, text, finished.finish_reason, prompt_tokens)
+    text = finished.text
+    if text is None and self.tokenizer is not None:
+      text = self.tokenizer.decode(ids)
+    return Completion(ids, text, finished.finish_reason, prompt_tokens, truncated)
 
 
 def devices_summary(devices=None) -> str:

@@ -59,22 +59,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def use_virtual_cpu_devices(processes: int = 1) -> None:
-  """Gives the CPU backend `CPU_DEVICES` devices in all unless an accelerator is requested.
-
-  Split evenly over the processes, so the default layout (pp=4 x tp=2) runs unchanged on one
-  process or several. XLA reads the device count once, when the first backend starts; a later
-  update is silently ignored, so this must run before anything calls `jax.devices()`.
-  """
-  import jax  # imported here only to make the ordering explicit; no backend exists yet
-
-  if distributed.cpu_only():
-    if CPU_DEVICES % processes:
-      raise JaxppError(f"the {CPU_DEVICES} virtual CPU devices do not split evenly over "
-                       f"{processes} processes")
-    jax.config.update("jax_num_cpu_devices", CPU_DEVICES // processes)
-
-
 def loaded_config():
   """The parsed run config, or a JaxppError if there is none or its file failed to load.
 
@@ -97,7 +81,7 @@ def main(argv: list[str]) -> None:
   with distributed.current().guard():  # flag mistakes: still the single-process runtime
     runtime = distributed.start(distributed.options_from_flags())
   with runtime.guard():
-    use_virtual_cpu_devices(runtime.num_processes)
+    distributed.use_virtual_cpu_devices(CPU_DEVICES, runtime.num_processes)
     try:
       rep = runner.run_job(loaded_config())
     except stop.Stopped as e:

@@ -263,3 +263,11 @@ def test_a_job_input_file_is_the_job_s_own_prompts(tmp_path):
   with pytest.raises(JaxppError, match="outside the model's vocabulary"):
     bench_workload.load(str(tickets), 64, np.random.default_rng(0),
                         tickets=dict(tokenizer=str(model)))
+
+
+def test_bench_runs_pipelines_on_virtual_cpu_devices(tmp_path):
+  """`--cpu_devices=8`, as `jaxpp.run` does on CPU: a pp4tp2 pipeline and a one-device
+  layout in one table, each on the first devices it needs."""
+  rows = cli.bench_rows(tmp_path, "--cpu_devices=8", "--layouts=pp4tp2,pp1tp1")
+  assert [(r["layout"], r["devices"]) for r in rows] == [("pp4tp2", 8), ("pp1tp1", 1)]
+  assert all(r["output_tokens_per_second"] > 0 for r in rows)

@@ -135,7 +135,7 @@ def _collectives(hlo: str, op: str) -> list[int]:
 def _prefilled(llm, prompts):
   """(cache, lengths, sampling params, decode state) after prefilling `prompts`: what the
   HLO and jaxpr checks below feed the programs they inspect."""
-  (first, cache), lengths, knobs = llm._prefill_all(llm.encode(prompts),
+  (first, cache), lengths, knobs = llm._prefill_all([p for p, _ in llm.encode(prompts)],
                                                    sampling.SamplingParams.make(len(prompts)))
   return cache, lengths, knobs, decode_state.start_state(first, lengths, lengths * 0 + 8, (),
                                                         MAX_LEN)

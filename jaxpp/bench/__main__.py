@@ -77,6 +77,9 @@ def define_flags() -> None:
                   "first max_num_seqs requests) with jax.profiler into DIR/<layout>/ and write "
                   "where its device time went (summary.md, summary.json; trace_summary.py) "
                   "and each device's measured activity (activity.png)")
+  f.DEFINE_integer("cpu_devices", 1, "virtual CPU devices when no accelerator is asked for "
+                   "(JAX_PLATFORMS unset or cpu): 8 runs pp4tp2 on a laptop as jaxpp.run does; "
+                   "each layout uses the first devices it needs")
   distributed.define_flags()
 
 
@@ -87,6 +90,7 @@ def main(argv: list[str]) -> None:
   with distributed.current().guard():  # flag mistakes: still the single-process runtime
     runtime = distributed.start(distributed.options_from_flags())
   with runtime.guard():
+    distributed.use_virtual_cpu_devices(F.cpu_devices, runtime.num_processes)
     opts = BenchOptions(**{k: F[k].value for k in BenchOptions.__dataclass_fields__})
     run_suite(opts, writer=runtime.is_writer)
   runtime.close()

@@ -123,6 +123,20 @@ def cpu_only() -> bool:
   return requested <= {"cpu"}
 
 
+def use_virtual_cpu_devices(count: int, processes: int = 1) -> None:
+  """Gives the CPU backend `count` devices in all unless an accelerator is requested.
+
+  Split evenly over the processes, so a layout of `count` devices runs unchanged on one
+  process or several. XLA reads the device count once, when the first backend starts; a later
+  update is silently ignored, so this must run before anything calls `jax.devices()`.
+  """
+  if cpu_only():
+    if count % processes:
+      raise JaxppError(f"the {count} virtual CPU devices do not split evenly over "
+                       f"{processes} processes")
+    jax.config.update("jax_num_cpu_devices", count // processes)
+
+
 def start(opts: Options | None) -> Runtime:
   """Starts JAX's distributed runtime as `opts` asks (before any device use); see the module.
 

@@ -38,14 +38,16 @@ def enable(directory: str) -> pathlib.Path | None:
 
 class CompileClock:
   """Seconds JAX spent compiling (or loading compiled programs from the cache) while the
-  clock was open: `with CompileClock() as c:`."""
+  clock was open, and how many programs: `with CompileClock() as c:`."""
 
   def __init__(self):
     self.seconds = 0.0
+    self.compiles = 0
 
   def _listen(self, event: str, duration: float, **_) -> None:
     if event == COMPILE_EVENT:
       self.seconds += duration
+      self.compiles += 1
 
   def __enter__(self) -> CompileClock:
     jax.monitoring.register_event_duration_secs_listener(self._listen)

@@ -1,8 +1,12 @@
 """Ticket -> prompt ids: the config's template filled from the ticket, fitted to the context.
 
-A prompt longer than the context allows (engine.max_len less sampling.max_new_tokens) is
-cut or rejected as `job.length_policy` says; a cut keeps the template's ending (the
-"Summary:" cue), so the model is still asked the question.
+`job.prompt_format` says what the filled template is: the prompt text itself ("text"), or
+the user message of a conversation ("chat", after `job.system_prompt` if one is set) laid
+out by the checkpoint's chat template, as an instruct model expects (its own BOS, no
+second one). A prompt longer than the context allows (engine.max_len less
+sampling.max_new_tokens) is cut or rejected as `job.length_policy` says; a cut keeps
+everything after the ticket's text (the "Summary:" cue and, in chat, the end of the turn
+and the assistant's header), so the model is still asked the question.
 """
 
 from __future__ import annotations
@@ -14,18 +18,39 @@ from jaxpp.job import files as jobio
 from jaxpp.load.tokenizer import Tokenizer
 
 TEMPLATE_SLOT = "{text}"
+PROMPT_FORMATS = ("text", "chat")
+_SENTINEL = "\x00jaxpp-ticket-text\x00"  # stands for the text when finding what follows it
 
 
 class Prompter:
   """Ticket -> prompt ids under the length policy (the template's ending always kept)."""
 
   def __init__(self, tokenizer: Tokenizer, template: str, *, budget: int,
-               policy: str = "truncate"):
+               policy: str = "truncate", prompt_format: str = "text", system_prompt: str = ""):
     """`budget`: prompt positions (the context less the new tokens, plus one: the last new
     token is never fed back)."""
     self.tok, self.template, self.policy, self.budget = tokenizer, template, policy, budget
-    tail = self.template.split(TEMPLATE_SLOT)[-1]
-    self.tail = self.tok.encode(tail, add_special_tokens=False) if tail else []
+    if prompt_format not in PROMPT_FORMATS:
+      raise JaxppError(f"job.prompt_format={prompt_format!r}; choose one of "
+                       f"{', '.join(PROMPT_FORMATS)}")
+    if prompt_format == "chat" and tokenizer.chat_template is None:
+      raise JaxppError("job.prompt_format='chat' needs a chat template in the checkpoint "
+                       "(tokenizer_config.json chat_template or chat_template.jinja)")
+    self.chat, self.system = prompt_format == "chat", system_prompt
+
+  def _text(self, doc: dict) -> str:
+    """The prompt text of a ticket (KeyError / ValueError when the template cannot be
+    filled from it)."""
+    user = self.template.format_map(doc)
+    if not self.chat:
+      return user
+    system = [dict(role="system", content=self.system)] if self.system else []
+    return self.tok.chat_template.render(system + [dict(role="user", content=user)])
+
+  def _encode(self, texts: list[str]) -> list[list[int]]:
+    if not self.chat:
+      return self.tok.encode_batch(texts)
+    return self.tok.encode_batch(texts, add_special_tokens=False)  # the template's BOS only
 
   @classmethod
   def for_job(cls, tokenizer: Tokenizer | None, config: ml_collections.ConfigDict) -> Prompter:
@@ -34,7 +59,8 @@ class Prompter:
       raise JaxppError(f"checkpoint {config.model.checkpoint} has no tokenizer.json; the job "
                        "needs one to read tickets")
     return cls(tokenizer, config.job.prompt_template, policy=config.job.length_policy,
-               budget=config.engine.max_len - config.sampling.max_new_tokens + 1)
+               budget=config.engine.max_len - config.sampling.max_new_tokens + 1,
+               prompt_format=config.job.prompt_format, system_prompt=config.job.system_prompt)
 
   def __call__(self, tickets: list[jobio.Ticket]) -> list[str | None]:
     """Sets each ticket's `prompt` (ids) and `truncated_tokens`; returns per ticket None, or
@@ -47,12 +73,17 @@ class Prompter:
     texts = {}
     for i, ticket in enumerate(tickets):
       try:
-        texts[i] = self.template.format_map(ticket.doc)
+        texts[i] = self._text(ticket.doc)
       except (KeyError, IndexError, ValueError) as e:
         reasons[i] = f"prompt_template cannot be filled from this ticket ({e!r})"
-    for i, ids in zip(texts, self.tok.encode_batch(list(texts.values()))):
+    for i, ids in zip(texts, self._encode(list(texts.values()))):
       reasons[i] = self._fit(tickets[i], ids)
     return reasons
+
+  def _tail(self, doc: dict) -> list[int]:
+    """Ids of what follows the ticket's text in its prompt (kept by a cut)."""
+    after = self._text(dict(doc, text=_SENTINEL)).split(_SENTINEL)[-1]
+    return self.tok.encode(after, add_special_tokens=False) if after else []
 
   def _fit(self, ticket: jobio.Ticket, ids: list[int]) -> str | None:
     """Puts `ids`, cut to the budget as the policy says, on the ticket; or the reason."""
@@ -61,6 +92,7 @@ class Prompter:
         return (f"prompt of {len(ids)} tokens exceeds the {self.budget} that fit "
                 "engine.max_len with sampling.max_new_tokens (length_policy=reject)")
       ticket.truncated_tokens = len(ids) - self.budget
-      ids = ids[:self.budget - len(self.tail)] + self.tail
+      tail = self._tail(ticket.doc)
+      ids = ids[:self.budget - len(tail)] + tail
     ticket.prompt = ids
     return None

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 
 from jaxpp.errors import JaxppError
+from jaxpp.load.chat_template import ChatTemplate, Message
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -21,8 +22,9 @@ TOKENIZER_FILE = "tokenizer.json"
 class Tokenizer:
   """Text <-> token ids for one model."""
 
-  def __init__(self, tok: tokenizers.Tokenizer):
+  def __init__(self, tok: tokenizers.Tokenizer, chat_template: ChatTemplate | None = None):
     self._tok = tok
+    self.chat_template = chat_template  # the checkpoint's, for conversations (instruct models)
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -40,7 +42,9 @@ class Tokenizer:
     path = os.path.join(os.fspath(checkpoint_dir), TOKENIZER_FILE)
     if not os.path.isfile(path):
       return None
-    return cls.from_file(path)
+    tok = cls.from_file(path)
+    tok.chat_template = ChatTemplate.from_dir(checkpoint_dir)
+    return tok
 
   @property
   def vocab_size(self) -> int:
@@ -55,9 +59,22 @@ class Tokenizer:
     """Ids for one text, with the special tokens the post-processor adds (e.g. BOS)."""
     return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True
+                   ) -> list[list[int]]:
     """Ids for many texts; `tokenizers` parallelises this in Rust, so prefer it for bulk."""
-    return [list(e.ids) for e in self._tok.encode_batch(list(texts))]
+    return [list(e.ids) for e in self._tok.encode_batch(
+        list(texts), add_special_tokens=add_special_tokens)]
+
+  def apply_chat_template(self, messages: Sequence[Message],
+                          add_generation_prompt: bool = True) -> list[int]:
+    """Ids of one conversation as the checkpoint's chat template lays it out (as
+    transformers' `apply_chat_template(..., tokenize=True)`): the rendered text holds its
+    own BOS, so none is added."""
+    if self.chat_template is None:
+      raise JaxppError("the checkpoint has no chat template (tokenizer_config.json "
+                       "chat_template or chat_template.jinja): pass plain prompts instead")
+    text = self.chat_template.render(messages, add_generation_prompt)
+    return self.encode(text, add_special_tokens=False)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text for ids; accepts any iterable of ints (lists, numpy or jax arrays)."""

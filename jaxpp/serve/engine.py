@@ -34,7 +34,7 @@ from jaxpp.model import decode_state, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import schedule, shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults
+from jaxpp.serve import defaults, stop_strings
 from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
 
@@ -58,13 +58,15 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   priority: str = "batch"
+  stop: tuple[str, ...] = ()  # stop strings (`stop_strings.py`; needs the engine's detokenize)
 
 
 @dataclasses.dataclass
 class Finished:
   request: Request
   token_ids: list[int]
-  finish_reason: str  # "stop" or "length"
+  finish_reason: str  # "stop" (a stop id or stop string) or "length"
+  text: str | None = None  # set when a stop string ended it: the text before the string
 
 
 class Engine:
@@ -78,8 +80,10 @@ class Engine:
 
   def __init__(self, pipe: Pipeline, params, *, max_len: int, decode_chunk: int,
                eos_ids: tuple[int, ...], max_num_seqs: int | None = None,
-               reserve: dict[str, int] | None = None, watchdog: StepGuard | None = None):
+               reserve: dict[str, int] | None = None, watchdog: StepGuard | None = None,
+               detokenize: stop_strings.Detokenize | None = None):
     self.pipe, self.params, self.watchdog = pipe, params, watchdog
+    self.detokenize = detokenize  # ids -> text, for requests with stop strings
     self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
@@ -128,6 +132,8 @@ class Engine:
       raise JaxppError(f"request {request.key}: prompt of {len(request.prompt)} tokens + "
                        f"max_new_tokens={request.max_new_tokens} does not fit max_len="
                        f"{self.max_len}")
+    if request.stop and self.detokenize is None:
+      raise JaxppError(f"request {request.key}: stop strings need a tokenizer")
     self.queues[request.priority].append(request)
 
   def live(self) -> np.ndarray:
@@ -264,13 +270,20 @@ class Engine:
     self._last_decode_end = start + seconds
 
   def _retire(self) -> list[Finished]:
+    """Frees the slots of finished sequences (a stop string ends one here too)."""
     done = []
     eos = self.eos_ids
-    for (j, r) in list(self.tokens):
+    for (j, r), toks in list(self.tokens.items()):
+      stop = (stop_strings.find_stop(self.detokenize, toks, self.owner[j][r].stop)
+              if self.owner[j][r].stop else None)
+      if stop is not None:
+        self.stats.completion_tokens -= len(toks) - stop[0]
+        del toks[stop[0]:]
+        self.state.done[j, r] = True  # the next decode call skips the row
       if self.state.done[j, r]:
-        toks = self.tokens.pop((j, r))
-        reason = "stop" if toks and toks[-1] in eos else "length"
-        done.append(Finished(self.owner[j][r], toks, reason))
+        del self.tokens[(j, r)]
+        reason = "stop" if stop is not None or (toks and toks[-1] in eos) else "length"
+        done.append(Finished(self.owner[j][r], toks, reason, stop[1] if stop else None))
         self.owner[j][r] = None
     return done
 

@@ -1,0 +1,60 @@
+"""Stop strings: matched on the text across token boundaries, left out of the output, the
+same on every layout."""
+
+import pathlib
+
+import pytest
+
+import jaxpp
+from jaxpp.serve.stop_strings import find_stop
+
+TINY = pathlib.Path(__file__).resolve().parent.parent / "models" / "harbor-tiny"
+PIECES = {1: "The ", 2: "bill", 3: "ing pa", 4: "ge fails", 5: "."}
+
+
+def detok(ids):
+  return "".join(PIECES[i] for i in ids)
+
+
+def test_find_stop_across_tokens():
+  assert find_stop(detok, [1, 2, 3, 4, 5], ["ing page"]) == (4, "The bill")  # 3 tokens span it
+  assert find_stop(detok, [1, 2, 3, 4, 5], ["fails", "bill"]) == (2, "The ")  # the earliest
+  assert find_stop(detok, [1, 2, 3, 4, 5], ["nope"]) is None
+  assert find_stop(detok, [], ["x"]) is None and find_stop(detok, [1], []) is None
+
+
+@pytest.fixture(scope="module")
+def llms():
+  return {name: jaxpp.LLM(TINY, layout=name, dtype="float32", max_len=256)
+          for name in ("pp1tp1", "pp4tp2")}
+
+
+PROMPTS = ["Ticket:\nI was charged twice for my subscription this month.\nSummary:",
+           "Ticket:\nThe export to CSV fails with an error.\nSummary:"]
+
+
+def test_stop_string_split_across_two_tokens_on_every_layout(llms):
+  base = llms["pp1tp1"]
+  free = base.generate(PROMPTS, max_new_tokens=24)
+  tok = base.tokenizer
+  ids = free[0].token_ids
+  # a stop string made of the end of one token's text and the start of the next's
+  cut = next(i for i in range(2, len(ids) - 1)
+             if len(tok.decode(ids[:i])) - len(tok.decode(ids[:i - 1])) >= 2
+             and len(tok.decode(ids[:i + 1])) - len(tok.decode(ids[:i])) >= 2)
+  before, upto = tok.decode(ids[:cut]), tok.decode(ids[:cut + 1])
+  stop = before[-1] + upto[len(before)]
+  want = find_stop(tok.decode, ids, [stop])
+  assert want is not None and want[0] <= cut + 1
+  for name, llm in llms.items():
+    first, second = llm.generate(PROMPTS, max_new_tokens=24, stop=stop)
+    assert first.finish_reason == "stop", name
+    assert first.token_ids == ids[:want[0]] and first.text == want[1], name
+    assert stop not in first.text
+    if stop not in free[1].text:  # the other prompt is untouched
+      assert second.token_ids == free[1].token_ids, name
+
+
+def test_bad_stop_strings(llms):
+  with pytest.raises(jaxpp.JaxppError, match="stop strings are non-empty strings"):
+    llms["pp1tp1"].generate(PROMPTS, stop=[""])
