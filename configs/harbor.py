@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.job = ml_collections.ConfigDict()
   c.job.input = str(REPO / "data" / "tickets.jsonl")  # lines {"id": ..., "text": ...}
   c.job.output = "out/summaries.jsonl"  # relative to the working directory
+  c.job.format = "tickets"  # input lines: "tickets" ({"id", "text"}) or "openai_batch"
   c.job.errors = ""  # rejected input lines; "" = <output>.errors.jsonl
   c.job.prompt_template = "Ticket:\n{text}\nSummary:"
   c.job.prompt_format = "text"  # "text": the filled template is the prompt; "chat": it is the

@@ -250,7 +250,9 @@ def test_a_job_input_file_is_the_job_s_own_prompts(tmp_path):
       tokenizer=str(model), template="Ticket:\n{text}\nSummary:", output_len=32, max_len=256))
   config = types.SimpleNamespace(model=types.SimpleNamespace(checkpoint=str(model)),
                                  job=types.SimpleNamespace(prompt_template="Ticket:\n{text}\n"
-                                                           "Summary:", length_policy="truncate"),
+                                                           "Summary:", length_policy="truncate",
+                                                           prompt_format="text",
+                                                           system_prompt=""),
                                  sampling=types.SimpleNamespace(max_new_tokens=32),
                                  engine=types.SimpleNamespace(max_len=256))
   prompter = Prompter.for_job(Tokenizer.from_dir(model), config)

@@ -195,3 +195,19 @@ def test_idle_share_counts_fill_drain_and_host_gaps():
   assert st.idle_share() is None
   st.decode_timed_seconds, st.decode_busy_seconds, st.decode_gap_seconds = 9.0, 6.0, 1.0
   assert st.idle_share() == pytest.approx(0.4)
+
+
+def test_measured_bubble_is_stable_between_identical_runs(tmp_path):
+  """From the runs' own decode calls (no probe programs): two identical pp4tp2 runs agree
+  within 2 points, and never undercut the schedule's fill and drain."""
+  src = tmp_path / "in.jsonl"
+  src.write_text("".join(ticket_lines(40)), encoding="utf-8")
+  measured = []
+  for i in range(2):
+    config = shrunk(src, tmp_path / f"run{i}" / "out.jsonl", max_new_tokens=16)
+    config.schedule.decode_chunk = 4
+    rep = job.run_job(config)
+    assert rep["tick_seconds"]["count"] >= 5
+    assert rep["bubble_measured"] >= rep["bubble_schedule"] > 0
+    measured.append(rep["bubble_measured"])
+  assert abs(measured[0] - measured[1]) <= 0.02, measured

@@ -44,6 +44,7 @@ class Ticket:
   prompt: Any = None  # what `read_tickets`' `prepare` made of it (the job: prompt ids)
   truncated_tokens: int = 0  # prompt tokens the length policy cut (the job's prepare sets it)
   done: bool = False  # an earlier run wrote its row (read_tickets' `done`): not prepared
+  knobs: dict | None = None  # per-request sampling the line itself sets (OpenAI batch bodies)
 
 
 @dataclasses.dataclass
@@ -129,9 +130,12 @@ def _check(obj: Any) -> tuple[Any | None, str | None]:
 Prepare = Callable[[list["Ticket"]], list[str | None]]
 
 
+Check = Callable[[Any], tuple[Any, str | None]]
+
+
 def read_tickets(path: PathLike, prepare: Prepare | None = None, *,
-                 done: dict[str, int] | None = None, batch: int = 512
-                 ) -> Iterator[Ticket | Rejected]:
+                 done: dict[str, int] | None = None, batch: int = 512,
+                 check: Check | None = None) -> Iterator[Ticket | Rejected]:
   """Streams the input, yielding one `Ticket` or `Rejected` per non-blank line, in order.
 
   Deterministic from the file alone, so every run assigns the same verdict to the same line.
@@ -145,14 +149,17 @@ def read_tickets(path: PathLike, prepare: Prepare | None = None, *,
   `done` ({key: input line} of the rows earlier runs wrote) spares finished tickets the
   preparing: a ticket at the very line its row names is yielded with `done=True` and no
   prompt. It was accepted there before, and verdicts are deterministic, so it still claims
-  its id.
+  its id. `check(obj) -> (id, reason)` validates a parsed line (default: a ticket,
+  `{"id", "text"}`; `openai_batch.check_line` for OpenAI batch requests).
   """
   p = check_input(path)
+  check = check or _check
   done = done or {}
   first_line: dict[str, int] = {}
   with open(p, "rb") as f:
     lines = enumerate(f, start=1)
-    while chunk := [_candidate(n, raw, done) for n, raw in itertools.islice(lines, batch)]:
+    while chunk := [_candidate(n, raw, done, check)
+                    for n, raw in itertools.islice(lines, batch)]:
       fresh = [c for c in chunk if isinstance(c, Ticket) and not c.done]
       reasons = dict(zip(map(id, fresh), prepare(fresh) if prepare and fresh else ()))
       for item in chunk:
@@ -170,7 +177,8 @@ def read_tickets(path: PathLike, prepare: Prepare | None = None, *,
           yield Rejected(line=item.line, id=item.id, reason=reason)
 
 
-def _candidate(lineno: int, raw: bytes, done: dict[str, int]) -> Ticket | Rejected | None:
+def _candidate(lineno: int, raw: bytes, done: dict[str, int], check: Check
+               ) -> Ticket | Rejected | None:
   """One line's verdict before `prepare` and the duplicate check; None for a blank line."""
   if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
     raw = raw[3:]  # a UTF-8 byte-order mark some editors write
@@ -179,11 +187,11 @@ def _candidate(lineno: int, raw: bytes, done: dict[str, int]) -> Ticket | Reject
   obj, reason = _parse(raw.rstrip(b"\r\n"))
   id_ = None
   if reason is None:
-    id_, reason = _check(obj)
+    id_, reason = check(obj)
   if reason is not None:
     return Rejected(line=lineno, id=id_, reason=reason)
   key = ticket_key(id_)
-  return Ticket(line=lineno, id=id_, key=key, text=obj["text"], doc=obj,
+  return Ticket(line=lineno, id=id_, key=key, text=obj.get("text", ""), doc=obj,
                 done=done.get(key) == lineno)
 
 
@@ -260,8 +268,10 @@ def _rows(path: pathlib.Path) -> Iterator[dict]:
         yield row
 
 
-def resume_state(output_path: PathLike, errors_path: PathLike) -> ResumeState:
-  """Repairs both files, then reads done ticket keys and already-rejected input lines.
+def resume_state(output_path: PathLike, errors_path: PathLike, id_field: str = "id"
+                 ) -> ResumeState:
+  """Repairs both files, then reads done ticket keys (from each row's `id_field`: "id",
+  or "custom_id" for OpenAI batch rows) and already-rejected input lines.
 
   Missing files mean a first run (empty state). Call this BEFORE opening the writers.
   """
@@ -272,10 +282,10 @@ def resume_state(output_path: PathLike, errors_path: PathLike) -> ResumeState:
     state.truncated_bytes += fixed.truncated_bytes
     state.corrupt_lines += fixed.corrupt_lines
   for row in _rows(out):
-    if "id" not in row:
+    if id_field not in row:
       state.corrupt_lines += 1
       continue
-    key = ticket_key(row["id"])
+    key = ticket_key(row[id_field])
     state.output_rows += 1
     if key in state.done_keys:
       state.duplicate_rows += 1
@@ -334,11 +344,21 @@ class ResultWriter:
     self.close()
 
 
+def error_row(rejected: Rejected) -> dict:
+  """The errors file's row of a rejected ticket line."""
+  return {"line": rejected.line, "id": rejected.id, "reason": rejected.reason}
+
+
 class ErrorWriter(ResultWriter):
-  """The errors file: one `{"line", "id", "reason"}` row per rejected input line."""
+  """The errors file: one row per rejected input line, `row(rejected)` (default
+  `{"line", "id", "reason"}`; every form keeps the integer "line" the resume reads)."""
+
+  def __init__(self, path: PathLike, row: Callable[[Rejected], dict] = error_row):
+    super().__init__(path)
+    self._row = row
 
   def write_rejected(self, rejected: Rejected) -> None:
-    self.write({"line": rejected.line, "id": rejected.id, "reason": rejected.reason})
+    self.write(self._row(rejected))
 
 
 def check_distinct(**paths: PathLike) -> None:

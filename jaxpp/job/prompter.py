@@ -53,13 +53,15 @@ class Prompter:
     return self.tok.encode_batch(texts, add_special_tokens=False)  # the template's BOS only
 
   @classmethod
-  def for_job(cls, tokenizer: Tokenizer | None, config: ml_collections.ConfigDict) -> Prompter:
-    """The job's prompter: its template, length policy and context (engine.max_len)."""
+  def for_job(cls, tokenizer: Tokenizer | None, config: ml_collections.ConfigDict,
+              max_len: int | None = None) -> Prompter:
+    """The job's prompter: its template, length policy and context (`max_len`, default
+    engine.max_len)."""
     if tokenizer is None:
       raise JaxppError(f"checkpoint {config.model.checkpoint} has no tokenizer.json; the job "
                        "needs one to read tickets")
     return cls(tokenizer, config.job.prompt_template, policy=config.job.length_policy,
-               budget=config.engine.max_len - config.sampling.max_new_tokens + 1,
+               budget=(max_len or config.engine.max_len) - config.sampling.max_new_tokens + 1,
                prompt_format=config.job.prompt_format, system_prompt=config.job.system_prompt)
 
   def __call__(self, tickets: list[jobio.Ticket]) -> list[str | None]:

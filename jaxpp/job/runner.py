@@ -37,7 +37,7 @@ import ml_collections
 
 from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
-from jaxpp.job import compile_cache, report
+from jaxpp.job import compile_cache, openai_batch, report
 from jaxpp.job import files as jobio
 from jaxpp.job.latency_plot import write_latency_png
 from jaxpp.job.lock import OutputLock
@@ -57,6 +57,7 @@ from jaxpp.serve import engine as engine_lib
 from jaxpp.serve.stats import EngineStats
 
 LENGTH_POLICIES = ("truncate", "reject")
+FORMATS = ("tickets", "openai_batch")  # job.format: what an input (and output) line is
 
 
 def errors_path(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -78,6 +79,8 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> None:
   """Every knob checked against the model before anything is probed, loaded or compiled;
   each mistake is one line."""
   job, eng = config.job, config.engine
+  if job.format not in FORMATS:
+    raise JaxppError(f"job.format={job.format!r}; choose one of {', '.join(FORMATS)}")
   if job.length_policy not in LENGTH_POLICIES:
     raise JaxppError(f"job.length_policy={job.length_policy!r}; choose one of "
                      f"{', '.join(LENGTH_POLICIES)}")
@@ -142,20 +145,22 @@ def shared_resume(rt: distributed.Runtime, state: jobio.ResumeState | None
       rejected_lines=set(shared["rejected"]))
 
 
-def read_input(path, prompter: Prompter, resume: jobio.ResumeState, reject
+def read_input(path, prompter, resume: jobio.ResumeState, reject, openai: bool
                ) -> tuple[list[jobio.Ticket], dict[str, int]]:
   """One pass over the input: the tickets still to summarise, tokenized (in parallel
   batches, finished ones not at all), and the counts; each bad line goes to `reject`."""
   counts = dict(input_lines=0, skipped_done=0)
   todo = []
-  for item in jobio.read_tickets(path, prepare=prompter, done=resume.done_lines):
+  for item in jobio.read_tickets(path, prepare=prompter, done=resume.done_lines,
+                                 check=openai_batch.check_line if openai else None):
     counts["input_lines"] += 1
     if isinstance(item, jobio.Rejected):
       reject(item)
     elif item.done or item.key in resume.done_keys:
       counts["skipped_done"] += 1
     else:
-      item.doc = None  # only the id and the prompt are needed from here on
+      if not openai:
+        item.doc = None  # only the id and the prompt are needed from here on
       todo.append(item)
   return todo, counts
 
@@ -179,7 +184,13 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   check_config(config, model_cfg)
   checkpoint.check_checkpoint(config.model.checkpoint, model_cfg)
   tokenizer = Tokenizer.from_dir(config.model.checkpoint)
-  prompter = Prompter.for_job(tokenizer, config)
+  openai = job.format == "openai_batch"
+  max_len = check_context(model_cfg, config.engine.max_len, config.schedule.decode_chunk)
+  prompter = (openai_batch.BatchPrompter(tokenizer, max_len=max_len,
+                                         default_new_tokens=config.sampling.max_new_tokens,
+                                         policy=job.length_policy)
+              if openai and tokenizer is not None else
+              Prompter.for_job(tokenizer, config, max_len))
   pipe = Pipeline.build(model_cfg, layout_of(config),  # layout against the devices
                         devices=jax.devices() if devices is None else devices,
                         attention=config.model.attention)
@@ -195,10 +206,12 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   if rt.is_writer:
     output, errors = jobio.check_output_dir(output), jobio.check_output_dir(errors)
     stack.enter_context(OutputLock(output))  # before the resume repair touches the output
-    resume = jobio.resume_state(output, errors)
+    resume = jobio.resume_state(output, errors, id_field="custom_id" if openai else "id")
   resume = shared_resume(rt, resume)
   out, err = ((stack.enter_context(jobio.ResultWriter(output)),
-               stack.enter_context(jobio.ErrorWriter(errors))) if rt.is_writer else
+               stack.enter_context(jobio.ErrorWriter(
+                   errors, row=openai_batch.error_row if openai else jobio.error_row)))
+              if rt.is_writer else
               (_Discard(), _Discard()))
   rejected_run = 0
 
@@ -208,7 +221,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
       err.write_rejected(item)
       rejected_run += 1
 
-  todo, counts = read_input(job.input, prompter, resume, reject)
+  todo, counts = read_input(job.input, prompter, resume, reject, openai)
   log(f"input {job.input}: {counts['input_lines']:,} lines, {len(todo):,} to summarise, "
       f"{counts['skipped_done']:,} already done, {rejected_run:,} newly rejected")
   run = _Run(config, pipe, tokenizer, stack, dog, log) if todo else None
@@ -218,7 +231,8 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   with stop.deferred(), report.Progress(
       len(todo), disable=not job.progress or not rt.is_writer) as progress:
     for finished, ticket in (run.summarise(todo, stop, rt) if run else ()):
-      out.write(summary_row(tokenizer, ticket, finished))
+      out.write(openai_row(tokenizer, ticket, finished, config.model.checkpoint) if openai
+                else summary_row(tokenizer, ticket, finished))
       written += 1
       truncated += ticket.truncated_tokens > 0
       progress.update(documents=1,
@@ -227,7 +241,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
     f.close()
   if not rt.is_writer:
     return None
-  final = jobio.resume_state(output, errors)
+  final = jobio.resume_state(output, errors, id_field="custom_id" if openai else "id")
   wall = time.perf_counter() - started
   compile_seconds = run.clock.seconds if run else 0.0
   st = run.eng.stats if run else EngineStats()
@@ -299,14 +313,24 @@ class _Run:
         if ticket is None:
           break
         tickets[ticket.key] = ticket
-        eng.submit(engine_lib.Request(
-            key=ticket.key, prompt=ticket.prompt, max_new_tokens=knobs.max_new_tokens,
-            temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p,
-            seed=knobs.seed, priority=job.priority))
+        request = dict(max_new_tokens=knobs.max_new_tokens, temperature=knobs.temperature,
+                       top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed)
+        eng.submit(engine_lib.Request(key=ticket.key, prompt=ticket.prompt,
+                                      priority=job.priority,
+                                      **(request | (ticket.knobs or {}))))
       if not eng.waiting() and not eng.tokens:
         return
       for f in eng.step():
         yield f, tickets.pop(f.request.key)
+
+
+def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket, finished: engine_lib.Finished,
+               checkpoint: str) -> dict:
+  """An OpenAI batch output line: the whole completion, a stop string left out."""
+  text = finished.text if finished.text is not None else tokenizer.decode(finished.token_ids)
+  return openai_batch.result_row(ticket, text, finished.finish_reason,
+                                 len(finished.request.prompt), len(finished.token_ids),
+                                 model=pathlib.Path(checkpoint).name)
 
 
 def summary_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
