@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face Llama checkpoints, written by transformers itself, for tests.
+"""Tiny random Hugging Face checkpoints (Llama, Qwen2, Qwen3), written by transformers
+itself, for tests.
 
 transformers + torch are the reference implementation: the checkpoints are produced by
 `LlamaForCausalLM.save_pretrained`, exactly as real ones are, so the loader reads the real
@@ -40,7 +41,17 @@ VARIANTS = {
 }
 
 
-def hf_config(variant: str = "gqa", **overrides) -> transformers.LlamaConfig:
+# Other families: (config class, model class, their variant's fields).
+FAMILIES = {
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24)),
+}
+
+
+def hf_config(variant: str = "gqa", **overrides) -> transformers.PretrainedConfig:
+  if variant in FAMILIES:
+    config_cls, _, fields = FAMILIES[variant]
+    return config_cls(**{**BASE, **fields, **overrides})
   return transformers.LlamaConfig(**{**BASE, **VARIANTS[variant], **overrides})
 
 
@@ -49,7 +60,14 @@ def make_checkpoint(directory: pathlib.Path, variant: str = "gqa", *, sharded: b
                     **overrides) -> tuple[pathlib.Path, transformers.LlamaForCausalLM]:
   """Writes a random checkpoint to `directory`; returns it and the torch model (fp32, eval)."""
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(hf_config(variant, **overrides)).eval()
+  model_cls = FAMILIES[variant][1] if variant in FAMILIES else transformers.LlamaForCausalLM
+  model = model_cls(hf_config(variant, **overrides)).eval()
+  with torch.no_grad():  # transformers starts biases at 0 and norms at 1: make them count
+    for name, p in model.named_parameters():
+      if name.endswith("proj.bias"):
+        p.normal_(0.0, 0.5)
+      elif name.endswith(("q_norm.weight", "k_norm.weight")):
+        p.normal_(1.0, 0.3)
   directory.mkdir(parents=True, exist_ok=True)
   to_save = model if dtype == torch.float32 else model.to(dtype)
   to_save.save_pretrained(directory, max_shard_size="40KB" if sharded else "10GB")

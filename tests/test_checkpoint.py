@@ -250,7 +250,8 @@ def test_error_invalid_json(tmp_path):
 def test_error_not_llama(tmp_path):
   d, _ = make_checkpoint(tmp_path / "ckpt")
   _edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"])
-  with raises_one_line(r"config\.json: model_type='gpt2' .* is not a Llama-family model"):
+  with raises_one_line(r"config\.json: model_type='gpt2' .* is not supported; supported: llama, "
+                       r"mistral, qwen2, qwen3"):
     checkpoint.load_config(d)
 
 

@@ -13,7 +13,7 @@ from jaxpp.load import checkpoint
 from jaxpp.serve import reference as generate
 from tests import hf_models
 
-VARIANTS = ["gqa", "mha", "mqa", "tied", "llama3_rope", "head_dim"]
+VARIANTS = ["gqa", "mha", "mqa", "tied", "llama3_rope", "head_dim", "qwen2", "qwen3"]
 PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44], [1, 3, 3, 90, 61, 17, 25, 26, 40, 11, 7, 19, 2, 4]]
 
 

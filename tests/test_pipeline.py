@@ -322,3 +322,20 @@ def test_kernel_reads_each_layer_of_the_whole_cache(deep16):
     assert [tuple(x.aval.shape) for x in e.invars[3:]] == [whole, whole]
   assert not [e for e in eqns if e.primitive.name == "dynamic_slice"
               and tuple(e.invars[0].aval.shape) == local]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def family(request, tmp_path_factory):
+  """Another family's tiny checkpoint (8 layers, 4 kv heads) and its single-device tokens."""
+  ckpt, _ = hf_models.make_checkpoint(tmp_path_factory.mktemp(request.param), request.param,
+                                      num_hidden_layers=8, num_key_value_heads=4,
+                                      num_attention_heads=8, head_dim=8, vocab_size=96)
+  return ckpt, single_device(ckpt, PROMPTS)
+
+
+@pytest.mark.parametrize("pp,tp,v", [(4, 2, 1), (2, 4, 1), (2, 2, 2), (8, 1, 1)])
+def test_other_families_match_single_device(family, pp, tp, v):
+  """Qwen2's biases (split over tp with their heads) and Qwen3's per-head norms on every
+  kind of layout give the single-device logits and greedy tokens."""
+  ckpt, ref = family
+  check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=pp)

@@ -12,7 +12,10 @@ from typing import Any
 
 from jaxpp.errors import JaxppError
 
-LLAMA_FAMILY = ("llama", "mistral")  # same decoder math; mistral without sliding window
+# model_type -> the features it sets; the decoder math is Llama's plus these (mistral
+# without a sliding window)
+FAMILIES = {"llama": {}, "mistral": {}, "qwen2": dict(qkv_bias=True),
+            "qwen3": dict(qk_norm=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture of a Llama-family decoder (the fields of HF `config.json` we honour)."""
+  """Architecture of a Llama-family decoder (the fields of HF `config.json` we honour).
+
+  Families differ by named features (`qkv_bias`, `qk_norm`), set from `model_type` in one
+  place (`FAMILIES`), not by a class per family: the layer math reads the features.
+  """
 
   vocab_size: int  # V
   hidden_size: int  # D
@@ -43,6 +50,9 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   eos_token_ids: tuple[int, ...] = ()
   bos_token_id: int | None = None
+  qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2 / Qwen2.5)
+  qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+  model_type: str = "llama"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -54,7 +64,8 @@ class LlamaConfig:
     """Parameters of one repeated block (attention + MLP + two norms)."""
     d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_heads,
                      self.num_kv_heads, self.head_dim)
-    return d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d
+    extra = (n + 2 * k) * h * self.qkv_bias + 2 * h * self.qk_norm
+    return d * (n + 2 * k) * h + n * h * d + 3 * d * f + 2 * d + extra
 
   def param_count(self) -> int:
     """All parameters, embeddings and head included."""
@@ -67,7 +78,8 @@ class LlamaConfig:
     rope = None if self.rope_scaling is None else dict(
         rope_type="llama3", **dataclasses.asdict(self.rope_scaling))
     return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        architectures=[_ARCHITECTURES[self.model_type]], model_type=self.model_type,
+        hidden_act="silu",
         vocab_size=self.vocab_size, hidden_size=self.hidden_size,
         intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
         num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
@@ -82,15 +94,19 @@ class LlamaConfig:
     """Builds the config from HF `config.json` (and `generation_config.json`) dicts."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
-    if model_type not in LLAMA_FAMILY and not any(a.startswith("Llama") for a in archs):
-      raise JaxppError(
-          f"{source}: model_type={model_type!r} (architectures={archs}) is not a "
-          f"Llama-family model; supported: {', '.join(LLAMA_FAMILY)}")
-    if hf.get("sliding_window") not in (None, 0) and model_type == "mistral":
+    if model_type not in FAMILIES:
+      if not any(a.startswith("Llama") for a in archs):
+        raise JaxppError(
+            f"{source}: model_type={model_type!r} (architectures={archs}) is not supported; "
+            f"supported: {', '.join(FAMILIES)}")
+      model_type = "llama"
+    sliding = hf.get("sliding_window") not in (None, 0) and hf.get("use_sliding_window",
+                                                                     True)
+    if sliding or any(t != "full_attention" for t in hf.get("layer_types") or ()):
       raise JaxppError(f"{source}: sliding-window attention is not supported")
     for flag in ("attention_bias", "mlp_bias"):
       if hf.get(flag):
-        raise JaxppError(f"{source}: {flag}=true is not supported (Llama has no biases)")
+        raise JaxppError(f"{source}: {flag}=true is not supported")
     if hf.get("hidden_act", "silu") != "silu":
       raise JaxppError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (silu)")
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -118,7 +134,13 @@ class LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         eos_token_ids=_eos_ids((generation or {}).get("eos_token_id", hf.get("eos_token_id"))),
         bos_token_id=hf.get("bos_token_id"),
+        model_type=model_type,
+        **FAMILIES[model_type],
     )
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def _rope_scaling(scaling: dict[str, Any], source: str) -> RopeScaling | None:

@@ -96,9 +96,19 @@ class Attention(nn.Module):
     wv = _weight(self, "wv", (D, K, H), self.quantized)
     wo = _weight(self, "wo", (N, H, D), self.quantized)
     inv_freq = inverse_frequencies(c)
-    q = apply_rope(quant.einsum("BTD,DNH->BTNH", x, *wq), positions, inv_freq)
-    k = apply_rope(quant.einsum("BTD,DKH->BTKH", x, *wk), positions, inv_freq)
+    q = quant.einsum("BTD,DNH->BTNH", x, *wq)
+    k = quant.einsum("BTD,DKH->BTKH", x, *wk)
     v = quant.einsum("BTD,DKH->BTKH", x, *wv)
+    if c.qkv_bias:  # Qwen2
+      zeros = nn.initializers.zeros
+      q = q + self.param("bq", zeros, (N, H), self.dtype)
+      k = k + self.param("bk", zeros, (K, H), self.dtype)
+      v = v + self.param("bv", zeros, (K, H), self.dtype)
+    if c.qk_norm:  # Qwen3: each head of q and k normalised over H before RoPE
+      q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,

@@ -6,6 +6,8 @@ Layout (dimension alphabet: L layers, D model, F ffn, N/K query/kv heads, H head
     blocks/attn_norm/scale [L, D]
     blocks/attn/wq        [L, D, N, H]      blocks/attn/wk, wv  [L, D, K, H]
     blocks/attn/wo        [L, N, H, D]
+    blocks/attn/bq        [L, N, H]         blocks/attn/bk, bv  [L, K, H]   (qkv_bias)
+    blocks/attn/q_norm/scale [L, H]         blocks/attn/k_norm/scale [L, H] (qk_norm)
     blocks/mlp_norm/scale [L, D]
     blocks/mlp/w_gate     [L, D, F]         blocks/mlp/w_up     [L, D, F]
     blocks/mlp/w_down     [L, F, D]
@@ -53,6 +55,12 @@ def _heads(n_attr: str):
   return convert
 
 
+def _bias(n_attr: str):
+  def convert(b: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H] -> [n, H]
+    return b.reshape(getattr(c, n_attr), c.head_dim)
+  return convert
+
+
 def _out_proj(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [D, N*H] -> [N, H, D]
   return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
 
@@ -78,6 +86,16 @@ HF_SOURCES: dict[Path, HFSource] = {
     ("blocks", "attn", "wv"): HFSource(_LAYER + "self_attn.v_proj.weight",
                                        _heads("num_kv_heads"), True),
     ("blocks", "attn", "wo"): HFSource(_LAYER + "self_attn.o_proj.weight", _out_proj, True),
+    ("blocks", "attn", "bq"): HFSource(_LAYER + "self_attn.q_proj.bias", _bias("num_heads"),
+                                       True),
+    ("blocks", "attn", "bk"): HFSource(_LAYER + "self_attn.k_proj.bias",
+                                       _bias("num_kv_heads"), True),
+    ("blocks", "attn", "bv"): HFSource(_LAYER + "self_attn.v_proj.bias",
+                                       _bias("num_kv_heads"), True),
+    ("blocks", "attn", "q_norm", "scale"): HFSource(_LAYER + "self_attn.q_norm.weight", _same,
+                                                    True),
+    ("blocks", "attn", "k_norm", "scale"): HFSource(_LAYER + "self_attn.k_norm.weight", _same,
+                                                    True),
     ("blocks", "mlp_norm", "scale"): HFSource(_LAYER + "post_attention_layernorm.weight",
                                               _same, True),
     ("blocks", "mlp", "w_gate"): HFSource(_LAYER + "mlp.gate_proj.weight", _transpose, True),
@@ -106,6 +124,12 @@ def leaf_shapes(c: LlamaConfig) -> dict[Path, tuple[int, ...]]:
       ("final_norm", "scale"): (D,),
       ("lm_head",): (D, V),
   }
+  if c.qkv_bias:
+    shapes |= {("blocks", "attn", "bq"): (L, N, H), ("blocks", "attn", "bk"): (L, K, H),
+               ("blocks", "attn", "bv"): (L, K, H)}
+  if c.qk_norm:
+    shapes |= {("blocks", "attn", "q_norm", "scale"): (L, H),
+               ("blocks", "attn", "k_norm", "scale"): (L, H)}
   if c.tie_word_embeddings:
     del shapes[("lm_head",)]
   return shapes
@@ -118,6 +142,8 @@ def hf_shape(path: Path, c: LlamaConfig) -> tuple[int, ...]:
     ours = ours[1:]
   if path[-1] in ("wq", "wk", "wv"):
     return (ours[1] * ours[2], ours[0])
+  if path[-1] in ("bq", "bk", "bv"):
+    return (ours[0] * ours[1],)
   if path[-1] == "wo":
     return (ours[2], ours[0] * ours[1])
   if len(ours) == 2 and path != ("embed",):

@@ -46,7 +46,8 @@ from jaxpp.parallel.partition import Partition
 from jaxpp.parallel.schedule import circular
 
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
-_TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
+_TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0,
+            "bq": 0, "bk": 0, "bv": 0}
 
 
 def _layout_tp(self: "Pipeline", *args, **kwargs) -> int:
