@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.temperature = 0.0  # 0 = greedy
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1 = off
+  c.sampling.min_p = 0.0  # 0 = off; else cut tokens below min_p x the likeliest
   c.sampling.seed = 0
 
   c.job = ml_collections.ConfigDict()

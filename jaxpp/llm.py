@@ -194,8 +194,9 @@ class LLM:
 
   def generate(self, prompts: str | Sequence[str | Sequence[int]], *,
                max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-               max_num_seqs: int | None = None, length_policy: str = "error",
-               stop: str | Sequence[str] = ()) -> list[Completion]:
+               min_p=0.0, max_num_seqs: int | None = None, length_policy: str = "error",
+               stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = ()
+               ) -> list[Completion]:
     """One completion per prompt (a single string is one prompt). Sampling knobs are scalars
     or one value per prompt.
 
@@ -204,7 +205,8 @@ class LLM:
     on how many prompts a call passes. A prompt with no room for `max_new_tokens` in the
     context is an error before anything runs (`length_policy="error"`), or has its start cut
     (`"truncate"`: `Completion.truncated_tokens` says how much). Generation stops at a stop
-    id, at a `stop` string (matched on the text across tokens, left out of `text`; the
+    id (the checkpoint's EOS ids and `stop_token_ids`, the stop token kept), at a `stop`
+    string (matched on the text across tokens, left out of `text`; the
     token that completed it is the last of `token_ids`), after `max_new_tokens`, or when
     the context is full ("length").
     """
@@ -219,10 +221,14 @@ class LLM:
     if stop and (self.tokenizer is None or not all(isinstance(s, str) and s for s in stop)):
       raise JaxppError(f"stop={stop!r}: stop strings are non-empty strings and need the "
                        "checkpoint's tokenizer.json")
+    stop_ids = tuple(int(t) for t in stop_token_ids)
+    if any(not 0 <= t < self.config.vocab_size for t in stop_ids):
+      raise JaxppError(f"stop_token_ids={list(stop_ids)}: ids must lie in [0, "
+                       f"{self.config.vocab_size})")
     return self._run(self.encode(prompts, fit=None if length_policy == "error" else
                                  max_new_tokens), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     max_num_seqs=max_num_seqs, stop=stop)
+                     min_p=min_p, max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids)
 
   def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]], *,
            add_generation_prompt: bool = True, **generate_kwargs) -> list[Completion]:
@@ -238,10 +244,10 @@ class LLM:
     return self.generate(ids, **generate_kwargs)
 
   def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int, temperature,
-           top_k, top_p, seed, max_num_seqs: int | None, stop: tuple[str, ...]
-           ) -> list[Completion]:
+           top_k, top_p, seed, min_p, max_num_seqs: int | None, stop: tuple[str, ...],
+           stop_ids: tuple[int, ...]) -> list[Completion]:
     knobs = sampling.SamplingParams.make(len(encoded), temperature=temperature, top_k=top_k,
-                                         top_p=top_p, seed=seed)
+                                         top_p=top_p, seed=seed, min_p=min_p)
     # One engine per slot count, kept: its cache and programs serve every later call. One
     # that failed mid-call may hold queued requests, so it is dropped.
     eng = self._engines.pop(max_num_seqs, None) or self.engine(max_num_seqs=max_num_seqs)
@@ -249,7 +255,8 @@ class LLM:
       eng.submit(engine_lib.Request(
           key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
           temperature=float(knobs.temperature[i]), top_k=int(knobs.top_k[i]),
-          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i]), stop=stop))
+          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i]),
+          min_p=float(knobs.min_p[i]), stop=stop, stop_token_ids=stop_ids))
     done: dict[str, engine_lib.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
     self._engines[max_num_seqs] = eng

@@ -141,3 +141,19 @@ def test_make_per_sequence_and_validation():
     SamplingParams.make(2, top_p=0.0)
   with pytest.raises(JaxppError):
     SamplingParams.make(2, top_k=-3)
+
+
+def test_min_p():
+  """Probabilities 0.35, 0.30, 0.20, 0.10, 0.05 (shuffled) with min_p=0.5: only tokens at
+  least half as likely as the likeliest (0.175) survive, renormalised."""
+  probs = np.array([0.20, 0.35, 0.05, 0.30, 0.10])
+  freq = _draw(np.log(probs), temperature=1.0, min_p=0.5, seed=11)
+  kept = probs * (probs >= 0.5 * probs.max())
+  np.testing.assert_allclose(freq, kept / kept.sum(), atol=TOL)
+  assert freq[2] == freq[4] == 0.0
+  np.testing.assert_array_equal(  # min_p=1 keeps the likeliest alone; 0 is off
+      _draw(np.log(probs), n=500, temperature=1.0, min_p=1.0, seed=2), [0, 1, 0, 0, 0])
+  np.testing.assert_allclose(_draw(np.log(probs), temperature=1.0, min_p=0.0, seed=3), probs,
+                             atol=TOL)
+  with pytest.raises(JaxppError, match=r"min_p must be in \[0, 1\]"):
+    SamplingParams.make(2, min_p=1.5)

@@ -58,3 +58,18 @@ def test_stop_string_split_across_two_tokens_on_every_layout(llms):
 def test_bad_stop_strings(llms):
   with pytest.raises(jaxpp.JaxppError, match="stop strings are non-empty strings"):
     llms["pp1tp1"].generate(PROMPTS, stop=[""])
+
+
+def test_stop_token_ids_on_every_layout(llms):
+  """A request's own stop id ends it where it is first generated (the token kept), as the
+  checkpoint's EOS does, on every layout; the other prompts are untouched."""
+  free = llms["pp1tp1"].generate(PROMPTS, max_new_tokens=16)
+  ids = free[0].token_ids
+  at = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+  for name, llm in llms.items():
+    first, second = llm.generate(PROMPTS, max_new_tokens=16, stop_token_ids=[ids[at]])
+    assert first.token_ids == ids[:at + 1] and first.finish_reason == "stop", name
+    if ids[at] not in free[1].token_ids:
+      assert second.token_ids == free[1].token_ids, name
+  with pytest.raises(jaxpp.JaxppError, match=r"stop_token_ids=\[100000\]"):
+    llms["pp1tp1"].generate(PROMPTS, stop_token_ids=[100000])

@@ -98,7 +98,7 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> None:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} must be >= 1")
   s = config.sampling  # validated as the engine will use them (one-line errors)
   sampling.SamplingParams.make(1, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                               seed=s.seed)
+                               seed=s.seed, min_p=s.min_p)
   max_len = check_context(model, eng.max_len, config.schedule.decode_chunk)
   if config.sampling.max_new_tokens >= max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
@@ -314,7 +314,8 @@ class _Run:
           break
         tickets[ticket.key] = ticket
         request = dict(max_new_tokens=knobs.max_new_tokens, temperature=knobs.temperature,
-                       top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed)
+                       top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed,
+                       min_p=knobs.min_p)
         eng.submit(engine_lib.Request(key=ticket.key, prompt=ticket.prompt,
                                       priority=job.priority,
                                       **(request | (ticket.knobs or {}))))

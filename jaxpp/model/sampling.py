@@ -40,12 +40,14 @@ class SamplingParams(NamedTuple):
   top_k: i32[B], 0 means off.
   top_p: f32[B], 1.0 means off.
   seed: u32[B], a request's own seed.
+  min_p: f32[B], 0.0 means off; else tokens less likely than min_p times the likeliest are cut.
   """
 
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
+  min_p: jax.Array
 
   @classmethod
   def make(
@@ -55,6 +57,7 @@ class SamplingParams(NamedTuple):
     top_k: int | Sequence[int] = 0,
     top_p: float | Sequence[float] = 1.0,
     seed: int | Sequence[int] = 0,
+    min_p: float | Sequence[float] = 0.0,
   ) -> SamplingParams:
     """Builds params from scalars (shared by all rows) or per-sequence sequences.
 
@@ -65,13 +68,16 @@ class SamplingParams(NamedTuple):
     k = _per_seq("top_k", top_k, batch, np.int32)
     p = _per_seq("top_p", top_p, batch, np.float32)
     s = _per_seq("seed", seed, batch, np.uint32)
+    m = _per_seq("min_p", min_p, batch, np.float32)
     if not np.all(np.isfinite(t) & (t >= 0)):
       raise JaxppError(f"sampling temperature must be finite and >= 0, got {t.tolist()}")
     if np.any(k < 0):
       raise JaxppError(f"sampling top_k must be >= 0 (0 = off), got {k.tolist()}")
     if not np.all((p > 0) & (p <= 1)):
       raise JaxppError(f"sampling top_p must be in (0, 1] (1 = off), got {p.tolist()}")
-    return cls(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(s))
+    if not np.all((m >= 0) & (m <= 1)):
+      raise JaxppError(f"sampling min_p must be in [0, 1] (0 = off), got {m.tolist()}")
+    return cls(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(s), jnp.asarray(m))
 
   def needs_sampling(self) -> bool:
     """Host-side choice of `do_sample`: False when every row is greedy, so no sort is compiled."""
@@ -86,11 +92,13 @@ def row_keys(seed: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def _filtered_sorted_logits(logits, params: SamplingParams):
-  """Temperature, top-k and top-p applied in rank order; returns (sorted ids, masked logits).
+  """Temperature, top-k, top-p and min-p applied in rank order; returns (sorted ids, masked
+  logits).
 
-  One descending sort per row serves both filters: top-k is a mask on rank (k differs per
-  row, so a static `lax.top_k` cannot be used), and top-p a mask on the cumulative mass of
-  the top-k-renormalised probabilities. The stable sort keeps ties in id order.
+  One descending sort per row serves every filter: top-k is a mask on rank (k differs per
+  row, so a static `lax.top_k` cannot be used), top-p a mask on the cumulative mass of the
+  top-k-renormalised probabilities, and min-p a mask on each kept probability against the
+  likeliest one's (rank 0). The stable sort keeps ties in id order.
   """
   vocab = logits.shape[-1]
   temp = params.temperature.astype(jnp.float32)
@@ -109,6 +117,10 @@ def _filtered_sorted_logits(logits, params: SamplingParams):
   top_p = params.top_p.astype(jnp.float32)[:, None]
   # top_p >= 1 is "off" outright: rounding in the cumsum must not trim the far tail.
   keep = (mass_before < top_p) | (top_p >= 1.0) | (rank == 0)
+  # min-p compares probabilities within a row, so the renormalisation cancels: the
+  # top-k probabilities serve
+  min_p = params.min_p.astype(jnp.float32)[:, None]
+  keep &= (probs >= min_p * probs[:, :1]) | (rank == 0)
   sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
   return order, sorted_logits
 

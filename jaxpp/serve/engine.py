@@ -57,8 +57,10 @@ class Request:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  min_p: float = 0.0
   priority: str = "batch"
   stop: tuple[str, ...] = ()  # stop strings (`stop_strings.py`; needs the engine's detokenize)
+  stop_token_ids: tuple[int, ...] = ()  # ids that end this request besides the EOS ids
 
 
 @dataclasses.dataclass
@@ -269,13 +271,21 @@ class Engine:
                                            0.0)
     self._last_decode_end = start + seconds
 
+  def _stop(self, request: Request, toks: list[int]) -> tuple[int, str | None] | None:
+    """(tokens to keep, text or None) where the request's own stop ids or strings end it."""
+    at = stop_strings.first_stop_id(toks, request.stop_token_ids)
+    stop = None if at is None else (at, None)
+    if request.stop:
+      found = stop_strings.find_stop(self.detokenize, toks[:at], request.stop)
+      stop = found or stop
+    return stop
+
   def _retire(self) -> list[Finished]:
     """Frees the slots of finished sequences (a stop string ends one here too)."""
     done = []
     eos = self.eos_ids
     for (j, r), toks in list(self.tokens.items()):
-      stop = (stop_strings.find_stop(self.detokenize, toks, self.owner[j][r].stop)
-              if self.owner[j][r].stop else None)
+      stop = self._stop(self.owner[j][r], toks)
       if stop is not None:
         self.stats.completion_tokens -= len(toks) - stop[0]
         del toks[stop[0]:]

@@ -1,4 +1,4 @@
-"""Stop strings: a sequence ends where its generated text first contains one of them.
+"""Stop strings (and a request's own stop ids): where a sequence ends, found on the host.
 
 A stop string can end inside a token or span several (" Summary" + ":"), so it is matched on
 the detokenized text, never on ids. At every return to the host each live sequence with stop
@@ -38,3 +38,12 @@ def find_stop(detokenize: Detokenize, token_ids: Sequence[int], stops: Sequence[
       hi = mid
   text = detokenize(token_ids[:lo])
   return lo, text[:_first(text, stops)]
+
+
+def first_stop_id(token_ids: Sequence[int], stop_ids: Sequence[int]) -> int | None:
+  """Tokens to keep when one of a request's `stop_token_ids` was generated (the stop token
+  is kept, as the checkpoint's EOS is), or None. The device's stop test knows only the
+  checkpoint's EOS ids, which are compiled into the decode program; a request's own ids
+  are looked for here, at each return to the host."""
+  stops = set(stop_ids)
+  return next((i + 1 for i, t in enumerate(token_ids) if t in stops), None)
