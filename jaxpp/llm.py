@@ -43,6 +43,7 @@ class Completion:
   finish_reason: str
   prompt_tokens: int
   truncated_tokens: int = 0  # prompt tokens cut from the start (length_policy="truncate")
+  sample: int = 0  # which of the prompt's `n` samples this is
 
 
 def resolve_dtype(name: str):
@@ -63,6 +64,14 @@ def check_context(config: LlamaConfig, max_len: int, decode_chunk: int) -> int:
   if decode_chunk < 0:
     raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1 (0 = from the layout)")
   return max_len
+
+
+def sample_seeds(seeds: np.ndarray, n: int) -> np.ndarray:
+  """Seeds of `n` samples per prompt from prompt-major repeated seeds: sample 0 keeps its
+  prompt's seed (so n=1 is unchanged), sample k adds k times an odd constant (mod 2**32),
+  distinct for every k < 2**32."""
+  k = np.tile(np.arange(n, dtype=np.uint64), len(seeds) // n)
+  return ((np.asarray(seeds, np.uint64) + k * 0x9E3779B9) & 0xFFFFFFFF).astype(np.uint32)
 
 
 LENGTH_POLICIES = ("error", "truncate")  # generate's, for prompts that leave no room
@@ -195,8 +204,8 @@ class LLM:
   def generate(self, prompts: str | Sequence[str | Sequence[int]], *,
                max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                min_p=0.0, max_num_seqs: int | None = None, length_policy: str = "error",
-               stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = ()
-               ) -> list[Completion]:
+               stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
+               n: int = 1) -> list[Completion]:
     """One completion per prompt (a single string is one prompt). Sampling knobs are scalars
     or one value per prompt.
 
@@ -208,8 +217,12 @@ class LLM:
     id (the checkpoint's EOS ids and `stop_token_ids`, the stop token kept), at a `stop`
     string (matched on the text across tokens, left out of `text`; the
     token that completed it is the last of `token_ids`), after `max_new_tokens`, or when
-    the context is full ("length").
+    the context is full ("length"). With `n` > 1 each prompt is sampled n times, sample k
+    seeded from (its seed, k) so every sample is reproducible; the completions come prompt
+    by prompt, `completions[i * n + k]` being sample k of prompt i (`Completion.sample`).
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise JaxppError(f"n={n!r} must be an integer >= 1")
     if max_new_tokens < 1:
       raise JaxppError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if length_policy not in LENGTH_POLICIES:
@@ -228,7 +241,8 @@ class LLM:
     return self._run(self.encode(prompts, fit=None if length_policy == "error" else
                                  max_new_tokens), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     min_p=min_p, max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids)
+                     min_p=min_p, max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids,
+                     n=n)
 
   def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]], *,
            add_generation_prompt: bool = True, **generate_kwargs) -> list[Completion]:
@@ -245,9 +259,13 @@ class LLM:
 
   def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int, temperature,
            top_k, top_p, seed, min_p, max_num_seqs: int | None, stop: tuple[str, ...],
-           stop_ids: tuple[int, ...]) -> list[Completion]:
+           stop_ids: tuple[int, ...], n: int) -> list[Completion]:
     knobs = sampling.SamplingParams.make(len(encoded), temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=seed, min_p=min_p)
+    if n > 1:  # prompt-major copies; sample k's seed is derived from (seed, k)
+      encoded = [e for e in encoded for _ in range(n)]
+      knobs = sampling.SamplingParams(*(np.repeat(np.asarray(a), n) for a in knobs))
+      knobs = knobs._replace(seed=sample_seeds(knobs.seed, n))
     # One engine per slot count, kept: its cache and programs serve every later call. One
     # that failed mid-call may hold queued requests, so it is dropped.
     eng = self._engines.pop(max_num_seqs, None) or self.engine(max_num_seqs=max_num_seqs)
@@ -260,7 +278,8 @@ class LLM:
     done: dict[str, engine_lib.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
     self._engines[max_num_seqs] = eng
-    return [self._completion(done[str(i)], len(p), cut) for i, (p, cut) in enumerate(encoded)]
+    return [dataclasses.replace(self._completion(done[str(i)], len(p), cut), sample=i % n)
+            for i, (p, cut) in enumerate(encoded)]
 
   def _completion(self, finished, prompt_tokens: int, truncated: int) -> Completion:
     ids = finished.token_ids

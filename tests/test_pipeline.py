@@ -333,7 +333,7 @@ def family(request, tmp_path_factory):
   return ckpt, single_device(ckpt, PROMPTS)
 
 
-@pytest.mark.parametrize("pp,tp,v", [(4, 2, 1), (2, 4, 1), (2, 2, 2), (8, 1, 1)])
+@pytest.mark.parametrize("pp,tp,v", [(4, 2, 1), (2, 2, 2)])
 def test_other_families_match_single_device(family, pp, tp, v):
   """Qwen2's biases (split over tp with their heads) and Qwen3's per-head norms on every
   kind of layout give the single-device logits and greedy tokens."""

@@ -230,7 +230,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   written, truncated = 0, 0
   with stop.deferred(), report.Progress(
       len(todo), disable=not job.progress or not rt.is_writer) as progress:
-    for finished, ticket in (run.summarise(todo, stop, rt) if run else ()):
+    for finished, ticket in (run.summarise(todo, stop) if run else ()):
       out.write(openai_row(tokenizer, ticket, finished, config.model.checkpoint) if openai
                 else summary_row(tokenizer, ticket, finished))
       written += 1
@@ -300,14 +300,16 @@ class _Run:
              f"{self.llm.decode_chunk}, {self.eng.max_num_seqs} sequences in flight, "
              f"weights in {self.load_seconds:.1f} s")
 
-  def summarise(self, todo: list[jobio.Ticket], stop: StopSignals, rt: distributed.Runtime
+  def summarise(self, todo: list[jobio.Ticket], stop: StopSignals
                 ) -> Iterator[tuple[engine_lib.Finished, jobio.Ticket]]:
     """Streams the tickets through the engine, its queue kept a little ahead of its slots;
-    yields each finished one. After a stop signal (process 0's, on every process) nothing
-    more is admitted and the rows still in flight are dropped: the rerun redoes them."""
+    yields each finished one. After a stop signal nothing more is admitted and the rows
+    still in flight are dropped: the rerun redoes them. Each process acts on its own signal:
+    a collective per step to agree would turn a lost peer into an abort (a gloo collective
+    with a dead peer does not fail, it crashes), where today it is the lost-peer exit."""
     eng, knobs, job = self.eng, self.config.sampling, self.config.job
     feed, tickets = iter(todo), {}
-    while not rt.broadcast_json(stop.requested):
+    while not stop.requested:
       while eng.waiting() < 2 * eng.max_num_seqs:
         ticket = next(feed, None)
         if ticket is None:

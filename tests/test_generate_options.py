@@ -1,5 +1,6 @@
-"""Stop strings: matched on the text across token boundaries, left out of the output, the
-same on every layout."""
+"""What a request asks beyond its prompt: stop strings (matched on the text across token
+boundaries, left out of the output), its own stop ids, and n samples; the same on every
+layout."""
 
 import pathlib
 
@@ -73,3 +74,19 @@ def test_stop_token_ids_on_every_layout(llms):
       assert second.token_ids == free[1].token_ids, name
   with pytest.raises(jaxpp.JaxppError, match=r"stop_token_ids=\[100000\]"):
     llms["pp1tp1"].generate(PROMPTS, stop_token_ids=[100000])
+
+
+def test_n_samples_are_distinct_reproducible_and_layout_free(llms):
+  """n=3 at temperature 1: three samples per prompt, prompt-major, not all equal, the same
+  on a second call and on another layout; sample 0 is the n=1 completion."""
+  kw = dict(max_new_tokens=8, temperature=1.0, seed=[5, 6])
+  got = llms["pp1tp1"].generate(PROMPTS, n=3, **kw)
+  assert [c.sample for c in got] == [0, 1, 2, 0, 1, 2]
+  ids = [c.token_ids for c in got]
+  assert len({tuple(t) for t in ids[:3]}) > 1 and len({tuple(t) for t in ids[3:]}) > 1
+  assert [c.token_ids for c in llms["pp1tp1"].generate(PROMPTS, n=3, **kw)] == ids
+  assert [c.token_ids for c in llms["pp4tp2"].generate(PROMPTS, n=3, **kw)] == ids
+  one = llms["pp1tp1"].generate(PROMPTS, **kw)
+  assert [c.token_ids for c in one] == [ids[0], ids[3]]
+  with pytest.raises(jaxpp.JaxppError, match="n=0 must be an integer >= 1"):
+    llms["pp1tp1"].generate(PROMPTS, n=0)
