@@ -12,7 +12,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -23,6 +22,7 @@ from jaxpp.errors import JaxppError
 from jaxpp.job import files as jobio
 from jaxpp.job import runner as job
 from jaxpp.load.tokenizer import Tokenizer
+from tests import cli
 from tests.test_jobio import EXPECTED_REJECTIONS, GOOD_LINES
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -170,18 +170,8 @@ def test_kill_and_resume(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = job_cli(src, out)
 
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
-  try:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-      if out.exists() and out.read_bytes().count(b"\n") >= 3:
-        break
-      time.sleep(0.02)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    _, stderr = proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr.decode()[-2000:])
+  rc, _, stderr = cli.signal_after_rows(cmd, out, signal.SIGKILL, cwd=REPO)
+  assert rc == -signal.SIGKILL, (rc, stderr[-2000:])
   before = out.read_bytes()
   before = before[:before.rfind(b"\n") + 1]  # whole lines the killed run wrote
   n_before = before.count(b"\n")

@@ -5,7 +5,6 @@ that those runs print."""
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import time
@@ -19,6 +18,7 @@ from jaxpp.job import runner as job
 from jaxpp.job.lock import OutputLock, lock_path
 from jaxpp.job.prompter import Prompter
 from jaxpp.serve.stats import EngineStats
+from tests import cli
 from tests.test_job import REPO, job_cli, keys_once, read_jsonl, shrunk, ticket_lines
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -57,22 +57,6 @@ def test_a_second_job_on_the_same_output_is_refused(tmp_path):
 # --- SIGTERM / SIGINT: whole lines, a report marked interrupted, the conventional code ------
 
 
-def start_and_signal(cmd, out: pathlib.Path, signum: int, rows: int = 3):
-  """Starts the job, sends `signum` once `rows` rows are written; returns (rc, stderr)."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-      if out.exists() and out.read_bytes().count(b"\n") >= rows:
-        break
-      time.sleep(0.02)
-  finally:
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-  return proc.returncode, stdout, stderr
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """40 tickets run to the end: what an interrupted-then-resumed run must equal."""
@@ -89,7 +73,7 @@ def uninterrupted(tmp_path_factory):
 def test_signal_mid_run_then_rerun(uninterrupted, tmp_path, signum):
   src, want = uninterrupted
   out = tmp_path / "out.jsonl"
-  rc, stdout, stderr = start_and_signal(job_cli(src, out), out, signum)
+  rc, stdout, stderr = cli.signal_after_rows(job_cli(src, out), out, signum, cwd=REPO)
   assert rc == 128 + signum, (rc, stderr[-2000:])
   assert "Traceback" not in stderr
   assert out.read_bytes().endswith(b"\n")  # whole lines only

@@ -7,12 +7,12 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from jaxpp.job import openai_batch
 from jaxpp.job import runner as job
+from tests import cli
 from tests.test_chat import TEMPLATES, tokenizer_dir
 from tests.test_job import REPO, read_jsonl, shrunk
 
@@ -105,17 +105,8 @@ def test_openai_batch_sigkill_and_rerun(tmp_path):
          "--config.job.format=openai_batch", f"--config.model.checkpoint={ckpt}",
          f"--config.job.input={src}", f"--config.job.output={out}",
          "--config.engine.max_num_seqs=4", "--config.job.progress=False"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
-  try:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-      if out.exists() and out.read_bytes().count(b"\n") >= 3:
-        break
-      time.sleep(0.02)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+  rc, _, stderr = cli.signal_after_rows(cmd, out, signal.SIGKILL, cwd=REPO)
+  assert rc == -signal.SIGKILL, (rc, stderr[-2000:])
   first = out.read_bytes().count(b"\n")
   assert 3 <= first < 24, first
   done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

@@ -75,9 +75,10 @@ def layout_of(config: ml_collections.ConfigDict) -> Layout:
                 layer_split=s.layer_split)
 
 
-def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> None:
-  """Every knob checked against the model before anything is probed, loaded or compiled;
-  each mistake is one line."""
+def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
+  """Every knob checked against the model before anything is probed, loaded or compiled
+  (each mistake is one line); returns the context, engine.max_len resolved. The layout is
+  checked by `Pipeline.build`, which the job calls next."""
   job, eng = config.job, config.engine
   if job.format not in FORMATS:
     raise JaxppError(f"job.format={job.format!r}; choose one of {', '.join(FORMATS)}")
@@ -113,7 +114,7 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> None:
   if min(w.multiple, w.min_seconds, w.max_seconds) <= 0 or w.min_seconds > w.max_seconds:
     raise JaxppError(f"watchdog: multiple={w.multiple}, min_seconds={w.min_seconds} and "
                      f"max_seconds={w.max_seconds} must be > 0, min_seconds <= max_seconds")
-  layout_of(config).check(model)
+  return max_len
 
 
 def log(line: str) -> None:
@@ -181,11 +182,11 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   stop = stack.enter_context(StopSignals(log))
   job, rt = config.job, distributed.current()
   model_cfg = checkpoint.load_config(config.model.checkpoint)
-  check_config(config, model_cfg)
+  max_len = check_config(config, model_cfg)
   checkpoint.check_checkpoint(config.model.checkpoint, model_cfg)
   tokenizer = Tokenizer.from_dir(config.model.checkpoint)
   openai = job.format == "openai_batch"
-  max_len = check_context(model_cfg, config.engine.max_len, config.schedule.decode_chunk)
+  id_field = "custom_id" if openai else "id"  # what keys an output row
   prompter = (openai_batch.BatchPrompter(tokenizer, max_len=max_len,
                                          default_new_tokens=config.sampling.max_new_tokens,
                                          policy=job.length_policy)
@@ -206,7 +207,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   if rt.is_writer:
     output, errors = jobio.check_output_dir(output), jobio.check_output_dir(errors)
     stack.enter_context(OutputLock(output))  # before the resume repair touches the output
-    resume = jobio.resume_state(output, errors, id_field="custom_id" if openai else "id")
+    resume = jobio.resume_state(output, errors, id_field=id_field)
   resume = shared_resume(rt, resume)
   out, err = ((stack.enter_context(jobio.ResultWriter(output)),
                stack.enter_context(jobio.ErrorWriter(
@@ -241,7 +242,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
     f.close()
   if not rt.is_writer:
     return None
-  final = jobio.resume_state(output, errors, id_field="custom_id" if openai else "id")
+  final = jobio.resume_state(output, errors, id_field=id_field)
   wall = time.perf_counter() - started
   compile_seconds = run.clock.seconds if run else 0.0
   st = run.eng.stats if run else EngineStats()
