@@ -82,11 +82,7 @@ def main(argv: list[str]) -> None:
     runtime = distributed.start(distributed.options_from_flags())
   with runtime.guard():
     distributed.use_virtual_cpu_devices(CPU_DEVICES, runtime.num_processes)
-    try:
-      rep = runner.run_job(loaded_config())
-    except stop.Stopped as e:
-      print(f"{e}: nothing was in flight; rerun the same command to resume", file=sys.stderr)
-      sys.exit(stop.exit_code(e.signum))
+    rep = runner.run_job(loaded_config())
   if rep is None:
     print(f"{runtime.describe()}: done; process 0 writes the output, errors and report")
   else:

@@ -171,7 +171,7 @@ def run_job(config: ml_collections.ConfigDict, devices=None) -> dict[str, Any] |
 
   Processes other than 0 of a multi-process run write nothing and return None. A report
   whose `interrupted` names a signal comes from a run SIGTERM or SIGINT stopped; a signal
-  before any row is in flight raises `stop.Stopped`.
+  before any row is in flight ends the process at once (`stop.py`).
   """
   with contextlib.ExitStack() as stack:
     return _run(config, devices, stack)

@@ -6,10 +6,14 @@ presses Ctrl-C (SIGINT). Either way the job should leave whole lines, a report m
 SIGINT, the shells' convention), and the rerun resumes.
 
 Two phases: during start-up (checks, probe, weights, compiles) nothing is in flight, so the
-first signal raises `Stopped` at once; once rows are in flight (`deferred()`), it only sets
-`requested`: the job stops admitting, lets the device step under way finish (bounded by its
-watchdog deadline), writes the rows that step finished and drops the rest, which the rerun
-redoes. A second signal, in either phase, exits at once with the same code.
+first signal ends the process at once (`os._exit`: every row already written is a whole,
+flushed line, and the kernel releases the output's lock); raising an exception from the
+handler instead would land anywhere, e.g. inside `Thread.start()` of the watchdog, and leave
+a half-started thread to print a traceback at exit. Once rows are in flight (`deferred()`),
+the first signal only sets `requested`: the job stops admitting, lets the device step under
+way finish (bounded by its watchdog deadline), writes the rows that step finished and drops
+the rest, which the rerun redoes. A second signal, in either phase, exits at once with the
+same code.
 """
 
 from __future__ import annotations
@@ -20,17 +24,7 @@ import signal
 import sys
 import threading
 
-from jaxpp.errors import JaxppError
-
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Stopped(JaxppError):
-  """A stop signal arrived before any row was in flight."""
-
-  def __init__(self, signum: int):
-    super().__init__(f"stopped by {signal.Signals(signum).name} during start-up")
-    self.signum = signum
 
 
 def exit_code(signum: int) -> int:
@@ -67,13 +61,18 @@ class StopSignals:
     del frame
     name = signal.Signals(signum).name
     if self.signum is not None:
-      self._log(f"{name} again: exiting now (the rerun resumes)")
-      os._exit(exit_code(self.signum))
+      self._exit(f"{name} again: exiting now (the rerun resumes)", self.signum)
     self.signum = signum
     if not self._deferred:
-      raise Stopped(signum)
+      self._exit(f"stopped by {name} during start-up: nothing was in flight; rerun the same "
+                 "command to resume", signum)
     self._log(f"{name}: stopping after the device step under way; a second signal exits "
               "at once")
+
+  def _exit(self, line: str, signum: int) -> None:
+    self._log(line)
+    sys.stdout.flush()
+    os._exit(exit_code(signum))
 
   def __enter__(self) -> StopSignals:
     if threading.current_thread() is threading.main_thread():
