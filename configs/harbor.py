@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.quant = "none"  # block weights: "none", "int8" or "fp8" (8-bit, per-channel scales)
   c.model.quant_embed = False  # also store the embedding and LM head in 8 bits
   c.model.params_cache = ""  # orbax dir: placed (quantised) params saved once, then restored
-  c.model.attention = "auto"  # decode attention: "auto" (kernel on GPUs at tp=1), "kernel", "xla"
+  c.model.attention = "auto"  # "auto" (GPU kernels where measured faster), "kernel", "xla"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.pp = 4  # pipeline stages per replica

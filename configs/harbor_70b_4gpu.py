@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.quant = "none"  # "int8": 8-bit block weights, about 70 GB; "fp8" on H100/H200
   c.model.quant_embed = False  # embedding and LM head stay bf16
   c.model.params_cache = ""  # e.g. /data/cache/llama70b-pp4: quantise once, restore nightly
-  c.model.attention = "auto"  # decode attention: "auto" (kernel on GPUs at tp=1), "kernel", "xla"
+  c.model.attention = "auto"  # "auto" (GPU kernels where measured faster), "kernel", "xla"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.pp = 4  # 20 layers per card: the weights need 2+ cards, PP for batch throughput

@@ -94,9 +94,9 @@ class LLM:
     """`layout` is a `Layout` or its name ("pp4tp2v2m8"); `quant` "int8" / "fp8" stores the
     block projections in 8 bits (also the embedding and LM head with `quant_embed`);
     `params_cache_dir` keeps the placed (quantised) params with orbax so the next run
-    restores them instead of re-reading the HF checkpoint; `attention` is decode
-    attention's implementation: "auto" (the fused Pallas kernel on GPUs at tp = 1, einsums
-    elsewhere), "kernel" or "xla"."""
+    restores them instead of re-reading the HF checkpoint; `attention` picks both phases'
+    attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel at
+    tp = 1 and cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla"."""
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype)
     config = checkpoint.load_config(checkpoint_dir)

@@ -40,7 +40,13 @@ def test_layouts_run_and_report(tiny, layout):
       row["total_tokens_per_second"])
   assert 0 < row["bubble_schedule"] < 1 or row["pp"] == 1
   assert 0 <= row["bubble_measured"] <= 1
-  assert row["decode_hbm_roofline"] > 0 and row["prefill_matmul_roofline"] > 0
+  assert row["decode_hbm_roofline"] > 0
+  # prefill FLOPs: 2 * params a prompt token plus causal attention's 2 * L^2 * N * H a layer
+  n, L = row["prompt_tokens"], ARGS["input_len"]
+  flops = 2 * config.param_count() * n + 8 * 2 * L * L * config.num_heads * config.head_dim * (
+      config.num_layers)
+  assert row["prefill_matmul_roofline"] == pytest.approx(
+      flops * row["prefill_tokens_per_second"] / n / row["devices"] / hw.matmul_flops)
 
 
 def test_random_weights_are_placed_on_their_stages(tiny):
@@ -273,3 +279,30 @@ def test_bench_runs_pipelines_on_virtual_cpu_devices(tmp_path):
   rows = cli.bench_rows(tmp_path, "--cpu_devices=8", "--layouts=pp4tp2,pp1tp1")
   assert [(r["layout"], r["devices"]) for r in rows] == [("pp4tp2", 8), ("pp1tp1", 1)]
   assert all(r["output_tokens_per_second"] > 0 for r in rows)
+
+
+def test_a_failing_layout_is_a_row_and_the_others_still_run(tmp_path, monkeypatch):
+  """A layout that raises on the device (out of memory here) becomes a row with its error;
+  results are on disk after every layout, so nothing measured is lost."""
+  real = bench.run_layout
+  written = []
+
+  def run_layout(config, hw, text, prompts, args):
+    written.append((tmp_path / "results.json").exists())
+    if text == "pp2tp1":
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 98.8GiB\n"
+                         "details")
+    return real(config, hw, text, prompts, args)
+
+  monkeypatch.setattr(bench, "run_layout", run_layout)
+  opts = BenchOptions(model="tiny", layouts="pp1tp1,pp2tp1,pp2tp2", num_requests=4,
+                      input_len=12, output_len=6, dtype="float32", decode_chunk=3,
+                      max_num_seqs=4, out=str(tmp_path))
+  rows = run_suite(opts)
+  assert [r["layout"] for r in rows] == ["pp1tp1", "pp2tp1", "pp2tp2"]
+  assert rows[1]["error"] == ("RuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying "
+                              "to allocate 98.8GiB")
+  assert "error" not in rows[0] and "error" not in rows[2]
+  assert written == [False, True, True]  # each layout found the rows before it on disk
+  assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["error"]
+  assert "| pp2tp1 | none | auto | error: RuntimeError" in (tmp_path / "results.md").read_text()

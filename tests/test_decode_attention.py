@@ -18,6 +18,7 @@ from jaxpp.axes import PP, TP
 from jaxpp.errors import JaxppError
 from jaxpp.model import decode_attention as da
 from jaxpp.model import llama
+from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.mesh import make_mesh
@@ -114,9 +115,10 @@ def test_pipeline_resolves_attention():
   c = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16)
   pipe = lambda attention, tp=1: Pipeline.build(c, Layout(1, tp), attention=attention)
-  assert not pipe("auto").fused_decode  # CPU: einsums (the kernel would be interpreted)
-  assert pipe("kernel").fused_decode and pipe("kernel", tp=2).fused_decode
-  assert not pipe("xla").fused_decode
+  # CPU: einsums for auto (the kernels would run as their stand-ins); kernel: both stand-ins
+  assert pipe("auto").kernels == Kernels()
+  assert pipe("kernel").kernels == pipe("kernel", tp=2).kernels == Kernels(True, True, False)
+  assert pipe("xla").kernels == Kernels()
   with pytest.raises(JaxppError, match="attention='flash' is not one of auto, kernel, xla"):
     pipe("flash")
   odd = dataclasses.replace(c, head_dim=12)
@@ -135,7 +137,8 @@ def test_model_attention_takes_the_kernel_only_for_one_token_steps():
   def attend(q, k, v, fused):
     T = q.shape[1]
     positions = start[:, None] + jnp.arange(T)
-    return llama.attend(q, k, v, positions, start, cache, jnp.float32, fused_decode=fused)
+    return llama.attend(q, k, v, positions, start, cache, jnp.float32,
+                        kernels=Kernels(decode=fused))
 
   one = (q[:, None], k_new[:, None], v_new[:, None])
   two = tuple(jnp.concatenate([a, a], axis=1) for a in one)

@@ -84,7 +84,7 @@ def test_kernel_attention_matches_single_device(deep16, pp, tp, v, m):
   ckpt, ref = deep16
   llm = check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m,
                      attention="kernel")
-  assert llm.pipeline.fused_decode
+  assert llm.pipeline.kernels.decode and llm.pipeline.kernels.prefill
 
 
 @pytest.mark.parametrize("pp,tp,v,m,prefill_m", [(2, 1, 1, 2, 8), (4, 2, 1, 4, 8),

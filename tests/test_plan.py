@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from jaxpp.errors import JaxppError
+from jaxpp.model.attention_choice import Kernels
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.plan import estimate, presets, recommend
@@ -87,13 +88,16 @@ def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
   step = ((weights + 1.5 * 32 * 4096) / (3.0e12 * a.decode_efficiency)
           + 32 * a.kernel_layer_overhead_s)
   assert fused.decode_step_s == pytest.approx(step, rel=1e-12)
-  assert not estimate.fused_decode(L8B, Layout(1, 2))
-  assert estimate.fused_decode(L8B, Layout(1, 2), attention="kernel")
+  assert not estimate.kernels(L8B, Layout(1, 2)).decode
+  assert estimate.kernels(L8B, Layout(1, 2), attention="kernel").decode
 
 
 # Measured on H200s with jax 0.11.2 (docs/benchmarks.md; docs/planner.md, "Validation"):
-# model, layout, decode attention ("xla": einsums, before the fused kernel), decode and total
-# tok/s; 64 sequences of 1024 + 128 tokens, decode_chunk 32.
+# model, layout, attention, decode and total tok/s; 64 sequences of 1024 + 128 tokens,
+# decode_chunk 32. These ran before the flash prefill: "auto" then meant the decode kernel at
+# tp = 1 and XLA's attention everywhere else, which no choice gives today.
+BEFORE_FLASH = Kernels(decode=True)
+BEFORE_FLASH_TP = Kernels()
 # The planner models the code as it is, so only runs of today's programs count: pipelined
 # and tp <= 2 runs from before the in-place slices and the dot merger's removal are left out.
 MEASURED = [
@@ -102,20 +106,20 @@ MEASURED = [
     ("llama3-70b", Layout(2, 1), "xla", 1343, 5272),
     ("llama3-8b", Layout(2, 1), "xla", 7469, 34176),
     ("llama3-8b", Layout(2, 1, virtual_stages=2), "xla", 7061, 33624),
-    ("llama3-8b", Layout(1, 2), "auto", 8245, 35380),
+    ("llama3-8b", Layout(1, 2), BEFORE_FLASH_TP, 8245, 35380),
     ("llama3-8b", Layout(1, 1), "xla", 6365, 23616),
-    ("llama3-8b", Layout(1, 2, prefill_microbatches=1), "auto", 8360, 35709),
+    ("llama3-8b", Layout(1, 2, prefill_microbatches=1), BEFORE_FLASH_TP, 8360, 35709),
     # 1 x H200, 2026-12-01, the fused kernel against XLA's attention in one run each; the
     # 70B shape with 40 layers and m=2 on one card is one stage of pp=2
-    ("llama3-8b", Layout(1, 1), "auto", 7733, 25226),
+    ("llama3-8b", Layout(1, 1), BEFORE_FLASH, 7733, 25226),
     ("llama3-8b", Layout(1, 1), "xla", 6681, 23938),
-    ("llama3-70b-40", Layout(1, 1, microbatches=2), "auto", 1510, 5634),
+    ("llama3-70b-40", Layout(1, 1, microbatches=2), BEFORE_FLASH, 1510, 5634),
     ("llama3-70b-40", Layout(1, 1, microbatches=2), "xla", 1431, 5514),
     # 4 x H200, tp=4 on one stage (the dot merger stays on above tp=2), prefill in one
     # micro-batch as the default then was
-    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), "auto", 9917, 48660),
-    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), "auto", 10003, 49505),
-    ("llama3-70b", Layout(1, 4, prefill_microbatches=1), "auto", 2957, 9673),
+    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), BEFORE_FLASH_TP, 9917, 48660),
+    ("llama3-8b", Layout(1, 4, prefill_microbatches=1), BEFORE_FLASH_TP, 10003, 49505),
+    ("llama3-70b", Layout(1, 4, prefill_microbatches=1), BEFORE_FLASH_TP, 2957, 9673),
 ]
 
 
@@ -130,13 +134,51 @@ def test_predictions_against_measured_h200_runs(model, layout, attention, decode
   assert 0.85 < d < 1.15 and 0.85 < t < 1.15, (d, t)
 
 
+# 1 x H200, 2026-12-02, `jaxpp.bench --layouts=pp1tp1 --attention=xla,auto` (docs/benchmarks.md,
+# "Prefill attention"): (input_len, sequences in flight, prefill, decode, total tok/s) with
+# attention="auto", the flash prefill and the decode kernel.
+MEASURED_FLASH = [(1024, 256, 41600, 14297, 33880), (8192, 32, 36829, 2315, 29650),
+                  (32768, 8, 26345, 585, 22311)]
+
+
+@pytest.mark.parametrize("input_len, concurrency, prefill, decode, total", MEASURED_FLASH)
+def test_predictions_against_flash_prefill_runs(input_len, concurrency, prefill, decode, total):
+  """Prefill, decode and total within 15% from 1,024 to 32,768-token prompts, and every run
+  that ran is predicted to fit."""
+  w = Workload(input_len=input_len, output_len=128, concurrency=concurrency, decode_chunk=32)
+  h200 = presets.hardware("h200")
+  p = estimate.predict(L8B, Layout(1, 1), w, h200)
+  ratios = (p.prefill_tokens_per_s / prefill, p.decode_tokens_per_s / decode,
+            p.total_tokens_per_s / total)
+  assert all(0.85 < r < 1.15 for r in ratios), ratios
+  assert estimate.memory_per_stage(L8B, Layout(1, 1), w, h200).fits
+
+
 def test_prefill_is_compute_bound_on_one_gpu():
+  """GEMMs at prefill_efficiency; attention either XLA's whole [T, T] at
+  xla_attention_efficiency or the flash kernel's causal half at
+  prefill_attention_efficiency."""
   w = Workload(input_len=512, output_len=8, concurrency=4)
-  p = estimate.predict(L8B, Layout(1, 1), w, H100)
+  a = Assumptions()
   block = L8B.block_param_count()
-  flops = 2 * 4 * 512 * 32 * block + 4 * 4 * 512 * 512 * 32 * 4096 + 2 * 4 * V * 4096
-  rate = 790e12 * Assumptions().prefill_efficiency
-  assert p.prefill_tokens_per_s == pytest.approx(4 * 512 / (flops / rate))
+  gemm_s = (2 * 4 * 512 * 32 * block + 2 * 4 * V * 4096) / (790e12 * a.prefill_efficiency)
+  xla = estimate.predict(L8B, Layout(1, 1), w, H100, attention="xla")
+  xla_s = 4 * 4 * 512 * 512 * 32 * 4096 / (790e12 * a.xla_attention_efficiency)
+  assert xla.prefill_tokens_per_s == pytest.approx(4 * 512 / (gemm_s + xla_s))
+  flash = estimate.predict(L8B, Layout(1, 1), w, H100)
+  flash_s = 2 * 4 * 512 * 512 * 32 * 4096 / (790e12 * a.prefill_attention_efficiency)
+  assert flash.prefill_tokens_per_s == pytest.approx(4 * 512 / (gemm_s + flash_s))
+
+
+def test_flash_prefill_needs_no_score_memory():
+  """XLA's [b, N, T, T] f32 scores are the planner's activation peak at long prompts; the
+  flash kernel has none."""
+  w = Workload(input_len=8192, output_len=128, concurrency=32)
+  xla = estimate.memory_per_stage(L8B, Layout(1, 1), w, H100, attention="xla")
+  flash = estimate.memory_per_stage(L8B, Layout(1, 1), w, H100)
+  b, T = w.rows(Layout(1, 1).prefill_m(w.concurrency)), w.prefill_len  # a micro-batch's rows
+  assert xla.activations - flash.activations == pytest.approx(
+      b * 32 * T * T * Assumptions().score_bytes)
 
 
 def test_bubbles_match_the_schedule():
@@ -206,9 +248,11 @@ def test_interactive_prefers_tp_and_pp_does_not_cut_latency():
 
 
 def test_batch_never_picks_a_layout_that_does_not_fit():
-  # 192 sequences of 1024 tokens: pp1tp4 predicts the most tokens/s but its KV cache and
-  # prefill activations overflow, as do pp4tp1's; the pick must be the layout that fits.
-  r = recommend.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch")
+  # 192 sequences of 1024 tokens with XLA's attention, its scores taken at 8 bytes an element:
+  # pp1tp4 predicts the most tokens/s but its KV cache and prefill scores overflow, as do
+  # pp4tp1's; the pick must be one that fits.
+  r = recommend.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch",
+                          attention="xla", assume=Assumptions(score_bytes=8))
   rows = {row.name: row for row in r.rows}
   fastest = max(r.rows, key=lambda row: row.prediction.total_tokens_per_s)
   assert fastest.name == "pp1tp4" and not fastest.memory.fits

@@ -7,12 +7,15 @@
 #   bash tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]
 #
 # SLOTS 0 lets the job pick (engine.max_num_seqs=0: what memory holds); STEPS, a list of
-# cold, warm, bench, workload, config and rerun, says what to run (default cold warm bench):
+# cold, warm, bench, workload, config, rerun and long, says what to run (default cold warm
+# bench):
 # cold / warm run configs/harbor.py with the overrides below; `workload` is `jaxpp.bench
 # --workload` of the job's own input at SLOTS slots (the engine on the same requests
 # without the job around it); `config` runs configs/harbor_8b_1gpu.py as shipped (only the
 # checkpoint, input and output set; SLOTS ignored) and `rerun` repeats that command on its
-# finished output (nothing left to do: the start-up of a no-op rerun). Needs a GPU, ~17 GB
+# finished output (nothing left to do: the start-up of a no-op rerun); `long` runs that
+# config on long documents (35 tickets each, ~6,600 tokens; LONG_DOCS of them, default 96)
+# at max_len 8192 with attention=xla, then auto. Needs a GPU, ~17 GB
 # of disk for the checkpoint (kept in out/llama3-8b-random between runs) and jaxpp
 # importable (PYTHONPATH=. from the repo root). Logs and reports go to OUT_DIR; each job line also
 # gives the peak anonymous host memory (RssAnon, sampled every 0.2 s).
@@ -35,11 +38,11 @@ with open("out/tickets_x%d.jsonl" % n, "w") as f:
       f.write(json.dumps(dict(t, id=f"{t['id']}-{r}")) + "\n")
 EOF
 job() {  # $1: output name; $2: config; the rest: overrides. KEEP=1 keeps the output,
-  # LOG=name names the logs and report copy (default: the output name)
+  # LOG=name names the logs and report copy (default: the output name), INPUT the input
   local name=$1 config=$2 log=${LOG:-$1}; shift 2
   [[ ${KEEP:-0} == 1 ]] || rm -f "out/$name.jsonl" "out/$name.errors.jsonl"
   python -m jaxpp.run --config "$config" \
-    --config.model.checkpoint=$ckpt --config.job.input=out/tickets_x$repeat.jsonl \
+    --config.model.checkpoint=$ckpt --config.job.input=${INPUT:-out/tickets_x$repeat.jsonl} \
     --config.job.output=out/$name.jsonl --config.job.progress=False "$@" \
     > "$out/$log.log" 2> "$out/$log.stderr" &
   local pid=$! peak=0 hwm=0 kb start=$SECONDS
@@ -71,6 +74,25 @@ if [[ $steps == *workload* ]]; then
     --max_num_seqs=$slots --out="$out/workload" > "$out/workload.log" 2>&1 \
     || tail -30 "$out/workload.log"
   tail -4 "$out/workload.log"
+fi
+if [[ $steps == *long* ]]; then  # long documents: the prefill attention's case
+  # LONG_DOCS documents, each 35 consecutive tickets (~6,600 tokens), through the shipped
+  # 1-GPU config at max_len 8192, with XLA's attention and then with the default (auto)
+  python - "${LONG_DOCS:-96}" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+lines = [json.loads(l) for l in open("data/tickets.jsonl") if l.strip()]
+with open("out/long_docs.jsonl", "w") as f:
+  for d in range(n):
+    parts = [lines[(d * 35 + i) % len(lines)]["text"] for i in range(35)]
+    f.write(json.dumps(dict(id=f"doc-{d}", text="\n\n".join(parts))) + "\n")
+PY
+  for attention in xla auto; do
+    INPUT=out/long_docs.jsonl LOG=long_$attention job long_$attention \
+      configs/harbor_8b_1gpu.py --config.engine.max_len=8192 \
+      --config.engine.max_num_seqs=32 --config.job.length_policy=truncate \
+      --config.model.attention=$attention
+  done
 fi
 [[ $steps == *bench* ]] || exit 0
 python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 --input_len=1024 \

@@ -68,8 +68,9 @@ def define_flags() -> None:
   f.DEFINE_string("dtype", d.dtype, "bfloat16 or float32")
   f.DEFINE_list("quant", list(d.quant), "weight storage per run: none, int8, fp8; a list runs "
                 "every layout once per entry")
-  f.DEFINE_list("attention", list(d.attention), "decode attention per run: auto (the fused "
-                "kernel on GPUs at tp=1), kernel, xla; a list runs every layout once per entry")
+  f.DEFINE_list("attention", list(d.attention), "attention per run: auto (on GPUs the "
+                "decode kernel at tp=1 and cuDNN's flash prefill), kernel, xla; a list runs "
+                "every layout once per entry")
   f.DEFINE_bool("quant_embed", d.quant_embed, "also store the embedding and LM head in 8 bits")
   f.DEFINE_integer("scan_unroll", d.scan_unroll, "layers per stage-scan iteration (0 = all)")
   f.DEFINE_string("out", d.out, "directory for results.json and results.md")

@@ -88,8 +88,10 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
                     out_shardings=(cache_sharding, cache_sharding))(config, B, max_len, dtype)
     knobs = sampling.SamplingParams.make(B)
     start = time.perf_counter()
-    token, cache = reference.plain_prefill(config, params, cache, jnp.asarray(tokens),
-                                    jnp.asarray(lengths), knobs, do_sample=False, tp=pipe.tp)
+    with jax.set_mesh(pipe.mesh):  # the prefill kernel splits over its 'tp' as well
+      token, cache = reference.plain_prefill(config, params, cache, jnp.asarray(tokens),
+                                             jnp.asarray(lengths), knobs, do_sample=False,
+                                             tp=pipe.tp, kernels=pipe.kernels)
     token.block_until_ready()
     stats["prefill_seconds"] += time.perf_counter() - start
     state = decode_state.start_state(token, jnp.asarray(lengths),
@@ -100,7 +102,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
       with jax.set_mesh(pipe.mesh):  # the fused attention kernel splits over its 'tp'
         cache, state, emitted = reference.plain_decode(
             config, params, cache, state, knobs, steps=decode_chunk, do_sample=False,
-            eos_ids=tuple(eos_ids), tp=pipe.tp, fused_decode=pipe.fused_decode)
+            eos_ids=tuple(eos_ids), tp=pipe.tp, kernels=pipe.kernels)
       rows.append(np.asarray(emitted))
       seconds = time.perf_counter() - start
       stats["decode_seconds"] += seconds

@@ -118,12 +118,13 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                  head_bytes=sum(llm.params[name].nbytes
                                 for name in (head_name, head_name + quant_lib.SCALE)
                                 if name in llm.params),
-                 itemsize=jnp.dtype(llm.dtype).itemsize)
+                 itemsize=jnp.dtype(llm.dtype).itemsize,
+                 prompt_lengths=[len(p) for p in prompts])
   return dict(
       layout=text, devices=layout.devices, pp=pipe.pp, tp=layout.tp,
       virtual_stages=pipe.v, layer_split=list(pipe.partition.counts),
       quant=args.get("quant", "none"),
-      attention="kernel" if pipe.fused_decode else "xla",
+      attention=pipe.kernels.label(),
       weight_gb_per_device=max(per_device_bytes(llm.params).values()) / 1e9,
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
       requests=len(prompts), workload=args.get("workload", "random"),
@@ -178,7 +179,8 @@ def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
                  devices=p, rounds=sum(max(lens[i:i + slots]) - 1  # a wave runs to its longest
                                        for i in range(0, len(prompts), slots)),
                  weight_bytes=config.num_layers * config.block_param_count() * itemsize,
-                 head_bytes=head * itemsize, itemsize=itemsize)
+                 head_bytes=head * itemsize, itemsize=itemsize,
+                 prompt_lengths=[len(p) for p in prompts])
   return dict(
       layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, layer_split=None,
       quant="none",
@@ -200,19 +202,23 @@ def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
 
 def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean_ctx: float,
              *, devices: int, rounds: int, weight_bytes: int, head_bytes: int,
-             itemsize: int) -> dict:
+             itemsize: int, prompt_lengths: list[int]) -> dict:
   """Rates and roofline shares from a run's token counts and prefill / decode seconds.
 
   `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
   and `head_bytes` the LM head's, all of which each micro-batch of a round reads;
-  `mean_ctx` the mean context (cache positions) a decode step reads per token.
+  `mean_ctx` the mean context (cache positions) a decode step reads per token. Prefill's
+  roofline counts `2 * params` FLOPs a prompt token plus causal attention's `2 * L^2 * N * H`
+  a layer for a prompt of L tokens (QK^T and PV over the lower triangle).
   """
   n, head = st.prompt_tokens, head_bytes
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
   # every micro-batch re-reads its stage's weights each round; KV read once per token
   decode_bytes = rounds * microbatches * (weight_bytes + head) + \
       st.completion_tokens * mean_ctx * kv_per_token
-  prefill_flops = 2 * config.param_count() * n
+  attention_flops = sum(2 * L * L for L in prompt_lengths) * (
+      config.num_heads * config.head_dim * config.num_layers)
+  prefill_flops = 2 * config.param_count() * n + attention_flops
   tokens = n + st.completion_tokens
   return dict(
       requests_per_second=requests / wall,

@@ -16,6 +16,10 @@ def markdown(rows: list[dict], header: str) -> str:
   lines = [header, "", "| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "---|" * len(cols)]
   for r in rows:
+    if "error" in r:  # a layout that failed (bench.suite): its error across the figures
+      cells = [str(r.get(c, "")) for c, _ in cols[:3]] + [f"error: {r['error']}"]
+      lines.append("| " + " | ".join(cells + [""] * (len(cols) - 4)) + " |")
+      continue
     lines.append("| " + " | ".join("–" if r[c] is None else f.format(r[c])
                                    for c, f in cols) + " |")
   return "\n".join(lines)

@@ -9,8 +9,10 @@ quantisation and attention choice asked for.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -20,7 +22,7 @@ from jaxpp.bench import plots as bench_plots
 from jaxpp.dist import distributed
 from jaxpp.errors import JaxppError
 from jaxpp.llm import devices_summary
-from jaxpp.model import decode_attention
+from jaxpp.model import attention_choice
 from jaxpp.model import quant as quant_lib
 from jaxpp.plan import presets
 
@@ -51,6 +53,28 @@ class BenchOptions:
   profile_dir: str = ""
 
 
+def _measure_or_error(config, hw, text: str, prompts, args: dict) -> dict:
+  """One layout's row, or a row naming its error (out of memory, a compile failure) so the
+  other layouts still run. Every process of a multi-process run gets the same error, as
+  they run the same programs."""
+  try:
+    return measure.run_layout(config, hw, text, prompts, args)
+  except JaxppError:
+    raise  # a bad flag or layout: the user's to fix, before anything else runs
+  except Exception as e:  # noqa: BLE001 - any device or compiler failure becomes a row
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"layout {text} failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+    gc.collect()  # drop the failed layout's buffers before the next one allocates
+    return dict(layout=text, quant=args.get("quant", "none"),
+                attention=args.get("attention", "auto"), error=f"{type(e).__name__}: {first}")
+
+
+def _write(out: pathlib.Path, header: str, rows: list[dict]) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+  (out / "results.md").write_text(results.markdown(rows, header) + "\n")
+
+
 def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
   """Runs every layout of `opts`; the writer prints and writes results.json and .md.
 
@@ -76,9 +100,9 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
   for mode in opts.quant:
     quant_lib.Quant(mode, opts.quant_embed)  # every entry checked before the first run
   for impl in opts.attention:
-    if impl not in decode_attention.CHOICES:
+    if impl not in attention_choice.CHOICES:
       raise JaxppError(f"--attention={impl!r} is not one of "
-                       f"{', '.join(decode_attention.CHOICES)}")
+                       f"{', '.join(attention_choice.CHOICES)}")
   header = (f"{opts.model}, {opts.dtype} activations, {work.describe()}; "
             f"{devices_summary()}; jax {jax.__version__}; rooflines from the {hw.name} preset")
   layouts = opts.layouts.split(",")
@@ -96,18 +120,16 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
             [dict(quant=q, attention=a) for q in opts.quant for a in opts.attention])
     for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
-                  measure.run_layout(config, hw, text, prompts, dict(args, **knobs)))
+                  _measure_or_error(config, hw, text, prompts, dict(args, **knobs)))
       if writer:
         print(json.dumps(rows[-1]), flush=True)
+        _write(pathlib.Path(opts.out), header, rows)  # nothing measured is lost to a crash
   if not writer:
     return rows
   out = pathlib.Path(opts.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
   table = results.markdown(rows, header)
-  (out / "results.md").write_text(table + "\n")
   try:
-    plots = bench_plots.write(rows, out, opts.decode_chunk)
+    plots = bench_plots.write([r for r in rows if "error" not in r], out, opts.decode_chunk)
     print("plots: " + " ".join(str(p) for p in plots))
   except ImportError:
     print("plots skipped: matplotlib is not installed (pip install matplotlib)")

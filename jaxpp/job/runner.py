@@ -46,7 +46,7 @@ from jaxpp.job.stop import StopSignals
 from jaxpp.llm import LLM, check_context, devices_summary, resolve_dtype
 from jaxpp.load import checkpoint, weights
 from jaxpp.load.tokenizer import Tokenizer
-from jaxpp.model import decode_attention, sampling
+from jaxpp.model import attention_choice, sampling
 from jaxpp.model import quant as quant_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import schedule
@@ -88,9 +88,9 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if job.priority not in engine_lib.PRIORITIES:
     raise JaxppError(f"job.priority={job.priority!r}; choose one of "
                      f"{', '.join(engine_lib.PRIORITIES)}")
-  if config.model.attention not in decode_attention.CHOICES:
+  if config.model.attention not in attention_choice.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
-                     f"{', '.join(decode_attention.CHOICES)}")
+                     f"{', '.join(attention_choice.CHOICES)}")
   resolve_dtype(config.model.dtype)
   quant_lib.Quant(config.model.quant, config.model.quant_embed)
   if TEMPLATE_SLOT not in job.prompt_template:

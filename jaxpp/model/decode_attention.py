@@ -45,7 +45,6 @@ BLOCK_S = 64
 TARGET_PROGRAMS = 264
 MAX_SPLITS = 8
 NEG_INF = -1e30
-CHOICES = ("auto", "kernel", "xla")  # how a layout's decode attention is picked (`fused`)
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
 
 
@@ -152,25 +151,6 @@ def _kernel(at_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bloc
 def supports(head_dim: int) -> bool:
   """Whether the kernel takes this head dim (a Triton tile side: a power of two >= 16)."""
   return head_dim >= MIN_TILE and head_dim & (head_dim - 1) == 0
-
-
-def choice_problem(choice: str, head_dim: int) -> str | None:
-  """Why a layout cannot take attention=`choice` with this head dim, or None."""
-  if choice not in CHOICES:
-    return f"attention={choice!r} is not one of {', '.join(CHOICES)}"
-  if choice == "kernel" and not supports(head_dim):
-    return (f"attention='kernel' needs head_dim a power of two >= {MIN_TILE}, not "
-            f"{head_dim}; use attention='xla'")
-  return None
-
-
-def fused(choice: str, *, on_gpu: bool, tp: int, head_dim: int) -> bool:
-  """Whether attention=`choice` runs decode attention in the kernel. "auto" picks it on GPUs
-  at tp = 1, where it was measured faster (docs/benchmarks.md); at tp > 1 it is checked on
-  CPUs, not yet timed, and off GPUs it would run interpreted."""
-  if choice == "auto":
-    return on_gpu and tp == 1 and supports(head_dim)
-  return choice == "kernel"
 
 
 def auto_splits(programs: int, blocks: int) -> int:

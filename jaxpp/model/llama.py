@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpp.model import decode_attention, quant
+from jaxpp.model import decode_attention, prefill_attention, quant
+from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, inverse_frequencies
 
@@ -83,7 +84,7 @@ class Attention(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   quantized: bool = False
-  fused_decode: bool = False  # one-token steps over a cache run decode_attention's kernel
+  kernels: Kernels = Kernels()  # which phases run their fused kernel (attention_choice.py)
 
   @nn.compact
   def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
@@ -112,22 +113,28 @@ class Attention(nn.Module):
     B, T = x.shape[:2]
     q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
-                 fused_decode=self.fused_decode)
+                 kernels=self.kernels)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
 
 
 def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segments=None,
-           fused_decode: bool = False):
+           kernels: Kernels = Kernels()):
   """Attention of T new tokens over the cache and themselves (causally) -> [B, T, K, G, H].
 
   q [B, T, K, G, H] (scaled by H**-0.5), k/v [B, T, K, H]: the new tokens'. One-token steps
-  with `fused_decode` run the cache's part in decode_attention's kernel; otherwise one
-  softmax over [cached | new] by XLA, reading the cache in place, never concatenated. With
-  `segments` [B, T] (a packed prefill row, nothing cached) a token attends only to earlier
-  tokens of its own segment.
+  with `kernels.decode` run the cache's part in decode_attention's kernel, and a fresh
+  prefill (nothing cached) with `kernels.prefill` runs in prefill_attention's; otherwise
+  one softmax over [cached | new] by XLA, reading the cache in place, never concatenated.
+  With `segments` [B, T] (a packed prefill row, nothing cached) a token attends only to
+  earlier tokens of its own segment; without, a row is one causal sequence.
   """
-  if cache is not None and fused_decode and q.shape[1] == 1:
+  B, T, K, G, H = q.shape
+  if cache is None and kernels.prefill:
+    segs = jnp.zeros((B, T), jnp.int32) if segments is None else segments
+    out = prefill_attention.attend(q.reshape(B, T, K * G, H), k, v, segs, on_gpu=kernels.gpu)
+    return out.reshape(B, T, K, G, H)
+  if cache is not None and kernels.decode and T == 1:
     pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start)
     return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype)[:, None]
   causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
@@ -173,12 +180,12 @@ class Block(nn.Module):
   config: LlamaConfig
   dtype: jnp.dtype
   quantized: bool = False  # 8-bit projections with per-channel scales (quant.py)
-  fused_decode: bool = False  # see Attention
+  kernels: Kernels = Kernels()  # see Attention
 
   @nn.compact
   def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
     eps = self.config.rms_norm_eps
-    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, self.fused_decode,
+    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, self.kernels,
                                  name="attn")(
         RMSNorm(eps, name="attn_norm")(x), positions, start, cache, segments)
     x = x + attn_out
@@ -189,7 +196,7 @@ class Block(nn.Module):
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
                microbatch=0, slots=None, segments=None, fresh: bool = False,
-               num_layers=None, unroll: int | bool = 1, fused_decode: bool = False):
+               num_layers=None, unroll: int | bool = 1, kernels: Kernels = Kernels()):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
   `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
@@ -204,11 +211,10 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   (prefill from position 0) skips reading the cache. `num_layers` (may be traced) runs
   only the first layers of the stack, so chunks shorter than the padded stack do no
   compute on padding. `unroll` is `lax.scan`'s (docs/design.md: a rolled loop over stacked
-  weights can cost decode bandwidth on GPU). `fused_decode` runs one-token steps' attention
-  in decode_attention's kernel.
+  weights can cost decode bandwidth on GPU). `kernels` says which phases' attention runs
+  in its fused kernel (`attend`).
   """
-  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"],
-                fused_decode=fused_decode)
+  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"], kernels=kernels)
   b, T = x.shape[:2]
   S = cache[0].shape[5]
   if slots is None:

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import DP, PP, TP
 from jaxpp.errors import JaxppError
-from jaxpp.model import decode_attention, decode_state, llama, quant, sampling
+from jaxpp.model import attention_choice, decode_state, llama, quant, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import mesh as mesh_lib
@@ -74,8 +74,7 @@ class Pipeline:
   mesh: jax.sharding.Mesh
   layout: Layout
   scan_unroll: int | bool = 1  # layers per iteration of the stage scan (True: all)
-  # Decode attention: "kernel" (decode_attention.py's fused Pallas kernel), "xla" (einsums),
-  # or "auto": the kernel on GPUs at tp = 1 (decode_attention.fused).
+  # Attention in both phases: "auto", "kernel" or "xla" (model/attention_choice.py).
   attention: str = "auto"
   partition: Partition = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -85,7 +84,7 @@ class Pipeline:
     want = dict(dp=self.layout.dp, pp=self.layout.pp, tp=self.layout.tp)
     if shape != want:
       raise JaxppError(f"the mesh {shape} does not match layout {self.layout.name} ({want})")
-    problem = decode_attention.choice_problem(self.attention, self.config.head_dim)
+    problem = attention_choice.problem(self.attention, self.config.head_dim)
     if problem:
       raise JaxppError(problem)
     object.__setattr__(self, "partition", self.layout.partition(self.config))
@@ -128,11 +127,10 @@ class Pipeline:
     return self.layout.prefill_m()
 
   @property
-  def fused_decode(self) -> bool:
-    """Whether decode attention runs in the fused kernel (`attention`, resolved)."""
-    return decode_attention.fused(self.attention,
-                                  on_gpu=self.mesh.devices.flat[0].platform == "gpu",
-                                  tp=self.tp, head_dim=self.config.head_dim)
+  def kernels(self) -> attention_choice.Kernels:
+    """Which phases' attention runs in its fused kernel (`attention`, resolved)."""
+    return attention_choice.resolve(self.attention, device=self.mesh.devices.flat[0],
+                                    tp=self.tp, head_dim=self.config.head_dim)
 
   def decode_table(self, microbatches: int, steps: int) -> np.ndarray:
     """The decode ring's schedule table, padded to whole groups of m ticks (the tick loop
@@ -219,7 +217,7 @@ class Pipeline:
           self.config, blocks, x, positions, start, cache, chunk=chunk, microbatch=slot,
           slots=slots, segments=segments, fresh=fresh,
           num_layers=counts[chunk] if uneven else None,
-          unroll=self.scan_unroll, fused_decode=self.fused_decode)
+          unroll=self.scan_unroll, kernels=self.kernels)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
     # (llama.run_blocks); with more than one stage ticks idle in fill and drain: branch 0.

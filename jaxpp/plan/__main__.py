@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 
 from jaxpp.errors import JaxppError
-from jaxpp.model.decode_attention import CHOICES as ATTENTION_CHOICES
+from jaxpp.model.attention_choice import CHOICES as ATTENTION_CHOICES
 from jaxpp.model.quant import FORMATS as QUANT_FORMATS
 from jaxpp.parallel.layout import SPLITS
 from jaxpp.plan import presets
@@ -39,8 +39,8 @@ def define_flags() -> None:
                    "(at most concurrency).")
   f.DEFINE_string("layer_split", "even", f"How layers split over chunks: {', '.join(SPLITS)} "
                   "(Layout.partition) or per-chunk counts like 21,20,20,19.")
-  f.DEFINE_enum("attention", "auto", ATTENTION_CHOICES, "Decode attention as "
-                "jaxpp.LLM takes it; auto: the fused kernel at tp=1.")
+  f.DEFINE_enum("attention", "auto", ATTENTION_CHOICES, "Attention as "
+                "jaxpp.LLM takes it; auto: the decode kernel at tp=1, cuDNN's flash prefill.")
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}
   for name, field in Workload.__dataclass_fields__.items():

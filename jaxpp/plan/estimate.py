@@ -10,8 +10,10 @@ jaxpp does today, not what an ideal engine would do:
 - a device's block stack is padded to the longest chunk: it holds v * max_layers layers;
 - the KV cache is dense and allocated up front: m * ceil(B/m) slots of max_len positions,
   rounded up to a multiple of 128 as the engine allocates them (llama.cache_positions);
-- decode attention reads all max_len cached positions of a row (masked); prefill pads
-  prompts to a power of two (>= 64) and materialises T x T f32 attention scores;
+- decode attention reads all max_len cached positions of a row (masked) in XLA's form, each
+  row's own context in the fused kernel; prefill pads prompts to a power of two (>= 64)
+  and, in XLA's form, materialises T x T f32 attention scores (the flash kernel keeps them
+  on chip and computes only the causal half);
 - pipeline ticks are lock-step: every tick lasts as long as the slowest device's chunk.
 
 Formulas, constants and sources: docs/planner.md. Decode runs at a fitted share of the HBM
@@ -24,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import decode_attention
+from jaxpp.model import attention_choice
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import partition
 from jaxpp.parallel.layout import Layout, block_params_per_device, head_params_per_device
@@ -80,13 +82,20 @@ def layout_problem(cfg: LlamaConfig, layout: Layout, hw: Hardware,
   if layout.pp * layout.tp > hw.gpus_per_node and hw.gpus_per_node % layout.tp:
     return (f"tp={layout.tp} must divide gpus_per_node={hw.gpus_per_node} when the mesh "
             "spans hosts")
-  return decode_attention.choice_problem(attention, cfg.head_dim)
+  if isinstance(attention, attention_choice.Kernels):
+    return None
+  return attention_choice.problem(attention, cfg.head_dim)
 
 
-def fused_decode(cfg: LlamaConfig, layout: Layout, attention: str = "auto") -> bool:
-  """Whether decode attention runs in the fused kernel (as `Pipeline.fused_decode` decides
-  on GPUs, which the hardware presets are)."""
-  return decode_attention.fused(attention, on_gpu=True, tp=layout.tp, head_dim=cfg.head_dim)
+def kernels(cfg: LlamaConfig, layout: Layout, attention: str | attention_choice.Kernels = "auto"
+            ) -> attention_choice.Kernels:
+  """Which phases' attention runs in its fused kernel, as `Pipeline.kernels` decides on
+  Hopper GPUs (which the hardware presets are); a `Kernels` value is taken as it is (to
+  model programs no choice gives today, such as runs measured before the flash prefill)."""
+  if isinstance(attention, attention_choice.Kernels):
+    return attention
+  return attention_choice.decide(attention, on_gpu=True, cudnn=True, tp=layout.tp,
+                                 head_dim=cfg.head_dim)
 
 
 def layers_per_chunk(cfg: LlamaConfig, layout: Layout, hw: Hardware, attention: str = "auto"
@@ -104,11 +113,13 @@ def layers_per_chunk(cfg: LlamaConfig, layout: Layout, hw: Hardware, attention: 
 
 def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware = H100,
                      bytes_per_param: float = 2, assume: Assumptions = Assumptions(),
-                     embed_bytes_per_param: float | None = None) -> Memory:
+                     embed_bytes_per_param: float | None = None,
+                     attention: str = "auto") -> Memory:
   """Weights + KV cache + prefill activations on one device, against what JAX can use.
 
   `bytes_per_param` is for block weights, `embed_bytes_per_param` (default: the same) for
-  the embedding and LM head: 8-bit weights keep those in bf16 unless asked.
+  the embedding and LM head: 8-bit weights keep those in bf16 unless asked. `attention` as
+  `jaxpp.LLM(attention=...)` takes it: XLA's prefill attention holds [T, T] f32 scores.
   """
   part = layers_per_chunk(cfg, layout, hw)
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
@@ -120,11 +131,13 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   mp = layout.prefill_m(workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
   kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
+  scores = 0 if kernels(cfg, layout, attention).prefill else (
+      bp * cfg.num_heads / tp * T * T * assume.score_bytes)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
              + 2 * cfg.intermediate_size) / tp
   activations = (mp * bp * T * D * a  # the prefill inbox: one [bp, T, D] per micro-batch
                  + bp * T * (assume.activation_width * D + qkv_ffn) * a  # one layer, live
-                 + bp * cfg.num_heads / tp * T * T * assume.score_bytes  # [bp, N/tp, T, T]
+                 + scores  # XLA's [bp, N/tp, T, T] attention scores
                  + mp * bp * head_params_per_device(cfg, tp) / D * 4)  # f32 last logits
   total = weights + kv + activations
   usable = hw.hbm_bytes * assume.mem_fraction
@@ -186,7 +199,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   last = len(part.counts) - 1
   b, T = w.rows(m), w.prefill_len
   context = w.input_len + w.output_len / 2  # the mean cached positions a decode step reads
-  fused = fused_decode(cfg, layout, attention)  # the kernel reads only those; XLA as kv_read says
+  fused = kernels(cfg, layout, attention).decode  # it reads only those; XLA as kv_read says
   ctx = w.cache_len if assume.kv_read == "max_len" and not fused else context
   overhead = assume.kernel_layer_overhead_s if fused else assume.layer_overhead_s
 
@@ -194,12 +207,14 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
     chunk_s = []
     for c, n in enumerate(part.counts):
       head_c = head if c == last else 0  # the last chunk also runs the LM head
-      params = n * blk + head_c
-      nbytes = (bytes_per_param * n * blk + eb * head_c
-                + rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a))
-      flops = 2 * rows * params + 4 * rows * ctx * n * NH / tp
-      chunk_s.append(max(nbytes / (hw.hbm_bandwidth * assume.decode_efficiency),
-                         flops / hw.matmul_flops) + n * overhead
+      stream = hw.hbm_bandwidth * assume.decode_efficiency
+      # The weight GEMMs and attention are separate kernels, each bound by its own bytes or
+      # FLOPs: at hundreds of rows the GEMMs turn compute bound while attention streams KV.
+      gemm_s = max((bytes_per_param * n * blk + eb * head_c) / stream,
+                   2 * rows * (n * blk + head_c) / (hw.matmul_flops * assume.prefill_efficiency))
+      attn_s = max(rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a) / stream,
+                   4 * rows * ctx * n * NH / tp / hw.matmul_flops)
+      chunk_s.append(gemm_s + attn_s + n * overhead
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))
     return _round_s(chunk_s, layout, _send_s(rows * D * a, layout, hw, assume), m)
 
@@ -209,7 +224,11 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   flops_s = hw.matmul_flops * assume.prefill_efficiency
   mp = layout.prefill_m(w.concurrency)
   bp = w.rows(mp)  # rows of a prefill micro-batch
-  chunk_s = [(2 * bp * T * n * blk + 4 * bp * T * T * n * NH / tp) / flops_s
+  if kernels(cfg, layout, attention).prefill:  # causal half, at the kernel's share
+    attn_s = 2 * bp * T * T * NH / tp / (hw.matmul_flops * assume.prefill_attention_efficiency)
+  else:  # XLA's einsums and f32 softmax over the whole [T, T]
+    attn_s = 4 * bp * T * T * NH / tp / (hw.matmul_flops * assume.xla_attention_efficiency)
+  chunk_s = [2 * bp * T * n * blk / flops_s + n * attn_s
              + n * 2 * _allreduce_s(bp * T * D * a, tp, hw, assume) for n in part.counts]
   pre_bubble = formula_bubble(layout.pp, layout.virtual_stages, mp)
   head_s = 2 * mp * bp * head / flops_s  # the LM head once, on the last positions

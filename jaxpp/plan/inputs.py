@@ -28,22 +28,34 @@ class Assumptions:
   # step's weight and KV reads reach (the profiled weight GEMMs ran at 93%), a fixed cost
   # per layer per tick (small kernels, softmax, attention below the stream rate), and the
   # cost of one small all-reduce inside a compiled decode step (NCCL launch and sync).
-  prefill_efficiency: float = 0.65
+  prefill_efficiency: float = 0.71
   decode_efficiency: float = 0.93
   layer_overhead_s: float = 100e-6
-  # The same with decode attention in the fused kernel (the planner's `fused_decode`): fitted on its
+  # The same with decode attention in the fused kernel (`estimate.kernels`): fitted on its
   # three one-GPU H200 runs (docs/planner.md, "Validation"); the kernel reads each row's own
   # context, near the stream rate, where XLA's attention read all max_len positions slower.
   kernel_layer_overhead_s: float = 55e-6
+  # Prefill attention in the flash kernel, as a share of matmul_flops for its causal FLOPs
+  # (2 T^2 N H per row and layer): fitted with prefill_efficiency on three one-H200 runs
+  # at 1,024, 8,192 and 32,768-token prompts (docs/planner.md, "Validation"); alone cuDNN
+  # ran 272 TFLOP/s at T = 1,024 and 571 at 8,192 (docs/benchmarks.md, "Prefill attention").
+  prefill_attention_efficiency: float = 0.76
+  # XLA's prefill attention (einsums around f32 [T, T] scores), as a share of matmul_flops
+  # for all 4 T^2 N H FLOPs: alone it ran 44 TFLOP/s at T = 1,024 and 47 at 8,192 on an
+  # H200 (docs/benchmarks.md, "Prefill attention"); fitted on the same runs' XLA rows.
+  xla_attention_efficiency: float = 0.065
   collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
   tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
   dtype_bytes: int = 2  # KV cache and activations (bf16)
   kv_read: str = "max_len"  # XLA's decode attention reads all "max_len" positions or "context"
   activation_width: float = 4.0  # live [b, T, D] tensors in a layer: x, norm, attn out, res
-  score_bytes: int = 8  # per attention score element: f32 scores + f32 softmax
+  # Per element of XLA's attention scores: f32 scores and the bf16 probabilities (a [2, 32,
+  # 8192, 8192] prefill attention compiled to 24.0 GiB of temporaries on an H200).
+  score_bytes: int = 6
 
   def __post_init__(self):
-    for name in ("mem_fraction", "prefill_efficiency", "decode_efficiency"):
+    for name in ("mem_fraction", "prefill_efficiency", "decode_efficiency",
+                 "prefill_attention_efficiency", "xla_attention_efficiency"):
       if not 0 < getattr(self, name) <= 1:
         raise JaxppError(f"{name}={getattr(self, name)} must be in (0, 1]")
     if self.kv_read not in ("max_len", "context"):

@@ -93,7 +93,8 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
       skipped.append((layout.name, problem))
       continue
     rows.append(Row(layout.name, layout,
-                    memory_per_stage(cfg, layout, workload, hw, bytes_per_param, assume, eb),
+                    memory_per_stage(cfg, layout, workload, hw, bytes_per_param, assume, eb,
+                                     attention),
                     predict(cfg, layout, workload, hw, bytes_per_param, assume, eb, attention)))
   mins = {tp: min_pp(cfg, tp, devices, workload, hw, bytes_per_param, assume, eb)
           for tp in tps}

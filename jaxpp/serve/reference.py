@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxpp.model import decode_state, llama, sampling
 from jaxpp.model import params as params_lib
+from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import xla_options
 
@@ -29,33 +30,35 @@ def _tp(*args, tp: int = 1, **kwargs) -> int:
   return tp
 
 
-@xla_options.jit(tp_of=_tp, static_argnames=("config", "do_sample", "tp"),
+@xla_options.jit(tp_of=_tp, static_argnames=("config", "do_sample", "tp", "kernels"),
                  donate_argnames=("cache",))
 def plain_prefill(config: LlamaConfig, params, cache, tokens, lengths, knobs, *, do_sample,
-            tp: int = 1):
+                  tp: int = 1, kernels: Kernels = Kernels()):
   """tokens i32[B, T] right-padded, lengths i32[B] -> (first tokens i32[B], cache).
 
-  `tp`: devices the params are split over, which picks the XLA options (xla_options.py).
+  `tp`: devices the params are split over, which picks the XLA options (xla_options.py);
+  `kernels.prefill` runs attention in prefill_attention's kernel (with tp > 1 only under
+  `jax.set_mesh` of the params' mesh, which splits it over heads).
   """
   B, T = tokens.shape
   dtype = params_lib.activation_dtype(params)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(params, tokens, dtype)
   x, cache = llama.run_blocks(config, _one_chunk(params), x, positions,
-                              jnp.zeros((B,), jnp.int32), cache, fresh=True)
+                              jnp.zeros((B,), jnp.int32), cache, fresh=True, kernels=kernels)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
   logits = llama.logits(config, params, last)[:, 0]
   return sampling.sample(logits, lengths, knobs, do_sample=do_sample), cache
 
 
 @xla_options.jit(tp_of=_tp, static_argnames=("config", "steps", "do_sample", "eos_ids", "tp",
-                                             "fused_decode"),
+                                             "kernels"),
                  donate_argnames=("cache",))
 def plain_decode(config: LlamaConfig, params, cache, state: decode_state.DecodeState, knobs, *,
                  steps: int, do_sample: bool, eos_ids: tuple[int, ...], tp: int = 1,
-                 fused_decode: bool = False):
+                 kernels: Kernels = Kernels()):
   """Generates `steps` tokens per row in one program -> (cache, state, emitted i32[B, k]);
-  `tp` as in `prefill`; `fused_decode` runs attention in decode_attention's kernel (with
+  `tp` as in `prefill`; `kernels.decode` runs attention in decode_attention's kernel (with
   tp > 1 only under `jax.set_mesh` of the params' mesh, which splits it over kv heads)."""
   B = state.tokens.shape[0]
   dtype = params_lib.activation_dtype(params)
@@ -65,7 +68,7 @@ def plain_decode(config: LlamaConfig, params, cache, state: decode_state.DecodeS
     cache, state, out = carry
     x = llama.embed(params, state.tokens[:, None], dtype)
     x, cache = llama.run_blocks(config, _one_chunk(params), x, state.lengths[:, None],
-                                state.lengths, cache, fused_decode=fused_decode)
+                                state.lengths, cache, kernels=kernels)
     logits = llama.logits(config, params, x)[:, 0]
     new = sampling.sample(logits, state.lengths + 1, knobs, do_sample=do_sample)
     state, emitted = decode_state.advance(state, new, eos_ids, max_len)
