@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.pp = 1  # the model fits one card
   c.mesh.tp = 1  # tensor-parallel devices per stage
-  c.mesh.dp = 1  # independent replicas
+  c.mesh.dp = 0  # independent replicas; 0 = as many as the devices hold (one per GPU)
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)

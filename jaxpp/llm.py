@@ -90,8 +90,10 @@ class LLM:
   def __init__(self, checkpoint_dir: str | pathlib.Path, *, layout: Layout | str = "pp1tp1",
                dtype: str = "bfloat16", max_len: int | None = None, decode_chunk: int = 0,
                devices=None, quant: str = "none", quant_embed: bool = False,
-               params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto"):
-    """`layout` is a `Layout` or its name ("pp4tp2v2m8"); `quant` "int8" / "fp8" stores the
+               params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto",
+               dp: int | None = None):
+    """`layout` is a `Layout` or its name ("pp4tp2v2m8", "dp2pp2tp2"), `dp` (if given) its
+    replicas, 0 = as many as the devices hold; `quant` "int8" / "fp8" stores the
     block projections in 8 bits (also the embedding and LM head with `quant_embed`);
     `params_cache_dir` keeps the placed (quantised) params with orbax so the next run
     restores them instead of re-reading the HF checkpoint; `attention` picks both phases'
@@ -100,6 +102,10 @@ class LLM:
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype)
     config = checkpoint.load_config(checkpoint_dir)
+    if dp is not None:
+      layout = dataclasses.replace(Layout.of(layout), dp=dp)
+      if dp == 0:
+        layout = layout.for_devices(len(jax.devices() if devices is None else devices))
     pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
     params = weights.load_weights(checkpoint_dir, pipe, dtype, quant=q,
                                   cache_dir=params_cache_dir)
@@ -183,8 +189,11 @@ class LLM:
     [m, b]."""
     M = self.pipeline.microbatches
     T = min(shapes.bucket(max(map(len, ids))), self.max_len)
-    batch = packing.one_per_row(ids, M, T)
-    mb = lambda a, fill: shapes.to_microbatches(np.asarray(a), M, fill)
+    batch = packing.one_per_row(ids, M, T, self.pipeline.dp)
+    rows = M * batch.tokens.shape[1]  # p rows a micro-batch, a multiple of dp
+    mb = lambda a, fill: shapes.to_microbatches(
+        np.concatenate([np.asarray(a), np.full(rows - len(ids), fill, np.asarray(a).dtype)]),
+        M, fill)
     knobs = sampling.SamplingParams(*(mb(a, 0) for a in knobs))
     lengths = batch.lengths[..., 0]
     cache = self.pipeline.init_cache(lengths.shape[1], self.max_len, self.dtype)

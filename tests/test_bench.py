@@ -28,7 +28,7 @@ def tiny():
   return presets.model_config("tiny"), presets.hardware("h100")
 
 
-@pytest.mark.parametrize("layout", ["pp1tp1", "pp2tp2", "pp4tp1v1m4", "pp2tp1v2m2"])
+@pytest.mark.parametrize("layout", ["pp1tp1", "pp2tp2", "pp4tp1v1m4", "pp2tp1v2m2", "dp2pp2tp2"])
 def test_layouts_run_and_report(tiny, layout):
   config, hw = tiny
   prompts = np.random.default_rng(0).integers(3, 200, (8, ARGS["input_len"])).tolist()

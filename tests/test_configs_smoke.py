@@ -92,7 +92,7 @@ def test_config_runs_shrunk(path, tmp_path):
     config.model.checkpoint = str(REPO / "models" / "demo-llama")
     config.model.dtype = "float32"
     config.engine.max_len = min(config.engine.max_len, 1024)
-    devices = jax.devices()[:config.mesh.pp * config.mesh.tp * config.mesh.dp]
+    devices = jax.devices()[:config.mesh.pp * config.mesh.tp * max(config.mesh.dp, 1)]
   config = shrunk(config, tmp_path)
   rep = job.run_job(config, devices=devices)
 
@@ -127,9 +127,11 @@ def harbor(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(mesh=dict(pp=2, tp=2)), r"pp\*tp\*dp = 2\*2\*1 = 4 but there are 8 devices"),
+    (dict(mesh=dict(pp=2, tp=2)), r"layout pp2tp2 uses 4 of 8 devices; layouts that use "
+                                  r"all 8: dp2pp2tp2, pp4tp2, pp2tp4"),
     (dict(schedule=dict(microbatches=2)), r"microbatches=2 < pp=4"),
-    (dict(mesh=dict(dp=2)), r"layout dp2pp4tp2: dp=2: only 1 replica"),
+    (dict(mesh=dict(dp=2)), r"layout dp2pp4tp2 uses 16 of 8 devices"),
+    (dict(mesh=dict(pp=3, dp=0)), r"replicas of pp3tp2 \(6 devices\) cannot fill 8"),
 ])
 def test_bad_layout_is_one_clear_error(harbor, overrides, match):
   for group, values in overrides.items():

@@ -51,7 +51,7 @@ def test_slots_follow_free_memory():
     def memory_stats(self):
       return free
 
-  pipe = types.SimpleNamespace(microbatches=4, cache_bytes_per_slot=real.cache_bytes_per_slot,
+  pipe = types.SimpleNamespace(microbatches=4, dp=1, cache_bytes_per_slot=real.cache_bytes_per_slot,
                                mesh=types.SimpleNamespace(devices=np.array([Device()] * 2)))
   assert real.cache_bytes_per_slot(1024, 2) == per_slot
   assert defaults.max_num_seqs(pipe, 1024, 2) == 8  # 0.8 x 10 = 8 slots, two per micro-batch
@@ -59,6 +59,8 @@ def test_slots_follow_free_memory():
   assert defaults.max_num_seqs(pipe, 1024, 2) == defaults.MAX_AUTO_SLOTS
   free["bytes_limit"] = per_slot
   assert defaults.max_num_seqs(pipe, 1024, 2) == 4  # never fewer than m
+  pipe.dp = 3  # each replica's devices hold its own slots: three replicas, three times
+  assert defaults.max_num_seqs(pipe, 1024, 2) == 12
 
 
 def test_more_microbatches_than_stages_is_warned_about():

@@ -63,6 +63,22 @@ def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
   assert eng.stats.decode_calls > 13 * 3 // (4 * 4)  # refills, not one batch
 
 
+def test_replicas_fill_the_least_loaded_first_and_match_the_reference(ckpt):
+  """dp=2: a burst alternates between the replicas (each micro-batch of a replica within
+  its share), and every request still gets the single-device tokens."""
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=40, decode_chunk=4, layout="dp2pp2tp1")
+  eng = llm.engine(max_num_seqs=6)  # m = 2, 2 replicas: ceil(6 / 4) = 2 rows a replica
+  assert (eng.rows, eng.replica_rows) == (4, 2)
+  for i, p in enumerate(prompts(7)):
+    eng.submit(request(i, p))
+  eng._admit()
+  by_replica = eng.live_by_replica()
+  assert by_replica.sum(axis=1).tolist() == [3, 3] and by_replica.max() <= 2
+  assert eng.waiting() == 1
+  ps = prompts(9, seed=1)
+  run_against_reference(llm, ckpt, ps, [2 + i % 4 for i in range(9)], max_num_seqs=6)
+
+
 def test_burst_is_spread_evenly(llm):
   """A burst is spread so no micro-batch exceeds ceil(max_num_seqs / m)."""
   eng = llm.engine(max_num_seqs=3)  # m = 2: at most ceil(3/2) = 2 per micro-batch

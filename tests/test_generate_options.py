@@ -27,7 +27,7 @@ def test_find_stop_across_tokens():
 @pytest.fixture(scope="module")
 def llms():
   return {name: jaxpp.LLM(TINY, layout=name, dtype="float32", max_len=256)
-          for name in ("pp1tp1", "pp4tp2")}
+          for name in ("pp1tp1", "pp4tp2", "dp2pp2tp2")}
 
 
 PROMPTS = ["Ticket:\nI was charged twice for my subscription this month.\nSummary:",
@@ -86,6 +86,7 @@ def test_n_samples_are_distinct_reproducible_and_layout_free(llms):
   assert len({tuple(t) for t in ids[:3]}) > 1 and len({tuple(t) for t in ids[3:]}) > 1
   assert [c.token_ids for c in llms["pp1tp1"].generate(PROMPTS, n=3, **kw)] == ids
   assert [c.token_ids for c in llms["pp4tp2"].generate(PROMPTS, n=3, **kw)] == ids
+  assert [c.token_ids for c in llms["dp2pp2tp2"].generate(PROMPTS, n=3, **kw)] == ids
   one = llms["pp1tp1"].generate(PROMPTS, **kw)
   assert [c.token_ids for c in one] == [ids[0], ids[3]]
   with pytest.raises(jaxpp.JaxppError, match="n=0 must be an integer >= 1"):

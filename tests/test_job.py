@@ -80,10 +80,14 @@ def e2e(tmp_path_factory):
   single.mesh.pp, single.mesh.tp, single.schedule.microbatches = 1, 1, 1
   for config in (piped, single):  # several decode calls of 8 tokens: the report times them
     config.schedule.decode_chunk = 2
+  replicas = shrunk(src, tmp / "dp2pp2tp2" / "out.jsonl")
+  replicas.mesh.dp, replicas.mesh.pp, replicas.mesh.tp = 2, 2, 2
+  replicas.schedule.decode_chunk = 2
   return dict(src=src, config=piped,
               piped=(job.run_job(piped), read_jsonl(piped.job.output)),
               single=(job.run_job(single, devices=jax.devices()[:1]),
-                      read_jsonl(single.job.output)))
+                      read_jsonl(single.job.output)),
+              replicas=(job.run_job(replicas), read_jsonl(replicas.job.output)))
 
 
 def test_layouts_give_identical_summaries(e2e):
@@ -107,6 +111,36 @@ def test_layouts_give_identical_summaries(e2e):
     assert r["prompt_tokens"] == min(lengths[r["id"]], budget), r["id"]
     assert r["truncated_tokens"] == max(lengths[r["id"]] - budget, 0), r["id"]
     assert 1 <= r["completion_tokens"] <= 8
+
+
+def test_replicas_give_the_single_device_summaries(e2e):
+  """dp=2 replicas of pp2 x tp2: every id once, each row the single device's; the report
+  names the layout and counts slots over both replicas."""
+  (rep, rows), (_, single) = e2e["replicas"], e2e["single"]
+  by_id = {r["id"]: r for r in single}
+  assert sorted(keys_once(rows)) == sorted(keys_once(single))
+  for r in rows:
+    assert r == by_id[r["id"]], r["id"]
+  assert rep["layout"]["name"] == "dp2pp2tp2" and rep["layout"]["dp"] == 2
+  assert rep["reconciled"] is True
+
+
+def test_replicas_resume_and_dp_zero_fills_the_devices(e2e, tmp_path):
+  """A run over a partly written output with mesh.dp=0 (pp2: four replicas on 8 devices)
+  writes only the missing ids, each once, equal to the single device's."""
+  _, single = e2e["single"]
+  out = tmp_path / "out.jsonl"
+  done = e2e["single"][1][:6]
+  out.write_text("".join(json.dumps(r) + "\n" for r in done), encoding="utf-8")
+  config = shrunk(e2e["src"], out)
+  config.mesh.dp, config.mesh.pp, config.mesh.tp = 0, 2, 1
+  rep = job.run_job(config)
+  rows = read_jsonl(out)
+  by_id = {r["id"]: r for r in single}
+  assert sorted(keys_once(rows)) == sorted(keys_once(single))
+  assert all(r == by_id[r["id"]] for r in rows)
+  assert rep["layout"]["name"] == "dp4pp2tp1" and rep["skipped_done"] == 6
+  assert rep["written_run"] == len(single) - 6
 
 
 def test_report_fields_and_file(e2e):

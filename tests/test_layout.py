@@ -5,6 +5,8 @@ planner (`estimate`) all resolve a layout through `Layout`, so the planner sizes
 the layers that run.
 """
 
+import re
+
 import pytest
 
 from jaxpp import Layout
@@ -54,7 +56,6 @@ def test_short_names_and_defaults():
     (Layout(2, virtual_stages=2, prefill_microbatches=1), "prefill_microbatches=1 < pp=2"),
     (Layout(2, layer_split="5,4"), "layer split '5,4' sums to 9 but the model has 8 layers"),
     (Layout(2, layer_split="lopsided"), "layer_split='lopsided' is not one of even, balanced"),
-    (Layout(2, dp=2), "dp=2: only 1 replica"),
 ])
 def test_every_rule_is_one_line(layout, message):
   assert layout.problem(TINY) is not None
@@ -63,6 +64,28 @@ def test_every_rule_is_one_line(layout, message):
   with pytest.raises(JaxppError, match=message):
     Pipeline.build(TINY, layout)
   assert "\n" not in layout.problem(TINY)
+
+
+@pytest.mark.parametrize("layout, n, want", [
+    (Layout(1, 1, dp=0), 8, "dp8pp1tp1"), (Layout(2, 2, dp=0), 8, "dp2pp2tp2"),
+    (Layout(2, 2, dp=2), 8, "dp2pp2tp2"), (Layout(4, 1), 4, "pp4tp1")])
+def test_layout_on_devices(layout, n, want):
+  """dp = 0 takes as many replicas as fill the devices; a layout that fills them stays."""
+  assert layout.for_devices(n).name == want
+
+
+@pytest.mark.parametrize("layout, n, message", [
+    (Layout(1, 1), 8, "layout pp1tp1 uses 1 of 8 devices; layouts that use all 8: "
+                      "dp8pp1tp1, pp8tp1, pp1tp8 (dp=0: as many replicas as fit)"),
+    (Layout(4, 1), 6, "layout pp4tp1 uses 4 of 6 devices; layouts that use all 6: pp6tp1, "
+                      "dp6pp1tp1"),
+    (Layout(3, 1, dp=0), 8, "replicas of pp3tp1 (3 devices) cannot fill 8 devices; "
+                            "layouts that use all 8: pp8tp1, dp8pp1tp1"),
+    (Layout(1, 1, dp=-1), 8, "pp=1, tp=1 must be >= 1 and dp=-1 >= 0"),
+])
+def test_layout_that_does_not_fill_the_devices_names_ones_that_do(layout, n, message):
+  with pytest.raises(JaxppError, match="^" + re.escape(message)):
+    layout.for_devices(n)
 
 
 def test_good_layouts_pass():

@@ -153,3 +153,25 @@ def test_killed_process_stops_the_other_and_rerun_resumes(tmp_path):
   rep = json.loads((tmp_path / "out.jsonl.report.json").read_text(encoding="utf-8"))
   assert rep["skipped_done"] == rows_before and rep["written_run"] == len(lines) - rows_before
   assert rep["reconciled"] and f"{len(lines)} = {len(lines)} + 0 ✓" in stdout0
+
+
+def test_replicas_on_two_processes(tmp_path):
+  """dp=2 replicas of pp2 x tp2, one a process: every id once, each row the single
+  process's pp4 x tp2 row; each process probes its own replica's stages."""
+  src = tmp_path / "in.jsonl"
+  src.write_text("".join(ticket_lines(12)), encoding="utf-8")
+  single = shrunk(src, tmp_path / "single" / "out.jsonl")
+  job.run_job(single)
+  out = tmp_path / "two" / "out.jsonl"
+  run = Run(tmp_path / "logs", job_args(src, out, "--config.mesh.dp=2", "--config.mesh.pp=2"))
+  (rc0, _, err0), (rc1, _, err1) = run.finish()
+  assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
+  want = {r["id"]: r for r in read_jsonl(single.job.output)}
+  rows = read_jsonl(out)
+  assert sorted(keys_once(rows)) == sorted(keys_once(list(want.values())))
+  assert all(r == want[r["id"]] for r in rows)
+  rep = json.loads((tmp_path / "two" / "out.jsonl.report.json").read_text(encoding="utf-8"))
+  assert rep["layout"]["name"] == "dp2pp2tp2" and rep["reconciled"]
+  for process, err in ((0, err0), (1, err1)):
+    health = [l for l in err.splitlines() if l.startswith("health:")]
+    assert health and all(f"replica {process} pp stage" in l for l in health), err[-2000:]

@@ -76,6 +76,25 @@ def test_layout_matches_single_device(deep, pp, tp, v, m_per_stage):
   check_layout(ckpt, ref, pp=pp, tp=tp, virtual_stages=v, microbatches=m_per_stage * pp)
 
 
+@pytest.mark.parametrize("dp,pp,tp,v", [(2, 2, 2, 1), (2, 4, 1, 1), (4, 2, 1, 1), (8, 1, 1, 1),
+                                        (2, 2, 1, 2)])
+def test_replicas_match_single_device(deep, dp, pp, tp, v):
+  """dp replicas, each a whole pipeline on its own devices with its own rows, give the
+  single-device logits and greedy tokens (prompts spread over the replicas)."""
+  ckpt, ref = deep
+  llm = check_layout(ckpt, ref, dp=dp, pp=pp, tp=tp, virtual_stages=v)
+  assert llm.pipeline.mesh.shape["dp"] == dp
+
+
+def test_llm_replicas_argument(deep):
+  """jaxpp.LLM(dp=0) fills the devices with replicas of the layout; too many is one line."""
+  ckpt, _ = deep
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp2tp2", dp=0)
+  assert llm.pipeline.layout.name == "dp2pp2tp2"
+  with pytest.raises(jaxpp.JaxppError, match="layout dp3pp2tp2 needs dp\\*pp\\*tp = 12 devices"):
+    jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp2tp2", dp=3)
+
+
 @pytest.mark.parametrize("pp,tp,v,m", [(1, 1, 1, 1), (1, 1, 1, 2), (2, 1, 1, 2), (2, 2, 1, 4),
                                       (4, 2, 1, 4), (1, 4, 1, 1), (2, 1, 2, 2), (8, 1, 1, 8)])
 def test_kernel_attention_matches_single_device(deep16, pp, tp, v, m):

@@ -249,13 +249,14 @@ def test_interactive_prefers_tp_and_pp_does_not_cut_latency():
 
 def test_batch_never_picks_a_layout_that_does_not_fit():
   # 192 sequences of 1024 tokens with XLA's attention, its scores taken at 8 bytes an element:
-  # pp1tp4 predicts the most tokens/s but its KV cache and prefill scores overflow, as do
-  # pp4tp1's; the pick must be one that fits.
+  # dp2pp1tp2 and pp1tp4 predict the most tokens/s but their KV cache and prefill scores
+  # overflow, as do pp4tp1's; the pick must be one that fits.
   r = recommend.recommend(L70B, 4, Workload(input_len=1024, concurrency=192), H100, mode="batch",
                           attention="xla", assume=Assumptions(score_bytes=8))
   rows = {row.name: row for row in r.rows}
   fastest = max(r.rows, key=lambda row: row.prediction.total_tokens_per_s)
-  assert fastest.name == "pp1tp4" and not fastest.memory.fits
+  assert fastest.name == "dp2pp1tp2" and not fastest.memory.fits
+  assert not rows["pp1tp4"].memory.fits and r.best == "pp2tp2"
   assert r.best is not None and rows[r.best].memory.fits
   assert all(rows[r.best].prediction.total_tokens_per_s >= row.prediction.total_tokens_per_s
              for row in r.rows if row.memory.fits)
@@ -266,7 +267,8 @@ def test_batch_never_picks_a_layout_that_does_not_fit():
 def test_layouts_jaxpp_refuses_are_skipped():
   tiny = presets.MODELS["tiny"]  # K=2 kv heads: tp=4 cannot split them
   r = recommend.recommend(tiny, 4, Workload(input_len=16, output_len=8, concurrency=4), H100)
-  assert [row.name for row in r.rows] == ["pp4tp1", "pp2tp2"]
+  assert [row.name for row in r.rows] == ["pp4tp1", "dp2pp2tp1", "dp4pp1tp1", "pp2tp2",
+                                          "dp2pp1tp2"]
   assert r.skipped == [("pp1tp4", "tp=4 does not divide num_key_value_heads=2; choose tp among "
                                   "the divisors of 2")]
   with pytest.raises(JaxppError, match="^layout pp1tp4: tp=4 does not divide"):
@@ -330,14 +332,17 @@ def test_cli_takes_a_config_json(tmp_path):
 def test_recommendation_is_the_measured_best(model, devices, measured_best):
   """The batch pick among the layouts benchmarked on H200s is the one that measured best.
 
-  Those tables ran XLA's attention; the fused kernel (tp=1's default since) has not been
-  timed on several GPUs, so the pick is checked for the programs that were measured.
+  Those tables ran XLA's attention and no replicas; the fused kernels (the default since)
+  and dp layouts have not been timed on several GPUs, so the pick is checked among the
+  programs that were measured.
   """
   w = Workload(input_len=1024, output_len=128, concurrency=64, decode_chunk=32)
   p = recommend.recommend(presets.model_config(model), devices, w, presets.hardware("h200"),
                      assume=Assumptions(mem_fraction=0.95), attention="xla")
-  assert p.best == measured_best, [(r.name, round(r.prediction.total_tokens_per_s))
-                                   for r in p.rows]
+  measured = [r for r in p.rows if r.layout.dp == 1 and r.memory.fits]
+  best = max(measured, key=lambda r: r.prediction.total_tokens_per_s)
+  assert best.name == measured_best, [(r.name, round(r.prediction.total_tokens_per_s))
+                                      for r in p.rows]
 
 
 def test_finer_prefill_shrinks_the_prefill_bubble_only():
@@ -357,3 +362,38 @@ def test_finer_prefill_shrinks_the_prefill_bubble_only():
   assert Layout(4, 1).name == "pp4tp1"
   interleaved = Layout(4, 1, virtual_stages=2, microbatches=4, prefill_microbatches=2)
   assert "interleaving" in interleaved.problem(L8B)
+
+
+def test_planner_memory_for_replicas_matches_what_is_allocated():
+  """dp2pp2tp2 on 8 CPU devices: each device's weights and KV cache as the planner sizes
+  them (f32, so 4 bytes a parameter and a cached value)."""
+  import numpy as np
+
+  from jaxpp.bench.random_weights import random_llm
+  from jaxpp.parallel.mesh import per_device_bytes
+  cfg, layout = presets.model_config("tiny"), Layout(2, 2, dp=2)
+  w = Workload(input_len=12, output_len=4, concurrency=8, max_len=32)
+  llm = random_llm(cfg, np.float32, max_len=32, decode_chunk=4, layout=layout)
+  eng = llm.engine(max_num_seqs=8)
+  mem = estimate.memory_per_stage(cfg, layout, w, H100, bytes_per_param=4,
+                                  assume=Assumptions(dtype_bytes=4))
+  weights = per_device_bytes(llm.params)
+  kv = per_device_bytes(eng.cache)
+  assert len(weights) == len(kv) == 8
+  assert max(kv.values()) == min(kv.values()) == mem.kv
+  assert max(weights.values()) == pytest.approx(mem.weights, rel=0.01)
+
+
+def test_recommend_weighs_replicas():
+  """Every dp x pp x tp of the devices is a row; replicas split the sequences, so their
+  rates add up while a replica's step time is its own."""
+  r = recommend.recommend(L8B, 8, Workload(concurrency=256), presets.hardware("h200"))
+  names = [row.name for row in r.rows]
+  for name in ("pp8tp1", "dp8pp1tp1", "dp2pp2tp2", "dp4pp1tp2", "pp1tp8"):
+    assert name in names
+  rows = {row.name: row for row in r.rows}
+  one = estimate.predict(L8B, Layout(1, 1), Workload(concurrency=32), presets.hardware("h200"))
+  dp8 = rows["dp8pp1tp1"].prediction
+  assert dp8.total_tokens_per_s == pytest.approx(8 * one.total_tokens_per_s)
+  assert dp8.decode_step_s == pytest.approx(one.decode_step_s)
+  assert r.best == "dp8pp1tp1"  # the 8B shape fits one card: eight replicas, no bubble

@@ -119,7 +119,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                                 for name in (head_name, head_name + quant_lib.SCALE)
                                 if name in llm.params),
                  itemsize=jnp.dtype(llm.dtype).itemsize,
-                 prompt_lengths=[len(p) for p in prompts])
+                 prompt_lengths=[len(p) for p in prompts], replicas=layout.dp)
   return dict(
       layout=text, devices=layout.devices, pp=pipe.pp, tp=layout.tp,
       virtual_stages=pipe.v, layer_split=list(pipe.partition.counts),
@@ -202,7 +202,7 @@ def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
 
 def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean_ctx: float,
              *, devices: int, rounds: int, weight_bytes: int, head_bytes: int,
-             itemsize: int, prompt_lengths: list[int]) -> dict:
+             itemsize: int, prompt_lengths: list[int], replicas: int = 1) -> dict:
   """Rates and roofline shares from a run's token counts and prefill / decode seconds.
 
   `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
@@ -213,8 +213,9 @@ def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean
   """
   n, head = st.prompt_tokens, head_bytes
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
-  # every micro-batch re-reads its stage's weights each round; KV read once per token
-  decode_bytes = rounds * microbatches * (weight_bytes + head) + \
+  # every micro-batch of every replica re-reads its stage's weights each round; KV read once
+  # per token
+  decode_bytes = rounds * microbatches * replicas * (weight_bytes + head) + \
       st.completion_tokens * mean_ctx * kv_per_token
   attention_flops = sum(2 * L * L for L in prompt_lengths) * (
       config.num_heads * config.head_dim * config.num_layers)

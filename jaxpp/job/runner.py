@@ -66,13 +66,14 @@ def errors_path(config: ml_collections.ConfigDict) -> pathlib.Path:
       out.name.removesuffix(".jsonl") + ".errors.jsonl")
 
 
-def layout_of(config: ml_collections.ConfigDict) -> Layout:
-  """The run's `Layout` from the config's mesh and schedule sections (checked against the
-  model when the pipeline is built)."""
+def layout_of(config: ml_collections.ConfigDict, devices: int) -> Layout:
+  """The run's `Layout` on `devices` devices from the config's mesh and schedule sections
+  (mesh.dp = 0: as many replicas as fit; checked against the model when the pipeline is
+  built)."""
   m, s = config.mesh, config.schedule
   return Layout(m.pp, m.tp, dp=m.dp, virtual_stages=s.virtual_stages,
                 microbatches=s.microbatches, prefill_microbatches=s.prefill_microbatches,
-                layer_split=s.layer_split)
+                layer_split=s.layer_split).for_devices(devices)
 
 
 def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
@@ -192,9 +193,9 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
                                          policy=job.length_policy)
               if openai and tokenizer is not None else
               Prompter.for_job(tokenizer, config, max_len))
-  pipe = Pipeline.build(model_cfg, layout_of(config),  # layout against the devices
-                        devices=jax.devices() if devices is None else devices,
-                        attention=config.model.attention)
+  devices = jax.devices() if devices is None else devices
+  pipe = Pipeline.build(model_cfg, layout_of(config, len(devices)),  # against the devices
+                        devices=devices, attention=config.model.attention)
   # before the first compile of the process (the resume broadcast below compiles one): JAX
   # decides once whether a persistent cache is in use
   compile_cache.enable(job.get("compile_cache", ""))
@@ -260,7 +261,9 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
       devices=devices_summary(pipe.mesh.devices.flat),
       layout=dict(name=pipe.layout.name, pp=pipe.pp, tp=pipe.tp, dp=pipe.layout.dp,
                   virtual_stages=pipe.v, microbatches=pipe.microbatches,
-                  max_num_seqs=run.eng.max_num_seqs if run else None,
+                  max_num_seqs=run.eng.max_num_seqs if run else None,  # all replicas
+                  max_num_seqs_per_replica=(-(-run.eng.max_num_seqs // pipe.dp) if run
+                                            else None),
                   layer_split=list(pipe.partition.counts)),
       duplicate_rows=final.duplicate_rows, startup_seconds=startup_seconds,
       load_seconds=run.load_seconds if run else 0.0, compile_seconds=compile_seconds,

@@ -79,6 +79,24 @@ class Layout:
   def devices(self) -> int:
     return self.dp * self.pp * self.tp
 
+  def for_devices(self, n: int) -> Layout:
+    """This layout on n devices: dp = 0 takes as many replicas as fit (n / (pp*tp)); any
+    other count that does not use every device is a one-line error naming the nearest
+    layouts that would."""
+    replica = self.pp * self.tp
+    if min(self.pp, self.tp) < 1 or self.dp < 0:
+      raise JaxppError(f"pp={self.pp}, tp={self.tp} must be >= 1 and dp={self.dp} >= 0 "
+                       "(0 = as many replicas as fit)")
+    if self.dp == 0 and n % replica == 0:
+      return dataclasses.replace(self, dp=n // replica)
+    if self.devices == n:
+      return self
+    what = (f"replicas of pp{self.pp}tp{self.tp} ({replica} devices) cannot fill {n} devices"
+            if self.dp == 0 else f"layout {self.name} uses {self.devices} of {n} devices")
+    raise JaxppError(f"{what}; layouts that use all {n}: "
+                     f"{', '.join(nearest_layouts(n, self.pp, self.tp))} (dp=0: as many "
+                     "replicas as fit)")
+
   def prefill_m(self, slots: int | None = None) -> int:
     """Micro-batches a prefill of every slot is cut into (at most one per slot)."""
     return prefill_microbatches(self.prefill_microbatches, self.pp, self.m, slots)
@@ -95,8 +113,6 @@ class Layout:
                     ("prefill_microbatches", self.prefill_microbatches)):
       if n < 0:
         return f"{what}={n} must be >= 0 (0 = the default)"
-    if self.dp != 1:
-      return f"dp={self.dp}: only 1 replica is available in this version"
     for what, n in (("num_key_value_heads", config.num_kv_heads),
                     ("num_attention_heads", config.num_heads),
                     ("intermediate_size", config.intermediate_size)):
@@ -164,3 +180,18 @@ def head_params_per_device(config: LlamaConfig, tp: int) -> float:
   """Params the logits read on one device (the head, or the tied embedding)."""
   whole = config.vocab_size * config.hidden_size
   return whole / tp if vocab_sharded_head(config, tp) else whole
+
+
+def nearest_layouts(n: int, pp: int, tp: int) -> list[str]:
+  """Names of layouts that use exactly n devices, closest to pp x tp first: replicas of it,
+  then the same tp with another pp (dp = 1), then the same pp with another tp."""
+  out = []
+  if n % (pp * tp) == 0:
+    out.append(Layout(pp, tp, dp=n // (pp * tp)).name)
+  if n % tp == 0:
+    out.append(Layout(n // tp, tp).name)
+  if n % pp == 0:
+    out.append(Layout(pp, n // pp).name)
+  out.append(Layout(1, 1, dp=n).name)
+  return list(dict.fromkeys(out))[:3]
+

@@ -123,10 +123,29 @@ def pack(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int, int]],
   return PrefillBatch(tokens, positions, segments, slots, ends, lengths), where
 
 
-def one_per_row(prompts: Sequence[Sequence[int]], M: int, T: int) -> PrefillBatch:
-  """Each prompt in its own row, rows cut into M micro-batches, prompt i filling cache slot
-  (i // p, i % p): a whole batch starting at once (`jaxpp.LLM.prompt_logits`)."""
-  p = -(-len(prompts) // M)
+def pack_replicas(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int, int]],
+                  rows: list[list[list[int]]], M: int, p: int, T: int, q: int
+                  ) -> tuple[PrefillBatch, list[tuple[int, int, int]]]:
+  """`pack` for dp replicas: rows[d] (from `first_fit` over replica d's prompts) fill rows
+  d*p .. d*p + p-1 of every micro-batch, so each replica's share of the batch (the programs
+  split its row axis over 'dp') names only that replica's cache slots. Returns the batch
+  [M, dp*p, ...] and where each prompt landed, rows counted over the whole batch."""
+  parts, where = [], [None] * len(prompts)
+  for d, replica_rows in enumerate(rows):
+    batch, landed = pack(prompts, targets, replica_rows, M, p, T, q)
+    parts.append(batch)
+    for i in {k for row in replica_rows for k in row}:
+      j, r, s = landed[i]
+      where[i] = (j, d * p + r, s)
+  return PrefillBatch(*(np.concatenate(f, axis=1) for f in zip(*parts))), where
+
+
+def one_per_row(prompts: Sequence[Sequence[int]], M: int, T: int, dp: int = 1) -> PrefillBatch:
+  """Each prompt in its own row, rows cut into M micro-batches of p rows (a multiple of
+  dp), prompt i filling cache slot (i // p, i % p): a whole batch starting at once
+  (`jaxpp.LLM.prompt_logits`); batch row and cache row coincide, so each replica's rows
+  hold its own slots."""
+  p = dp * -(-len(prompts) // (M * dp))
   rows = [[i] for i in range(len(prompts))]
   batch, _ = pack(prompts, [divmod(i, p) for i in range(len(prompts))], rows, M, p, T, 1)
   return batch

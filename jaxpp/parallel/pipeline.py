@@ -1,6 +1,7 @@
 """The pipeline executor: one jitted program per phase over a (dp, pp, tp) mesh.
 
-Inside `jax.shard_map`, manual over 'pp' only, every device runs the same tick loop over a
+Inside `jax.shard_map`, manual over 'pp' (and over 'dp' with replicas: each replica runs its
+own ring on its own rows, `placement.py`), every device runs the same tick loop over a
 `schedule.Schedule` table. At tick t device s looks up (micro-batch j, local chunk r, round
 k), scans its own layers of chunk r for micro-batch j (tensor parallelism over 'tp' is left
 to GSPMD inside the stage), and `ppermute`s the result one device on around the ring. Stage
@@ -39,27 +40,16 @@ from jaxpp.model import attention_choice, decode_state, llama, quant, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import mesh as mesh_lib
-from jaxpp.parallel import xla_options
-from jaxpp.parallel.layout import Layout, vocab_sharded_head
+from jaxpp.parallel import placement, xla_options
+from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.packing import PrefillBatch
 from jaxpp.parallel.partition import Partition
 from jaxpp.parallel.schedule import circular
-
-# Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
-_TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0,
-            "bq": 0, "bk": 0, "bv": 0}
 
 
 def _layout_tp(self: "Pipeline", *args, **kwargs) -> int:
   """The tp degree of a program call (`self` is its pipeline): picks its XLA options."""
   return self.tp
-
-
-def _block_spec(name: str, ndim: int) -> P:
-  dims = [None] * ndim
-  if name in _TP_AXIS:
-    dims[_TP_AXIS[name]] = TP
-  return P(PP, None, None, *dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +103,11 @@ class Pipeline:
     return self.layout.tp
 
   @property
+  def dp(self) -> int:
+    """Replicas: each a whole pipeline on its own devices, with its own rows."""
+    return self.layout.dp
+
+  @property
   def v(self) -> int:
     return self.layout.virtual_stages
 
@@ -141,36 +136,14 @@ class Pipeline:
 
   def param_shardings(self, quant_cfg: quant.Quant = quant.Quant()) -> dict:
     """NamedShardings for the params tree with blocks stacked as [pp, v, Lc, ...]."""
-    abstract = params_lib.flatten(params_lib.abstract_params(
-        self.config, jnp.float32, self.layer_axes, quant_cfg))
-    weights = {p: a for p, a in abstract.items() if not p[-1].endswith(quant.SCALE)}
-    specs = {}
-    for path, aval in weights.items():
-      if path[0] == "blocks":
-        specs[path] = _block_spec(path[-1], aval.ndim - 3)
-      elif path == ("lm_head",) and vocab_sharded_head(self.config, self.tp):
-        specs[path] = P(None, TP)  # vocab-parallel head (layout.vocab_sharded_head)
-      else:
-        specs[path] = P()
-      if quant_cfg.applies(path):  # a scale keeps its weight's output axes' sharding
-        dims = tuple(specs[path]) + (None,) * (aval.ndim - len(specs[path]))
-        drop = quant.reduced_axes(path, aval.ndim, len(self.layer_axes))
-        specs[quant.scale_path(path)] = P(*(d for i, d in enumerate(dims) if i not in drop))
-    return params_lib.nest({p: NamedSharding(self.mesh, s) for p, s in specs.items()})
+    return placement.param_shardings(self.config, self.mesh, self.layer_axes, quant_cfg)
 
   @property
   def layer_axes(self) -> tuple[int, int, int]:
     return (self.pp, self.v, self.partition.max_layers)
 
   def cache_sharding(self) -> NamedSharding:
-    """[pp, v, Lc, M, b, K, S, H] over stages and kv heads, spelled as the programs' outputs
-    are (no axis of size 1, no trailing None): jit keys its cache on the spelling, so a
-    fresh cache would otherwise compile every program a second time."""
-    axes = [a if a is None or self.mesh.shape[a] > 1 else None
-            for a in (PP, None, None, None, None, TP)]
-    while axes and axes[-1] is None:
-      axes.pop()
-    return NamedSharding(self.mesh, P(*axes))
+    return placement.cache_sharding(self.mesh)
 
   def cache_shape(self, rows_per_microbatch: int, max_len: int) -> tuple[int, ...]:
     """[pp, v, Lc, M, b, K, S, H] of the keys (and of the values); S =
@@ -195,7 +168,15 @@ class Pipeline:
 
   def _shard_map(self, body, in_specs, out_specs):
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names={PP}, check_vma=False)
+                         axis_names=placement.manual_axes(self.mesh), check_vma=False)
+
+  def _local_rows(self, targets, cache_rows: int):
+    """A prefill's cache targets (micro-batch, row) as this replica's own rows: each
+    replica's rows of the batch name only its own slots (-1 stays -1)."""
+    if self.dp == 1:
+      return targets
+    row = targets[..., 1] - jax.lax.axis_index(DP) * cache_rows
+    return jnp.stack([targets[..., 0], jnp.where(targets[..., 1] >= 0, row, -1)], axis=-1)
 
   def _slot(self, microbatch, s):
     """The cache slot device s keeps a micro-batch in (see the module docstring); -1 stays."""
@@ -236,6 +217,14 @@ class Pipeline:
       return a
     return jax.lax.psum(jnp.where(s == self.pp - 1, a, jnp.zeros_like(a)), PP)
 
+  def _everywhere(self, a, s):
+    """`a` [M, rows, ...] as the last pp device of every replica holds its rows, on every
+    device: each replica's rows shared over 'pp', then gathered over 'dp' (a few ints per
+    row), so every process's engine sees every row's tokens, however replicas are spread
+    over processes."""
+    a = self._from_last(a, s)
+    return a if self.dp == 1 else jax.lax.all_gather(a, DP, axis=1, tiled=True)
+
   def _ring(self, *arrays):
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
@@ -253,7 +242,7 @@ class Pipeline:
     one, with its own `knobs` [m, p, q]. `with_logits` also returns those positions' logits
     f32[m, p, q, V] (for tests and parity checks; it adds a reduction of that size over 'pp').
     """
-    M, b, T = batch.tokens.shape
+    M, _, T = batch.tokens.shape
     q = batch.ends.shape[-1]
     table = jnp.asarray(circular(self.pp, self.v, M).table)
     counts = jnp.asarray(self.partition.layer_counts())
@@ -265,6 +254,7 @@ class Pipeline:
       blocks = jax.tree.map(lambda a: a[0], params["blocks"])
       cache = jax.tree.map(lambda a: a[0], cache)
       counts = counts[0]
+      b = batch.tokens.shape[1]  # this replica's rows
       start = jnp.zeros((b,), jnp.int32)
 
       def tick(t, carry):
@@ -274,7 +264,7 @@ class Pipeline:
         j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
         x = jnp.where((s == 0) & (r == 0), llama.embed(params, batch.tokens[j], dtype),
                       inbox[j])
-        targets = batch.targets[j]
+        targets = self._local_rows(batch.targets[j], cache[0].shape[3])
         y, cache = self._run_chunk(blocks, counts, cache, x, batch.positions[j], start, r,
                                    active, fresh=True, segments=batch.segments[j],
                                    slots=(self._slot(targets[..., 0], s), targets[..., 1]))
@@ -297,19 +287,19 @@ class Pipeline:
       flat_knobs = jax.tree.map(lambda a: a.reshape(n), knobs)
       first = sampling.sample(logits, batch.lengths.reshape(n), flat_knobs,
                               do_sample=do_sample)
-      first = self._from_last(first, s).reshape(M, b, q)
+      first = self._everywhere(first.reshape(M, b, q), s)
       cache = jax.tree.map(lambda a: a[None], cache)
       if not with_logits:
         return first, cache
-      return first, cache, self._from_last(logits, s).reshape(M, b, q, -1)
+      return first, cache, self._everywhere(logits.reshape(M, b, q, -1), s)
 
-    cache_spec = P(PP)
-    knob_spec = jax.tree.map(lambda _: P(), knobs)
-    batch_spec = jax.tree.map(lambda _: P(), batch)
+    cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
+    knob_spec = jax.tree.map(lambda _: rows, knobs)
+    batch_spec = jax.tree.map(lambda _: rows, batch)
     out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
     return self._shard_map(
-        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), batch_spec,
-                        knob_spec),
+        body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
+                        batch_spec, knob_spec),
         out_specs=out_specs)(params, cache, counts, batch, knobs)
 
   @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "steps", "do_sample", "eos_ids"),
@@ -317,7 +307,7 @@ class Pipeline:
   def decode(self, params, cache, state: decode_state.DecodeState, knobs, *, steps: int,
              do_sample: bool, eos_ids: tuple[int, ...]):
     """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
-    M, b = state.tokens.shape  # M = the ring's micro-batches, m
+    M = state.tokens.shape[0]  # the ring's micro-batches, m
     table = jnp.asarray(self.decode_table(M, steps))
     counts = jnp.asarray(self.partition.layer_counts())
     dtype = params_lib.activation_dtype(params)
@@ -330,6 +320,7 @@ class Pipeline:
       cache = jax.tree.map(lambda a: a[0], cache)
       counts = counts[0]
       lengths0 = state.lengths
+      b = state.tokens.shape[1]  # this replica's rows
 
       def tick(t, slot, carry):
         cache, state, tok_in, act_in, out = carry
@@ -372,21 +363,17 @@ class Pipeline:
       cache, state, _, _, out = jax.lax.fori_loop(
           0, table.shape[0] // M, ticks, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
-      pick = lambda a: self._from_last(a.astype(jnp.int32), s)
+      pick = lambda a: self._everywhere(a.astype(jnp.int32), s)
       state = decode_state.DecodeState(pick(state.tokens), pick(state.lengths),
                                    pick(state.remaining), pick(state.done).astype(bool))
       return jax.tree.map(lambda a: a[None], cache), state, pick(out)
 
-    cache_spec = P(PP)
-    state_spec = decode_state.DecodeState(P(), P(), P(), P())
-    knob_spec = jax.tree.map(lambda _: P(), knobs)
+    cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
+    state_spec = decode_state.DecodeState(rows, rows, rows, rows)
+    out_state = decode_state.DecodeState(P(), P(), P(), P())
+    knob_spec = jax.tree.map(lambda _: rows, knobs)
     return self._shard_map(
-        body, in_specs=(self._param_specs(params), (cache_spec, cache_spec), P(PP), state_spec,
-                        knob_spec),
-        out_specs=((cache_spec, cache_spec), state_spec, P()))(
+        body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
+                        state_spec, knob_spec),
+        out_specs=((cache_spec, cache_spec), out_state, P()))(
             params, cache, counts, state, knobs)
-
-  def _param_specs(self, params):
-    """shard_map in_specs: only the 'pp' part of each leaf's sharding is manual."""
-    return jax.tree.map(lambda _: P(), params) | {
-        "blocks": jax.tree.map(lambda _: P(PP), params["blocks"])}

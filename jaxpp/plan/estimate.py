@@ -108,6 +108,16 @@ def layers_per_chunk(cfg: LlamaConfig, layout: Layout, hw: Hardware, attention: 
   return layout.partition(cfg)
 
 
+def one_replica(layout: Layout, workload: Workload) -> tuple[Layout, Workload]:
+  """One of `layout`'s dp replicas and its share of the sequences: replicas are whole
+  pipelines on their own devices that split the workload's sequences between them."""
+  if layout.dp == 1:
+    return layout, workload
+  share = -(-workload.concurrency // layout.dp)
+  return (dataclasses.replace(layout, dp=1),
+          dataclasses.replace(workload, concurrency=share))
+
+
 # --- memory ---------------------------------------------------------------------------------
 
 
@@ -120,7 +130,9 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   `bytes_per_param` is for block weights, `embed_bytes_per_param` (default: the same) for
   the embedding and LM head: 8-bit weights keep those in bf16 unless asked. `attention` as
   `jaxpp.LLM(attention=...)` takes it: XLA's prefill attention holds [T, T] f32 scores.
+  With dp replicas a device holds its replica's weights and its share of the sequences.
   """
+  layout, workload = one_replica(layout, workload)
   part = layers_per_chunk(cfg, layout, hw)
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   D, V, tp, m, a = cfg.hidden_size, cfg.vocab_size, layout.tp, layout.m, assume.dtype_bytes
@@ -190,7 +202,17 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
             bytes_per_param: float = 2, assume: Assumptions = Assumptions(),
             embed_bytes_per_param: float | None = None, attention: str = "auto") -> Prediction:
   """Prefill (compute bound) and decode (weight + KV reads, fitted bandwidth) rates;
-  `attention` as `jaxpp.LLM(attention=...)` takes it."""
+  `attention` as `jaxpp.LLM(attention=...)` takes it. dp replicas each run their share of
+  the sequences side by side: rates add up, per-step times stay one replica's."""
+  if layout.dp > 1:
+    one = predict(cfg, *one_replica(layout, workload), hw, bytes_per_param, assume,
+                  embed_bytes_per_param, attention)
+    n = layout.dp
+    return dataclasses.replace(
+        one, prefill_tokens_per_s=n * one.prefill_tokens_per_s,
+        decode_tokens_per_s=n * one.decode_tokens_per_s,
+        total_tokens_per_s=n * one.total_tokens_per_s,
+        output_tokens_per_s=n * one.output_tokens_per_s)
   part = layers_per_chunk(cfg, layout, hw, attention)
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   w, tp, m, a = workload, layout.tp, layout.m, assume.dtype_bytes

@@ -36,6 +36,9 @@ RULES = (
     "tp inside one NVLink node for latency: it divides each token's weight reads by tp.",
     "pp at batch depth one is useless for chat: the ring still runs m >= pp micro-batches, "
     "so a lone sequence's token reads every weight while the other stages wait.",
+    "dp replicas when one replica fits fewer devices than you have: each runs a shorter "
+    "pipeline on its share of the sequences, with smaller bubbles and its weights read for "
+    "more rows per micro-batch; they need no collective between them.",
 )
 
 
@@ -73,7 +76,8 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
               microbatches: int = 0, layer_split: str = "even", model_name: str = "model",
               embed_bytes_per_param: float | None = None, prefill_microbatches: int = 0,
               attention: str = "auto") -> Plan:
-  """Sizes and predicts every pp x tp = devices layout; picks the best that fits for `mode`.
+  """Sizes and predicts every dp x pp x tp = devices layout (replicas of a pp x tp
+  pipeline included); picks the best that fits for `mode`.
 
   batch: the highest total tokens/s. interactive: the lowest per-token latency at batch 1,
   ties broken by throughput.
@@ -84,8 +88,10 @@ def recommend(cfg: LlamaConfig, devices: int, workload: Workload = Workload(),
     raise JaxppError(f"devices={devices} must be >= 1")
   eb = bytes_per_param if embed_bytes_per_param is None else embed_bytes_per_param
   rows, skipped, tps = [], [], [t for t in range(1, devices + 1) if devices % t == 0]
-  for tp in tps:
-    layout = Layout(devices // tp, tp, virtual_stages=virtual_stages,
+  shapes = [(devices // (pp * tp), pp, tp) for tp in tps for pp in range(devices // tp, 0, -1)
+            if (devices // tp) % pp == 0]
+  for dp, pp, tp in shapes:
+    layout = Layout(pp, tp, dp=dp, virtual_stages=virtual_stages,
                     microbatches=microbatches, prefill_microbatches=prefill_microbatches,
                     layer_split=layer_split)
     problem = layout_problem(cfg, layout, hw, attention)
@@ -141,8 +147,9 @@ def format_plan(plan: Plan) -> str:
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in plan.rows:
     mem, p, m = r.memory, r.prediction, r.layout.m
+    b = -(-w.concurrency // (r.layout.dp * m))  # a replica's rows a micro-batch
     lines.append(
-        f"| {r.name} | {m} x {w.rows(m)} | {mem.weights / gb:.1f} | {mem.kv / gb:.1f} | "
+        f"| {r.name} | {m} x {b} | {mem.weights / gb:.1f} | {mem.kv / gb:.1f} | "
         f"{mem.activations / gb:.1f} | {mem.total / gb:.1f} | {'yes' if mem.fits else 'NO'} | "
         f"{p.prefill_tokens_per_s:,.0f} | {p.prefill_bubble:.1%} | {p.decode_tokens_per_s:,.0f}"
         f" | {p.decode_bubble:.1%} | {p.latency_per_token_s * 1e3:.2f} | "
@@ -152,8 +159,8 @@ def format_plan(plan: Plan) -> str:
   lines += [f"Minimum pp that fits (pp*tp dividing {plan.devices}): {mins}.", "",
             f"**Recommendation: {plan.best or 'none'}** ({plan.reason}).", "", "Rules:"]
   lines += [f"- {rule}" for rule in plan.rules]
-  lines += ["", "An estimate: constants fitted to H200 runs, within -5% / +6% of measured "
-            "decode and -10% / +8% of total tok/s there (docs/planner.md, \"Validation\")."]
+  lines += ["", "An estimate: constants fitted to H200 runs, within 5% of today's programs "
+            "and 15% of older ones there (docs/planner.md, \"Validation\")."]
   return "\n".join(lines)
 
 

@@ -37,9 +37,10 @@ def decode_chunk(layout: Layout) -> int:
 
 
 def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int) -> int:
-  """Slots: as many as KV_MEMORY_SHARE of the fullest device's free memory holds at
-  `max_len` positions each (a multiple of m, at most MAX_AUTO_SLOTS), measured after the
-  weights are placed; SLOTS_PER_MICROBATCH_CPU x m where devices report no memory.
+  """Slots of all replicas: each replica as many as KV_MEMORY_SHARE of the fullest
+  device's free memory holds at `max_len` positions each (a multiple of m, at most
+  MAX_AUTO_SLOTS), measured after the weights are placed; SLOTS_PER_MICROBATCH_CPU x m
+  where devices report no memory. A device holds only its own replica's slots.
 
   Each process reads its own devices; with several, they agree on the smallest count (one
   small all-gather), since every process must run the same programs.
@@ -55,7 +56,7 @@ def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int) -> int:
     fit = max(m, min(MAX_AUTO_SLOTS, int(KV_MEMORY_SHARE * max(free, 0) // per_slot)) // m * m)
   if jax.process_count() > 1:
     fit = int(np.min(multihost_utils.process_allgather(np.int32(fit))))
-  return fit
+  return fit * pipe.dp
 
 
 def warnings(layout: Layout) -> list[str]:

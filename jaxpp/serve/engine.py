@@ -5,8 +5,10 @@ per priority class. At every return from the device (every `decode_chunk` tokens
 sequences leave their slots, waiting requests are admitted into free slots and prefilled
 through the pipeline straight into those slots, and the ring goes on with the new mix.
 
-- Even fill: a request goes to the micro-batch with the fewest live sequences, and b =
-  ceil(max_num_seqs / m), so no micro-batch ever holds more than its share.
+- Even fill: a request goes to the least-loaded replica (with dp replicas, each owns b / dp
+  rows of every micro-batch and runs its own ring), there to the micro-batch with the
+  fewest live sequences; b = dp * ceil(max_num_seqs / (dp * m)), so no micro-batch of a
+  replica ever holds more than its share. `max_num_seqs` counts all replicas together.
 - KV admission: each slot owns max_len positions of cache on every stage (the dense cache is
   allocated up front), so a request is admitted only into a free slot and only if its
   prompt plus max_new_tokens (less the last token, never fed back) fits max_len; a request
@@ -94,7 +96,10 @@ class Engine:
         pipe, max_len, params_lib.activation_dtype(params).itemsize)
     if self.max_num_seqs < 1:
       raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
-    self.rows = shapes.split_rows(self.max_num_seqs, M)  # b: slots per micro-batch (even fill)
+    self.dp = pipe.dp
+    # b: slots per micro-batch (even fill), each replica's block of them alike
+    self.replica_rows = shapes.split_rows(self.max_num_seqs, M * self.dp)
+    self.rows = self.dp * self.replica_rows
     self.reserve = {c: 0 for c in PRIORITIES} | dict(reserve or {})
     unknown = set(self.reserve) - set(PRIORITIES)
     if unknown:
@@ -139,8 +144,14 @@ class Engine:
     self.queues[request.priority].append(request)
 
   def live(self) -> np.ndarray:
-    """int [M]: live sequences per micro-batch."""
-    return np.array([sum(o is not None for o in row) for row in self.owner])
+    """int [M]: live sequences per micro-batch (all replicas)."""
+    return self.live_by_replica().sum(axis=0)
+
+  def live_by_replica(self) -> np.ndarray:
+    """int [dp, M]: live sequences per replica and micro-batch."""
+    b = self.replica_rows
+    return np.array([[sum(o is not None for o in row[d * b:(d + 1) * b]) for row in self.owner]
+                     for d in range(self.dp)])
 
   def waiting(self) -> int:
     return sum(map(len, self.queues.values()))
@@ -152,7 +163,7 @@ class Engine:
   def _admit(self) -> list[tuple[Request, int, int]]:
     """Moves waiting requests into free slots, interactive first, honouring reserves."""
     admitted = []
-    live = self.live()
+    live = self.live_by_replica()
     by_class = self._live_by_class()
     for cls in PRIORITIES:
       queue = self.queues[cls]
@@ -161,13 +172,16 @@ class Engine:
         owed = sum(max(0, self.reserve[c] - by_class[c]) for c in PRIORITIES if c != cls)
         if free - owed < 1:
           break
-        j = int(np.argmin(np.where(live < self.rows, live, np.iinfo(np.int32).max)))
-        if live[j] >= self.rows:
+        full, b = np.iinfo(np.int32).max, self.replica_rows
+        open_ = live < b  # [dp, M]: micro-batches of a replica with a free row
+        if not open_.any():
           break
-        r = self.owner[j].index(None)
+        d = int(np.argmin(np.where(open_.any(axis=1), live.sum(axis=1), full)))
+        j = int(np.argmin(np.where(open_[d], live[d], full)))
+        r = d * b + self.owner[j][d * b:(d + 1) * b].index(None)
         request = queue.popleft()
         self.owner[j][r] = request
-        live[j] += 1
+        live[d, j] += 1
         by_class[cls] += 1
         admitted.append((request, j, r))
     self.stats.max_live_per_microbatch = max(self.stats.max_live_per_microbatch,

@@ -9,6 +9,8 @@ Shape: rows of T = max(the longest prompt's bucket, the bucket of all the admitt
 up to PACK_LEN) tokens, q prompts at most a row; micro-batches as `packing.prefill_shape`
 cuts them (spread over up to `prefill_m` micro-batches when pipelined, to shrink the fill
 and drain; as few as fit when not, since each micro-batch re-reads the stage's weights).
+With dp replicas each replica's prompts are packed apart into its own share of the rows
+(`packing.pack_replicas`), all shares of the same shape: the busiest replica's.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class Prefiller:
 
   def __init__(self, pipe: Pipeline, max_len: int, slots: int, eos_ids: tuple[int, ...]):
     self.pipe, self.max_len, self.eos_ids = pipe, max_len, eos_ids
-    self.prefill_m = pipe.layout.prefill_m(slots)  # micro-batches of the largest prefill
-    self.slots = slots
+    self.dp = pipe.dp
+    self.slots = slots // self.dp  # one replica's: prefill shapes are per replica
+    self.replica_rows = self.slots // pipe.microbatches  # a replica's rows a micro-batch
+    self.prefill_m = pipe.layout.prefill_m(self.slots)  # micro-batches of the largest prefill
     self.min_m = pipe.pp if pipe.v > 1 else 1  # interleaving needs pp in flight
     self.last_shape = (0, 0, 0)
 
@@ -55,18 +59,22 @@ class Prefiller:
     it ran is left in `last_shape` (M, p, T)."""
     T = self.row_len([len(p) for p in prompts])
     q = packing.seqs_per_row(T)
-    rows = packing.first_fit([len(p) for p in prompts], T, q)
-    M, p = self.shape(len(rows), T)
-    self.last_shape = (M, p, T)
-    batch, where = packing.pack(prompts, targets, rows, M, p, T, q)
-    knob_arrays = _knob_arrays(M, p, q)
-    budget = np.ones((M, p, q), np.int32)
+    mine = [[i for i, (_, r) in enumerate(targets) if r // self.replica_rows == d]
+            for d in range(self.dp)]
+    rows = [[[mine[d][k] for k in row]
+             for row in packing.first_fit([len(prompts[i]) for i in mine[d]], T, q)]
+            for d in range(self.dp)]
+    M, p = self.shape(max(map(len, rows)), T)
+    self.last_shape = (M, self.dp * p, T)
+    batch, where = packing.pack_replicas(prompts, targets, rows, M, p, T, q)
+    knob_arrays = _knob_arrays(M, self.dp * p, q)
+    budget = np.ones((M, self.dp * p, q), np.int32)
     for i, (j, r, s) in enumerate(where):
       for f, value in knobs[i].items():
         knob_arrays[f][j, r, s] = value
       budget[j, r, s] = max_new[i]
     state, cache = self._call(params, cache, batch, knob_arrays, budget, step)
-    flat = [(j * p + r) * q + s for j, r, s in where]
+    flat = [(j * self.dp * p + r) * q + s for j, r, s in where]
     return decode_state.DecodeState(*(a[flat] for a in state)), cache
 
   def _call(self, params, cache, batch, knob_arrays, budget, step):
@@ -88,8 +96,10 @@ class Prefiller:
       out = set()
       for lengths in admissions:
         T = self.row_len(lengths)
-        rows = packing.first_fit(lengths, T, packing.seqs_per_row(T))
-        out.add(self.shape(len(rows), T) + (T,))
+        # a burst into an idle engine alternates between the replicas
+        rows = max(len(packing.first_fit(lengths[d::self.dp], T, packing.seqs_per_row(T)))
+                   for d in range(self.dp))
+        out.add(self.shape(rows, T) + (T,))
       return out
     lengths = sorted(set(prompt_lengths))
     Ts = {self.row_len([n]) for n in lengths}  # a lone prompt of each length
@@ -105,7 +115,7 @@ class Prefiller:
     returns (how many ran, the cache)."""
     todo = sorted(self.shapes_for(prompt_lengths, admissions))
     for M, p, T in todo:
-      q = packing.seqs_per_row(T)
+      q, p = packing.seqs_per_row(T), self.dp * p
       batch, _ = packing.pack([], [], [], M, p, T, q)
       _, cache = self._call(params, cache, batch, _knob_arrays(M, p, q),
                             np.ones((M, p, q), np.int32), step)
