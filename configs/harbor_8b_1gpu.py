@@ -19,7 +19,9 @@ tickets in 8.6 min, prefill 26,633 tok/s, decode 14,643 tok/s, start-up 51 s of 
 reading the 16 GB checkpoint. The same command again on the finished output: 8 s, no model
 loaded.
 
-Layout: pp=1 x tp=1 (the model fits one card; no pipeline bubble), one decode micro-batch
+Layout: pp=1 x tp=1 (the model fits one card; no pipeline bubble), as many replicas as there
+are GPUs (mesh.dp=0: on one GPU one replica; on eight, eight, which the planner predicts
+fastest for this shape but no several-GPU run has measured), one decode micro-batch
 (microbatches=0 = pp), decode_chunk 0 = from the layout (16), 128 sequences in flight as
 measured (0 would size them from free memory, up to 256), prompts of up to 961 tokens.
 """

@@ -44,6 +44,10 @@ class Completion:
   prompt_tokens: int
   truncated_tokens: int = 0  # prompt tokens cut from the start (length_policy="truncate")
   sample: int = 0  # which of the prompt's `n` samples this is
+  # with generate(logprobs=k): each token's logprob under the model (raw logits) and its k
+  # likeliest alternatives as (id, logprob), likeliest first
+  logprobs: list[float] | None = None
+  top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def resolve_dtype(name: str):
@@ -214,7 +218,7 @@ class LLM:
                max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                min_p=0.0, max_num_seqs: int | None = None, length_policy: str = "error",
                stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-               n: int = 1) -> list[Completion]:
+               n: int = 1, logprobs: int | None = None) -> list[Completion]:
     """One completion per prompt (a single string is one prompt). Sampling knobs are scalars
     or one value per prompt.
 
@@ -229,9 +233,15 @@ class LLM:
     the context is full ("length"). With `n` > 1 each prompt is sampled n times, sample k
     seeded from (its seed, k) so every sample is reproducible; the completions come prompt
     by prompt, `completions[i * n + k]` being sample k of prompt i (`Completion.sample`).
+    `logprobs=k` (0 to 20) also returns each token's logprob and its k likeliest
+    alternatives, computed on the devices from the logits that sampled it.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise JaxppError(f"n={n!r} must be an integer >= 1")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= sampling.MAX_TOP_LOGPROBS):
+      raise JaxppError(f"logprobs={logprobs!r} must be an integer in [0, "
+                       f"{sampling.MAX_TOP_LOGPROBS}] (alternatives per token) or None")
     if max_new_tokens < 1:
       raise JaxppError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if length_policy not in LENGTH_POLICIES:
@@ -251,7 +261,7 @@ class LLM:
                                  max_new_tokens), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                      min_p=min_p, max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids,
-                     n=n)
+                     n=n, logprobs=logprobs)
 
   def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]], *,
            add_generation_prompt: bool = True, **generate_kwargs) -> list[Completion]:
@@ -268,7 +278,8 @@ class LLM:
 
   def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int, temperature,
            top_k, top_p, seed, min_p, max_num_seqs: int | None, stop: tuple[str, ...],
-           stop_ids: tuple[int, ...], n: int) -> list[Completion]:
+           stop_ids: tuple[int, ...], n: int, logprobs: int | None = None
+           ) -> list[Completion]:
     knobs = sampling.SamplingParams.make(len(encoded), temperature=temperature, top_k=top_k,
                                          top_p=top_p, seed=seed, min_p=min_p)
     if n > 1:  # prompt-major copies; sample k's seed is derived from (seed, k)
@@ -283,7 +294,8 @@ class LLM:
           key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
           temperature=float(knobs.temperature[i]), top_k=int(knobs.top_k[i]),
           top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i]),
-          min_p=float(knobs.min_p[i]), stop=stop, stop_token_ids=stop_ids))
+          min_p=float(knobs.min_p[i]), stop=stop, stop_token_ids=stop_ids,
+          logprobs=logprobs))
     done: dict[str, engine_lib.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
     self._engines[max_num_seqs] = eng
@@ -295,7 +307,8 @@ class LLM:
     text = finished.text
     if text is None and self.tokenizer is not None:
       text = self.tokenizer.decode(ids)
-    return Completion(ids, text, finished.finish_reason, prompt_tokens, truncated)
+    return Completion(ids, text, finished.finish_reason, prompt_tokens, truncated,
+                      logprobs=finished.logprobs, top_logprobs=finished.top_logprobs)
 
 
 def devices_summary(devices=None) -> str:

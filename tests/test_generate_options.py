@@ -91,3 +91,44 @@ def test_n_samples_are_distinct_reproducible_and_layout_free(llms):
   assert [c.token_ids for c in one] == [ids[0], ids[3]]
   with pytest.raises(jaxpp.JaxppError, match="n=0 must be an integer >= 1"):
     llms["pp1tp1"].generate(PROMPTS, n=0)
+
+
+def test_logprobs_equal_a_log_softmax_reference_on_every_layout(llms):
+  """logprobs=3: each token's logprob and top-3 alternatives equal log_softmax of the
+  next-token logits after its prefix (computed apart, one prefill per prefix), the same on
+  every layout; a stop string's cut cuts them too; none asked, none given."""
+  import numpy as np
+
+  base = llms["pp1tp1"]
+  got = base.generate(PROMPTS, max_new_tokens=6, logprobs=3)
+  hot = base.generate(PROMPTS[:1], max_new_tokens=6, logprobs=3, temperature=1.5, seed=3)
+  for prompt, c in zip(PROMPTS + PROMPTS[:1], got + hot):  # greedy, then a sampled one
+    ids = base.tokenizer.encode(prompt)
+    prefixes = [ids + c.token_ids[:i] for i in range(len(c.token_ids))]
+    logits = base.prompt_logits(prefixes).astype(np.float64)
+    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                               keepdims=True))
+    ref -= logits.max(-1, keepdims=True)
+    assert len(c.logprobs) == len(c.top_logprobs) == len(c.token_ids)
+    for i, t in enumerate(c.token_ids):
+      assert abs(c.logprobs[i] - ref[i, t]) < 1e-4
+      want = np.argsort(-ref[i])[:3]
+      assert [a for a, _ in c.top_logprobs[i]] == want.tolist()
+      np.testing.assert_allclose([p for _, p in c.top_logprobs[i]], ref[i, want], atol=1e-4)
+  for name in ("pp4tp2", "dp2pp2tp2"):
+    other = llms[name].generate(PROMPTS, max_new_tokens=6, logprobs=3)
+    for a, b in zip(got, other):
+      assert a.token_ids == b.token_ids, name
+      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+      assert [[t for t, _ in alt] for alt in a.top_logprobs] == \
+          [[t for t, _ in alt] for alt in b.top_logprobs], name
+  plain = base.generate(PROMPTS, max_new_tokens=6)
+  assert plain[0].logprobs is None and plain[0].top_logprobs is None
+  chosen_only = base.generate(PROMPTS, max_new_tokens=6, logprobs=0)
+  assert chosen_only[0].logprobs == pytest.approx(got[0].logprobs, abs=1e-5)
+  assert all(alt == [] for alt in chosen_only[0].top_logprobs)
+  stop = base.tokenizer.decode(got[0].token_ids[2:4])
+  cut = base.generate(PROMPTS[:1], max_new_tokens=6, logprobs=1, stop=stop)[0]
+  assert len(cut.logprobs) == len(cut.token_ids) == len(cut.top_logprobs)
+  with pytest.raises(jaxpp.JaxppError, match=r"logprobs=21 must be an integer in \[0, 20\]"):
+    base.generate(PROMPTS, logprobs=21)

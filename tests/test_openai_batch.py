@@ -40,15 +40,19 @@ def good_lines(n: int) -> list[dict]:
 BAD = [
     ("not json", None, "malformed JSON"),
     (json.dumps(dict(method="POST")), None, 'missing or empty "custom_id"'),
-    (json.dumps(request("b1", logprobs=True, messages=[dict(role="user", content="x")])),
-     "b1", 'unsupported body field "logprobs"'),
+    (json.dumps(request("b1", top_logprobs=3, messages=[dict(role="user", content="x")])),
+     "b1", 'body "top_logprobs" needs "logprobs": true'),
     (json.dumps(request("b2", url="/v1/embeddings", input="x")), "b2", '"url" must be'),
     (json.dumps(request("b3", messages=[dict(role="robot", content="x")])), "b3",
      "role 'robot'"),
-    (json.dumps(request("b4", openai_batch.COMPLETIONS, prompt="x", n=2)), "b4",
-     'unsupported body field "n"'),
+    (json.dumps(request("b4", openai_batch.COMPLETIONS, prompt="x", n=0)), "b4",
+     'body "n" must be an integer in [1, 16]'),
     (json.dumps(request("b5", openai_batch.COMPLETIONS, prompt="x", temperature=5)), "b5",
      '"temperature" must be a number in'),
+    (json.dumps(request("b6", openai_batch.COMPLETIONS, prompt="x", logprobs=9)), "b6",
+     'body "logprobs" must be an integer in [0, 5] or null'),
+    (json.dumps(request("b7", tools=[], messages=[dict(role="user", content="x")])), "b7",
+     'unsupported body field "tools"'),
 ]
 
 
@@ -68,30 +72,56 @@ def batch_config(tmp_path, src, out):
 def test_openai_batch_file(tmp_path):
   good = good_lines(6)
   good.insert(2, request("c0", openai_batch.COMPLETIONS, prompt=ASK))  # a duplicate id
+  good += [request("lp1", model="tiny", max_tokens=4, logprobs=True, top_logprobs=2,
+                   messages=[dict(role="user", content="refund please")]),
+           request("lp2", openai_batch.COMPLETIONS, model="tiny", prompt=ASK, max_tokens=3,
+                   logprobs=3),
+           request("n3", openai_batch.COMPLETIONS, model="tiny", prompt=ASK, max_tokens=3,
+                   n=3, temperature=1.0, seed=7)]
   src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
   write_batch(src, good + [l for l, _, _ in BAD])
   import jax
   rep = job.run_job(batch_config(tmp_path, src, out), devices=jax.devices()[:1])
   rows, errors = read_jsonl(out), read_jsonl(tmp_path / "out.errors.jsonl")
-  assert rep["reconciled"] and rep["input_lines"] == 7 + len(BAD)
-  assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in range(6)]
+  assert rep["reconciled"] and rep["input_lines"] == len(good) + len(BAD)
+  assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in range(6)] + ["lp1", "lp2",
+                                                                                "n3"]
   for r in rows:
     body, want = r["response"]["body"], next(g for g in good if g["custom_id"] == r["custom_id"])
     assert r["error"] is None and r["response"]["status_code"] == 200
-    assert body["model"] == "tiny" and len(body["choices"]) == 1
+    n = want["body"].get("n", 1)
+    assert body["model"] == "tiny" and len(body["choices"]) == n
+    assert [c["index"] for c in body["choices"]] == list(range(n))
     usage, choice = body["usage"], body["choices"][0]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     limit = want["body"].get("max_tokens") or want["body"].get("max_completion_tokens")
-    assert 1 <= usage["completion_tokens"] <= limit
+    assert n <= usage["completion_tokens"] <= n * limit
     if want["url"] == openai_batch.CHAT:
       assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
       assert isinstance(choice["message"]["content"], str)
     else:
       assert body["object"] == "text_completion" and isinstance(choice["text"], str)
     assert choice["finish_reason"] in ("stop", "length")
+    n = usage["completion_tokens"]
+    if r["custom_id"] == "lp1":  # greedy: the chosen token is the likeliest alternative
+      content = choice["logprobs"]["content"]
+      assert len(content) == n and all(len(c["top_logprobs"]) == 2 for c in content)
+      for c in content:
+        assert c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode("utf-8"))
+        top = [a["logprob"] for a in c["top_logprobs"]]
+        assert top == sorted(top, reverse=True) and c["logprob"] == pytest.approx(top[0])
+    elif r["custom_id"] == "lp2":
+      lp = choice["logprobs"]
+      assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+      assert all(1 <= len(alts) <= 3 for alts in lp["top_logprobs"])
+      assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    else:
+      assert choice["logprobs"] is None
   by_line = {e["line"]: e for e in errors}
   assert by_line[3]["error"]["message"].startswith('duplicate id "c0"')
-  for (line, cid, reason), e in zip(BAD, [by_line[n] for n in range(8, 8 + len(BAD))]):
+  first_bad = len(good) + 1
+  for (line, cid, reason), e in zip(BAD, [by_line[n] for n in range(first_bad,
+                                                                   first_bad + len(BAD))]):
     assert e["custom_id"] == cid and e["response"] is None, e
     assert reason in e["error"]["message"], (reason, e)
 

@@ -11,9 +11,14 @@ response as OpenAI's batch output lays it out, `{"id", "custom_id", "response":
 the input `line` (and `truncated_tokens`) the job's resume uses. A line that cannot be
 served becomes an errors-file line in the same form, `"response": null, "error": {"code",
 "message"}`. `custom_id` is the key that resume and the duplicate check use, as `id` is for
-tickets. Body fields the job cannot honour (`logprobs`, `n` > 1, tools, ...) are an error
-line naming the field, never silently ignored. The body's knobs override the config's
-`sampling` section for that request; `model` is echoed back, not checked.
+tickets. `logprobs` (chat: with `top_logprobs` up to 20; completions: up to 5 alternatives)
+fill each choice's `logprobs` in OpenAI's form, computed on the devices from the logits that
+sampled each token; a token's `token` is its own decoded text. Body fields the job cannot
+honour (tools, ...) are an error line naming the field, never silently ignored. `n` > 1
+gives n choices, sample k seeded from (the request's seed, k) as `jaxpp.LLM.generate` seeds
+them; the line is written once all n are done.
+The body's knobs override the config's `sampling` section for that request; `model` is
+echoed back, not checked.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from jaxpp.load.tokenizer import Tokenizer
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n"}
-FIELDS = {CHAT: COMMON | {"messages", "max_completion_tokens"}, COMPLETIONS: COMMON | {"prompt"}}
+FIELDS = {CHAT: COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+          COMPLETIONS: COMMON | {"prompt", "logprobs"}}
 MAX_STOPS = 4  # OpenAI's limit on `stop`
+MAX_TOP = {CHAT: 20, COMPLETIONS: 5}  # OpenAI's limits on alternatives per token
+MAX_N = 16  # choices per request
 
 
 def _number(body: dict, name: str, low: float, high: float) -> str | None:
@@ -69,8 +77,12 @@ def check_line(obj: Any) -> tuple[Any, str | None]:
     v = body.get(name)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
       return cid, f'body "{name}" must be an integer >= 1'
-  if body.get("n", 1) != 1:
-    return cid, 'unsupported body field "n" (only n=1)'
+  n = body.get("n", 1)
+  if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+    return cid, f'body "n" must be an integer in [1, {MAX_N}]'
+  problem = _logprobs_problem(url, body)
+  if problem:
+    return cid, problem
   if "seed" in body and (isinstance(body["seed"], bool) or not isinstance(body["seed"], int)):
     return cid, 'body "seed" must be an integer'
   stop = body.get("stop")
@@ -79,6 +91,45 @@ def check_line(obj: Any) -> tuple[Any, str | None]:
       isinstance(s, str) and s for s in stops)):
     return cid, f'body "stop" must be a string or up to {MAX_STOPS} non-empty strings'
   return cid, _number(body, "temperature", 0, 2) or _number(body, "top_p", 1e-9, 1)
+
+
+def _logprobs_problem(url: str, body: dict) -> str | None:
+  lp, top = body.get("logprobs"), body.get("top_logprobs")
+  if url == CHAT:
+    if lp is not None and not isinstance(lp, bool):
+      return 'body "logprobs" must be true or false'
+    if top is not None:
+      if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP[CHAT]:
+        return f'body "top_logprobs" must be an integer in [0, {MAX_TOP[CHAT]}]'
+      if not lp:
+        return 'body "top_logprobs" needs "logprobs": true'
+  elif lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)
+                           or not 0 <= lp <= MAX_TOP[COMPLETIONS]):
+    return f'body "logprobs" must be an integer in [0, {MAX_TOP[COMPLETIONS]}] or null'
+  return None
+
+
+def asked_logprobs(doc: dict) -> int | None:
+  """Alternatives a valid request asks for per token, or None when it asks no logprobs."""
+  body = doc["body"]
+  if doc["url"] == CHAT:
+    return (body.get("top_logprobs") or 0) if body.get("logprobs") else None
+  return body.get("logprobs")
+
+
+def logprobs_object(url: str, pieces: list[str], chosen: list[float],
+                    top: list[list[tuple[str, float]]]) -> dict:
+  """A choice's `logprobs` in OpenAI's form: chat `{"content": [...], "refusal": null}`,
+  completions `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. `pieces` are
+  the tokens' texts, `top` each token's alternatives as (text, logprob)."""
+  utf8 = lambda s: list(s.encode("utf-8"))
+  if url == CHAT:
+    return dict(content=[dict(token=p, logprob=c, bytes=utf8(p), top_logprobs=[
+        dict(token=t, logprob=lp, bytes=utf8(t)) for t, lp in alts])
+        for p, c, alts in zip(pieces, chosen, top)], refusal=None)
+  offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+  return dict(tokens=pieces, token_logprobs=chosen,
+              top_logprobs=[dict(alts) for alts in top], text_offset=offsets)
 
 
 class BatchPrompter:
@@ -117,22 +168,25 @@ class BatchPrompter:
     stop = body.get("stop")
     ticket.prompt = ids
     ticket.knobs = dict(max_new_tokens=new, stop=(stop,) if isinstance(stop, str) else
-                        tuple(stop or ()),
+                        tuple(stop or ()), logprobs=asked_logprobs(ticket.doc),
+                        n=body.get("n", 1),
                         **{k: body[k] for k in ("temperature", "top_p", "seed") if k in body})
     return None
 
 
-def result_row(ticket: jobio.Ticket, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int, model: str) -> dict:
-  """One output line in OpenAI's batch output form (plus `line`, `truncated_tokens`)."""
+def result_row(ticket: jobio.Ticket, outs: list[tuple[str, str, dict | None]],
+               prompt_tokens: int, completion_tokens: int, model: str) -> dict:
+  """One output line in OpenAI's batch output form (plus `line`, `truncated_tokens`): a
+  choice per (text, finish_reason, logprobs or None) of `outs`, completion tokens summed."""
   chat = ticket.doc["url"] == CHAT
-  choice = (dict(index=0, message=dict(role="assistant", content=text), logprobs=None,
-                 finish_reason=finish_reason) if chat else
-            dict(index=0, text=text, logprobs=None, finish_reason=finish_reason))
+  choices = [dict(index=i, message=dict(role="assistant", content=text), logprobs=lps,
+                  finish_reason=reason) if chat else
+             dict(index=i, text=text, logprobs=lps, finish_reason=reason)
+             for i, (text, reason, lps) in enumerate(outs)]
   body = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{ticket.line}",
               object="chat.completion" if chat else "text_completion",
               created=int(time.time()), model=ticket.doc["body"].get("model", model),
-              choices=[choice], usage=dict(prompt_tokens=prompt_tokens,
+              choices=choices, usage=dict(prompt_tokens=prompt_tokens,
                                            completion_tokens=completion_tokens,
                                            total_tokens=prompt_tokens + completion_tokens))
   return dict(id=f"batch_req_{ticket.line}", custom_id=ticket.id, line=ticket.line,

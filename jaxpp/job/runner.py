@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
@@ -43,7 +44,7 @@ from jaxpp.job.latency_plot import write_latency_png
 from jaxpp.job.lock import OutputLock
 from jaxpp.job.prompter import TEMPLATE_SLOT, Prompter
 from jaxpp.job.stop import StopSignals
-from jaxpp.llm import LLM, check_context, devices_summary, resolve_dtype
+from jaxpp.llm import LLM, check_context, devices_summary, resolve_dtype, sample_seeds
 from jaxpp.load import checkpoint, weights
 from jaxpp.load.tokenizer import Tokenizer
 from jaxpp.model import attention_choice, sampling
@@ -232,13 +233,13 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   written, truncated = 0, 0
   with stop.deferred(), report.Progress(
       len(todo), disable=not job.progress or not rt.is_writer) as progress:
-    for finished, ticket in (run.summarise(todo, stop) if run else ()):
-      out.write(openai_row(tokenizer, ticket, finished, config.model.checkpoint) if openai
-                else summary_row(tokenizer, ticket, finished))
+    for samples, ticket in (run.summarise(todo, stop) if run else ()):
+      out.write(openai_row(tokenizer, ticket, samples, config.model.checkpoint) if openai
+                else summary_row(tokenizer, ticket, samples[0]))
       written += 1
       truncated += ticket.truncated_tokens > 0
-      progress.update(documents=1,
-                      tokens=len(finished.request.prompt) + len(finished.token_ids))
+      progress.update(documents=1, tokens=len(ticket.prompt) + sum(
+          len(f.token_ids) for f in samples))
   for f in (out, err):
     f.close()
   if not rt.is_writer:
@@ -305,38 +306,54 @@ class _Run:
              f"weights in {self.load_seconds:.1f} s")
 
   def summarise(self, todo: list[jobio.Ticket], stop: StopSignals
-                ) -> Iterator[tuple[engine_lib.Finished, jobio.Ticket]]:
+                ) -> Iterator[tuple[list[engine_lib.Finished], jobio.Ticket]]:
     """Streams the tickets through the engine, its queue kept a little ahead of its slots;
-    yields each finished one. After a stop signal nothing more is admitted and the rows
-    still in flight are dropped: the rerun redoes them. Each process acts on its own signal:
+    yields each finished one with its samples (n of them when its knobs ask, seeded as
+    `jaxpp.LLM.generate` seeds them). After a stop signal nothing more is admitted and the
+    rows still in flight are dropped: the rerun redoes them. Each process acts on its own signal:
     a collective per step to agree would turn a lost peer into an abort (a gloo collective
     with a dead peer does not fail, it crashes), where today it is the lost-peer exit."""
     eng, knobs, job = self.eng, self.config.sampling, self.config.job
-    feed, tickets = iter(todo), {}
+    feed, tickets, samples = iter(todo), {}, {}
     while not stop.requested:
       while eng.waiting() < 2 * eng.max_num_seqs:
         ticket = next(feed, None)
         if ticket is None:
           break
-        tickets[ticket.key] = ticket
         request = dict(max_new_tokens=knobs.max_new_tokens, temperature=knobs.temperature,
                        top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed,
-                       min_p=knobs.min_p)
-        eng.submit(engine_lib.Request(key=ticket.key, prompt=ticket.prompt,
-                                      priority=job.priority,
-                                      **(request | (ticket.knobs or {}))))
+                       min_p=knobs.min_p) | (ticket.knobs or {})
+        n = request.pop("n", 1)
+        samples[ticket.key] = [None] * n
+        for k, seed in enumerate(sample_seeds(np.full(n, request.pop("seed")), n)):
+          key = ticket.key if n == 1 else f"{ticket.key}\x1f{k}"
+          tickets[key] = (ticket, k)
+          eng.submit(engine_lib.Request(key=key, prompt=ticket.prompt, priority=job.priority,
+                                        seed=int(seed), **request))
       if not eng.waiting() and not eng.tokens:
         return
       for f in eng.step():
-        yield f, tickets.pop(f.request.key)
+        ticket, k = tickets.pop(f.request.key)
+        done = samples[ticket.key]
+        done[k] = f
+        if all(done):
+          yield samples.pop(ticket.key), ticket
 
 
-def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket, finished: engine_lib.Finished,
-               checkpoint: str) -> dict:
-  """An OpenAI batch output line: the whole completion, a stop string left out."""
-  text = finished.text if finished.text is not None else tokenizer.decode(finished.token_ids)
-  return openai_batch.result_row(ticket, text, finished.finish_reason,
-                                 len(finished.request.prompt), len(finished.token_ids),
+def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
+               samples: list[engine_lib.Finished], checkpoint: str) -> dict:
+  """An OpenAI batch output line: a choice per sample, the whole completion, a stop string
+  left out."""
+  piece = lambda t: tokenizer.decode([t])
+  outs = []
+  for f in samples:
+    text = f.text if f.text is not None else tokenizer.decode(f.token_ids)
+    lps = None if f.logprobs is None else openai_batch.logprobs_object(
+        ticket.doc["url"], [piece(t) for t in f.token_ids], f.logprobs,
+        [[(piece(t), lp) for t, lp in alts] for alts in f.top_logprobs])
+    outs.append((text, f.finish_reason, lps))
+  return openai_batch.result_row(ticket, outs, len(ticket.prompt),
+                                 sum(len(f.token_ids) for f in samples),
                                  model=pathlib.Path(checkpoint).name)
 
 

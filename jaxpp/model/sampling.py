@@ -148,3 +148,22 @@ def sample(
   picked_rank = jax.vmap(jax.random.categorical)(keys, sorted_logits)
   sampled = jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0].astype(jnp.int32)
   return jnp.where(params.temperature > 0, sampled, greedy)
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for (OpenAI's top_logprobs limit)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int):
+  """Each row's chosen-token logprob f32[B] and its `top` likeliest alternatives (ids
+  i32[B, top], logprobs f32[B, top]), from the raw logits f32[B, V] that sampled `tokens`.
+
+  Raw: before temperature and the filters, the model's own distribution (what OpenAI's API
+  and vLLM report by default). `top` is static; 0 gives empty alternatives.
+  """
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(lp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  if top == 0:
+    B = logits.shape[0]
+    return chosen, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+  top_lp, top_ids = jax.lax.top_k(lp, top)
+  return chosen, top_ids.astype(jnp.int32), top_lp

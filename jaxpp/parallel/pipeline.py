@@ -207,32 +207,24 @@ class Pipeline:
       branches, index = [lambda _: (x, cache)] + branches, jnp.where(active, r + 1, 0)
     return branches[0](None) if len(branches) == 1 else jax.lax.switch(index, branches, None)
 
-  def _from_last(self, a, s):
-    """`a` as the last pp device holds it, on every device (a psum of it and zeros).
-
-    With one stage there is nothing to share, and XLA (jax 0.10 on CPU) rejects the
-    all-reduce over a size-1 manual axis when 'tp' is also sharded, so none is emitted.
-    """
-    if self.pp == 1:
-      return a
-    return jax.lax.psum(jnp.where(s == self.pp - 1, a, jnp.zeros_like(a)), PP)
-
   def _everywhere(self, a, s):
-    """`a` [M, rows, ...] as the last pp device of every replica holds its rows, on every
-    device: each replica's rows shared over 'pp', then gathered over 'dp' (a few ints per
-    row), so every process's engine sees every row's tokens, however replicas are spread
-    over processes."""
-    a = self._from_last(a, s)
+    """`a` [M, rows, ...] as each replica's last pp device holds it, on every device: shared
+    over 'pp' (a psum of it and zeros), then gathered over 'dp' (a few ints a row), so every
+    process's engine sees every row. With one stage nothing is shared: XLA (jax 0.10, CPU)
+    rejects an all-reduce over a size-1 manual axis when 'tp' is also sharded."""
+    if self.pp > 1:
+      a = jax.lax.psum(jnp.where(s == self.pp - 1, a, jnp.zeros_like(a)), PP)
     return a if self.dp == 1 else jax.lax.all_gather(a, DP, axis=1, tiled=True)
 
   def _ring(self, *arrays):
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
 
-  @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "do_sample", "with_logits"),
+  @xla_options.jit(tp_of=_layout_tp,
+                   static_argnames=("self", "do_sample", "with_logits", "logprobs"),
                    donate_argnames=("cache",))
   def prefill(self, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
-              with_logits: bool = False):
+              with_logits: bool = False, logprobs: int | None = None):
     """A packed prefill (`packing.PrefillBatch`) -> (first i32[m, p, q], cache).
 
     Prompts travel in m micro-batches of p rows of T tokens, q prompts at most a row, m set
@@ -241,6 +233,9 @@ class Pipeline:
     `batch.targets` names, at its position; each prompt samples its first token at its last
     one, with its own `knobs` [m, p, q]. `with_logits` also returns those positions' logits
     f32[m, p, q, V] (for tests and parity checks; it adds a reduction of that size over 'pp').
+    `logprobs` (top alternatives, static) also returns, last, each first token's logprob
+    [m, p, q] and its top alternatives' ids and logprobs [m, p, q, logprobs]
+    (`sampling.token_logprobs`).
     """
     M, _, T = batch.tokens.shape
     q = batch.ends.shape[-1]
@@ -287,26 +282,33 @@ class Pipeline:
       flat_knobs = jax.tree.map(lambda a: a.reshape(n), knobs)
       first = sampling.sample(logits, batch.lengths.reshape(n), flat_knobs,
                               do_sample=do_sample)
-      first = self._everywhere(first.reshape(M, b, q), s)
-      cache = jax.tree.map(lambda a: a[None], cache)
-      if not with_logits:
-        return first, cache
-      return first, cache, self._everywhere(logits.reshape(M, b, q, -1), s)
+      outs = (self._everywhere(first.reshape(M, b, q), s),
+              jax.tree.map(lambda a: a[None], cache))
+      if with_logits:
+        outs += (self._everywhere(logits.reshape(M, b, q, -1), s),)
+      if logprobs is not None:
+        lps = sampling.token_logprobs(logits, first, logprobs)
+        outs += (tuple(self._everywhere(a.reshape((M, b, q) + a.shape[1:]), s) for a in lps),)
+      return outs
 
     cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
     knob_spec = jax.tree.map(lambda _: rows, knobs)
     batch_spec = jax.tree.map(lambda _: rows, batch)
-    out_specs = (P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
+    out_specs = ((P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
+                 + (((P(), P(), P()),) if logprobs is not None else ()))
     return self._shard_map(
         body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
                         batch_spec, knob_spec),
         out_specs=out_specs)(params, cache, counts, batch, knobs)
 
-  @xla_options.jit(tp_of=_layout_tp, static_argnames=("self", "steps", "do_sample", "eos_ids"),
+  @xla_options.jit(tp_of=_layout_tp,
+                   static_argnames=("self", "steps", "do_sample", "eos_ids", "logprobs"),
                    donate_argnames=("cache",))
   def decode(self, params, cache, state: decode_state.DecodeState, knobs, *, steps: int,
-             do_sample: bool, eos_ids: tuple[int, ...]):
-    """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k])."""
+             do_sample: bool, eos_ids: tuple[int, ...], logprobs: int | None = None):
+    """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k]);
+    with `logprobs` (static) also each token's logprob [M, b, k] and its top alternatives'
+    ids and logprobs [M, b, k, logprobs] (`sampling.token_logprobs`)."""
     M = state.tokens.shape[0]  # the ring's micro-batches, m
     table = jnp.asarray(self.decode_table(M, steps))
     counts = jnp.asarray(self.partition.layer_counts())
@@ -335,16 +337,22 @@ class Pipeline:
         samples_here = active & (s == last_dev) & (r == last_chunk)
         st_j = jax.tree.map(lambda a: a[j], state)
         knobs_j = jax.tree.map(lambda a: a[j], knobs)
-        sample = lambda: sampling.sample(llama.logits(self.config, params, y)[:, 0], pos + 1,
-                                         knobs_j, do_sample=do_sample)
+        def sample():
+          logits = llama.logits(self.config, params, y)[:, 0]
+          new = sampling.sample(logits, pos + 1, knobs_j, do_sample=do_sample)
+          return new, (() if logprobs is None else
+                       sampling.token_logprobs(logits, new, logprobs))
+
         if self.pp == 1 and self.v == 1:  # every tick samples
-          new = sample()
+          new, extra = sample()
         else:
-          new = jax.lax.cond(samples_here, sample, lambda: jnp.zeros((b,), jnp.int32))
+          new, extra = jax.lax.cond(samples_here, sample, lambda: jax.tree.map(
+              jnp.zeros_like, jax.eval_shape(sample)))
         st_new, emitted = decode_state.advance(st_j, new, eos_ids, max_len)
         state = jax.tree.map(lambda a, n, o: a.at[j].set(jnp.where(samples_here, n, o)),
                              state, st_new, st_j)
-        out = out.at[j, :, k].set(jnp.where(samples_here, emitted, out[j, :, k]))
+        out = tuple(o.at[j, :, k].set(jnp.where(samples_here, e, o[j, :, k]))
+                    for o, e in zip(out, (emitted,) + tuple(extra)))
         recv_y, recv_tok = self._ring(y, new)
         sj, sr, _ = table[t, (s - 1) % self.pp]
         sender = jnp.maximum(sj, 0)
@@ -359,14 +367,21 @@ class Pipeline:
         return carry
 
       act_in = jnp.zeros((M, b, 1, self.config.hidden_size), dtype)
-      out = jnp.full((M, b, steps), -1, jnp.int32)
+      out = (jnp.full((M, b, steps), -1, jnp.int32),)
+      if logprobs is not None:
+        out += (jnp.zeros((M, b, steps), jnp.float32),
+                jnp.zeros((M, b, steps, logprobs), jnp.int32),
+                jnp.zeros((M, b, steps, logprobs), jnp.float32))
       cache, state, _, _, out = jax.lax.fori_loop(
           0, table.shape[0] // M, ticks, (cache, state, state.tokens, act_in, out))
       # The last device holds the truth; share it (a few ints per row) with every stage.
       pick = lambda a: self._everywhere(a.astype(jnp.int32), s)
       state = decode_state.DecodeState(pick(state.tokens), pick(state.lengths),
                                    pick(state.remaining), pick(state.done).astype(bool))
-      return jax.tree.map(lambda a: a[None], cache), state, pick(out)
+      cache = jax.tree.map(lambda a: a[None], cache)
+      if logprobs is None:
+        return cache, state, pick(out[0])
+      return cache, state, pick(out[0]), tuple(self._everywhere(a, s) for a in out[1:])
 
     cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
     state_spec = decode_state.DecodeState(rows, rows, rows, rows)
@@ -375,5 +390,6 @@ class Pipeline:
     return self._shard_map(
         body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
                         state_spec, knob_spec),
-        out_specs=((cache_spec, cache_spec), out_state, P()))(
+        out_specs=((cache_spec, cache_spec), out_state, P())
+        + (((P(), P(), P()),) if logprobs is not None else ()))(
             params, cache, counts, state, knobs)

@@ -36,7 +36,7 @@ from jaxpp.model import decode_state, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import schedule, shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults, stop_strings
+from jaxpp.serve import defaults, logprobs, stop_strings
 from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
 
@@ -63,6 +63,7 @@ class Request:
   priority: str = "batch"
   stop: tuple[str, ...] = ()  # stop strings (`stop_strings.py`; needs the engine's detokenize)
   stop_token_ids: tuple[int, ...] = ()  # ids that end this request besides the EOS ids
+  logprobs: int | None = None  # report each token's logprob and this many alternatives
 
 
 @dataclasses.dataclass
@@ -71,6 +72,9 @@ class Finished:
   token_ids: list[int]
   finish_reason: str  # "stop" (a stop id or stop string) or "length"
   text: str | None = None  # set when a stop string ended it: the text before the string
+  # with Request.logprobs: each token's logprob, and its top alternatives as (id, logprob)
+  logprobs: list[float] | None = None
+  top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Engine:
@@ -120,6 +124,7 @@ class Engine:
                                               for a in self.sampling))
     self.owner: list[list[Request | None]] = [[None] * self.rows for _ in range(M)]
     self.tokens: dict[tuple[int, int], list[int]] = {}
+    self.logprobs = logprobs.TokenLogprobs()  # for requests that ask (Request.logprobs)
     self.queues = {c: collections.deque() for c in PRIORITIES}
     self.stats = EngineStats()
     self._decode_programs: set = set()  # keys of decode programs already run (compiled)
@@ -141,6 +146,9 @@ class Engine:
                        f"{self.max_len}")
     if request.stop and self.detokenize is None:
       raise JaxppError(f"request {request.key}: stop strings need a tokenizer")
+    if request.logprobs is not None and not 0 <= request.logprobs <= sampling.MAX_TOP_LOGPROBS:
+      raise JaxppError(f"request {request.key}: logprobs={request.logprobs} must be in [0, "
+                       f"{sampling.MAX_TOP_LOGPROBS}] (alternatives per token)")
     self.queues[request.priority].append(request)
 
   def live(self) -> np.ndarray:
@@ -209,10 +217,11 @@ class Engine:
         getattr(self.sampling, f)[j, r] = value
       knobs.append(values)
     start = time.perf_counter()
-    new, self.cache = self.prefiller.run(
+    top = logprobs.wanted(req.logprobs for req, _, _ in admitted)
+    new, self.cache, lps = self.prefiller.run(
         self.params, self.cache, [req.prompt for req, _, _ in admitted],
         [(j, r) for _, j, r in admitted], knobs, [req.max_new_tokens for req, _, _ in admitted],
-        lambda key: self._device_step("prefill", key))
+        lambda key: self._device_step("prefill", key), logprobs=top)
     seconds = time.perf_counter() - start
     self.stats.prefill_seconds += seconds
     self._prefill_since += seconds
@@ -220,6 +229,8 @@ class Engine:
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
+      if lps is not None:
+        self.logprobs.add((j, r), req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
         field[j, r] = value[i]
 
@@ -244,13 +255,15 @@ class Engine:
     # Host arrays go to the jitted call as they are: jit copies each straight to the devices
     # that need it, where jnp.asarray would first commit it to one device, then reshard.
     state, knobs = decode_state.DecodeState(*self.state), self.sampling
-    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids)
+    top = logprobs.wanted(self.owner[j][r].logprobs for j, r in self.tokens)
+    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids, top)
     start = time.perf_counter()
     with self._device_step("decode", key):
-      self.cache, state, emitted = self.pipe.decode(
+      self.cache, state, emitted, *lps = self.pipe.decode(
           self.params, self.cache, state, knobs, steps=k, do_sample=do_sample,
-          eos_ids=eos)
+          eos_ids=eos, **({} if top is None else dict(logprobs=top)))
       emitted = np.asarray(emitted)
+      lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
     seconds = time.perf_counter() - start
     self.state = decode_state.DecodeState(*(np.array(a) for a in state))
     self.stats.decode_seconds += seconds
@@ -265,6 +278,9 @@ class Engine:
       new = [int(t) for t in emitted[j, r] if t >= 0]
       toks.extend(new)
       self.stats.completion_tokens += len(new)
+      if lps is not None:
+        self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, r] for a in lps),
+                          n=len(new))
 
   def _time_decode(self, start: float, seconds: float, table: np.ndarray) -> None:
     """Per-tick time and stage occupancy of one decode call (not a program's first).
@@ -307,7 +323,8 @@ class Engine:
       if self.state.done[j, r]:
         del self.tokens[(j, r)]
         reason = "stop" if stop is not None or (toks and toks[-1] in eos) else "length"
-        done.append(Finished(self.owner[j][r], toks, reason, stop[1] if stop else None))
+        done.append(Finished(self.owner[j][r], toks, reason, stop[1] if stop else None,
+                             *self.logprobs.pop((j, r), len(toks))))
         self.owner[j][r] = None
     return done
 

@@ -52,11 +52,13 @@ class Prefiller:
 
   def run(self, params, cache, prompts: Sequence[Sequence[int]],
           targets: Sequence[tuple[int, int]], knobs: Sequence[dict], max_new: Sequence[int],
-          step: Callable) -> tuple[decode_state.DecodeState, object]:
+          step: Callable, logprobs: int | None = None
+          ) -> tuple[decode_state.DecodeState, object, tuple | None]:
     """Prefills `prompts` into cache slots `targets`; returns (each prompt's decode state
-    as host arrays, in the order given; the new cache). `knobs[i]` holds prompt i's
-    sampling fields; `step(key)` is the watchdog's context for the device call. The shape
-    it ran is left in `last_shape` (M, p, T)."""
+    as host arrays, in the order given; the new cache; with `logprobs`, each first token's
+    logprob [n] and top alternatives' ids and logprobs [n, logprobs], else None).
+    `knobs[i]` holds prompt i's sampling fields; `step(key)` is the watchdog's context for
+    the device call. The shape it ran is left in `last_shape` (M, p, T)."""
     T = self.row_len([len(p) for p in prompts])
     q = packing.seqs_per_row(T)
     mine = [[i for i, (_, r) in enumerate(targets) if r // self.replica_rows == d]
@@ -73,21 +75,25 @@ class Prefiller:
       for f, value in knobs[i].items():
         knob_arrays[f][j, r, s] = value
       budget[j, r, s] = max_new[i]
-    state, cache = self._call(params, cache, batch, knob_arrays, budget, step)
+    state, cache, lps = self._call(params, cache, batch, knob_arrays, budget, step, logprobs)
     flat = [(j * self.dp * p + r) * q + s for j, r, s in where]
-    return decode_state.DecodeState(*(a[flat] for a in state)), cache
+    lps = None if lps is None else tuple(
+        a.reshape((int(np.prod(a.shape[:3])),) + a.shape[3:])[flat] for a in lps)
+    return decode_state.DecodeState(*(a[flat] for a in state)), cache, lps
 
-  def _call(self, params, cache, batch, knob_arrays, budget, step):
+  def _call(self, params, cache, batch, knob_arrays, budget, step, logprobs=None):
     knobs = sampling.SamplingParams(*knob_arrays.values())  # numpy: jit places it
     do_sample = knobs.needs_sampling()
-    with step((batch.tokens.shape, batch.ends.shape, do_sample)):
-      first, cache = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample)
+    with step((batch.tokens.shape, batch.ends.shape, do_sample, logprobs)):
+      first, cache, *lps = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample,
+                                             logprobs=logprobs)
       first = np.asarray(first)
+      lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
     # Over every prompt position of the shape, so these few eager ops compile once per
     # prefill shape, not once per admission size.
     new = decode_state.start_state(first.reshape(-1), batch.lengths.reshape(-1),
                                    budget.reshape(-1), self.eos_ids, self.max_len)
-    return decode_state.DecodeState(*(np.asarray(a) for a in new)), cache  # one fetch each
+    return decode_state.DecodeState(*(np.asarray(a) for a in new)), cache, lps  # one fetch each
 
   def shapes_for(self, prompt_lengths, admissions=None) -> set[tuple[int, int, int]]:
     """Every (M, p, T) an admission of these prompt lengths can take (1 row to one per
@@ -117,8 +123,8 @@ class Prefiller:
     for M, p, T in todo:
       q, p = packing.seqs_per_row(T), self.dp * p
       batch, _ = packing.pack([], [], [], M, p, T, q)
-      _, cache = self._call(params, cache, batch, _knob_arrays(M, p, q),
-                            np.ones((M, p, q), np.int32), step)
+      _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, q),
+                               np.ones((M, p, q), np.int32), step)
     return len(todo), cache
 
 
