@@ -59,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.engine = ml_collections.ConfigDict()
   c.engine.max_len = 1024  # KV positions per slot: prompt + generated tokens
-  c.engine.max_num_seqs = 128  # slots as measured; 0 = what free memory holds (up to 256)
+  # slots as measured on one GPU, counted over all replicas (with dp GPUs set dp x 128 to
+  # keep 128 per GPU); 0 = what free memory holds (up to 256 a replica)
+  c.engine.max_num_seqs = 128
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests

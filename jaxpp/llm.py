@@ -106,10 +106,9 @@ class LLM:
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype)
     config = checkpoint.load_config(checkpoint_dir)
-    if dp is not None:
-      layout = dataclasses.replace(Layout.of(layout), dp=dp)
-      if dp == 0:
-        layout = layout.for_devices(len(jax.devices() if devices is None else devices))
+    layout = Layout.of(layout) if dp is None else dataclasses.replace(Layout.of(layout), dp=dp)
+    if layout.dp == 0:  # as many replicas as the devices hold ("dp0pp2" or dp=0)
+      layout = layout.for_devices(len(jax.devices() if devices is None else devices))
     pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
     params = weights.load_weights(checkpoint_dir, pipe, dtype, quant=q,
                                   cache_dir=params_cache_dir)

@@ -91,6 +91,8 @@ def test_llm_replicas_argument(deep):
   ckpt, _ = deep
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp2tp2", dp=0)
   assert llm.pipeline.layout.name == "dp2pp2tp2"
+  named = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="dp0pp4tp2")
+  assert named.pipeline.layout.name == "pp4tp2"  # one replica fills the 8 devices
   with pytest.raises(jaxpp.JaxppError, match="layout dp3pp2tp2 needs dp\\*pp\\*tp = 12 devices"):
     jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, layout="pp2tp2", dp=3)
 

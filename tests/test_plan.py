@@ -397,3 +397,7 @@ def test_recommend_weighs_replicas():
   assert dp8.total_tokens_per_s == pytest.approx(8 * one.total_tokens_per_s)
   assert dp8.decode_step_s == pytest.approx(one.decode_step_s)
   assert r.best == "dp8pp1tp1"  # the 8B shape fits one card: eight replicas, no bubble
+  lone = Workload(concurrency=1)  # one sequence keeps one replica busy, not eight
+  assert estimate.predict(L8B, Layout(1, 1, dp=8), lone, presets.hardware("h200")) \
+      .total_tokens_per_s == pytest.approx(estimate.predict(
+          L8B, Layout(1, 1), lone, presets.hardware("h200")).total_tokens_per_s)

@@ -195,8 +195,8 @@ class Runtime:
     self.monitor = failfast.PeerMonitor(client, process_id, num_processes, peer_timeout,
                                         self.where, self._current_step)
     self.monitor.start()
-    if process_id != 0:
-      self.hook = failfast.CoordinatorLossHook(coordinator, self.where)
+    self.hook = failfast.CoordinatorLossHook(coordinator, self.where, self.monitor,
+                                             coordinator_is_peer=process_id != 0)
 
   def watchdog(self, **bounds) -> Watchdog:
     """A watchdog over this process's device steps (`bounds`: the config's `watchdog`).

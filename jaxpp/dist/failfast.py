@@ -17,10 +17,12 @@ Three parts, all on JAX's own coordination service (its key-value store), no sid
   one process only) publishes one line under `jaxpp/failed`; every monitor that reads it
   prints it and exits. The processes then meet at a short barrier, so process 0, which
   hosts the store, stays up until the others have read the line.
-- A coordinator-loss hook: if process 0 dies, JAX's client in every other process aborts
-  at once (SIGABRT), before any Python code can react, and its own failure callback cannot
-  be used from Python. The hook catches that SIGABRT and, if the coordinator is indeed
-  unreachable, prints the named line and exits; any other abort proceeds unchanged.
+- An abort hook: if process 0 dies, JAX's client in every other process aborts at once
+  (SIGABRT), before any Python code can react, and its own failure callback cannot be used
+  from Python; a CPU collective (gloo) whose peer died can abort the same way. The hook
+  catches that SIGABRT: if the coordinator is unreachable it prints the named line and
+  exits, else it gives the peer monitor its timeout to name a lost peer (the monitor then
+  exits the process with its line); an abort with no lost peer proceeds unchanged.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
 
 
 class CoordinatorLossHook:
-  """Turns JAX's abort on losing the coordinator into the named one-line exit.
+  """Turns JAX's abort on losing the coordinator, or a collective's on losing any peer,
+  into the named one-line exit.
 
   Installed with libc's `signal()` because the abort comes from a C++ thread inside JAX's
   client and ends the process before Python's own signal handlers could run. The handler
@@ -184,8 +187,10 @@ class CoordinatorLossHook:
   other abort, or one during a normal shutdown, returns and the abort proceeds.
   """
 
-  def __init__(self, coordinator: str, describe: Callable[[int], str]):
-    self.coordinator, self.describe = coordinator, describe
+  def __init__(self, coordinator: str, describe: Callable[[int], str],
+               monitor: PeerMonitor | None = None, coordinator_is_peer: bool = True):
+    self.coordinator, self.describe, self.monitor = coordinator, describe, monitor
+    self.coordinator_is_peer = coordinator_is_peer  # False in process 0, which hosts it
     self.closing = False
     libc = ctypes.CDLL(None)
     libc.signal.restype = ctypes.c_void_p
@@ -196,6 +201,10 @@ class CoordinatorLossHook:
 
   def _on_abort(self, signum: int) -> None:
     del signum
-    if not self.closing and not reachable(self.coordinator):
+    if self.closing:
+      return
+    if self.coordinator_is_peer and not reachable(self.coordinator):
       exit_now(coordinator_lost_line(self.describe(0), "JAX's client aborted"),
                EXIT_PEER_LOST)
+    if self.monitor is not None:  # waiting releases the GIL: the monitor thread can run
+      self.monitor.await_verdict()

@@ -23,6 +23,7 @@ echoed back, not checked.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -121,13 +122,14 @@ def logprobs_object(url: str, pieces: list[str], chosen: list[float],
                     top: list[list[tuple[str, float]]]) -> dict:
   """A choice's `logprobs` in OpenAI's form: chat `{"content": [...], "refusal": null}`,
   completions `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. `pieces` are
-  the tokens' texts, `top` each token's alternatives as (text, logprob)."""
+  the tokens' texts (each decoded alone, so with some tokenizers their spaces differ from
+  the text's), `top` each token's alternatives as (text, logprob)."""
   utf8 = lambda s: list(s.encode("utf-8"))
   if url == CHAT:
     return dict(content=[dict(token=p, logprob=c, bytes=utf8(p), top_logprobs=[
         dict(token=t, logprob=lp, bytes=utf8(t)) for t, lp in alts])
         for p, c, alts in zip(pieces, chosen, top)], refusal=None)
-  offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+  offsets = [0, *itertools.accumulate(map(len, pieces))][:len(pieces)]
   return dict(tokens=pieces, token_logprobs=chosen,
               top_logprobs=[dict(alts) for alts in top], text_offset=offsets)
 

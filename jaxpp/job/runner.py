@@ -325,7 +325,8 @@ class _Run:
                        min_p=knobs.min_p) | (ticket.knobs or {})
         n = request.pop("n", 1)
         samples[ticket.key] = [None] * n
-        for k, seed in enumerate(sample_seeds(np.full(n, request.pop("seed")), n)):
+        seeds = sample_seeds(np.full(n, request.pop("seed") & 0xFFFFFFFF, np.uint64), n)
+        for k, seed in enumerate(seeds):
           key = ticket.key if n == 1 else f"{ticket.key}\x1f{k}"
           tickets[key] = (ticket, k)
           eng.submit(engine_lib.Request(key=key, prompt=ticket.prompt, priority=job.priority,
@@ -348,9 +349,11 @@ def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
   outs = []
   for f in samples:
     text = f.text if f.text is not None else tokenizer.decode(f.token_ids)
+    # a stop id ends the ids but is not in the text: its logprob is left out too
+    keep = len(f.token_ids) - (f.finish_reason == "stop" and f.text is None)
     lps = None if f.logprobs is None else openai_batch.logprobs_object(
-        ticket.doc["url"], [piece(t) for t in f.token_ids], f.logprobs,
-        [[(piece(t), lp) for t, lp in alts] for alts in f.top_logprobs])
+        ticket.doc["url"], [piece(t) for t in f.token_ids[:keep]], f.logprobs[:keep],
+        [[(piece(t), lp) for t, lp in alts] for alts in f.top_logprobs[:keep]])
     outs.append((text, f.finish_reason, lps))
   return openai_batch.result_row(ticket, outs, len(ticket.prompt),
                                  sum(len(f.token_ids) for f in samples),

@@ -1,10 +1,10 @@
 """Fresh prefill's attention in cuDNN's flash kernel: packed rows, GQA, no [T, T] scores.
 
 XLA runs prefill attention as einsums around an f32 [rows, heads, T, T] score tensor: on an
-H200 38 TFLOP/s at 8,192-token rows, prefill at 29% of the matmul roofline, and a single
-32,768-token row's scores alone would take 128 GiB. cuDNN's flash attention keeps the
-scores on chip; on the same card it ran 293 TFLOP/s at 1,024-token rows and 557 at 8,192
-(docs/benchmarks.md, "Prefill attention").
+H200 44 TFLOP/s at 1,024-token rows and 47 at 8,192, prefill at 29% of the matmul roofline
+there, and a single 32,768-token row's scores alone would take 128 GiB. cuDNN's flash
+attention keeps the scores on chip; on the same card it ran 272 TFLOP/s at 1,024-token rows
+and 571 at 8,192 (docs/benchmarks.md, "Prefill attention in cuDNN's flash kernel").
 
 A prefill row here is packed (parallel/packing.py): up to MAX_SEGMENTS whole prompts one
 after another, then padding (segment -1). cuDNN's packed form takes exactly that as each
@@ -48,8 +48,10 @@ def available(device) -> bool:
   (cuDNN's packed form needs Hopper) with jax's cuDNN attention present."""
   if _cudnn is None or device.platform != "gpu":
     return False
-  capability = getattr(device, "compute_capability", "0")
-  return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
+  try:  # CUDA devices say "9.0"; anything else (another GPU kind) does not qualify
+    return tuple(int(x) for x in str(device.compute_capability).split(".")) >= (9, 0)
+  except (AttributeError, ValueError):
+    return False
 
 
 def segment_bounds(segments, max_segments: int = MAX_SEGMENTS):

@@ -52,7 +52,8 @@ class Memory:
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """Rates in tokens/s and times in seconds for one replica on the workload."""
+  """Rates in tokens/s (all replicas together) and times in seconds (one replica's) on the
+  workload."""
 
   prefill_tokens_per_s: float  # prompt tokens (unpadded) through the whole model
   prefill_bubble: float  # (p-1)/(v*m+p-1)
@@ -205,9 +206,10 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   `attention` as `jaxpp.LLM(attention=...)` takes it. dp replicas each run their share of
   the sequences side by side: rates add up, per-step times stay one replica's."""
   if layout.dp > 1:
-    one = predict(cfg, *one_replica(layout, workload), hw, bytes_per_param, assume,
-                  embed_bytes_per_param, attention)
-    n = layout.dp
+    replica, share = one_replica(layout, workload)
+    one = predict(cfg, replica, share, hw, bytes_per_param, assume, embed_bytes_per_param,
+                  attention)
+    n = workload.concurrency / share.concurrency  # busy replicas' worth of sequences
     return dataclasses.replace(
         one, prefill_tokens_per_s=n * one.prefill_tokens_per_s,
         decode_tokens_per_s=n * one.decode_tokens_per_s,

@@ -97,7 +97,8 @@ class Prefiller:
 
   def shapes_for(self, prompt_lengths, admissions=None) -> set[tuple[int, int, int]]:
     """Every (M, p, T) an admission of these prompt lengths can take (1 row to one per
-    slot), or, given `admissions` (lists of prompt lengths), the shapes of exactly those."""
+    slot), or, given `admissions` (lists of prompt lengths), the shapes of exactly those;
+    p is one replica's rows (the program's batch holds dp * p, as `last_shape` says)."""
     if admissions is not None:
       out = set()
       for lengths in admissions:

@@ -30,7 +30,7 @@ class EngineStats:
   completion_tokens: int = 0
   decode_calls: int = 0
   tick_seconds: list[float] = dataclasses.field(default_factory=list)
-  max_live_per_microbatch: int = 0
+  max_live_per_microbatch: int = 0  # the most live rows of one replica in one micro-batch
   decode_timed_seconds: float = 0.0
   decode_busy_seconds: float = 0.0
   decode_gap_seconds: float = 0.0
