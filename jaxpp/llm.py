@@ -106,9 +106,8 @@ class LLM:
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype)
     config = checkpoint.load_config(checkpoint_dir)
-    layout = Layout.of(layout) if dp is None else dataclasses.replace(Layout.of(layout), dp=dp)
-    if layout.dp == 0:  # as many replicas as the devices hold ("dp0pp2" or dp=0)
-      layout = layout.for_devices(len(jax.devices() if devices is None else devices))
+    if dp is not None:  # 0 (or a "dp0..." name): as many as the devices hold (Pipeline.build)
+      layout = dataclasses.replace(Layout.of(layout), dp=dp)
     pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
     params = weights.load_weights(checkpoint_dir, pipe, dtype, quant=q,
                                   cache_dir=params_cache_dir)

@@ -186,7 +186,7 @@ class Runtime:
     self._watchdog: Watchdog | None = None  # the device steps the peer monitor publishes
     self.hosts = {process_id: socket.gethostname()}
     self.monitor: failfast.PeerMonitor | None = None
-    self.hook: failfast.CoordinatorLossHook | None = None
+    self.hook: failfast.AbortHook | None = None
     if num_processes == 1:
       return
     client.key_value_set(f"{failfast.PREFIX}host/{process_id}", self.hosts[process_id])
@@ -195,7 +195,7 @@ class Runtime:
     self.monitor = failfast.PeerMonitor(client, process_id, num_processes, peer_timeout,
                                         self.where, self._current_step)
     self.monitor.start()
-    self.hook = failfast.CoordinatorLossHook(coordinator, self.where, self.monitor,
+    self.hook = failfast.AbortHook(coordinator, self.where, self.monitor,
                                              coordinator_is_peer=process_id != 0)
 
   def watchdog(self, **bounds) -> Watchdog:

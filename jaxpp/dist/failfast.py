@@ -176,15 +176,16 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
     return False
 
 
-class CoordinatorLossHook:
+class AbortHook:
   """Turns JAX's abort on losing the coordinator, or a collective's on losing any peer,
   into the named one-line exit.
 
   Installed with libc's `signal()` because the abort comes from a C++ thread inside JAX's
   client and ends the process before Python's own signal handlers could run. The handler
   runs in that thread; ctypes takes the GIL for it (the main thread releases it while it
-  waits on devices). It only acts when process 0's service is really unreachable; any
-  other abort, or one during a normal shutdown, returns and the abort proceeds.
+  waits on devices). It acts when process 0's service is really unreachable, or when the
+  peer monitor names a lost peer within its timeout; any other abort, or one during a
+  normal shutdown, proceeds.
   """
 
   def __init__(self, coordinator: str, describe: Callable[[int], str],

@@ -83,8 +83,11 @@ class Pipeline:
   def build(cls, config: LlamaConfig, layout: Layout | str, *, devices=None,
             scan_unroll: int | bool = 1, attention: str = "auto") -> Pipeline:
     """The layout checked for `config`, then placed on `devices` (default: the first
-    dp*pp*tp devices, so a small layout runs on a big host)."""
-    layout = Layout.of(layout).check(config)
+    dp*pp*tp devices, so a small layout runs on a big host); dp = 0 takes as many replicas
+    as those devices hold (`Layout.for_devices`)."""
+    layout = Layout.of(layout)
+    n = len(jax.devices() if devices is None else devices)
+    layout = (layout.for_devices(n) if layout.dp == 0 else layout).check(config)
     if devices is None:
       available = jax.devices()
       if layout.devices > len(available):
