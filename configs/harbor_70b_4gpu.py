@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0  # 0 = off
   c.sampling.top_p = 1.0  # 1 = off
   c.sampling.min_p = 0.0  # 0 = off; else cut tokens below min_p x the likeliest
+  c.sampling.repetition_penalty = 1.0  # 1 = off; > 1 discourages tokens of prompt or output
+  c.sampling.presence_penalty = 0.0  # 0 = off; subtracted once from tokens the output holds
+  c.sampling.frequency_penalty = 0.0  # 0 = off; subtracted per occurrence in the output
   c.sampling.seed = 0
 
   c.job = ml_collections.ConfigDict()

@@ -214,7 +214,8 @@ class LLM:
 
   def generate(self, prompts: str | Sequence[str | Sequence[int]], *,
                max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-               min_p=0.0, max_num_seqs: int | None = None, length_policy: str = "error",
+               min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+               max_num_seqs: int | None = None, length_policy: str = "error",
                stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                n: int = 1, logprobs: int | None = None) -> list[Completion]:
     """One completion per prompt (a single string is one prompt). Sampling knobs are scalars
@@ -232,7 +233,10 @@ class LLM:
     seeded from (its seed, k) so every sample is reproducible; the completions come prompt
     by prompt, `completions[i * n + k]` being sample k of prompt i (`Completion.sample`).
     `logprobs=k` (0 to 20) also returns each token's logprob and its k likeliest
-    alternatives, computed on the devices from the logits that sampled it.
+    alternatives, computed on the devices from the logits that sampled it (the model's own,
+    before penalties and temperature). `repetition_penalty` (over prompt and output, 1 =
+    off), `presence_penalty` and `frequency_penalty` (over the output, 0 = off) mean what
+    they mean in transformers and OpenAI's API (`model/penalties.py`).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
       raise JaxppError(f"n={n!r} must be an integer >= 1")
@@ -258,8 +262,10 @@ class LLM:
     return self._run(self.encode(prompts, fit=None if length_policy == "error" else
                                  max_new_tokens), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     min_p=min_p, max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids,
-                     n=n, logprobs=logprobs)
+                     min_p=min_p, repetition_penalty=repetition_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     max_num_seqs=max_num_seqs, stop=stop, stop_ids=stop_ids, n=n,
+                     logprobs=logprobs)
 
   def chat(self, conversations: Sequence[Message] | Sequence[Sequence[Message]], *,
            add_generation_prompt: bool = True, **generate_kwargs) -> list[Completion]:
@@ -274,12 +280,10 @@ class LLM:
            for c in conversations]
     return self.generate(ids, **generate_kwargs)
 
-  def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int, temperature,
-           top_k, top_p, seed, min_p, max_num_seqs: int | None, stop: tuple[str, ...],
-           stop_ids: tuple[int, ...], n: int, logprobs: int | None = None
-           ) -> list[Completion]:
-    knobs = sampling.SamplingParams.make(len(encoded), temperature=temperature, top_k=top_k,
-                                         top_p=top_p, seed=seed, min_p=min_p)
+  def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int,
+           max_num_seqs: int | None, stop: tuple[str, ...], stop_ids: tuple[int, ...], n: int,
+           logprobs: int | None = None, **knob_values) -> list[Completion]:
+    knobs = sampling.SamplingParams.make(len(encoded), **knob_values)
     if n > 1:  # prompt-major copies; sample k's seed is derived from (seed, k)
       encoded = [e for e in encoded for _ in range(n)]
       knobs = sampling.SamplingParams(*(np.repeat(np.asarray(a), n) for a in knobs))
@@ -290,10 +294,8 @@ class LLM:
     for i, (p, _) in enumerate(encoded):
       eng.submit(engine_lib.Request(
           key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
-          temperature=float(knobs.temperature[i]), top_k=int(knobs.top_k[i]),
-          top_p=float(knobs.top_p[i]), seed=int(knobs.seed[i]),
-          min_p=float(knobs.min_p[i]), stop=stop, stop_token_ids=stop_ids,
-          logprobs=logprobs))
+          stop=stop, stop_token_ids=stop_ids, logprobs=logprobs,
+          **{f: np.asarray(a)[i].item() for f, a in knobs._asdict().items()}))
     done: dict[str, engine_lib.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
     self._engines[max_num_seqs] = eng

@@ -53,6 +53,10 @@ BAD = [
      'body "logprobs" must be an integer in [0, 5] or null'),
     (json.dumps(request("b7", tools=[], messages=[dict(role="user", content="x")])), "b7",
      'unsupported body field "tools"'),
+    (json.dumps(request("b8", openai_batch.COMPLETIONS, prompt="x", presence_penalty=2.5)),
+     "b8", 'body "presence_penalty" must be a number in [-2, 2]'),
+    (json.dumps(request("b9", openai_batch.COMPLETIONS, prompt="x", repetition_penalty=0)),
+     "b9", 'body "repetition_penalty" must be a finite number > 0'),
 ]
 
 
@@ -77,7 +81,9 @@ def test_openai_batch_file(tmp_path):
            request("lp2", openai_batch.COMPLETIONS, model="tiny", prompt=ASK, max_tokens=3,
                    logprobs=3),
            request("n3", openai_batch.COMPLETIONS, model="tiny", prompt=ASK, max_tokens=3,
-                   n=3, temperature=1.0, seed=2 ** 70)]  # seeds wrap to 32 bits
+                   n=3, temperature=1.0, seed=2 ** 70),  # seeds wrap to 32 bits
+           request("pen", openai_batch.COMPLETIONS, model="tiny", prompt=ASK, max_tokens=4,
+                   presence_penalty=1.0, frequency_penalty=-0.5, repetition_penalty=1.3)]
   src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
   write_batch(src, good + [l for l, _, _ in BAD])
   import jax
@@ -85,7 +91,7 @@ def test_openai_batch_file(tmp_path):
   rows, errors = read_jsonl(out), read_jsonl(tmp_path / "out.errors.jsonl")
   assert rep["reconciled"] and rep["input_lines"] == len(good) + len(BAD)
   assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in range(6)] + ["lp1", "lp2",
-                                                                                "n3"]
+                                                                                "n3", "pen"]
   for r in rows:
     body, want = r["response"]["body"], next(g for g in good if g["custom_id"] == r["custom_id"])
     assert r["error"] is None and r["response"]["status_code"] == 200

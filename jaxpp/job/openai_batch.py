@@ -14,7 +14,9 @@ served becomes an errors-file line in the same form, `"response": null, "error":
 tickets. `logprobs` (chat: with `top_logprobs` up to 20; completions: up to 5 alternatives)
 fill each choice's `logprobs` in OpenAI's form, computed on the devices from the logits that
 sampled each token; a token's `token` is its own decoded text. Body fields the job cannot
-honour (tools, ...) are an error line naming the field, never silently ignored. `n` > 1
+honour (tools, ...) are an error line naming the field, never silently ignored;
+`presence_penalty` and `frequency_penalty` are OpenAI's, `repetition_penalty` vLLM's
+extension of the same bodies (`model/penalties.py`). `n` > 1
 gives n choices, sample k seeded from (the request's seed, k) as `jaxpp.LLM.generate` seeds
 them; the line is written once all n are done.
 The body's knobs override the config's `sampling` section for that request; `model` is
@@ -33,7 +35,9 @@ from jaxpp.load.chat_template import check_messages
 from jaxpp.load.tokenizer import Tokenizer
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n"}
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
+          "presence_penalty", "frequency_penalty", "repetition_penalty"}
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 FIELDS = {CHAT: COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
           COMPLETIONS: COMMON | {"prompt", "logprobs"}}
 MAX_STOPS = 4  # OpenAI's limit on `stop`
@@ -91,7 +95,13 @@ def check_line(obj: Any) -> tuple[Any, str | None]:
   if stop is not None and (not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(
       isinstance(s, str) and s for s in stops)):
     return cid, f'body "stop" must be a string or up to {MAX_STOPS} non-empty strings'
-  return cid, _number(body, "temperature", 0, 2) or _number(body, "top_p", 1e-9, 1)
+  rep = body.get("repetition_penalty")
+  if rep is not None and (isinstance(rep, bool) or not isinstance(rep, (int, float))
+                          or not 0 < rep < float("inf")):
+    return cid, 'body "repetition_penalty" must be a finite number > 0'
+  return cid, (_number(body, "temperature", 0, 2) or _number(body, "top_p", 1e-9, 1)
+               or _number(body, "presence_penalty", -2, 2)
+               or _number(body, "frequency_penalty", -2, 2))
 
 
 def _logprobs_problem(url: str, body: dict) -> str | None:
@@ -172,7 +182,8 @@ class BatchPrompter:
     ticket.knobs = dict(max_new_tokens=new, stop=(stop,) if isinstance(stop, str) else
                         tuple(stop or ()), logprobs=asked_logprobs(ticket.doc),
                         n=body.get("n", 1),
-                        **{k: body[k] for k in ("temperature", "top_p", "seed") if k in body})
+                        **{k: body[k] for k in ("temperature", "top_p", "seed") + PENALTIES
+                           if k in body})
     return None
 
 

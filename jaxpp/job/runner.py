@@ -100,8 +100,7 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if config.sampling.max_new_tokens < 1:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} must be >= 1")
   s = config.sampling  # validated as the engine will use them (one-line errors)
-  sampling.SamplingParams.make(1, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                               seed=s.seed, min_p=s.min_p)
+  sampling.SamplingParams.make(1, **{f: s[f] for f in sampling.SamplingParams._fields})
   max_len = check_context(model, eng.max_len, config.schedule.decode_chunk)
   if config.sampling.max_new_tokens >= max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "
@@ -320,9 +319,9 @@ class _Run:
         ticket = next(feed, None)
         if ticket is None:
           break
-        request = dict(max_new_tokens=knobs.max_new_tokens, temperature=knobs.temperature,
-                       top_k=knobs.top_k, top_p=knobs.top_p, seed=knobs.seed,
-                       min_p=knobs.min_p) | (ticket.knobs or {})
+        request = dict(max_new_tokens=knobs.max_new_tokens,
+                       **{f: knobs[f] for f in sampling.SamplingParams._fields}
+                       ) | (ticket.knobs or {})
         n = request.pop("n", 1)
         samples[ticket.key] = [None] * n
         seeds = sample_seeds(np.full(n, request.pop("seed") & 0xFFFFFFFF, np.uint64), n)

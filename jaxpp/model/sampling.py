@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpp.errors import JaxppError
+from jaxpp.model import penalties
 
 
 def _per_seq(name: str, value, batch: int, dtype) -> np.ndarray:
@@ -41,6 +42,8 @@ class SamplingParams(NamedTuple):
   top_p: f32[B], 1.0 means off.
   seed: u32[B], a request's own seed.
   min_p: f32[B], 0.0 means off; else tokens less likely than min_p times the likeliest are cut.
+  repetition_penalty, presence_penalty, frequency_penalty: f32[B], 1 / 0 / 0 mean off
+  (`penalties.py`).
   """
 
   temperature: jax.Array
@@ -48,6 +51,9 @@ class SamplingParams(NamedTuple):
   top_p: jax.Array
   seed: jax.Array
   min_p: jax.Array
+  repetition_penalty: jax.Array
+  presence_penalty: jax.Array
+  frequency_penalty: jax.Array
 
   @classmethod
   def make(
@@ -58,6 +64,9 @@ class SamplingParams(NamedTuple):
     top_p: float | Sequence[float] = 1.0,
     seed: int | Sequence[int] = 0,
     min_p: float | Sequence[float] = 0.0,
+    repetition_penalty: float | Sequence[float] = 1.0,
+    presence_penalty: float | Sequence[float] = 0.0,
+    frequency_penalty: float | Sequence[float] = 0.0,
   ) -> SamplingParams:
     """Builds params from scalars (shared by all rows) or per-sequence sequences.
 
@@ -69,6 +78,9 @@ class SamplingParams(NamedTuple):
     p = _per_seq("top_p", top_p, batch, np.float32)
     s = _per_seq("seed", seed, batch, np.uint32)
     m = _per_seq("min_p", min_p, batch, np.float32)
+    pen = [_per_seq(name, value, batch, np.float32) for name, value in (
+        ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty))]
     if not np.all(np.isfinite(t) & (t >= 0)):
       raise JaxppError(f"sampling temperature must be finite and >= 0, got {t.tolist()}")
     if np.any(k < 0):
@@ -77,11 +89,17 @@ class SamplingParams(NamedTuple):
       raise JaxppError(f"sampling top_p must be in (0, 1] (1 = off), got {p.tolist()}")
     if not np.all((m >= 0) & (m <= 1)):
       raise JaxppError(f"sampling min_p must be in [0, 1] (0 = off), got {m.tolist()}")
-    return cls(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p), jnp.asarray(s), jnp.asarray(m))
+    penalties.check(*pen)
+    return cls(*map(jnp.asarray, (t, k, p, s, m, *pen)))
 
   def needs_sampling(self) -> bool:
     """Host-side choice of `do_sample`: False when every row is greedy, so no sort is compiled."""
     return bool(np.any(np.asarray(self.temperature) > 0))
+
+  def needs_penalties(self) -> bool:
+    """Host-side: some row has a penalty on, so the programs count what rows have seen."""
+    return bool(np.any(penalties.is_on(self.repetition_penalty, self.presence_penalty,
+                                       self.frequency_penalty)))
 
 
 def row_keys(seed: jax.Array, positions: jax.Array) -> jax.Array:
@@ -167,3 +185,15 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int):
     return chosen, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
   top_lp, top_ids = jax.lax.top_k(lp, top)
   return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def pick(logits: jax.Array, positions: jax.Array, params: SamplingParams, *, do_sample: bool,
+         logprobs: int | None = None, seen: penalties.Seen | None = None):
+  """The next token i32[B] from raw logits [B, V] -> (tokens, extras): with `seen`, the
+  rows' penalties first (`penalties.py`); then `sample`; with `logprobs` (static) extras are
+  `token_logprobs` of the raw logits (the model's distribution), else ()."""
+  raw = logits.astype(jnp.float32)
+  shaped = raw if seen is None else penalties.apply(
+      raw, seen, params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
+  tokens = sample(shaped, positions, params, do_sample=do_sample)
+  return tokens, (() if logprobs is None else token_logprobs(raw, tokens, logprobs))

@@ -20,6 +20,9 @@ device s keeps micro-batch j's KV cache in slot (j + s) mod m: at tick t of the 
 runs j = (t - s) mod m, so the slot is t mod m on every device, a constant once the tick
 loop is unrolled by m.
 
+The programs live in `prefill_program.py` and `decode_program.py`; this module holds the
+layout on its mesh and the pieces of a tick they share.
+
 Shapes (local to one pp device): blocks leaves [v, Lc, ...]; cache [v, Lc, M, b, K, S, H]
 with M micro-batches of b rows each; activations [b, T, D].
 """
@@ -32,24 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import DP, PP, TP
 from jaxpp.errors import JaxppError
-from jaxpp.model import attention_choice, decode_state, llama, quant, sampling
-from jaxpp.model import params as params_lib
+from jaxpp.model import attention_choice, llama, quant
 from jaxpp.model.config import LlamaConfig
+from jaxpp.parallel import decode_program, placement, prefill_program
 from jaxpp.parallel import mesh as mesh_lib
-from jaxpp.parallel import placement, xla_options
 from jaxpp.parallel.layout import Layout
-from jaxpp.parallel.packing import PrefillBatch
 from jaxpp.parallel.partition import Partition
 from jaxpp.parallel.schedule import circular
-
-
-def _layout_tp(self: "Pipeline", *args, **kwargs) -> int:
-  """The tp degree of a program call (`self` is its pipeline): picks its XLA options."""
-  return self.tp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +164,16 @@ class Pipeline:
 
   # --- programs ---------------------------------------------------------------------------
 
-  def _shard_map(self, body, in_specs, out_specs):
+  # The two phases' jitted programs (each in its own module); what follows are the pieces
+  # of a tick they share.
+  prefill = prefill_program.prefill
+  decode = decode_program.decode
+
+  def shard_map(self, body, in_specs, out_specs):
     return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          axis_names=placement.manual_axes(self.mesh), check_vma=False)
 
-  def _local_rows(self, targets, cache_rows: int):
+  def local_rows(self, targets, cache_rows: int):
     """A prefill's cache targets (micro-batch, row) as this replica's own rows: each
     replica's rows of the batch name only its own slots (-1 stays -1)."""
     if self.dp == 1:
@@ -181,11 +181,11 @@ class Pipeline:
     row = targets[..., 1] - jax.lax.axis_index(DP) * cache_rows
     return jnp.stack([targets[..., 0], jnp.where(targets[..., 1] >= 0, row, -1)], axis=-1)
 
-  def _slot(self, microbatch, s):
+  def slot(self, microbatch, s):
     """The cache slot device s keeps a micro-batch in (see the module docstring); -1 stays."""
     return jnp.where(microbatch >= 0, (microbatch + s) % self.microbatches, microbatch)
 
-  def _run_chunk(self, blocks, counts, cache, x, positions, start, r, active, *, fresh,
+  def run_chunk(self, blocks, counts, cache, x, positions, start, r, active, *, fresh,
                  slot=0, slots=None, segments=None):
     """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
@@ -210,7 +210,7 @@ class Pipeline:
       branches, index = [lambda _: (x, cache)] + branches, jnp.where(active, r + 1, 0)
     return branches[0](None) if len(branches) == 1 else jax.lax.switch(index, branches, None)
 
-  def _everywhere(self, a, s):
+  def everywhere(self, a, s):
     """`a` [M, rows, ...] as each replica's last pp device holds it, on every device: shared
     over 'pp' (a psum of it and zeros), then gathered over 'dp' (a few ints a row), so every
     process's engine sees every row. With one stage nothing is shared: XLA (jax 0.10, CPU)
@@ -219,180 +219,7 @@ class Pipeline:
       a = jax.lax.psum(jnp.where(s == self.pp - 1, a, jnp.zeros_like(a)), PP)
     return a if self.dp == 1 else jax.lax.all_gather(a, DP, axis=1, tiled=True)
 
-  def _ring(self, *arrays):
+  def ring(self, *arrays):
+    """Each array sent one device on around the 'pp' ring (the last to the first)."""
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
-
-  @xla_options.jit(tp_of=_layout_tp,
-                   static_argnames=("self", "do_sample", "with_logits", "logprobs"),
-                   donate_argnames=("cache",))
-  def prefill(self, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
-              with_logits: bool = False, logprobs: int | None = None):
-    """A packed prefill (`packing.PrefillBatch`) -> (first i32[m, p, q], cache).
-
-    Prompts travel in m micro-batches of p rows of T tokens, q prompts at most a row, m set
-    by the shape (the engine picks it per admission, up to `prefill_mb`; p may differ from
-    the cache's rows per micro-batch). Every token's keys and values go to the cache slot
-    `batch.targets` names, at its position; each prompt samples its first token at its last
-    one, with its own `knobs` [m, p, q]. `with_logits` also returns those positions' logits
-    f32[m, p, q, V] (for tests and parity checks; it adds a reduction of that size over 'pp').
-    `logprobs` (top alternatives, static) also returns, last, each first token's logprob
-    [m, p, q] and its top alternatives' ids and logprobs [m, p, q, logprobs]
-    (`sampling.token_logprobs`).
-    """
-    M, _, T = batch.tokens.shape
-    q = batch.ends.shape[-1]
-    table = jnp.asarray(circular(self.pp, self.v, M).table)
-    counts = jnp.asarray(self.partition.layer_counts())
-    dtype = params_lib.activation_dtype(params)
-    last_dev, last_chunk = self.pp - 1, self.v - 1
-
-    def body(params, cache, counts, batch, knobs):
-      s = jax.lax.axis_index(PP)
-      blocks = jax.tree.map(lambda a: a[0], params["blocks"])
-      cache = jax.tree.map(lambda a: a[0], cache)
-      counts = counts[0]
-      b = batch.tokens.shape[1]  # this replica's rows
-      start = jnp.zeros((b,), jnp.int32)
-
-      def tick(t, carry):
-        cache, inbox, final = carry
-        j, r, _ = table[t, s]
-        active = j >= 0
-        j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
-        x = jnp.where((s == 0) & (r == 0), llama.embed(params, batch.tokens[j], dtype),
-                      inbox[j])
-        targets = self._local_rows(batch.targets[j], cache[0].shape[3])
-        y, cache = self._run_chunk(blocks, counts, cache, x, batch.positions[j], start, r,
-                                   active, fresh=True, segments=batch.segments[j],
-                                   slots=(self._slot(targets[..., 0], s), targets[..., 1]))
-        last = jnp.take_along_axis(y, batch.ends[j][..., None], axis=1)  # [b, q, D]
-        done_here = active & (s == last_dev) & (r == last_chunk)
-        final = final.at[j].set(jnp.where(done_here, last, final[j]))
-        (recv,) = self._ring(y)
-        sj, _, _ = table[t, (s - 1) % self.pp]
-        inbox = inbox.at[jnp.maximum(sj, 0)].set(
-            jnp.where(sj >= 0, recv, inbox[jnp.maximum(sj, 0)]))
-        return cache, inbox, final
-
-      inbox = jnp.zeros((M, b, T, self.config.hidden_size), dtype)
-      final = jnp.zeros((M, b, q, self.config.hidden_size), dtype)
-      cache, _, final = jax.lax.fori_loop(0, table.shape[0], tick, (cache, inbox, final))
-      # Head and sampling once per prefill: only the last device's rows are real; share
-      # the sampled ids (one int per prompt) with every stage.
-      n = M * b * q
-      logits = llama.logits(self.config, params, final.reshape(n, 1, -1))[:, 0]
-      flat_knobs = jax.tree.map(lambda a: a.reshape(n), knobs)
-      first = sampling.sample(logits, batch.lengths.reshape(n), flat_knobs,
-                              do_sample=do_sample)
-      outs = (self._everywhere(first.reshape(M, b, q), s),
-              jax.tree.map(lambda a: a[None], cache))
-      if with_logits:
-        outs += (self._everywhere(logits.reshape(M, b, q, -1), s),)
-      if logprobs is not None:
-        lps = sampling.token_logprobs(logits, first, logprobs)
-        outs += (tuple(self._everywhere(a.reshape((M, b, q) + a.shape[1:]), s) for a in lps),)
-      return outs
-
-    cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
-    knob_spec = jax.tree.map(lambda _: rows, knobs)
-    batch_spec = jax.tree.map(lambda _: rows, batch)
-    out_specs = ((P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
-                 + (((P(), P(), P()),) if logprobs is not None else ()))
-    return self._shard_map(
-        body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
-                        batch_spec, knob_spec),
-        out_specs=out_specs)(params, cache, counts, batch, knobs)
-
-  @xla_options.jit(tp_of=_layout_tp,
-                   static_argnames=("self", "steps", "do_sample", "eos_ids", "logprobs"),
-                   donate_argnames=("cache",))
-  def decode(self, params, cache, state: decode_state.DecodeState, knobs, *, steps: int,
-             do_sample: bool, eos_ids: tuple[int, ...], logprobs: int | None = None):
-    """`steps` tokens for every row around the ring -> (cache, state, emitted i32[M, b, k]);
-    with `logprobs` (static) also each token's logprob [M, b, k] and its top alternatives'
-    ids and logprobs [M, b, k, logprobs] (`sampling.token_logprobs`)."""
-    M = state.tokens.shape[0]  # the ring's micro-batches, m
-    table = jnp.asarray(self.decode_table(M, steps))
-    counts = jnp.asarray(self.partition.layer_counts())
-    dtype = params_lib.activation_dtype(params)
-    max_len = cache[0].shape[6]
-    last_dev, last_chunk = self.pp - 1, self.v - 1
-
-    def body(params, cache, counts, state, knobs):
-      s = jax.lax.axis_index(PP)
-      blocks = jax.tree.map(lambda a: a[0], params["blocks"])
-      cache = jax.tree.map(lambda a: a[0], cache)
-      counts = counts[0]
-      lengths0 = state.lengths
-      b = state.tokens.shape[1]  # this replica's rows
-
-      def tick(t, slot, carry):
-        cache, state, tok_in, act_in, out = carry
-        j, r, k = table[t, s]
-        active = j >= 0
-        j, r, k = jnp.maximum(j, 0), jnp.maximum(r, 0), jnp.maximum(k, 0)
-        pos = lengths0[j] + k
-        x = jnp.where((s == 0) & (r == 0), llama.embed(params, tok_in[j][:, None], dtype),
-                      act_in[j])
-        y, cache = self._run_chunk(blocks, counts, cache, x, pos[:, None], pos, r, active,
-                                   fresh=False, slot=slot)
-        samples_here = active & (s == last_dev) & (r == last_chunk)
-        st_j = jax.tree.map(lambda a: a[j], state)
-        knobs_j = jax.tree.map(lambda a: a[j], knobs)
-        def sample():
-          logits = llama.logits(self.config, params, y)[:, 0]
-          new = sampling.sample(logits, pos + 1, knobs_j, do_sample=do_sample)
-          return new, (() if logprobs is None else
-                       sampling.token_logprobs(logits, new, logprobs))
-
-        if self.pp == 1 and self.v == 1:  # every tick samples
-          new, extra = sample()
-        else:
-          new, extra = jax.lax.cond(samples_here, sample, lambda: jax.tree.map(
-              jnp.zeros_like, jax.eval_shape(sample)))
-        st_new, emitted = decode_state.advance(st_j, new, eos_ids, max_len)
-        state = jax.tree.map(lambda a, n, o: a.at[j].set(jnp.where(samples_here, n, o)),
-                             state, st_new, st_j)
-        out = tuple(o.at[j, :, k].set(jnp.where(samples_here, e, o[j, :, k]))
-                    for o, e in zip(out, (emitted,) + tuple(extra)))
-        recv_y, recv_tok = self._ring(y, new)
-        sj, sr, _ = table[t, (s - 1) % self.pp]
-        sender = jnp.maximum(sj, 0)
-        act_in = act_in.at[sender].set(jnp.where(sj >= 0, recv_y, act_in[sender]))
-        token_arrives = (sj >= 0) & (s == 0) & (sr == last_chunk)
-        tok_in = tok_in.at[sender].set(jnp.where(token_arrives, recv_tok, tok_in[sender]))
-        return cache, state, tok_in, act_in, out
-
-      def ticks(g, carry):  # M ticks, unrolled: at tick g*M + u every device reads slot u
-        for u in range(M):
-          carry = tick(g * M + u, u, carry)
-        return carry
-
-      act_in = jnp.zeros((M, b, 1, self.config.hidden_size), dtype)
-      out = (jnp.full((M, b, steps), -1, jnp.int32),)
-      if logprobs is not None:
-        out += (jnp.zeros((M, b, steps), jnp.float32),
-                jnp.zeros((M, b, steps, logprobs), jnp.int32),
-                jnp.zeros((M, b, steps, logprobs), jnp.float32))
-      cache, state, _, _, out = jax.lax.fori_loop(
-          0, table.shape[0] // M, ticks, (cache, state, state.tokens, act_in, out))
-      # The last device holds the truth; share it (a few ints per row) with every stage.
-      pick = lambda a: self._everywhere(a.astype(jnp.int32), s)
-      state = decode_state.DecodeState(pick(state.tokens), pick(state.lengths),
-                                   pick(state.remaining), pick(state.done).astype(bool))
-      cache = jax.tree.map(lambda a: a[None], cache)
-      if logprobs is None:
-        return cache, state, pick(out[0])
-      return cache, state, pick(out[0]), tuple(self._everywhere(a, s) for a in out[1:])
-
-    cache_spec, rows = placement.cache_spec(self.mesh), P(None, placement.rows_axis(self.mesh))
-    state_spec = decode_state.DecodeState(rows, rows, rows, rows)
-    out_state = decode_state.DecodeState(P(), P(), P(), P())
-    knob_spec = jax.tree.map(lambda _: rows, knobs)
-    return self._shard_map(
-        body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
-                        state_spec, knob_spec),
-        out_specs=((cache_spec, cache_spec), out_state, P())
-        + (((P(), P(), P()),) if logprobs is not None else ()))(
-            params, cache, counts, state, knobs)

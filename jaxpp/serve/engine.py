@@ -32,13 +32,14 @@ from typing import Callable, Hashable, Protocol
 import numpy as np
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import decode_state, sampling
+from jaxpp.model import decode_state, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import schedule, shapes
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import defaults, logprobs, stop_strings
 from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
+from jaxpp.serve.token_history import TokenHistory
 
 
 class StepGuard(Protocol):
@@ -60,6 +61,9 @@ class Request:
   top_p: float = 1.0
   seed: int = 0
   min_p: float = 0.0
+  repetition_penalty: float = 1.0  # the penalties as `model/penalties.py` defines them
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
   priority: str = "batch"
   stop: tuple[str, ...] = ()  # stop strings (`stop_strings.py`; needs the engine's detokenize)
   stop_token_ids: tuple[int, ...] = ()  # ids that end this request besides the EOS ids
@@ -124,6 +128,7 @@ class Engine:
                                               for a in self.sampling))
     self.owner: list[list[Request | None]] = [[None] * self.rows for _ in range(M)]
     self.tokens: dict[tuple[int, int], list[int]] = {}
+    self.history = TokenHistory(M, self.rows, max_len)  # for rows with penalties
     self.logprobs = logprobs.TokenLogprobs()  # for requests that ask (Request.logprobs)
     self.queues = {c: collections.deque() for c in PRIORITIES}
     self.stats = EngineStats()
@@ -144,6 +149,11 @@ class Engine:
       raise JaxppError(f"request {request.key}: prompt of {len(request.prompt)} tokens + "
                        f"max_new_tokens={request.max_new_tokens} does not fit max_len="
                        f"{self.max_len}")
+    try:  # every knob checked here, once: inside a program a bad one is silent garbage
+      sampling.SamplingParams.make(1, **{f: getattr(request, f)
+                                         for f in sampling.SamplingParams._fields})
+    except JaxppError as e:
+      raise JaxppError(f"request {request.key}: {e}") from None
     if request.stop and self.detokenize is None:
       raise JaxppError(f"request {request.key}: stop strings need a tokenizer")
     if request.logprobs is not None and not 0 <= request.logprobs <= sampling.MAX_TOP_LOGPROBS:
@@ -229,6 +239,7 @@ class Engine:
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
+      self.history.start((j, r), req.prompt, int(new.tokens[i]))
       if lps is not None:
         self.logprobs.add((j, r), req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
@@ -252,15 +263,19 @@ class Engine:
     k = self.decode_chunk
     live = ~self.state.done
     do_sample = bool(np.any(self.sampling.temperature[live] > 0))
+    knobs = self.sampling
+    penalised = bool(np.any(penalties.is_on(knobs.repetition_penalty, knobs.presence_penalty,
+                                            knobs.frequency_penalty)[live]))
     # Host arrays go to the jitted call as they are: jit copies each straight to the devices
     # that need it, where jnp.asarray would first commit it to one device, then reshard.
-    state, knobs = decode_state.DecodeState(*self.state), self.sampling
+    state = decode_state.DecodeState(*self.state)
+    history = self.history.arrays() if penalised else None
     top = logprobs.wanted(self.owner[j][r].logprobs for j, r in self.tokens)
-    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids, top)
+    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids, top, penalised)
     start = time.perf_counter()
     with self._device_step("decode", key):
       self.cache, state, emitted, *lps = self.pipe.decode(
-          self.params, self.cache, state, knobs, steps=k, do_sample=do_sample,
+          self.params, self.cache, state, knobs, history, steps=k, do_sample=do_sample,
           eos_ids=eos, **({} if top is None else dict(logprobs=top)))
       emitted = np.asarray(emitted)
       lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
@@ -277,6 +292,7 @@ class Engine:
     for (j, r), toks in self.tokens.items():
       new = [int(t) for t in emitted[j, r] if t >= 0]
       toks.extend(new)
+      self.history.extend((j, r), new)
       self.stats.completion_tokens += len(new)
       if lps is not None:
         self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, r] for a in lps),

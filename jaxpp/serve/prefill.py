@@ -84,9 +84,11 @@ class Prefiller:
   def _call(self, params, cache, batch, knob_arrays, budget, step, logprobs=None):
     knobs = sampling.SamplingParams(*knob_arrays.values())  # numpy: jit places it
     do_sample = knobs.needs_sampling()
-    with step((batch.tokens.shape, batch.ends.shape, do_sample, logprobs)):
+    # a first token's only penalty is the prompt's repetition penalty (no output yet)
+    penalties = bool(np.any(np.asarray(knobs.repetition_penalty) != 1))
+    with step((batch.tokens.shape, batch.ends.shape, do_sample, logprobs, penalties)):
       first, cache, *lps = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample,
-                                             logprobs=logprobs)
+                                             logprobs=logprobs, penalties=penalties)
       first = np.asarray(first)
       lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
     # Over every prompt position of the shape, so these few eager ops compile once per
