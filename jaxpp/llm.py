@@ -50,9 +50,24 @@ class Completion:
   top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
-def resolve_dtype(name: str):
+# dtype="auto": the checkpoint's own, with float16 computed in bfloat16 (jaxpp's two widths)
+AUTO_DTYPES = {"bfloat16": "bfloat16", "float16": "bfloat16", "float32": "float32"}
+
+
+def resolve_dtype(name: str, checkpoint_dir=None):
+  """The activation and weight dtype `name` means: "bfloat16", "float32", or "auto", the
+  checkpoint's (`checkpoint.checkpoint_dtype`; float16 runs in bfloat16)."""
+  if name == "auto":
+    if checkpoint_dir is None:
+      raise JaxppError('dtype "auto" takes the checkpoint\'s dtype; there is no checkpoint')
+    stored = checkpoint.checkpoint_dtype(checkpoint_dir)
+    if stored not in AUTO_DTYPES:
+      raise JaxppError(f"checkpoint {checkpoint_dir} declares dtype {stored!r}; pass dtype as "
+                       f"one of {', '.join(DTYPES)}")
+    name = AUTO_DTYPES[stored]
   if name not in DTYPES:
-    raise JaxppError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    raise JaxppError(f"dtype {name!r} is not supported; choose one of "
+                     f"{', '.join(DTYPES)} or auto")
   return DTYPES[name]
 
 
@@ -104,11 +119,12 @@ class LLM:
     attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel at
     tp = 1 and cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla"."""
     q = quant_lib.Quant(quant, quant_embed)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, checkpoint_dir)
     config = checkpoint.load_config(checkpoint_dir)
     if dp is not None:  # 0 (or a "dp0..." name): as many as the devices hold (Pipeline.build)
       layout = dataclasses.replace(Layout.of(layout), dp=dp)
-    pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
+    pipe = Pipeline.build(config, layout, devices=devices, attention=attention,
+                          max_len=check_context(config, max_len or 0, decode_chunk))
     params = weights.load_weights(checkpoint_dir, pipe, dtype, quant=q,
                                   cache_dir=params_cache_dir)
     self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
@@ -119,7 +135,8 @@ class LLM:
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
                   decode_chunk: int = 0, devices=None, attention: str = "auto") -> "LLM":
     """Places params held in the plain [L, ...] layout (random weights, tests) on `layout`."""
-    pipe = Pipeline.build(config, layout, devices=devices, attention=attention)
+    pipe = Pipeline.build(config, layout, devices=devices, attention=attention,
+                          max_len=check_context(config, max_len or 0, decode_chunk))
     return cls.on_pipeline(config, pipe, weights.place_plain(pipe, params),
                            tokenizer=tokenizer, max_len=max_len, decode_chunk=decode_chunk)
 
@@ -135,7 +152,7 @@ class LLM:
   def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
     self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
     self.dtype = params_lib.activation_dtype(params)
-    self.max_len = check_context(config, max_len, decode_chunk)
+    self.max_len = check_context(config, max_len or 0, decode_chunk)
     self.decode_chunk = decode_chunk or defaults.decode_chunk(pipe.layout)
     self._engines: dict[int | None, engine_lib.Engine] = {}  # generate's, by slot count
 

@@ -251,7 +251,12 @@ def test_error_not_llama(tmp_path):
   d, _ = make_checkpoint(tmp_path / "ckpt")
   _edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"])
   with raises_one_line(r"config\.json: model_type='gpt2' .* is not supported; supported: llama, "
-                       r"mistral, qwen2, qwen3"):
+                       r"mistral, qwen2, qwen3, phi3, gemma, gemma2"):
+    checkpoint.load_config(d)
+  _edit_config(d, model_type="mixtral", architectures=["MixtralForCausalLM"],
+               num_local_experts=8)
+  with raises_one_line(r"model_type='mixtral' is a mixture-of-experts model "
+                       r"\(num_local_experts=8\); not supported yet"):
     checkpoint.load_config(d)
 
 
@@ -317,3 +322,24 @@ def test_error_missing_orbax_path(tmp_path):
   cfg = checkpoint.load_config(d)
   with raises_one_line("orbax checkpoint .*nope does not exist"):
     checkpoint.restore_params(tmp_path / "nope", params_lib.abstract_params(cfg, jnp.float32))
+
+
+def test_dtype_auto_takes_the_checkpoints(tmp_path):
+  """dtype="auto" is config.json's dtype (torch_dtype before transformers 5), else the
+  stored embedding's; float16 runs in bfloat16; no checkpoint, no auto."""
+  from jaxpp.llm import resolve_dtype
+
+  bf16, _ = make_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+  f32, _ = make_checkpoint(tmp_path / "f32")
+  assert resolve_dtype("auto", bf16) == jnp.bfloat16
+  assert resolve_dtype("auto", f32) == jnp.float32
+  for key in ("torch_dtype", "dtype"):
+    _edit_config(bf16, **{key: None})
+  assert checkpoint.checkpoint_dtype(bf16) == "bfloat16"  # from the stored tensors
+  _edit_config(f32, dtype="float16")
+  assert resolve_dtype("auto", f32) == jnp.bfloat16
+  _edit_config(f32, dtype="int4")
+  with raises_one_line("declares dtype 'int4'; pass dtype as one of bfloat16, float32"):
+    resolve_dtype("auto", f32)
+  with raises_one_line('dtype "auto" takes the checkpoint'):
+    resolve_dtype("auto")

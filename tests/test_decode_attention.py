@@ -32,11 +32,15 @@ def _inputs(seed, lead, B, K, G, S, H):
           draw(B, K, H), draw(B, K, H))
 
 
-def _reference(q, keys, values, k_new, v_new, lengths):
-  """One softmax over a row's first lengths[b] cached positions and its new token."""
+def _reference(q, keys, values, k_new, v_new, lengths, firsts=None):
+  """One softmax over a row's cached positions firsts[b] .. lengths[b] - 1 and its new
+  token."""
   S = keys.shape[2]
+  firsts = jnp.zeros_like(lengths) if firsts is None else firsts
   s = jnp.einsum("BKGH,BKSH->BKGS", q, keys)
-  s = jnp.where(jnp.arange(S) < lengths[:, None, None, None], s, -jnp.inf)
+  at = jnp.arange(S)
+  s = jnp.where((at < lengths[:, None, None, None]) & (at >= firsts[:, None, None, None]), s,
+                -jnp.inf)
   s_new = jnp.einsum("BKGH,BKH->BKG", q, k_new)[..., None]
   p = jax.nn.softmax(jnp.concatenate([s, s_new], -1), -1)
   return jnp.einsum("BKGS,BKSH->BKGH", p[..., :S], values) + p[..., S:] * v_new[:, :, None]
@@ -67,6 +71,43 @@ def test_kernel_reads_nothing_past_a_rows_length():
                    jnp.float32)
   want = _reference(q, keys[0], values[0], k_new, v_new, lengths)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_a_sliding_window_reads_only_its_positions(splits):
+  """Rows whose window starts mid-block, on a block edge, blocks in, or at the row's end
+  (only the new token): the same numbers as the masked softmax, junk before the window
+  (NaN) never read."""
+  q, keys, values, k_new, v_new = _inputs(3, (2,), 5, 2, 4, 256, 16)
+  lengths = jnp.asarray([70, 128, 255, 200, 9], jnp.int32)
+  firsts = jnp.asarray([5, 64, 130, 199, 9], jnp.int32)
+  before = (jnp.arange(256) < firsts[:, None] // 64 * 64)[None, :, None, :, None]
+  poisoned = [jnp.where(before, jnp.nan, a) for a in (keys, values)]
+  got = da.combine(*da.attend_cached(q, *poisoned, (1,), lengths, firsts, splits=splits), q,
+                   k_new, v_new, jnp.float32)
+  want = _reference(q, keys[1], values[1], k_new, v_new, lengths, firsts)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_capped_scores_match_the_capped_softmax():
+  """Gemma 2's cap (cap * tanh(s / cap)) on every score, cached and new, in the kernel and
+  in combine: the same as capping a plain softmax's scores."""
+  q, keys, values, k_new, v_new = _inputs(4, (1,), 3, 2, 4, 128, 16)
+  q = q * 8  # scores large enough for a cap of 2 to bite
+  lengths = jnp.asarray([5, 64, 100], jnp.int32)
+  got = da.combine(*da.attend_cached(q, keys, values, (0,), lengths, softcap=2.0), q, k_new,
+                   v_new, jnp.float32, softcap=2.0)
+  capped = lambda s: 2.0 * jnp.tanh(s / 2.0)
+  S = keys.shape[3]
+  s = capped(jnp.einsum("BKGH,BKSH->BKGS", q, keys[0]))
+  s = jnp.where(jnp.arange(S) < lengths[:, None, None, None], s, -jnp.inf)
+  s_new = capped(jnp.einsum("BKGH,BKH->BKG", q, k_new))[..., None]
+  p = jax.nn.softmax(jnp.concatenate([s, s_new], -1), -1)
+  want = jnp.einsum("BKGS,BKSH->BKGH", p[..., :S], values[0]) + p[..., S:] * v_new[:, :, None]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  plain = da.combine(*da.attend_cached(q, keys, values, (0,), lengths), q, k_new, v_new,
+                     jnp.float32)
+  assert not np.allclose(plain, want, atol=1e-3)  # the cap changes the answer
 
 
 def test_kernel_refuses_a_cache_it_cannot_tile():

@@ -13,7 +13,8 @@ from jaxpp.load import checkpoint
 from jaxpp.serve import reference as generate
 from tests import hf_models
 
-VARIANTS = ["gqa", "mha", "mqa", "tied", "llama3_rope", "head_dim", "qwen2", "qwen3"]
+VARIANTS = ["gqa", "mha", "mqa", "tied", "llama3_rope", "head_dim", "qwen2", "qwen3",
+            "mistral_window", "qwen2_window", "phi3", "gemma", "gemma2"]
 PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44], [1, 3, 3, 90, 61, 17, 25, 26, 40, 11, 7, 19, 2, 4]]
 
 
@@ -68,3 +69,46 @@ def test_prefill_cache_then_decode_equals_full_forward(model_pair):
                                               np.array([full], np.int32)))
   greedy = logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
   assert greedy == completion.token_ids
+
+
+@pytest.mark.parametrize("original,max_len", [(4, 128), (64, 48)])
+def test_phi3_longrope_matches_transformers(tmp_path, original, max_len):
+  """LongRoPE: with a context beyond the pretraining length the long factors (prompts
+  longer than it, so transformers uses them from the first token too), within it the
+  short ones; logits and greedy tokens as transformers gives them."""
+  ckpt, ref = hf_models.make_checkpoint(tmp_path, "phi3_longrope",
+                                        original_max_position_embeddings=original)
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=max_len)
+  assert llm.pipeline.config.rope_scaling.long == (max_len > original)
+  matches_transformers(llm, ref, [p for p in PROMPTS if len(p) > 4])
+
+
+def matches_transformers(llm, ref, prompts, new_tokens: int = 16):
+  """Last-position logits within 1e-4 and greedy tokens equal to transformers' generate."""
+  with torch.no_grad():
+    last = np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
+  assert rel_err(llm.prompt_logits(prompts), last) < 1e-4
+  for prompt, completion in zip(prompts, llm.generate(prompts, max_new_tokens=new_tokens)):
+    with torch.no_grad():
+      out = ref.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    expected = out[0, len(prompt):].tolist()
+    if completion.finish_reason == "stop":  # transformers was told not to stop
+      expected = expected[:len(completion.token_ids)]
+    assert completion.token_ids == expected
+
+
+# Each other family again with MQA, with the head tied the other way, and (windowed ones)
+# through the fused kernels' CPU paths: several configs a family, as with Llama above.
+FAMILY_CONFIGS = [(f, extra) for f in ("mistral_window", "qwen2", "qwen3", "phi3", "gemma2")
+                  for extra in (dict(num_key_value_heads=1), dict(tie_word_embeddings=True)
+                                if not f.startswith("gemma") else dict(tie_word_embeddings=False))]
+
+
+@pytest.mark.parametrize("family,extra", FAMILY_CONFIGS,
+                         ids=[f"{f}-{next(iter(e))}" for f, e in FAMILY_CONFIGS])
+def test_family_variants_match_transformers(tmp_path, family, extra):
+  ckpt, ref = hf_models.make_checkpoint(tmp_path, family, **extra)
+  attention = "kernel" if family in ("mistral_window", "gemma2") else "auto"
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=128, attention=attention)
+  matches_transformers(llm, ref, PROMPTS)

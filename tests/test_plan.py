@@ -13,6 +13,7 @@ import pytest
 
 from jaxpp.errors import JaxppError
 from jaxpp.model.attention_choice import Kernels
+from jaxpp.parallel import layout as layout_lib
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.plan import estimate, presets, recommend
@@ -28,6 +29,9 @@ def test_presets_have_the_published_sizes():
   assert L70B.param_count() == pytest.approx(70.55e9, rel=1e-3)
   assert L405B.param_count() == pytest.approx(405.85e9, rel=1e-3)
   assert presets.model_config("llama3-70b") is L70B
+  # Qwen2.5-7B 7.62B, Qwen2.5-72B 72.7B, Mistral-7B 7.24B (their model cards)
+  for name, size in (("qwen2.5-7b", 7.62e9), ("qwen2.5-72b", 72.7e9), ("mistral-7b", 7.24e9)):
+    assert presets.MODELS[name].param_count() == pytest.approx(size, rel=2e-3), name
   with pytest.raises(JaxppError, match="neither a preset"):
     presets.model_config("llama3-7b")
 
@@ -58,6 +62,12 @@ def test_kv_cache_bytes():
   # K and V, 8 kv heads of 128, bf16: 2 * 8 * 128 * 2 bytes = 4 KiB per token per layer.
   assert estimate.kv_bytes_per_token_layer(L8B) == 4096
   assert estimate.kv_bytes_per_token_layer(L8B, tp=2) == 2048
+  # tp=16 > 8 kv heads: each device holds one replicated head, not half of one
+  assert estimate.kv_bytes_per_token_layer(L8B, tp=16) == 512
+  D, H, norms = L8B.hidden_size, L8B.head_dim, 2 * L8B.hidden_size
+  copies = 2 * D * 8 * H  # wk and wv of the 8 replicas beyond the 8 heads
+  assert layout_lib.block_params_per_device(L8B, 16) == \
+      (L8B.block_param_count() + copies - norms) / 16 + norms
   w = Workload(input_len=1000, output_len=24, concurrency=10)
   mem = estimate.memory_per_stage(L8B, Layout(1, 1), w, H100)
   assert mem.kv == 10 * 1024 * 32 * 4096
@@ -265,12 +275,12 @@ def test_batch_never_picks_a_layout_that_does_not_fit():
 
 
 def test_layouts_jaxpp_refuses_are_skipped():
-  tiny = presets.MODELS["tiny"]  # K=2 kv heads: tp=4 cannot split them
+  tiny = dataclasses.replace(presets.MODELS["tiny"], num_heads=6)  # tp=4 cannot split 6
   r = recommend.recommend(tiny, 4, Workload(input_len=16, output_len=8, concurrency=4), H100)
   assert [row.name for row in r.rows] == ["pp4tp1", "dp2pp2tp1", "dp4pp1tp1", "pp2tp2",
                                           "dp2pp1tp2"]
-  assert r.skipped == [("pp1tp4", "tp=4 does not divide num_key_value_heads=2; choose tp among "
-                                  "the divisors of 2")]
+  assert r.skipped == [("pp1tp4", "tp=4 does not divide num_attention_heads=6; choose tp among "
+                                  "the divisors of 6")]
   with pytest.raises(JaxppError, match="^layout pp1tp4: tp=4 does not divide"):
     estimate.memory_per_stage(tiny, Layout(1, 4), Workload(), H100)
   with pytest.raises(JaxppError, match="decode ring needs at least pp"):

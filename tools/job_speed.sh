@@ -15,7 +15,8 @@
 # checkpoint, input and output set; SLOTS ignored) and `rerun` repeats that command on its
 # finished output (nothing left to do: the start-up of a no-op rerun); `long` runs that
 # config on long documents (35 tickets each, ~6,600 tokens; LONG_DOCS of them, default 96)
-# at max_len 8192 with attention=xla, then auto. Needs a GPU, ~17 GB
+# at max_len 8192 with attention=xla, then auto. BENCH_FLAGS adds flags to the bench's
+# command (e.g. --decode_chunk=16, the job's chunk). Needs a GPU, ~17 GB
 # of disk for the checkpoint (kept in out/llama3-8b-random between runs) and jaxpp
 # importable (PYTHONPATH=. from the repo root). Logs and reports go to OUT_DIR; each job line also
 # gives the peak anonymous host memory (RssAnon, sampled every 0.2 s).
@@ -71,7 +72,7 @@ tuned() {  # the issue's workload on configs/harbor.py
 if [[ $steps == *workload* ]]; then
   python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 \
     --workload=out/tickets_x$repeat.jsonl --tokenizer=$ckpt --max_len=1024 --output_len=64 \
-    --max_num_seqs=$slots --out="$out/workload" > "$out/workload.log" 2>&1 \
+    --max_num_seqs=$slots --out="$out/workload" ${BENCH_FLAGS:-} > "$out/workload.log" 2>&1 \
     || tail -30 "$out/workload.log"
   tail -4 "$out/workload.log"
 fi

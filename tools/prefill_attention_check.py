@@ -10,13 +10,18 @@ What the CPU tests cannot check (tests/test_prefill_attention.py says why), on o
    [rows, K, G, T, T] scores; the kernel's must hold nothing of T x T);
 3. speed: TFLOP/s of both at 1,024 and 8,192 tokens a row (16,384 tokens a call), one
    prompt a row or four, counting the causal FLOPs, 2 * L^2 * N * H for each prompt of L
-   tokens (XLA computes twice that, all of [T, T]).
+   tokens (XLA computes twice that, all of [T, T]);
+4. sliding windows (`--checks windows`): cuDNN's `sliding_window_length` on packed rows
+   against the reference's window mask, and the decode kernel reading from each row's
+   window start (`firsts`) against a masked softmax, both in bf16 against f32.
 
-    JAX_PLATFORMS=cuda,cpu PYTHONPATH=. python tools/prefill_attention_check.py
+    JAX_PLATFORMS=cuda,cpu PYTHONPATH=. python tools/prefill_attention_check.py \
+        [--checks numbers,memory,speed,windows]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import time
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpp.model import decode_attention as da
 from jaxpp.model import llama
 from jaxpp.model import prefill_attention as pa
 from jaxpp.model.attention_choice import Kernels
@@ -117,11 +123,60 @@ def speed() -> list[dict]:
   return out
 
 
+def windows() -> list[dict]:
+  out = []
+  segments = packed([[100, 300, 50], [512], [], [7, 1, 200, 33]], 512)
+  q, k, v = qkv(4, 512, 32, 8)
+  f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+  for window in (1, 64, 257, 4096):
+    run = lambda *a, gpu, window=window: pa.attend_local(*a, on_gpu=gpu, window=window)
+    try:
+      got = jax.jit(lambda *a: run(*a, gpu=True))(q, k, v, segments)
+    except Exception as e:  # noqa: BLE001 - the check reports what cuDNN refused
+      out.append(dict(check="prefill_window", window=window, error=str(e).splitlines()[0]))
+      continue
+    want = jax.jit(lambda *a: run(*a, gpu=False))(*f32, segments)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+    out.append(dict(check="prefill_window", window=window, relative_error=err,
+                    nan=bool(jnp.isnan(got).any())))
+  B, K, G, S = 8, 8, 4, 4096
+  ks = jax.random.split(jax.random.key(1), 5)
+  qd = (jax.random.normal(ks[0], (B, K, G, H)) * H ** -0.5).astype(jnp.bfloat16)
+  keys = jax.random.normal(ks[1], (1, B, K, S, H)).astype(jnp.bfloat16)
+  values = jax.random.normal(ks[2], (1, B, K, S, H)).astype(jnp.bfloat16)
+  k_new, v_new = (jax.random.normal(kk, (B, K, H)).astype(jnp.bfloat16) for kk in ks[3:])
+  lengths = jnp.asarray([1, 63, 64, 700, 2048, 3000, 4000, 4095], jnp.int32)
+  for window in (16, 1024):
+    firsts = jnp.maximum(lengths - window + 1, 0)
+    got = jax.jit(lambda: da.combine(*da.attend_cached(qd, keys, values, (0,), lengths, firsts),
+                                     qd, k_new, v_new, jnp.float32))()
+    at = jnp.arange(S)
+    inside = (at < lengths[:, None]) & (at >= firsts[:, None])  # [B, S]
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (qd, keys[0], values[0]))
+    s = jnp.where(inside[:, None, None], jnp.einsum("BKGH,BKSH->BKGS", q32, k32), -jnp.inf)
+    s_new = jnp.einsum("BKGH,BKH->BKG", q32, k_new.astype(jnp.float32))[..., None]
+    p = jax.nn.softmax(jnp.concatenate([s, s_new], -1), -1)
+    want = (jnp.einsum("BKGS,BKSH->BKGH", p[..., :S], v32)
+            + p[..., S:] * v_new.astype(jnp.float32)[:, :, None])
+    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+    out.append(dict(check="decode_window", window=window, relative_error=err,
+                    nan=bool(jnp.isnan(got).any())))
+  return out
+
+
+CHECKS = dict(numbers=numbers, memory=memory, speed=speed, windows=windows)
+
+
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checks", default="numbers,memory,speed,windows",
+                      help=f"comma-separated, of {', '.join(CHECKS)}")
+  args = parser.parse_args()
   print(json.dumps(dict(jax=jax.__version__, device=str(jax.devices()[0]),
                         available=pa.available(jax.devices()[0]))))
-  for row in numbers() + memory() + speed():
-    print(json.dumps(row), flush=True)
+  for name in args.checks.split(","):
+    for row in CHECKS[name]():
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

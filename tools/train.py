@@ -154,7 +154,7 @@ def forward(c: LlamaConfig, params, tokens) -> jnp.ndarray:
     y, _ = block.apply({"params": p}, x, positions, start, None)
     return y, None
 
-  x = llama.embed(params, tokens, jnp.float32)
+  x = llama.embed(c, params, tokens, jnp.float32)
   x, _ = jax.lax.scan(layer, x, params["blocks"])
   return llama.logits(c, params, x)
 

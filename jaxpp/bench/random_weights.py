@@ -28,7 +28,7 @@ def random_llm(config, dtype, *, layout: Layout | str, max_len: int, decode_chun
   """
   layout = Layout.of(layout)  # on the first devices it needs: one run may size several
   pipe = Pipeline.build(config, layout, devices=jax.devices()[:layout.devices],
-                        scan_unroll=scan_unroll, attention=attention)
+                        scan_unroll=scan_unroll, attention=attention, max_len=max_len)
   quant_lib.check_backend(quant, pipe.mesh.devices.flat[0])
   abstract = params_lib.flatten(params_lib.abstract_params(config, dtype, pipe.layer_axes))
   shardings = params_lib.flatten(pipe.param_shardings(quant))

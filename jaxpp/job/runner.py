@@ -93,7 +93,7 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if config.model.attention not in attention_choice.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
                      f"{', '.join(attention_choice.CHOICES)}")
-  resolve_dtype(config.model.dtype)
+  resolve_dtype(config.model.dtype, config.model.checkpoint)
   quant_lib.Quant(config.model.quant, config.model.quant_embed)
   if TEMPLATE_SLOT not in job.prompt_template:
     raise JaxppError(f"job.prompt_template must contain {TEMPLATE_SLOT}")
@@ -195,7 +195,8 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
               Prompter.for_job(tokenizer, config, max_len))
   devices = jax.devices() if devices is None else devices
   pipe = Pipeline.build(model_cfg, layout_of(config, len(devices)),  # against the devices
-                        devices=devices, attention=config.model.attention)
+                        devices=devices, attention=config.model.attention,
+                        max_len=max_len)
   # before the first compile of the process (the resume broadcast below compiles one): JAX
   # decides once whether a persistent cache is in use
   compile_cache.enable(job.get("compile_cache", ""))
@@ -291,7 +292,7 @@ class _Run:
     health.startup(pipe.mesh, dog, log_line)
     loading = time.perf_counter()
     params = weights.load_weights(
-        config.model.checkpoint, pipe, resolve_dtype(config.model.dtype),
+        config.model.checkpoint, pipe, resolve_dtype(config.model.dtype, config.model.checkpoint),
         quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
         cache_dir=config.model.params_cache or None)
     self.load_seconds = time.perf_counter() - loading

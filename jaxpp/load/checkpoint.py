@@ -74,6 +74,25 @@ def load_config(ckpt_dir) -> LlamaConfig:
                              source=str(config_path))
 
 
+# safetensors dtype codes -> names; what `checkpoint_dtype` reports
+_STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def checkpoint_dtype(ckpt_dir) -> str:
+  """The dtype the checkpoint declares, as transformers' `dtype="auto"` picks it:
+  config.json's `torch_dtype` (`dtype` from transformers 5), else the stored dtype of the
+  embedding."""
+  d = _existing_dir(ckpt_dir)
+  config_path = d / "config.json"
+  hf = _read_json(config_path) if config_path.is_file() else {}
+  name = hf.get("torch_dtype") or hf.get("dtype")
+  if name is None:
+    with contextlib.ExitStack() as stack:
+      code = _Reader(d, stack, framework="numpy").dtype("model.embed_tokens.weight")
+    name = _STORED_DTYPES.get(code, code)
+  return str(name)
+
+
 # --- Hugging Face safetensors ----------------------------------------------------------------
 
 
@@ -153,6 +172,11 @@ class _Reader:
       raise JaxppError(f"checkpoint {self._dir}: missing tensor {name!r}")
     return tuple(self._slice(name).get_shape())
 
+  def dtype(self, name: str) -> str:
+    """The stored dtype code (safetensors': "BF16", "F32", ...)."""
+    self.shape(name)  # a missing name is a one-line error
+    return self._slice(name).get_dtype()
+
   def read(self, name: str) -> np.ndarray:
     with jax.default_device(self._host):
       return np.asarray(self._slice(name)[:])
@@ -180,7 +204,7 @@ def check_checkpoint(ckpt_dir, cfg: LlamaConfig) -> None:
 
 
 def _hf_names(path: params_lib.Path, cfg: LlamaConfig) -> list[str]:
-  src = params_lib.HF_SOURCES[path]
+  src = params_lib.hf_source(path, cfg)
   if src.stacked:
     return [src.name.format(i=i) for i in range(cfg.num_layers)]
   return [src.name]
@@ -215,7 +239,7 @@ def _place_leaf(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype:
   need it (replication over 'tp', say), and the next is read only once the devices have
   taken it, so the host holds one tensor at a time.
   """
-  src = params_lib.HF_SOURCES[path]
+  src = params_lib.hf_source(path, cfg)
   lead = layer_index.ndim if src.stacked else 0
   indices = sharding.addressable_devices_indices_map(shape)
   shards: dict[jax.Device, jax.Array] = {}

@@ -36,7 +36,8 @@ def load_weights(checkpoint_dir: str | pathlib.Path, pipe: Pipeline, dtype, *,
 def place_plain(pipe: Pipeline, params: dict) -> dict:
   """Params in the plain [L, ...] layout, stacked per stage and placed as `pipe` holds them.
 
-  Params already quantised (`params.quantize_params`) keep their 8-bit leaves and scales.
+  Params already quantised (`params.quantize_params`) keep their 8-bit leaves and scales;
+  kv heads are replicated where the pipeline's tp exceeds them (`LlamaConfig.for_tp`).
   """
   index = pipe.partition.layer_index()
 
@@ -44,6 +45,8 @@ def place_plain(pipe: Pipeline, params: dict) -> dict:
     if path[0] != "blocks":
       return leaf
     host = np.asarray(leaf)
+    if path[-1].removesuffix(quant_lib.SCALE) in params_lib.KV_LEAVES:
+      host = params_lib.replicate_kv(host, pipe.config)  # tp > kv heads (`for_tp`)
     return np.where((index >= 0).reshape(index.shape + (1,) * (host.ndim - 1)),
                     host[np.maximum(index, 0)], 0).astype(host.dtype)
 

@@ -48,7 +48,7 @@ NEG_INF = -1e30
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
 
 
-def attend(q, keys, values, at, lengths, **options):
+def attend(q, keys, values, at, lengths, firsts=None, **options):
   """`attend_cached`, split over kv heads where the surrounding mesh splits them over 'tp'.
 
   GSPMD cannot partition a custom kernel: given one, it would gather the whole cache onto
@@ -57,20 +57,25 @@ def attend(q, keys, values, at, lengths, **options):
   on its own kv heads, which is where q, the cache and the output already lie.
   """
   mesh = jax.sharding.get_abstract_mesh()
+  if firsts is None:
+    firsts = jnp.zeros_like(lengths)
   if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
-    return attend_cached(q, keys, values, at, lengths, **options)
+    return attend_cached(q, keys, values, at, lengths, firsts, **options)
   heads = P(*(None,) * (keys.ndim - 3), TP)  # the cache's K axis
   out = P(None, None, TP)
   run = jax.shard_map(
-      lambda q, k, v, at, n: attend_cached(q, k, v, tuple(at), n, **options), mesh=mesh,
-      in_specs=(P(None, TP), heads, heads, P(), P()), out_specs=(out, out, out),
-      axis_names={TP}, check_vma=False)
-  return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths)
+      lambda q, k, v, at, n, f: attend_cached(q, k, v, tuple(at), n, f, **options),
+      mesh=mesh, in_specs=(P(None, TP), heads, heads, P(), P(), P()),
+      out_specs=(out, out, out), axis_names={TP}, check_vma=False)
+  return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths, firsts)
 
 
-def attend_cached(q, keys, values, at, lengths, *, splits: int = 0, block_s: int = BLOCK_S,
-                  num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
-  """Partial attention of q over the first lengths[b] cached positions of one layer.
+def attend_cached(q, keys, values, at, lengths, firsts=None, *, splits: int = 0,
+                  block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 2,
+                  interpret: bool | None = None, softcap: float = 0.0):
+  """Partial attention of q over cached positions firsts[b] .. lengths[b] - 1 of one
+  layer (firsts: a sliding window's start, default 0; the blocks before it are not read),
+  each score capped at +-softcap with tanh first when softcap > 0 (Gemma 2).
 
   q: [B, K, G, H], already scaled by H**-0.5. keys, values: the whole cache
   [*lead, B, K, S, H]; `at` indexes the lead axes (ints or traced int scalars) to pick the
@@ -95,7 +100,7 @@ def attend_cached(q, keys, values, at, lengths, *, splits: int = 0, block_s: int
   q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
   flat = functools.reduce(lambda acc, ia: acc * ia[1] + ia[0], zip(at, lead), jnp.int32(0))
   cache_shape = (-1, B, K, S, H)  # a bitcast: the lead axes as one
-  kernel = functools.partial(_kernel, block_s=block_s, splits=splits)
+  kernel = functools.partial(_kernel, block_s=block_s, splits=splits, softcap=softcap)
   acc, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, B, K, Gp, H), jnp.float32),
@@ -105,19 +110,21 @@ def attend_cached(q, keys, values, at, lengths, *, splits: int = 0, block_s: int
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="decode_attention",
-  )(jnp.reshape(flat, (1,)), lengths.astype(jnp.int32), q,
+  )(jnp.reshape(flat, (1,)), lengths.astype(jnp.int32),
+    (jnp.zeros_like(lengths) if firsts is None else firsts).astype(jnp.int32), q,
     keys.reshape(cache_shape), values.reshape(cache_shape))
   return acc[..., :G, :], m[..., :G], l[..., :G]
 
 
-def _kernel(at_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_s,
-            splits):
+def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
+            block_s, splits, softcap):
   """Program (split, row, kv head): online softmax over its share of the row's blocks."""
   p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  layer, n = at_ref[0], len_ref[b]
+  layer, n, first = at_ref[0], len_ref[b], first_ref[b]
   blocks = (n + block_s - 1) // block_s
-  per = (blocks + splits - 1) // splits
-  lo = p * per
+  skipped = first // block_s  # blocks wholly before the window
+  per = (blocks - skipped + splits - 1) // splits
+  lo = skipped + p * per
   hi = jnp.minimum(lo + per, blocks)
   q = q_ref[b, h]  # [Gp, H]
   Gp, H = q.shape
@@ -129,10 +136,13 @@ def _kernel(at_ref, len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, bloc
     v = v_ref[layer, b, h, pos, :].astype(q.dtype)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=HIGHEST,
                             preferred_element_type=jnp.float32)  # [Gp, block_s]
-    valid = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1) < n
-    s = jnp.where(valid, s, NEG_INF)
+    if softcap:
+      s = softcap * jnp.tanh(s / softcap)
+    at_s = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1)
+    s = jnp.where((at_s >= first) & (at_s < n), s, NEG_INF)
     # a slot's stale positions past n (an earlier request's) stay out even if not finite
-    v = jnp.where(i * block_s + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) < n, v, 0)
+    at_v = i * block_s + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where((at_v >= first) & (at_v < n), v, 0)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
     e = jnp.exp(s - m_new[:, None])
@@ -161,12 +171,15 @@ def auto_splits(programs: int, blocks: int) -> int:
   return splits
 
 
-def combine(acc, m, l, q, k_new, v_new, dtype):
+def combine(acc, m, l, q, k_new, v_new, dtype, softcap: float = 0.0):
   """Merges the kernel's pieces with the new token's own key/value -> out [B, K, G, H].
 
-  q [B, K, G, H] (scaled), k_new/v_new [B, K, H] (the decode token's, not yet cached).
+  q [B, K, G, H] (scaled), k_new/v_new [B, K, H] (the decode token's, not yet cached);
+  `softcap` as the kernel's.
   """
   s_new = jnp.einsum("BKGH,BKH->BKG", q, k_new, preferred_element_type=jnp.float32)
+  if softcap:
+    s_new = softcap * jnp.tanh(s_new / softcap)
   top = jnp.maximum(jnp.max(m, axis=0), s_new)
   w = jnp.exp(m - top)  # [splits, B, K, G]
   w_new = jnp.exp(s_new - top)

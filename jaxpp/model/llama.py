@@ -20,16 +20,18 @@ matmul libraries need a transposed copy of the whole slice per layer and step fi
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpp.model import decode_attention, prefill_attention, quant
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
-from jaxpp.model.rope import apply_rope, inverse_frequencies
+from jaxpp.model.rope import apply_rope, cos_sin_scale, inverse_frequencies
 
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
 
@@ -57,16 +59,26 @@ CACHE_ALIGN = 128
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm, statistics in float32 (as Llama does)."""
+  """Root-mean-square norm, statistics in float32 (as Llama does). With `offset` (Gemma)
+  the scale is 1 + w and applies in float32 before the cast, as transformers' Gemma does;
+  Llama casts first, then scales."""
 
   eps: float
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (normed * (1.0 + scale)).astype(x.dtype)
     return (normed.astype(x.dtype) * scale).astype(x.dtype)
+
+
+def soft_cap(x, cap: float):
+  """Gemma 2's soft cap: cap * tanh(x / cap), x itself for cap 0."""
+  return x if not cap else cap * jnp.tanh(x / cap)
 
 
 def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: bool):
@@ -87,9 +99,10 @@ class Attention(nn.Module):
   kernels: Kernels = Kernels()  # which phases run their fused kernel (attention_choice.py)
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
+  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None, window=0):
     """cache: this layer's view of the cache, or None when nothing is cached; segments
-    [B, T]: which prompt of a packed row each token belongs to (None: one per row)."""
+    [B, T]: which prompt of a packed row each token belongs to (None: one per row);
+    window: the layer's sliding window (an int, or a traced scalar; 0 = none)."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     wq = _weight(self, "wq", (D, N, H), self.quantized)
@@ -108,18 +121,27 @@ class Attention(nn.Module):
     if c.qk_norm:  # Qwen3: each head of q and k normalised over H before RoPE
       q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    scale = cos_sin_scale(c)
+    q = apply_rope(q, positions, inv_freq, scale)
+    k = apply_rope(k, positions, inv_freq, scale)
     B, T = x.shape[:2]
-    q = q.reshape(B, T, K, N // K, H) * (H ** -0.5)  # G = N // K query heads per kv head
+    # G = N // K query heads per kv head; Gemma 2 scales by its query_pre_attn_scalar
+    q = q.reshape(B, T, K, N // K, H) * (c.query_scale or H ** -0.5)
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
-                 kernels=self.kernels)
+                 kernels=self.kernels, window=window, softcap=c.attn_softcap)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
     return out, (k, v)
 
 
+def _within(query_pos, key_pos, window):
+  """Where a key is inside the query's sliding window (True everywhere for window 0)."""
+  if isinstance(window, int):
+    return True if window == 0 else query_pos - key_pos < window
+  return (window == 0) | (query_pos - key_pos < window)
+
+
 def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segments=None,
-           kernels: Kernels = Kernels()):
+           kernels: Kernels = Kernels(), window=0, softcap: float = 0.0):
   """Attention of T new tokens over the cache and themselves (causally) -> [B, T, K, G, H].
 
   q [B, T, K, G, H] (scaled by H**-0.5), k/v [B, T, K, H]: the new tokens'. One-token steps
@@ -127,37 +149,52 @@ def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segmen
   prefill (nothing cached) with `kernels.prefill` runs in prefill_attention's; otherwise
   one softmax over [cached | new] by XLA, reading the cache in place, never concatenated.
   With `segments` [B, T] (a packed prefill row, nothing cached) a token attends only to
-  earlier tokens of its own segment; without, a row is one causal sequence.
+  earlier tokens of its own segment; without, a row is one causal sequence. A `window`
+  (int or traced scalar, 0 = none) keeps a token to the keys less than `window` positions
+  before it, in every path; the prefill kernel takes it only as an int (a traced one, from
+  layers of different windows, runs XLA's attention). `softcap` (static, Gemma 2) caps
+  every score at +-softcap with tanh before the mask; cuDNN's kernel has no such cap, so
+  those prefills run XLA's attention too.
   """
   B, T, K, G, H = q.shape
-  if cache is None and kernels.prefill:
+  if cache is None and kernels.prefill and isinstance(window, int) and not softcap:
     segs = jnp.zeros((B, T), jnp.int32) if segments is None else segments
-    out = prefill_attention.attend(q.reshape(B, T, K * G, H), k, v, segs, on_gpu=kernels.gpu)
+    out = prefill_attention.attend(q.reshape(B, T, K * G, H), k, v, segs, on_gpu=kernels.gpu,
+                                   window=window)
     return out.reshape(B, T, K, G, H)
   if cache is not None and kernels.decode and T == 1:
-    pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start)
-    return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype)[:, None]
+    # the first cached position inside the window (the token itself is at `start`)
+    first = (jnp.zeros_like(start) if isinstance(window, int) and window == 0 else
+             jnp.where(window == 0, 0, jnp.maximum(start - window + 1, 0)))
+    pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start,
+                                     first, softcap=softcap)
+    return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype,
+                                    softcap=softcap)[:, None]
   causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+  causal &= _within(positions[:, None, None, :, None], positions[:, None, None, None, :],
+                    window)
   if segments is not None:
     causal &= segments[:, None, None, None, :] == segments[:, None, None, :, None]
-  scores = jnp.where(causal, jnp.einsum("BTKGH,BUKH->BKGTU", q, k,
-                                        preferred_element_type=jnp.float32), NEG_INF)
+  scores = jnp.where(causal, soft_cap(jnp.einsum(
+      "BTKGH,BUKH->BKGTU", q, k, preferred_element_type=jnp.float32), softcap), NEG_INF)
   if cache is None:
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     return jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
   old_k = cache.keys[cache.at].astype(dtype)
   old_v = cache.values[cache.at].astype(dtype)
   S = old_k.shape[2]
-  cached = jnp.arange(S)[None, :] < start[:, None]  # [B, S]
+  idx = jnp.arange(S)[None, None, :]
+  cached = (idx < start[:, None, None]) & _within(positions[:, :, None], idx, window)  # [B,T,S]
   old = jnp.einsum("BTKGH,BKSH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
-  old = jnp.where(cached[:, None, None, None, :], old, NEG_INF)
+  old = jnp.where(cached[:, None, None], soft_cap(old, softcap), NEG_INF)
   probs = jax.nn.softmax(jnp.concatenate([old, scores], axis=-1), axis=-1).astype(dtype)
   return (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], old_v) +
           jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., S:], v))
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-approximated
+  GELU (GeGLU, Gemma)."""
 
   config: LlamaConfig
   dtype: jnp.dtype
@@ -169,8 +206,9 @@ class MLP(nn.Module):
     w_gate = _weight(self, "w_gate", (D, F), self.quantized)
     w_up = _weight(self, "w_up", (D, F), self.quantized)
     w_down = _weight(self, "w_down", (F, D), self.quantized)
-    h = jax.nn.silu(quant.einsum("BTD,DF->BTF", x, *w_gate)) * quant.einsum(
-        "BTD,DF->BTF", x, *w_up)
+    act = jax.nn.silu if self.config.activation == "silu" else functools.partial(
+        jax.nn.gelu, approximate=True)
+    h = act(quant.einsum("BTD,DF->BTF", x, *w_gate)) * quant.einsum("BTD,DF->BTF", x, *w_up)
     return quant.einsum("BTF,FD->BTD", h, *w_down)
 
 
@@ -183,20 +221,24 @@ class Block(nn.Module):
   kernels: Kernels = Kernels()  # see Attention
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None):
-    eps = self.config.rms_norm_eps
-    attn_out, new_kv = Attention(self.config, self.dtype, self.quantized, self.kernels,
-                                 name="attn")(
-        RMSNorm(eps, name="attn_norm")(x), positions, start, cache, segments)
+  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None, window=0):
+    c = self.config
+    norm = functools.partial(RMSNorm, c.rms_norm_eps, c.norm_offset)
+    attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, name="attn")(
+        norm(name="attn_norm")(x), positions, start, cache, segments, window)
+    if c.sandwich_norms:  # Gemma 2: each sublayer's output normalised before its residual
+      attn_out = norm(name="attn_post_norm")(attn_out)
     x = x + attn_out
-    x = x + MLP(self.config, self.dtype, self.quantized, name="mlp")(
-        RMSNorm(eps, name="mlp_norm")(x))
-    return x, new_kv
+    mlp_out = MLP(c, self.dtype, self.quantized, name="mlp")(norm(name="mlp_norm")(x))
+    if c.sandwich_norms:
+      mlp_out = norm(name="mlp_post_norm")(mlp_out)
+    return x + mlp_out, new_kv
 
 
 def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
                microbatch=0, slots=None, segments=None, fresh: bool = False,
-               num_layers=None, unroll: int | bool = 1, kernels: Kernels = Kernels()):
+               num_layers=None, unroll: int | bool = 1, kernels: Kernels = Kernels(),
+               windows=None):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
   `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
@@ -212,8 +254,12 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   only the first layers of the stack, so chunks shorter than the padded stack do no
   compute on padding. `unroll` is `lax.scan`'s (docs/design.md: a rolled loop over stacked
   weights can cost decode bandwidth on GPU). `kernels` says which phases' attention runs
-  in its fused kernel (`attend`).
+  in its fused kernel (`attend`). `windows` i32[v, Lc] gives each layer's sliding window
+  (`window_table`) when the config's layers differ (`c.window` is None); otherwise every
+  layer takes the config's one window, a constant.
   """
+  if c.window is None and windows is None:
+    raise ValueError("layers with different sliding windows need run_blocks' `windows`")
   block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"], kernels=kernels)
   b, T = x.shape[:2]
   S = cache[0].shape[5]
@@ -231,7 +277,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
 
     def compute(_):
       kv = None if fresh else LayerCache(ck, cv, (chunk, i, microbatch))
-      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments)
+      window = c.window if c.window is not None else windows[chunk, i]
+      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window)
       return y, k.astype(k_dtype), v.astype(k_dtype)
 
     def skip(_):
@@ -255,21 +302,31 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
 
 
-def embed(params, tokens, dtype) -> jnp.ndarray:
-  """tokens [B, T] -> activations [B, T, D] (an 8-bit embedding is rescaled per row)."""
+def embed(c: LlamaConfig, params, tokens, dtype) -> jnp.ndarray:
+  """tokens [B, T] -> activations [B, T, D] (an 8-bit embedding is rescaled per row; Gemma
+  multiplies by its `embed_scale` in the activation dtype, as transformers does)."""
   x = params["embed"][tokens].astype(dtype)
   if "embed" + quant.SCALE in params:
     x = x * params["embed" + quant.SCALE][tokens][..., None].astype(dtype)
-  return x
+  return x if c.embed_scale == 1.0 else x * jnp.asarray(c.embed_scale, dtype)
 
 
 def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
-  """Final norm and LM head (the embedding when tied): [B, T, D] -> f32 [B, T, V]."""
-  x = RMSNorm(c.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+  """Final norm and LM head (the embedding when tied): [B, T, D] -> f32 [B, T, V], capped
+  with `final_softcap` (Gemma 2)."""
+  x = RMSNorm(c.rms_norm_eps, c.norm_offset).apply({"params": params["final_norm"]}, x)
   name, spec = ("embed", "BTD,VD->BTV") if c.tie_word_embeddings else ("lm_head", "BTD,DV->BTV")
   out = jnp.einsum(spec, x, params[name].astype(x.dtype), preferred_element_type=jnp.float32)
   scale = params.get(name + quant.SCALE)
-  return out if scale is None else out * scale.astype(jnp.float32)
+  out = out if scale is None else out * scale.astype(jnp.float32)
+  return soft_cap(out, c.final_softcap)
+
+
+def window_table(c: LlamaConfig, layer_index) -> np.ndarray:
+  """i32 windows of the model layers `layer_index` names (any shape; -1, padding: 0)."""
+  windows = np.asarray(c.sliding_windows or (0,) * c.num_layers, np.int32)
+  index = np.asarray(layer_index)
+  return np.where(index >= 0, windows[np.maximum(index, 0)], 0).astype(np.int32)
 
 
 def cache_positions(max_len: int) -> int:

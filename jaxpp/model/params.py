@@ -51,14 +51,29 @@ class HFSource:
 
 def _heads(n_attr: str):
   def convert(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H, D] -> [D, n, H]
-    return w.T.reshape(c.hidden_size, getattr(c, n_attr), c.head_dim)
+    return replicate_kv(w.T.reshape(c.hidden_size, _stored(c, n_attr), c.head_dim), c,
+                        n_attr)
   return convert
 
 
 def _bias(n_attr: str):
   def convert(b: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H] -> [n, H]
-    return b.reshape(getattr(c, n_attr), c.head_dim)
+    return replicate_kv(b.reshape(_stored(c, n_attr), c.head_dim), c, n_attr)
   return convert
+
+
+def _stored(c: LlamaConfig, n_attr: str) -> int:
+  return c.checkpoint_kv_heads if n_attr == "num_kv_heads" else getattr(c, n_attr)
+
+
+def replicate_kv(a, c: LlamaConfig, n_attr: str = "num_kv_heads"):
+  """A kv leaf [..., K, H] with each head repeated `c.kv_replicas` times (`for_tp`)."""
+  if n_attr != "num_kv_heads" or c.kv_replicas == 1:
+    return a
+  return a.repeat(c.kv_replicas, axis=-2)
+
+
+KV_LEAVES = ("wk", "wv", "bk", "bv")  # leaves (and their 8-bit scales) with a kv-head axis
 
 
 def _out_proj(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [D, N*H] -> [N, H, D]
@@ -130,16 +145,79 @@ def leaf_shapes(c: LlamaConfig) -> dict[Path, tuple[int, ...]]:
   if c.qk_norm:
     shapes |= {("blocks", "attn", "q_norm", "scale"): (L, H),
                ("blocks", "attn", "k_norm", "scale"): (L, H)}
+  if c.sandwich_norms:
+    shapes |= {("blocks", "attn_post_norm", "scale"): (L, D),
+               ("blocks", "mlp_post_norm", "scale"): (L, D)}
   if c.tie_word_embeddings:
     del shapes[("lm_head",)]
   return shapes
 
 
+def _fused_qkv(part: int):
+  """Phi-3's q|k|v rows [(N + 2K) * H, D] -> wq, wk or wv as every family has it."""
+  def convert(w, c: LlamaConfig):
+    q, kv = c.num_heads * c.head_dim, c.checkpoint_kv_heads * c.head_dim
+    start, n_attr = ((0, "num_heads"), (q, "num_kv_heads"), (q + kv, "num_kv_heads"))[part]
+    return _heads(n_attr)(w[start:start + (q if part == 0 else kv)], c)
+  return convert
+
+
+def _fused_half(part: int):
+  """Phi-3's gate|up rows [2F, D] -> w_gate or w_up [D, F]."""
+  def convert(w, c: LlamaConfig):
+    F = c.intermediate_size
+    return w[part * F:(part + 1) * F].T
+  return convert
+
+
+# Checkpoints with `fused_checkpoint` (Phi-3) hold these leaves inside two tensors a layer.
+FUSED_SOURCES: dict[Path, HFSource] = {
+    ("blocks", "attn", "wq"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(0),
+                                       True),
+    ("blocks", "attn", "wk"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(1),
+                                       True),
+    ("blocks", "attn", "wv"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(2),
+                                       True),
+    ("blocks", "mlp", "w_gate"): HFSource(_LAYER + "mlp.gate_up_proj.weight", _fused_half(0),
+                                          True),
+    ("blocks", "mlp", "w_up"): HFSource(_LAYER + "mlp.gate_up_proj.weight", _fused_half(1),
+                                        True),
+}
+
+
+# Gemma 2's four norms a layer: its `post_attention_layernorm` is the attention output's
+# (Llama's name for the MLP's input norm), `pre_feedforward_layernorm` the MLP's input's.
+SANDWICH_SOURCES: dict[Path, HFSource] = {
+    ("blocks", "attn_post_norm", "scale"): HFSource(
+        _LAYER + "post_attention_layernorm.weight", _same, True),
+    ("blocks", "mlp_norm", "scale"): HFSource(
+        _LAYER + "pre_feedforward_layernorm.weight", _same, True),
+    ("blocks", "mlp_post_norm", "scale"): HFSource(
+        _LAYER + "post_feedforward_layernorm.weight", _same, True),
+}
+
+
+def hf_source(path: Path, c: LlamaConfig) -> HFSource:
+  """Where leaf `path` comes from in `c`'s checkpoint format."""
+  if c.fused_checkpoint and path in FUSED_SOURCES:
+    return FUSED_SOURCES[path]
+  if c.sandwich_norms and path in SANDWICH_SOURCES:
+    return SANDWICH_SOURCES[path]
+  return HF_SOURCES[path]
+
+
 def hf_shape(path: Path, c: LlamaConfig) -> tuple[int, ...]:
   """The shape the HF tensor behind `path` must have (one layer for stacked leaves)."""
+  if c.fused_checkpoint and path in FUSED_SOURCES:
+    D, H = c.hidden_size, c.head_dim
+    if path[-1] in ("w_gate", "w_up"):
+      return (2 * c.intermediate_size, D)
+    return ((c.num_heads + 2 * c.checkpoint_kv_heads) * H, D)
   ours = leaf_shapes(c)[path]
-  if HF_SOURCES[path].stacked:
+  if hf_source(path, c).stacked:
     ours = ours[1:]
+  if path[-1] in KV_LEAVES:  # the checkpoint holds each kv head once
+    ours = ours[:-2] + (c.checkpoint_kv_heads, ours[-1])
   if path[-1] in ("wq", "wk", "wv"):
     return (ours[1] * ours[2], ours[0])
   if path[-1] in ("bq", "bk", "bv"):

@@ -67,9 +67,10 @@ def segment_bounds(segments, max_segments: int = MAX_SEGMENTS):
   return jnp.where(present, lengths, -1), offsets
 
 
-def bounds_reference(q, k, v, lengths, offsets):
+def bounds_reference(q, k, v, lengths, offsets, window: int = 0):
   """What cuDNN computes from the bounds, by XLA: causal attention inside each segment
-  [offsets, offsets + lengths) of a row. q [B, T, N, H] (scaled), k/v [B, T, K, H]."""
+  [offsets, offsets + lengths) of a row, within `window` positions (0 = none). q
+  [B, T, N, H] (scaled), k/v [B, T, K, H]."""
   B, T, N, H = q.shape
   K = k.shape[2]
   idx = jnp.arange(T)
@@ -78,6 +79,8 @@ def bounds_reference(q, k, v, lengths, offsets):
   segment = jnp.where(jnp.any(inside, axis=1), jnp.argmax(inside, axis=1), -1)  # [B, T]
   mask = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) &
           (idx[:, None] >= idx[None, :]))  # [B, T(query), T(key)]
+  if window:
+    mask &= idx[:, None] - idx[None, :] < window
   qg = q.reshape(B, T, K, N // K, H)
   scores = jnp.einsum("BTKGH,BUKH->BKGTU", qg, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask[:, None, None], scores, NEG_INF)
@@ -85,27 +88,30 @@ def bounds_reference(q, k, v, lengths, offsets):
   return jnp.einsum("BKGTU,BUKH->BTKGH", probs, v).reshape(B, T, N, H)
 
 
-def _kernel(q, k, v, lengths, offsets):
+def _kernel(q, k, v, lengths, offsets, window: int):
+  # cuDNN's sliding_window_length counts the token itself, as transformers' window does
   return _cudnn.dot_product_attention(
       q, k, v, None, None, lengths, lengths, offsets, offsets, scale=1.0,
-      mask_type=_cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+      mask_type=_cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+      sliding_window_length=window or None)
 
 
-def attend_local(q, k, v, segments, *, on_gpu: bool):
+def attend_local(q, k, v, segments, *, on_gpu: bool, window: int = 0):
   """Causal attention of packed rows on one device's heads -> [B, T, N, H].
 
   q [B, T, N, H] (already scaled by H**-0.5), k/v [B, T, K, H], segments [B, T]; tokens
-  of segment -1 (padding) get zeros. `on_gpu` picks cuDNN, else `bounds_reference`.
+  of segment -1 (padding) get zeros; `window` (static, 0 = none) keeps each token to the
+  keys less than `window` positions back. `on_gpu` picks cuDNN, else `bounds_reference`.
   """
   lengths, offsets = segment_bounds(segments)
   if on_gpu and q.dtype in KERNEL_DTYPES:
-    out = _kernel(q, k, v, lengths, offsets)
+    out = _kernel(q, k, v, lengths, offsets, window)
   else:
-    out = bounds_reference(q, k, v, lengths, offsets)
+    out = bounds_reference(q, k, v, lengths, offsets, window)
   return jnp.where((segments >= 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def attend(q, k, v, segments, *, on_gpu: bool):
+def attend(q, k, v, segments, *, on_gpu: bool, window: int = 0):
   """`attend_local`, split over heads where the surrounding mesh splits them over 'tp'.
 
   GSPMD cannot partition the kernel by itself (as with decode_attention.attend): under a
@@ -114,9 +120,10 @@ def attend(q, k, v, segments, *, on_gpu: bool):
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
-    return attend_local(q, k, v, segments, on_gpu=on_gpu)
+    return attend_local(q, k, v, segments, on_gpu=on_gpu, window=window)
   heads = P(None, None, TP)
-  run = jax.shard_map(lambda q, k, v, s: attend_local(q, k, v, s, on_gpu=on_gpu), mesh=mesh,
+  run = jax.shard_map(lambda q, k, v, s: attend_local(q, k, v, s, on_gpu=on_gpu,
+                                                      window=window), mesh=mesh,
                       in_specs=(heads, heads, heads, P()), out_specs=heads,
                       axis_names={TP}, check_vma=False)
   return run(q, k, v, segments)

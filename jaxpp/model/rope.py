@@ -1,4 +1,4 @@
-"""Rotary position embeddings, plain and with Llama 3 frequency scaling.
+"""Rotary position embeddings, plain, with Llama 3 frequency scaling, or LongRoPE (Phi-3).
 
 Uses Hugging Face's "rotate half" convention (the first and second halves of the head dim
 form the complex pairs), so weights from HF checkpoints need no permutation.
@@ -21,6 +21,9 @@ def inverse_frequencies(c: LlamaConfig) -> np.ndarray:
   s = c.rope_scaling
   if s is None:
     return inv.astype(np.float32)
+  if s.kind == "longrope":  # a factor per frequency, the long set beyond the pretraining length
+    factors = np.asarray(s.long_factor if s.long else s.short_factor, np.float64)
+    return (inv / factors).astype(np.float32)
   # Llama 3: keep high frequencies, divide low ones by `factor`, blend in between.
   low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
   high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
@@ -33,11 +36,19 @@ def inverse_frequencies(c: LlamaConfig) -> np.ndarray:
   return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-  """Rotates x [B, T, n, H] by the angles of positions [B, T]; computed in float32."""
+def cos_sin_scale(c: LlamaConfig) -> float:
+  """The factor on cos and sin (LongRoPE's attention factor; 1 otherwise)."""
+  s = c.rope_scaling
+  return s.attention_factor if s is not None and s.kind == "longrope" else 1.0
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray,
+               scale: float = 1.0) -> jnp.ndarray:
+  """Rotates x [B, T, n, H] by the angles of positions [B, T], cos and sin times `scale`
+  (`cos_sin_scale`); computed in float32."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :] * scale
+  sin = jnp.sin(angles)[:, :, None, :] * scale
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

@@ -31,16 +31,16 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
   it and the tokens this call generates."""
   M = state.tokens.shape[0]  # the ring's micro-batches, m
   table = jnp.asarray(pipe.decode_table(M, steps))
-  counts = jnp.asarray(pipe.partition.layer_counts())
+  layers = pipe.layer_tables()
   dtype = params_lib.activation_dtype(params)
   max_len = cache[0].shape[6]
   last_dev, last_chunk = pipe.pp - 1, pipe.v - 1
 
-  def body(params, cache, counts, state, knobs, history=None):
+  def body(params, cache, layers, state, knobs, history=None):
     s = jax.lax.axis_index(PP)
     blocks = jax.tree.map(lambda a: a[0], params["blocks"])
     cache = jax.tree.map(lambda a: a[0], cache)
-    counts = counts[0]
+    layers = jax.tree.map(lambda a: a[0], layers)
     lengths0 = state.lengths
     b = state.tokens.shape[1]  # this replica's rows
 
@@ -50,9 +50,9 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
       active = j >= 0
       j, r, k = jnp.maximum(j, 0), jnp.maximum(r, 0), jnp.maximum(k, 0)
       pos = lengths0[j] + k
-      x = jnp.where((s == 0) & (r == 0), llama.embed(params, tok_in[j][:, None], dtype),
-                    act_in[j])
-      y, cache = pipe.run_chunk(blocks, counts, cache, x, pos[:, None], pos, r, active,
+      x = jnp.where((s == 0) & (r == 0),
+                    llama.embed(pipe.config, params, tok_in[j][:, None], dtype), act_in[j])
+      y, cache = pipe.run_chunk(blocks, layers, cache, x, pos[:, None], pos, r, active,
                                 fresh=False, slot=slot)
       samples_here = active & (s == last_dev) & (r == last_chunk)
       st_j = jax.tree.map(lambda a: a[j], state)
@@ -107,11 +107,12 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
     return cache, state, pick(out[0]), tuple(pipe.everywhere(a, s) for a in out[1:])
 
   cache_spec, rows = placement.cache_spec(pipe.mesh), P(None, placement.rows_axis(pipe.mesh))
+  layer_spec = jax.tree.map(lambda _: P(PP), layers)
   state_spec = decode_state.DecodeState(rows, rows, rows, rows)
   out_state = decode_state.DecodeState(P(), P(), P(), P())
   knob_spec = jax.tree.map(lambda _: rows, knobs)
-  args = (params, cache, counts, state, knobs)
-  in_specs = (placement.param_specs(params), (cache_spec, cache_spec), P(PP), state_spec,
+  args = (params, cache, layers, state, knobs)
+  in_specs = (placement.param_specs(params), (cache_spec, cache_spec), layer_spec, state_spec,
               knob_spec)
   if history is not None:  # shard_map takes no spec for an absent argument
     args, in_specs = args + (history,), in_specs + (penalties.History(rows, rows),)

@@ -113,11 +113,14 @@ class Layout:
                     ("prefill_microbatches", self.prefill_microbatches)):
       if n < 0:
         return f"{what}={n} must be >= 0 (0 = the default)"
-    for what, n in (("num_key_value_heads", config.num_kv_heads),
-                    ("num_attention_heads", config.num_heads),
+    for what, n in (("num_attention_heads", config.num_heads),
                     ("intermediate_size", config.intermediate_size)):
       if n % tp:
         return f"tp={tp} does not divide {what}={n}; choose tp among the divisors of {n}"
+    K = config.checkpoint_kv_heads
+    if K % tp and tp % K:  # tp > K replicates each kv head tp / K times (for_tp)
+      return (f"tp={tp} neither divides num_key_value_heads={K} nor is a multiple of it "
+              "(beyond the kv heads each is replicated tp/K times)")
     if pp * v > config.num_layers:
       return (f"{config.num_layers} layers cannot fill pp*virtual_stages={pp * v} chunks "
               "(each chunk needs at least one layer)")
@@ -171,9 +174,10 @@ def vocab_sharded_head(config: LlamaConfig, tp: int) -> bool:
 
 
 def block_params_per_device(config: LlamaConfig, tp: int) -> float:
-  """Params of one block on one device: projections split over tp, the two norms whole."""
+  """Params of one block on one device: projections split over tp, the two norms whole,
+  kv heads replicated where tp exceeds them (`LlamaConfig.for_tp`)."""
   norms = 2 * config.hidden_size
-  return (config.block_param_count() - norms) / tp + norms
+  return (config.for_tp(tp).block_param_count() - norms) / tp + norms
 
 
 def head_params_per_device(config: LlamaConfig, tp: int) -> float:

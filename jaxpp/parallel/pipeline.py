@@ -76,10 +76,13 @@ class Pipeline:
 
   @classmethod
   def build(cls, config: LlamaConfig, layout: Layout | str, *, devices=None,
-            scan_unroll: int | bool = 1, attention: str = "auto") -> Pipeline:
+            scan_unroll: int | bool = 1, attention: str = "auto",
+            max_len: int | None = None) -> Pipeline:
     """The layout checked for `config`, then placed on `devices` (default: the first
     dp*pp*tp devices, so a small layout runs on a big host); dp = 0 takes as many replicas
-    as those devices hold (`Layout.for_devices`)."""
+    as those devices hold (`Layout.for_devices`). The pipeline's config is `config` as tp
+    devices hold it (kv heads replicated beyond their count, `LlamaConfig.for_tp`) and, given
+    the run's context `max_len`, as that context needs it (`LlamaConfig.for_context`)."""
     layout = Layout.of(layout)
     n = len(jax.devices() if devices is None else devices)
     layout = (layout.for_devices(n) if layout.dp == 0 else layout).check(config)
@@ -90,7 +93,9 @@ class Pipeline:
                          f"but only {len(available)} devices are available")
       devices = available[:layout.devices]
     mesh = mesh_lib.make_mesh(pp=layout.pp, tp=layout.tp, dp=layout.dp, devices=devices)
-    return cls(config, mesh, layout, scan_unroll, attention)
+    config = config.for_tp(layout.tp)
+    return cls(config if max_len is None else config.for_context(max_len), mesh, layout,
+               scan_unroll, attention)
 
   @property
   def pp(self) -> int:
@@ -185,7 +190,17 @@ class Pipeline:
     """The cache slot device s keeps a micro-batch in (see the module docstring); -1 stays."""
     return jnp.where(microbatch >= 0, (microbatch + s) % self.microbatches, microbatch)
 
-  def run_chunk(self, blocks, counts, cache, x, positions, start, r, active, *, fresh,
+  def layer_tables(self) -> dict:
+    """Per-layer facts a tick reads, each [pp, v, ...] (split over 'pp'): `counts` [pp, v],
+    the real layers of each chunk, and, when the model's layers have different sliding
+    windows, `windows` [pp, v, Lc] (`llama.window_table`)."""
+    tables = dict(counts=jnp.asarray(self.partition.layer_counts()))
+    if self.config.window is None:
+      tables["windows"] = jnp.asarray(llama.window_table(self.config,
+                                                         self.partition.layer_index()))
+    return tables
+
+  def run_chunk(self, blocks, layers, cache, x, positions, start, r, active, *, fresh,
                  slot=0, slots=None, segments=None):
     """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
@@ -200,7 +215,8 @@ class Pipeline:
       return lambda _: llama.run_blocks(
           self.config, blocks, x, positions, start, cache, chunk=chunk, microbatch=slot,
           slots=slots, segments=segments, fresh=fresh,
-          num_layers=counts[chunk] if uneven else None,
+          num_layers=layers["counts"][chunk] if uneven else None,
+          windows=layers.get("windows"),
           unroll=self.scan_unroll, kernels=self.kernels)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index

@@ -41,16 +41,16 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
   M, _, T = batch.tokens.shape
   q = batch.ends.shape[-1]
   table = jnp.asarray(circular(pipe.pp, pipe.v, M).table)
-  counts = jnp.asarray(pipe.partition.layer_counts())
+  layers = pipe.layer_tables()
   dtype = params_lib.activation_dtype(params)
   D = pipe.config.hidden_size
   last_dev, last_chunk = pipe.pp - 1, pipe.v - 1
 
-  def body(params, cache, counts, batch, knobs):
+  def body(params, cache, layers, batch, knobs):
     s = jax.lax.axis_index(PP)
     blocks = jax.tree.map(lambda a: a[0], params["blocks"])
     cache = jax.tree.map(lambda a: a[0], cache)
-    counts = counts[0]
+    layers = jax.tree.map(lambda a: a[0], layers)
     b = batch.tokens.shape[1]  # this replica's rows
     start = jnp.zeros((b,), jnp.int32)
 
@@ -59,10 +59,10 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
       j, r, _ = table[t, s]
       active = j >= 0
       j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
-      x = jnp.where((s == 0) & (r == 0), llama.embed(params, batch.tokens[j], dtype),
-                    inbox[j])
+      x = jnp.where((s == 0) & (r == 0),
+                    llama.embed(pipe.config, params, batch.tokens[j], dtype), inbox[j])
       targets = pipe.local_rows(batch.targets[j], cache[0].shape[3])
-      y, cache = pipe.run_chunk(blocks, counts, cache, x, batch.positions[j], start, r,
+      y, cache = pipe.run_chunk(blocks, layers, cache, x, batch.positions[j], start, r,
                                 active, fresh=True, segments=batch.segments[j],
                                 slots=(pipe.slot(targets[..., 0], s), targets[..., 1]))
       last = jnp.take_along_axis(y, batch.ends[j][..., None], axis=1)  # [b, q, D]
@@ -95,12 +95,13 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
     return outs
 
   cache_spec, rows = placement.cache_spec(pipe.mesh), P(None, placement.rows_axis(pipe.mesh))
+  layer_spec = jax.tree.map(lambda _: P(PP), layers)
   knob_spec = jax.tree.map(lambda _: rows, knobs)
   batch_spec = jax.tree.map(lambda _: rows, batch)
   out_specs = ((P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
                + (((P(), P(), P()),) if logprobs is not None else ()))
   return pipe.shard_map(
-      body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), P(PP),
+      body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), layer_spec,
                       batch_spec, knob_spec),
-      out_specs=out_specs)(params, cache, counts, batch, knobs)
+      out_specs=out_specs)(params, cache, layers, batch, knobs)
 

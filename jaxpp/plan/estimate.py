@@ -69,8 +69,9 @@ class Prediction:
 
 
 def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, dtype_bytes: int = 2) -> float:
-  """K and V of one position of one layer on one device: 2 * K/tp * H * bytes."""
-  return 2 * cfg.num_kv_heads / tp * cfg.head_dim * dtype_bytes
+  """K and V of one position of one layer on one device: 2 * K/tp * H * bytes (K counting
+  the replicas tp > K makes, `LlamaConfig.for_tp`: one head a device)."""
+  return 2 * cfg.for_tp(tp).num_kv_heads / tp * cfg.head_dim * dtype_bytes
 
 
 def layout_problem(cfg: LlamaConfig, layout: Layout, hw: Hardware,

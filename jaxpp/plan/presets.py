@@ -1,11 +1,11 @@
 """Named model shapes and hardware for the planner and the bench (`--model`, `--hardware`).
 
-Model presets are the published Llama 3 architectures, so sizing needs no checkpoint on
-disk; `model_config` also takes a HF `config.json` (or a checkpoint directory holding one)
-for anything else. Hardware presets are *effective* figures — what a program reaches on the
-card, measured where we could — not datasheet peaks, because the planner predicts what
-jaxpp will do, and a datasheet peak would promise speed nobody gets. Each figure names its
-source; every one can be overridden from the command line.
+Model presets are published architectures (Llama 3, Qwen2.5, Mistral), so sizing needs no
+checkpoint on disk; `model_config` also takes a HF `config.json` (or a checkpoint directory
+holding one) for anything else. Hardware presets are *effective* figures — what a program
+reaches on the card, measured where we could — not datasheet peaks, because the planner
+predicts what jaxpp will do, and a datasheet peak would promise speed nobody gets. Each
+figure names its source; every one can be overridden from the command line.
 """
 
 from __future__ import annotations
@@ -29,7 +29,20 @@ MODELS: dict[str, LlamaConfig] = {
                               num_heads=64, **_LLAMA3),
     "llama3-405b": LlamaConfig(num_layers=126, hidden_size=16384, intermediate_size=53248,
                                num_heads=128, **_LLAMA3),
-    # For tests and quick looks at the formulas (K=2: tp=4 is refused, which tests use).
+    # Other families, from their published config.json files.
+    "qwen2.5-7b": LlamaConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                              num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                              rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True,
+                              model_type="qwen2"),
+    "qwen2.5-72b": LlamaConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                               num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                               rope_theta=1e6, max_position_embeddings=32768, qkv_bias=True,
+                               model_type="qwen2"),
+    "mistral-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                              max_position_embeddings=32768, sliding_windows=(4096,) * 32,
+                              model_type="mistral"),  # v0.1, with its window
+    # For tests and quick looks at the formulas (K=2: tp=4 replicates each kv head).
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4,
                         num_heads=4, num_kv_heads=2, head_dim=16),
 }

@@ -26,6 +26,13 @@ def _one_chunk(params):
   return jax.tree.map(lambda a: a[None], params["blocks"])
 
 
+def _windows(config: LlamaConfig):
+  """The one chunk's per-layer windows [1, L] when layers differ (else None: constant)."""
+  if config.window is not None:
+    return None
+  return jnp.asarray(llama.window_table(config, range(config.num_layers)))[None]
+
+
 def _tp(*args, tp: int = 1, **kwargs) -> int:
   return tp
 
@@ -43,9 +50,10 @@ def plain_prefill(config: LlamaConfig, params, cache, tokens, lengths, knobs, *,
   B, T = tokens.shape
   dtype = params_lib.activation_dtype(params)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = llama.embed(params, tokens, dtype)
+  x = llama.embed(config, params, tokens, dtype)
   x, cache = llama.run_blocks(config, _one_chunk(params), x, positions,
-                              jnp.zeros((B,), jnp.int32), cache, fresh=True, kernels=kernels)
+                              jnp.zeros((B,), jnp.int32), cache, fresh=True, kernels=kernels,
+                              windows=_windows(config))
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
   logits = llama.logits(config, params, last)[:, 0]
   return sampling.sample(logits, lengths, knobs, do_sample=do_sample), cache
@@ -66,9 +74,10 @@ def plain_decode(config: LlamaConfig, params, cache, state: decode_state.DecodeS
 
   def step(i, carry):
     cache, state, out = carry
-    x = llama.embed(params, state.tokens[:, None], dtype)
+    x = llama.embed(config, params, state.tokens[:, None], dtype)
     x, cache = llama.run_blocks(config, _one_chunk(params), x, state.lengths[:, None],
-                                state.lengths, cache, kernels=kernels)
+                                state.lengths, cache, kernels=kernels,
+                                windows=_windows(config))
     logits = llama.logits(config, params, x)[:, 0]
     new = sampling.sample(logits, state.lengths + 1, knobs, do_sample=do_sample)
     state, emitted = decode_state.advance(state, new, eos_ids, max_len)
@@ -85,9 +94,10 @@ def forward_logits(config: LlamaConfig, params, tokens):
   dtype = params_lib.activation_dtype(params)
   cache = llama.init_cache(config, B, T, dtype)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = llama.embed(params, tokens, dtype)
+  x = llama.embed(config, params, tokens, dtype)
   x, _ = llama.run_blocks(config, _one_chunk(params), x, positions,
-                          jnp.zeros((B,), jnp.int32), cache, fresh=True)
+                          jnp.zeros((B,), jnp.int32), cache, fresh=True,
+                          windows=_windows(config))
   return llama.logits(config, params, x)
 
 
