@@ -300,7 +300,8 @@ class LLM:
   def _run(self, encoded: list[tuple[list[int], int]], *, max_new_tokens: int,
            max_num_seqs: int | None, stop: tuple[str, ...], stop_ids: tuple[int, ...], n: int,
            logprobs: int | None = None, **knob_values) -> list[Completion]:
-    knobs = sampling.SamplingParams.make(len(encoded), **knob_values)
+    knobs = sampling.SamplingParams(*sampling.SamplingParams.checked(len(encoded),
+                                                                     **knob_values))
     if n > 1:  # prompt-major copies; sample k's seed is derived from (seed, k)
       encoded = [e for e in encoded for _ in range(n)]
       knobs = sampling.SamplingParams(*(np.repeat(np.asarray(a), n) for a in knobs))

@@ -100,7 +100,7 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if config.sampling.max_new_tokens < 1:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} must be >= 1")
   s = config.sampling  # validated as the engine will use them (one-line errors)
-  sampling.SamplingParams.make(1, **{f: s[f] for f in sampling.SamplingParams._fields})
+  sampling.SamplingParams.checked(1, **{f: s[f] for f in sampling.SamplingParams._fields})
   max_len = check_context(model, eng.max_len, config.schedule.decode_chunk)
   if config.sampling.max_new_tokens >= max_len:
     raise JaxppError(f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no "

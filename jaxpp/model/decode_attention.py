@@ -136,8 +136,7 @@ def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_r
     v = v_ref[layer, b, h, pos, :].astype(q.dtype)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=HIGHEST,
                             preferred_element_type=jnp.float32)  # [Gp, block_s]
-    if softcap:
-      s = softcap * jnp.tanh(s / softcap)
+    s = soft_cap(s, softcap)
     at_s = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1)
     s = jnp.where((at_s >= first) & (at_s < n), s, NEG_INF)
     # a slot's stale positions past n (an earlier request's) stay out even if not finite
@@ -156,6 +155,12 @@ def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_r
   acc_ref[p, b, h] = acc
   m_ref[p, b, h] = m
   l_ref[p, b, h] = l
+
+
+def soft_cap(x, cap: float):
+  """Gemma 2's soft cap: cap * tanh(x / cap), x itself for cap 0 (also XLA's attention's,
+  `llama.attend`)."""
+  return x if not cap else cap * jnp.tanh(x / cap)
 
 
 def supports(head_dim: int) -> bool:
@@ -178,8 +183,7 @@ def combine(acc, m, l, q, k_new, v_new, dtype, softcap: float = 0.0):
   `softcap` as the kernel's.
   """
   s_new = jnp.einsum("BKGH,BKH->BKG", q, k_new, preferred_element_type=jnp.float32)
-  if softcap:
-    s_new = softcap * jnp.tanh(s_new / softcap)
+  s_new = soft_cap(s_new, softcap)
   top = jnp.maximum(jnp.max(m, axis=0), s_new)
   w = jnp.exp(m - top)  # [splits, B, K, G]
   w_new = jnp.exp(s_new - top)

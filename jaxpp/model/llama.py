@@ -76,11 +76,6 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale).astype(x.dtype)
 
 
-def soft_cap(x, cap: float):
-  """Gemma 2's soft cap: cap * tanh(x / cap), x itself for cap 0."""
-  return x if not cap else cap * jnp.tanh(x / cap)
-
-
 def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: bool):
   """A matmul weight and, when the block is 8-bit, its per-output-channel scale (or None)."""
   w = module.param(name, nn.initializers.normal(0.02), shape, module.dtype)
@@ -175,7 +170,7 @@ def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segmen
                     window)
   if segments is not None:
     causal &= segments[:, None, None, None, :] == segments[:, None, None, :, None]
-  scores = jnp.where(causal, soft_cap(jnp.einsum(
+  scores = jnp.where(causal, decode_attention.soft_cap(jnp.einsum(
       "BTKGH,BUKH->BKGTU", q, k, preferred_element_type=jnp.float32), softcap), NEG_INF)
   if cache is None:
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -186,7 +181,7 @@ def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segmen
   idx = jnp.arange(S)[None, None, :]
   cached = (idx < start[:, None, None]) & _within(positions[:, :, None], idx, window)  # [B,T,S]
   old = jnp.einsum("BTKGH,BKSH->BKGTS", q, old_k, preferred_element_type=jnp.float32)
-  old = jnp.where(cached[:, None, None], soft_cap(old, softcap), NEG_INF)
+  old = jnp.where(cached[:, None, None], decode_attention.soft_cap(old, softcap), NEG_INF)
   probs = jax.nn.softmax(jnp.concatenate([old, scores], axis=-1), axis=-1).astype(dtype)
   return (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :S], old_v) +
           jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., S:], v))
@@ -319,7 +314,7 @@ def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
   out = jnp.einsum(spec, x, params[name].astype(x.dtype), preferred_element_type=jnp.float32)
   scale = params.get(name + quant.SCALE)
   out = out if scale is None else out * scale.astype(jnp.float32)
-  return soft_cap(out, c.final_softcap)
+  return decode_attention.soft_cap(out, c.final_softcap)
 
 
 def window_table(c: LlamaConfig, layer_index) -> np.ndarray:

@@ -56,8 +56,13 @@ class SamplingParams(NamedTuple):
   frequency_penalty: jax.Array
 
   @classmethod
-  def make(
-    cls,
+  def make(cls, batch: int, **knobs) -> SamplingParams:
+    """Builds params from scalars (shared by all rows) or per-sequence sequences, checked
+    by `checked` (the fields' names and defaults are its keyword arguments)."""
+    return cls(*map(jnp.asarray, cls.checked(batch, **knobs)))
+
+  @staticmethod
+  def checked(
     batch: int,
     temperature: float | Sequence[float] = 0.0,
     top_k: int | Sequence[int] = 0,
@@ -67,11 +72,13 @@ class SamplingParams(NamedTuple):
     repetition_penalty: float | Sequence[float] = 1.0,
     presence_penalty: float | Sequence[float] = 0.0,
     frequency_penalty: float | Sequence[float] = 0.0,
-  ) -> SamplingParams:
-    """Builds params from scalars (shared by all rows) or per-sequence sequences.
+  ) -> tuple[np.ndarray, ...]:
+    """The fields as host arrays [batch], in field order, from scalars or per-sequence
+    sequences.
 
     Validation happens here, on the host, because inside jit a bad value would silently
-    produce garbage tokens rather than an error.
+    produce garbage tokens rather than an error; a caller that only checks (the engine,
+    once a request) makes no device arrays.
     """
     t = _per_seq("temperature", temperature, batch, np.float32)
     k = _per_seq("top_k", top_k, batch, np.int32)
@@ -90,7 +97,7 @@ class SamplingParams(NamedTuple):
     if not np.all((m >= 0) & (m <= 1)):
       raise JaxppError(f"sampling min_p must be in [0, 1] (0 = off), got {m.tolist()}")
     penalties.check(*pen)
-    return cls(*map(jnp.asarray, (t, k, p, s, m, *pen)))
+    return t, k, p, s, m, *pen
 
   def needs_sampling(self) -> bool:
     """Host-side choice of `do_sample`: False when every row is greedy, so no sort is compiled."""

@@ -123,9 +123,8 @@ class Engine:
     self.cache = self.pipe.init_cache(self.rows, max_len, params_lib.activation_dtype(params))
     self.state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                       np.zeros(shape, np.int32), np.ones(shape, bool))
-    self.sampling = sampling.SamplingParams.make(M * self.rows)
-    self.sampling = sampling.SamplingParams(*(np.asarray(a).reshape(shape).copy()
-                                              for a in self.sampling))
+    self.sampling = sampling.SamplingParams(*(
+        a.reshape(shape).copy() for a in sampling.SamplingParams.checked(M * self.rows)))
     self.owner: list[list[Request | None]] = [[None] * self.rows for _ in range(M)]
     self.tokens: dict[tuple[int, int], list[int]] = {}
     self.history = TokenHistory(M, self.rows, max_len)  # for rows with penalties
@@ -150,8 +149,8 @@ class Engine:
                        f"max_new_tokens={request.max_new_tokens} does not fit max_len="
                        f"{self.max_len}")
     try:  # every knob checked here, once: inside a program a bad one is silent garbage
-      sampling.SamplingParams.make(1, **{f: getattr(request, f)
-                                         for f in sampling.SamplingParams._fields})
+      sampling.SamplingParams.checked(1, **{f: getattr(request, f)
+                                            for f in sampling.SamplingParams._fields})
     except JaxppError as e:
       raise JaxppError(f"request {request.key}: {e}") from None
     if request.stop and self.detokenize is None:

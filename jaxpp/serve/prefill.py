@@ -133,5 +133,5 @@ class Prefiller:
 
 def _knob_arrays(M: int, p: int, q: int) -> dict[str, np.ndarray]:
   """Greedy sampling fields for every prompt position of a prefill shape."""
-  return {f: np.full((M, p, q), np.asarray(a)[0])
-          for f, a in sampling.SamplingParams.make(1)._asdict().items()}
+  return {f: np.full((M, p, q), a[0])
+          for f, a in zip(sampling.SamplingParams._fields, sampling.SamplingParams.checked(1))}
