@@ -18,33 +18,40 @@ checkpoint is any Hugging Face Llama-architecture directory (config.json, tokeni
 *.safetensors) of about 70B parameters, e.g. Llama 3.1 70B Instruct (L=80, D=8192, F=28672,
 N=64, K=8, H=128, V=128256).
 
-Expected throughput: NOT MEASURED YET. This config has not been run on that hardware; no
-tokens/s figure is claimed. Measure it and record the number, command and card type in
-docs/benchmarks.md before quoting one.
+Expected throughput: this config's layout was chosen from the bench, not yet run as a job.
+On one 4 x H200 host (2026-11-27, jax 0.11.2; docs/benchmarks.md, "4 x H200: the 70B
+shape"), `python -m jaxpp.bench --model=llama3-70b --hardware=h200 --num_requests=256
+--input_len=1024 --output_len=128 --max_num_seqs=64 --decode_chunk=32
+--layouts=pp4tp1m4p32,pp2tp2,pp1tp4` measured, in total tok/s (prefill / decode):
 
-Why this layout (pp=4, tp=1):
-- Memory: ~70.6B parameters are ~141 GB in bf16, more than one 80 GB card holds, so at least
-  2 cards are needed just for the weights. pp=4 puts 20 of the 80 layers on each card
-  (~34 GB); jaxpp today keeps the 2.1 GB embedding on every card and the 2.1 GB LM head on
-  every card too (vocab-sharded only over tp), so ~38 GB of weights per card. KV costs
-  2 (K,V) x K=8 x H=128 x 2 B x 20 layers = 80 KiB per token per stage, i.e. 160 MiB per
-  sequence at max_len=2048; max_num_seqs=64 slots are 10 GiB per stage. The planner
-  (`python -m jaxpp.plan --model=llama3-70b --hardware=h100 --devices=4 --input_len=2048
-  --concurrency=64`) predicts that with prefill's T x T attention scores this does NOT fit
-  in the ~64 GB JAX takes of an H100 by default: on H100 set
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 or lower engine.max_num_seqs; an H200 has room.
+    pp1tp4        9,673  (13,695 / 2,957)   <- this config
+    pp2tp2        6,702  (10,240 / 1,811)
+    pp4tp1m4p32   6,587  (15,300 / 1,198)
+
+No job run on 4 GPUs has been measured yet; record one (command, card, numbers) in
+docs/benchmarks.md before quoting a job figure.
+
+Why this layout (pp=1, tp=4):
+- Throughput: on one NVLink host with 64 sequences in flight, tensor parallelism decodes
+  2.5x faster than the 4-stage pipeline, because each pipeline micro-batch re-reads its
+  stage's weights (m = 4 reads per token round) where tp=4 reads each weight once and pays
+  160 small all-reduces a step over NVLink. The pipeline prefills 12% faster, but a ticket
+  job spends most of its device time in decode. The planner predicts the same order for
+  the job's workload (`python -m jaxpp.plan --model=llama3-70b --hardware=h200 --devices=4
+  --input_len=256 --output_len=64 --concurrency=128`: pp1tp4 10,741 tok/s, pp2tp2 9,533,
+  pp4tp1 8,175; on h100 10,080 against 8,546 and 6,813). Across hosts, or with slower links
+  than NVLink, pp is what scales: set --config.mesh.pp=4 --config.mesh.tp=1.
+- Memory: ~70.6B parameters are ~141 GB in bf16, more than one 80 GB card holds; tp=4
+  splits every layer's weights four ways, ~37 GB per card (the embedding and the head
+  split over tp too). KV costs 2 (K,V) x K=8 x H=128 x 2 B x 80 layers / 4 = 80 KiB per
+  token per card, i.e. 160 MiB per sequence at max_len=2048; max_num_seqs=64 slots are
+  10 GiB per card. The planner predicts 128 slots would be faster still (unmeasured).
 - Length: a prompt gets max_len - max_new_tokens + 1 = 1921 positions. The longest tickets
   in data/tickets.jsonl (~8,500 characters) come close to or over that; length_policy
   "truncate" cuts the ticket text and keeps the template's "Summary:" ending, "reject"
   sends such tickets to the errors file instead.
-- Throughput: this is an offline batch job, so throughput, not latency, is the goal. Pipeline
-  stages exchange one activation per micro-batch per stage boundary, where tp=4 would
-  all-reduce twice per layer; with microbatches = pp (the default) the decode ring keeps all
-  4 stages busy across tokens, and only the first fill and the last drain are bubbles; more
-  micro-batches than pp would only re-read each stage's weights more often per token. Whether
-  pp=2 x tp=2 (`--config.mesh.pp=2 --config.mesh.tp=2`) or `layer_split="balanced"` is
-  faster on a given host is an open measurement, not a claim.
-- decode_chunk=32 halves harbor.py's host round trips: 4 per sequence at 128 new tokens.
+- decode_chunk=32 (the measured runs' value) halves harbor.py's host round trips: 4 per
+  sequence at 128 new tokens.
 """
 
 import ml_collections
@@ -59,24 +66,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # 141 GB of weights; float32 would not fit 4 x 80 GB
   c.model.quant = "none"  # "int8": 8-bit block weights, about 70 GB; "fp8" on H100/H200
   c.model.quant_embed = False  # embedding and LM head stay bf16
-  c.model.params_cache = ""  # e.g. /data/cache/llama70b-pp4: quantise once, restore nightly
+  c.model.params_cache = ""  # e.g. /data/cache/llama70b-tp4: quantise once, restore nightly
   c.model.attention = "auto"  # "auto" (GPU kernels where measured faster), "kernel", "xla"
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.pp = 4  # 20 layers per card: the weights need 2+ cards, PP for batch throughput
-  c.mesh.tp = 1  # no per-layer all-reduces; see the docstring for pp=2 x tp=2
+  c.mesh.pp = 1  # one stage: measured fastest on one NVLink host (see the docstring)
+  c.mesh.tp = 4  # every layer split over the 4 cards
   c.mesh.dp = 1  # one replica spans all 4 cards
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.virtual_stages = 1  # layer chunks per device (interleaving)
   c.schedule.microbatches = 0  # 0 = pp: the fewest that keep the decode ring full
   c.schedule.prefill_microbatches = 0  # a prefill of all slots cut this fine (0 = 8 per stage)
-  c.schedule.layer_split = "even"  # 80 layers / 4 stages = 20 each
+  c.schedule.layer_split = "even"  # with pp > 1: layers per stage ("balanced" also weighs the head)
   c.schedule.decode_chunk = 32  # tokens generated per return to the host
 
   c.engine = ml_collections.ConfigDict()
   c.engine.max_len = 2048  # KV positions per slot: prompt + generated tokens
-  c.engine.max_num_seqs = 64  # slots: 16 per micro-batch; KV 64 x 160 MiB = 10 GiB per stage
+  c.engine.max_num_seqs = 64  # slots, as measured; KV 64 x 160 MiB = 10 GiB per card
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests

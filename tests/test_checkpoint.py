@@ -6,6 +6,7 @@ The reference is the torch model's state_dict after the conversion documented in
 
 import contextlib
 import json
+import pathlib
 import re
 
 import jax
@@ -184,6 +185,26 @@ def test_streaming_reads_only_own_layers(tmp_path, monkeypatch):
   assert sorted(q_reads) == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(4)]
   assert sum(n.endswith("input_layernorm.weight") for n in reads) == 4
   assert len(reads) == len(set(reads))  # no tensor read twice
+
+
+def test_reads_are_timed_and_read_ahead_in_order(tmp_path):
+  """The read clock counts every tensor of the checkpoint once; the reader thread hands
+  tensors over in the order asked, each equal to a plain read."""
+  d, _ = make_checkpoint(tmp_path / "ckpt", "gqa")
+  cfg = checkpoint.load_config(d)
+  stored = sum(a.nbytes for f in pathlib.Path(d).glob("*.safetensors")
+               for a in safetensors.numpy.load_file(f).values())
+  clock = checkpoint.ReadClock()
+  checkpoint.load_hf_params(d, cfg, jnp.float32, read_clock=clock)
+  assert clock.bytes == stored and clock.seconds > 0
+  with contextlib.ExitStack() as stack:
+    reader = checkpoint._Reader(pathlib.Path(d), stack)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in (3, 0, 2)]
+    got = list(reader.read_ahead(names))
+    assert [n for n, _ in got] == names
+    for name, value in got:
+      np.testing.assert_array_equal(value, reader.read(name))
+    assert list(reader.read_ahead([])) == []
 
 
 # --- orbax -----------------------------------------------------------------------------------

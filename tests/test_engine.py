@@ -63,6 +63,27 @@ def test_more_requests_than_slots_all_complete_like_the_reference(llm, ckpt):
   assert eng.stats.decode_calls > 13 * 3 // (4 * 4)  # refills, not one batch
 
 
+def test_first_calls_are_booked_apart(llm):
+  """Each program's first call (trace, compile or cache load) is counted once, and the
+  steady rates leave exactly those calls' seconds and tokens out."""
+  eng = llm.engine(max_num_seqs=4)
+  for i, p in enumerate(prompts(9, seed=3)):
+    eng.submit(request(i, p, max_new=3 + i % 4))
+  run_all(eng)
+  st = eng.stats
+  assert st.prefill_shapes == len(eng.prefiller.programs) >= 1
+  assert st.prefill_calls > st.prefill_shapes  # refills reuse their programs
+  assert 0 < st.prefill_first_seconds < st.prefill_seconds
+  assert 0 < st.prefill_first_tokens < st.prompt_tokens
+  assert 0 < st.decode_first_seconds < st.decode_seconds and st.decode_first_tokens > 0
+  prefill, decode = st.steady_rates()
+  assert prefill == pytest.approx((st.prompt_tokens - st.prefill_first_tokens)
+                                  / (st.prefill_seconds - st.prefill_first_seconds))
+  assert decode == pytest.approx((st.completion_tokens - st.decode_first_tokens)
+                                 / (st.decode_seconds - st.decode_first_seconds))
+  assert st.first_call_seconds() == st.prefill_first_seconds + st.decode_first_seconds
+
+
 def test_replicas_fill_the_least_loaded_first_and_match_the_reference(ckpt):
   """dp=2: a burst alternates between the replicas (each micro-batch of a replica within
   its share), and every request still gets the single-device tokens."""

@@ -228,6 +228,19 @@ def test_projection_counts_start_up_and_compiles_once():
   assert _report()["prefill_padding"] is None
 
 
+def test_steady_rates_and_first_calls_in_the_report():
+  """The steady rates, the first calls and the read time are reported beside the totals."""
+  r = _report(steady_prefill_tps=4_000.0, steady_decode_tps=150.0, first_call_seconds=3.5,
+              prefill_calls=21, prefill_shapes=7, load_seconds=12.0, read_seconds=9.0)
+  assert (r["steady_prefill_tokens_per_second"], r["steady_decode_tokens_per_second"],
+          r["first_call_seconds"], r["read_seconds"]) == (4_000.0, 150.0, 3.5, 9.0)
+  text = report.format_report(r)
+  assert ("steady      prefill 4,000.0  decode 150.0 tok/s  (programs' first calls left out: "
+          "3.5 s; 21 prefills in 7 shapes)") in text
+  assert "(weights 12 s, reading files 9.0 s)" in text
+  assert "steady      prefill n/a  decode n/a" in report.format_report(_report())
+
+
 def test_format_report_lines():
   text = report.format_report(_report())
   assert "input lines = written + rejected: 212 = 200 + 12 ✓" in text

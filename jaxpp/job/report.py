@@ -99,15 +99,23 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
                  load_seconds: float = 0.0, compile_seconds: float = 0.0,
                  steady_seconds: float | None = None,
                  prefill_positions: int = 0, truncated_run: int = 0,
-                 interrupted: str | None = None) -> dict[str, Any]:
+                 interrupted: str | None = None, read_seconds: float | None = None,
+                 steady_prefill_tps: float | None = None,
+                 steady_decode_tps: float | None = None, first_call_seconds: float = 0.0,
+                 prefill_calls: int = 0, prefill_shapes: int = 0) -> dict[str, Any]:
   """The job report as a JSON-ready dict; rates are None where nothing was timed.
 
   `*_run` count this run, `*_total` the whole output / errors file (earlier runs included,
   unique ids / lines). `reconciled` is the promise of the job: every non-blank input line is
   either a row of the output or a row of the errors file, and no id is written twice.
   `startup_seconds` (checks, probe, weights: `load_seconds` of it) and `compile_seconds`
-  (all of JAX's compiles) are paid once a run; `steady_seconds` is the wall time less
-  start-up and the compiles after it (default: the whole wall). The projection is this
+  (all of JAX's compiles) are paid once a run, as are `first_call_seconds`, the first call
+  of each program (trace, compile or cache load, one run); `read_seconds` is the part of
+  the weights' time spent reading the checkpoint's files (overlapped with placing them).
+  `steady_seconds` is the wall time less start-up and those one-off costs (default: the
+  whole wall); `steady_*_tps` are the rates over the calls that were not a program's first
+  (`EngineStats.steady_rates`), what a benchmark that compiles first would measure.
+  `prefill_calls` prefills ran, in `prefill_shapes` distinct programs. The projection is this
   run's one-off time plus 40,000 documents at the steady rate. `prefill_positions` are the
   token positions the prefill programs computed; over the prompt tokens they give the share
   spent on padding. `bubble_measured` is the decode ring's idle share from the run's own
@@ -139,10 +147,16 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
       "wall_seconds": wall_seconds,
       "startup_seconds": startup_seconds,
       "load_seconds": load_seconds,
+      "read_seconds": read_seconds,
       "compile_seconds": compile_seconds,
+      "first_call_seconds": first_call_seconds,
+      "prefill_calls": prefill_calls,
+      "prefill_shapes": prefill_shapes,
       "steady_documents_per_second": steady,
       "prefill_tokens_per_second": _rate(prompt_tokens, prefill_seconds),
       "decode_tokens_per_second": _rate(completion_tokens, decode_seconds),
+      "steady_prefill_tokens_per_second": steady_prefill_tps,
+      "steady_decode_tokens_per_second": steady_decode_tps,
       "total_tokens_per_second": _rate(prompt_tokens + completion_tokens, wall_seconds),
       "documents_per_second": dps,
       "projected_wall_seconds_40000": projected,
@@ -197,6 +211,10 @@ def format_report(r: dict[str, Any]) -> str:
       f"tokens/s    prefill {_num(r['prefill_tokens_per_second'])}  "
       f"decode {_num(r['decode_tokens_per_second'])}  "
       f"total {_num(r['total_tokens_per_second'])}",
+      f"steady      prefill {_num(r.get('steady_prefill_tokens_per_second'))}  "
+      f"decode {_num(r.get('steady_decode_tokens_per_second'))} tok/s  (programs' first "
+      f"calls left out: {human_duration(r.get('first_call_seconds'))}; "
+      f"{r.get('prefill_calls', 0):,} prefills in {r.get('prefill_shapes', 0)} shapes)",
       f"documents/s {_num(r['documents_per_second'], ',.2f')}",
       f"bubble      schedule {_pct(r['bubble_schedule'])}  measured {_pct(r['bubble_measured'])}"
       " (decode ring idle: fill, drain and host time)",
@@ -206,7 +224,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"(prefill {human_duration(r['prefill_seconds'])}, "
       f"decode {human_duration(r['decode_seconds'])})",
       f"startup     {human_duration(r.get('startup_seconds'))} (weights "
-      f"{human_duration(r.get('load_seconds'))}), "
+      f"{human_duration(r.get('load_seconds'))}"
+      + (f", reading files {human_duration(r['read_seconds'])}"
+         if r.get("read_seconds") is not None else "") + "), "
       f"compile {human_duration(r.get('compile_seconds'))}",
       f"projection  {PROJECTION_DOCUMENTS:,} tickets in {r['projected_wall_40000']}",
       f"devices     {r['devices'] or 'n/a'}" + (f"  layout {layout}" if layout else ""),

@@ -248,6 +248,8 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
   wall = time.perf_counter() - started
   compile_seconds = run.clock.seconds if run else 0.0
   st = run.eng.stats if run else EngineStats()
+  steady_prefill, steady_decode = st.steady_rates()
+  one_off = max(st.first_call_seconds(), compile_seconds - startup_compile)
   rep = report.build_report(
       input_lines=counts["input_lines"], written_run=written,
       written_total=len(final.done_keys), rejected_run=rejected_run,
@@ -268,7 +270,10 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
                   layer_split=list(pipe.partition.counts)),
       duplicate_rows=final.duplicate_rows, startup_seconds=startup_seconds,
       load_seconds=run.load_seconds if run else 0.0, compile_seconds=compile_seconds,
-      steady_seconds=wall - startup_seconds - (compile_seconds - startup_compile),
+      read_seconds=run.read.seconds if run else None,
+      steady_seconds=wall - startup_seconds - one_off, steady_prefill_tps=steady_prefill,
+      steady_decode_tps=steady_decode, first_call_seconds=st.first_call_seconds(),
+      prefill_calls=st.prefill_calls, prefill_shapes=st.prefill_shapes,
       truncated_run=truncated,
       interrupted=signal.Signals(stop.signum).name if stop.requested else None)
   rep["report_file"] = str(report.write_report(rep, output))
@@ -291,10 +296,11 @@ class _Run:
     distributed.current().set_layout(pipe.mesh)
     health.startup(pipe.mesh, dog, log_line)
     loading = time.perf_counter()
+    self.read = checkpoint.ReadClock()
     params = weights.load_weights(
         config.model.checkpoint, pipe, resolve_dtype(config.model.dtype, config.model.checkpoint),
         quant=quant_lib.Quant(config.model.quant, config.model.quant_embed),
-        cache_dir=config.model.params_cache or None)
+        cache_dir=config.model.params_cache or None, read_clock=self.read)
     self.load_seconds = time.perf_counter() - loading
     self.llm = LLM.on_pipeline(pipe.config, pipe, params, tokenizer=tokenizer,
                                max_len=config.engine.max_len,
@@ -303,7 +309,8 @@ class _Run:
                                reserve=dict(config.engine.priority_reserve), watchdog=dog)
     log_line(f"layout {pipe.layout}: {pipe.microbatches} decode micro-batches, decode_chunk "
              f"{self.llm.decode_chunk}, {self.eng.max_num_seqs} sequences in flight, "
-             f"weights in {self.load_seconds:.1f} s")
+             f"weights in {self.load_seconds:.1f} s (reading files {self.read.seconds:.1f} s"
+             f" of it, {self.read.bytes / 1e9:.1f} GB)")
 
   def summarise(self, todo: list[jobio.Ticket], stop: StopSignals
                 ) -> Iterator[tuple[list[engine_lib.Finished], jobio.Ticket]]:

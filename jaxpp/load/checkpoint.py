@@ -6,7 +6,9 @@ of the leading axes) is read once from the memory-mapped safetensors files, copi
 stored to each device whose shard holds it, and converted there (transposed into our
 layout, sliced to the shard, cast) into a preallocated shard buffer. With pipeline
 shardings such as `P('pp', None, 'tp', None)` a stage therefore reads only its own layers,
-the host holds one tensor at a time, and the transposes run at device memory speed: on the
+the host holds two tensors at a time (one being placed, the next being read by a reader
+thread, so reading the files overlaps the devices' work; `ReadClock` times the reads), and
+the transposes run at device memory speed: on the
 host numpy moves a transposed bf16 matrix at 0.3 GB/s (1.3 in bands of rows on a thread),
 which made the 16 GB of an 8B model an 89 s load on an H200 host.
 
@@ -18,12 +20,16 @@ instead of an XLA shape error minutes into a load.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import pathlib
-from typing import Any
+import threading
+import time
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +129,23 @@ def _host_device() -> jax.Device:
                      "JAX_PLATFORMS (e.g. JAX_PLATFORMS=cuda,cpu)") from None
 
 
+@dataclasses.dataclass
+class ReadClock:
+  """Seconds and bytes spent reading tensors out of the checkpoint's files (the reads run
+  on a reader thread, beside the devices' conversions: the job reports them apart)."""
+
+  seconds: float = 0.0
+  bytes: int = 0
+
+  def __post_init__(self):
+    self._lock = threading.Lock()
+
+  def add(self, seconds: float, nbytes: int) -> None:
+    with self._lock:
+      self.seconds += seconds
+      self.bytes += nbytes
+
+
 class _Reader:
   """Keeps safetensors files open (memory-mapped, once each) and reads one tensor at a time.
 
@@ -131,10 +154,12 @@ class _Reader:
   ml_dtypes arrays, which are then sliced and cast on the host before placement.
   """
 
-  def __init__(self, d: pathlib.Path, stack: contextlib.ExitStack, framework: str = "flax"):
+  def __init__(self, d: pathlib.Path, stack: contextlib.ExitStack, framework: str = "flax",
+               clock: ReadClock | None = None):
     """`framework="numpy"` serves names and shapes only (its reads cannot give bfloat16)
-    and needs no JAX backend."""
+    and needs no JAX backend; `clock` sums the reads' time."""
     self._dir = d
+    self.clock = clock or ReadClock()
     self._stack = stack
     self._files = _tensor_files(d)
     self._handles: dict[pathlib.Path, Any] = {}
@@ -178,8 +203,25 @@ class _Reader:
     return self._slice(name).get_dtype()
 
   def read(self, name: str) -> np.ndarray:
+    start = time.perf_counter()
     with jax.default_device(self._host):
-      return np.asarray(self._slice(name)[:])
+      out = np.asarray(self._slice(name)[:])
+    self.clock.add(time.perf_counter() - start, out.nbytes)
+    return out
+
+  def read_ahead(self, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, tensor) for each name in turn, the next one read on a thread while the
+    caller places this one: the host holds at most two tensors."""
+    if not names:
+      return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpp-read") as pool:
+      pending = pool.submit(self.read, names[0])
+      for i, name in enumerate(names):
+        raw = pending.result()
+        if i + 1 < len(names):
+          pending = pool.submit(self.read, names[i + 1])
+        yield name, raw
+        del raw
 
 
 def _safe_open(file: pathlib.Path, framework: str):
@@ -254,8 +296,8 @@ def _place_leaf(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype:
     for pos, i in np.ndenumerate(layer_index[index[:lead]]):
       if i >= 0:
         targets[src.name.format(i=i)].append((device, np.asarray(pos, np.int32), index[lead:]))
-  for name, places in targets.items():
-    raw = reader.read(name)
+  for name, raw in reader.read_ahead(list(targets)):
+    places = targets[name]
     for device, pos, rest in places:
       value = src.to_ours(jax.device_put(raw, device), cfg)[rest].astype(dtype)
       shards[device] = value if pos is None else _write_layer(shards[device], pos, value)
@@ -267,7 +309,8 @@ def _place_leaf(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype:
 
 def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
                    layer_index: np.ndarray | None = None,
-                   quant: quant_lib.Quant = quant_lib.Quant()) -> dict:
+                   quant: quant_lib.Quant = quant_lib.Quant(),
+                   read_clock: ReadClock | None = None) -> dict:
   """Reads a HF Llama safetensors checkpoint into our params pytree, placed as asked.
 
   Args:
@@ -282,6 +325,7 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
     quant: 8-bit weights (quant.py). Each covered leaf is read in `dtype` onto its devices,
       quantised there and dropped before the next leaf is read, so the devices hold at most
       one leaf in both forms.
+    read_clock: sums the time and bytes of the file reads (`ReadClock`).
 
   Returns a nested dict with the structure of `params.abstract_params(cfg, dtype, ...,
   quant)`. With tied embeddings there is no `lm_head` leaf (a stray `lm_head.weight` in the
@@ -302,7 +346,7 @@ def load_hf_params(ckpt_dir, cfg: LlamaConfig, dtype, shardings=None,
                        f"unexpected {extra}")
   out = {}
   with contextlib.ExitStack() as stack:
-    reader = _Reader(d, stack)
+    reader = _Reader(d, stack, clock=read_clock)
     _validate(reader, cfg, d)
     for path, aval in abstract.items():
       leaf = _place_leaf(reader, path, cfg, np.dtype(aval.dtype), aval.shape,

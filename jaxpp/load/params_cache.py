@@ -43,8 +43,9 @@ def describe(ckpt_dir, config: LlamaConfig, dtype, layer_index,
 
 
 def load(cache_dir, ckpt_dir, config: LlamaConfig, dtype, shardings, layer_index,
-         quant: quant_lib.Quant) -> dict:
-  """Params placed on `shardings`: restored from the cache, or built from HF and cached."""
+         quant: quant_lib.Quant, read_clock: checkpoint.ReadClock | None = None) -> dict:
+  """Params placed on `shardings`: restored from the cache, or built from HF and cached
+  (`read_clock` times that build's reads)."""
   cache = pathlib.Path(cache_dir)
   want = describe(ckpt_dir, config, dtype, layer_index, quant)
   desc_file = cache / DESCRIPTION
@@ -66,7 +67,8 @@ def load(cache_dir, ckpt_dir, config: LlamaConfig, dtype, shardings, layer_index
     raise JaxppError(f"params cache {cache} exists but is not a jaxpp params cache (no "
                      f"{DESCRIPTION}); point params_cache at a new or empty directory")
   params = checkpoint.load_hf_params(ckpt_dir, config, dtype, shardings=shardings,
-                                     layer_index=layer_index, quant=quant)
+                                     layer_index=layer_index, quant=quant,
+                                     read_clock=read_clock)
   try:
     cache.mkdir(parents=True, exist_ok=True)
   except OSError as e:

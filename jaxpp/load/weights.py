@@ -22,15 +22,17 @@ from jaxpp.parallel.pipeline import Pipeline
 
 def load_weights(checkpoint_dir: str | pathlib.Path, pipe: Pipeline, dtype, *,
                  quant: quant_lib.Quant = quant_lib.Quant(),
-                 cache_dir: str | pathlib.Path | None = None) -> dict:
-  """The checkpoint's params placed as `pipe` holds them (from `cache_dir` when it has them)."""
+                 cache_dir: str | pathlib.Path | None = None,
+                 read_clock: checkpoint.ReadClock | None = None) -> dict:
+  """The checkpoint's params placed as `pipe` holds them (from `cache_dir` when it has them);
+  `read_clock` times the reads of the checkpoint's files (none when the cache has them)."""
   quant_lib.check_backend(quant, pipe.mesh.devices.flat[0])
   shardings, index = pipe.param_shardings(quant), pipe.partition.layer_index()
   if cache_dir:
     return params_cache.load(cache_dir, checkpoint_dir, pipe.config, dtype, shardings, index,
-                             quant=quant)
+                             quant=quant, read_clock=read_clock)
   return checkpoint.load_hf_params(checkpoint_dir, pipe.config, dtype, shardings=shardings,
-                                   layer_index=index, quant=quant)
+                                   layer_index=index, quant=quant, read_clock=read_clock)
 
 
 def place_plain(pipe: Pipeline, params: dict) -> dict:

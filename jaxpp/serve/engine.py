@@ -233,8 +233,13 @@ class Engine:
         lambda key: self._device_step("prefill", key), logprobs=top)
     seconds = time.perf_counter() - start
     self.stats.prefill_seconds += seconds
+    self.stats.prefill_calls += 1
     self._prefill_since += seconds
     self.stats.prefill_positions += int(np.prod(self.prefiller.last_shape))
+    if self.prefiller.last_first:
+      self.stats.prefill_shapes += 1
+      self.stats.prefill_first_seconds += seconds
+      self.stats.prefill_first_tokens += sum(len(req.prompt) for req, _, _ in admitted)
     for i, (req, j, r) in enumerate(admitted):
       self.stats.prompt_tokens += len(req.prompt)
       self.tokens[(j, r)] = [int(new.tokens[i])]
@@ -282,17 +287,20 @@ class Engine:
     self.state = decode_state.DecodeState(*(np.array(a) for a in state))
     self.stats.decode_seconds += seconds
     self.stats.decode_calls += 1
-    if key in self._decode_programs:  # a compiling first call would skew the timings
-      self._time_decode(start, seconds, self.pipe.decode_table(self.M, k))
-    else:
+    first = key not in self._decode_programs
+    if first:  # a compiling first call would skew the timings
       self._decode_programs.add(key)
       self._last_decode_end = None
+      self.stats.decode_first_seconds += seconds
+    else:
+      self._time_decode(start, seconds, self.pipe.decode_table(self.M, k))
     self._prefill_since = 0.0
     for (j, r), toks in self.tokens.items():
       new = [int(t) for t in emitted[j, r] if t >= 0]
       toks.extend(new)
       self.history.extend((j, r), new)
       self.stats.completion_tokens += len(new)
+      self.stats.decode_first_tokens += len(new) if first else 0
       if lps is not None:
         self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, r] for a in lps),
                           n=len(new))

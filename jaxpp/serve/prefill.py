@@ -37,6 +37,8 @@ class Prefiller:
     self.prefill_m = pipe.layout.prefill_m(self.slots)  # micro-batches of the largest prefill
     self.min_m = pipe.pp if pipe.v > 1 else 1  # interleaving needs pp in flight
     self.last_shape = (0, 0, 0)
+    self.programs: set = set()  # keys of the prefill programs already called
+    self.last_first = False  # whether the last `run` was its program's first call
 
   def row_len(self, lengths: Sequence[int]) -> int:
     """T of the rows for an admission of prompts of these lengths: the longest one's bucket,
@@ -86,7 +88,10 @@ class Prefiller:
     do_sample = knobs.needs_sampling()
     # a first token's only penalty is the prompt's repetition penalty (no output yet)
     penalties = bool(np.any(np.asarray(knobs.repetition_penalty) != 1))
-    with step((batch.tokens.shape, batch.ends.shape, do_sample, logprobs, penalties)):
+    key = (batch.tokens.shape, batch.ends.shape, do_sample, logprobs, penalties)
+    self.last_first = key not in self.programs
+    self.programs.add(key)
+    with step(key):
       first, cache, *lps = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample,
                                              logprobs=logprobs, penalties=penalties)
       first = np.asarray(first)

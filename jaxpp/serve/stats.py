@@ -16,6 +16,12 @@ import numpy as np
 class EngineStats:
   """Totals since the engine started.
 
+  A program's first call traces it, compiles it (or loads it from JAX's persistent cache)
+  and then runs: its time and tokens are also counted in `*_first_seconds` and
+  `*_first_tokens`, so `steady_rates` can leave this once-a-shape cost out, as a benchmark
+  that compiles before its clock does. `prefill_shapes` counts the distinct prefill
+  programs a run met (each one such first call).
+
   `tick_seconds` holds one entry per timed decode call (a program's first, compiling call
   is not timed): the call's time over its ticks, i.e. one stage-step. Over the timed calls,
   `decode_busy_seconds` is the share of `decode_timed_seconds` the stages computed (the
@@ -29,11 +35,32 @@ class EngineStats:
   prefill_positions: int = 0  # token positions the prefill programs computed (m * p * T)
   completion_tokens: int = 0
   decode_calls: int = 0
+  prefill_calls: int = 0
+  prefill_shapes: int = 0
+  prefill_first_seconds: float = 0.0
+  prefill_first_tokens: int = 0
+  decode_first_seconds: float = 0.0
+  decode_first_tokens: int = 0
   tick_seconds: list[float] = dataclasses.field(default_factory=list)
   max_live_per_microbatch: int = 0  # the most live rows of one replica in one micro-batch
   decode_timed_seconds: float = 0.0
   decode_busy_seconds: float = 0.0
   decode_gap_seconds: float = 0.0
+
+  def first_call_seconds(self) -> float:
+    """Seconds in programs' first calls (trace, compile or cache load, one run): a one-off
+    per program, however long the run."""
+    return self.prefill_first_seconds + self.decode_first_seconds
+
+  def steady_rates(self) -> tuple[float | None, float | None]:
+    """(prefill, decode) tokens/s over the calls that were not a program's first; None
+    where no such call ran."""
+    def rate(tokens: int, seconds: float) -> float | None:
+      return tokens / seconds if seconds > 0 else None
+    return (rate(self.prompt_tokens - self.prefill_first_tokens,
+                 self.prefill_seconds - self.prefill_first_seconds),
+            rate(self.completion_tokens - self.decode_first_tokens,
+                 self.decode_seconds - self.decode_first_seconds))
 
   def idle_share(self) -> float | None:
     """Share of the decode ring's time (timed calls and the host gaps between them) its
