@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   # slots as measured on one GPU, counted over all replicas (with dp GPUs set dp x 128 to
   # keep 128 per GPU); 0 = what free memory holds (up to 256 a replica)
   c.engine.max_num_seqs = 128
+  c.engine.block_size = 64  # KV positions per paged block; 0 = dense (max_len per slot)
+  c.engine.kv_cache_memory = 0.0  # KV budget per device: 0 = 0.8 of free memory after the
+  # weights, <= 1 = that share, > 1 = GB (CPU: what max_num_seqs dense slots would hold)
+  c.engine.prefix_cache = True  # prompts that start alike (the template) share cached blocks
+  c.engine.prefill_chunk = 0  # prompt tokens prefilled per step, long ones in chunks; 0 = off
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests

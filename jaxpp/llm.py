@@ -28,7 +28,7 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import packing, shapes
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults
+from jaxpp.serve import defaults, requests
 from jaxpp.serve import engine as engine_lib
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -110,14 +110,20 @@ class LLM:
                dtype: str = "bfloat16", max_len: int | None = None, decode_chunk: int = 0,
                devices=None, quant: str = "none", quant_embed: bool = False,
                params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto",
-               dp: int | None = None):
+               dp: int | None = None, block_size: int = defaults.BLOCK_SIZE,
+               kv_cache_memory: float = 0.0, prefix_cache: bool = False,
+               prefill_chunk: int = 0):
     """`layout` is a `Layout` or its name ("pp4tp2v2m8", "dp2pp2tp2"), `dp` (if given) its
     replicas, 0 = as many as the devices hold; `quant` "int8" / "fp8" stores the
     block projections in 8 bits (also the embedding and LM head with `quant_embed`);
     `params_cache_dir` keeps the placed (quantised) params with orbax so the next run
     restores them instead of re-reading the HF checkpoint; `attention` picks both phases'
-    attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel at
-    tp = 1 and cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla"."""
+    attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel and
+    cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla". The KV cache is paged in
+    blocks of `block_size` positions (0: dense, max_len per slot) within `kv_cache_memory`
+    per device (0: a share of the free memory, <= 1: that share, > 1: GB); `prefix_cache`
+    lets prompts that start alike share their cached blocks, and `prefill_chunk` > 0 cuts
+    prefills to that many tokens a step (`serve/prompt_pieces.py`)."""
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype, checkpoint_dir)
     config = checkpoint.load_config(checkpoint_dir)
@@ -128,29 +134,36 @@ class LLM:
     params = weights.load_weights(checkpoint_dir, pipe, dtype, quant=q,
                                   cache_dir=params_cache_dir)
     self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
-                decode_chunk)
+                decode_chunk, block_size=block_size, kv_cache_memory=kv_cache_memory,
+                prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
 
   @classmethod
   def from_params(cls, config: LlamaConfig, params, *, layout: Layout | str = "pp1tp1",
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
-                  decode_chunk: int = 0, devices=None, attention: str = "auto") -> "LLM":
-    """Places params held in the plain [L, ...] layout (random weights, tests) on `layout`."""
+                  decode_chunk: int = 0, devices=None, attention: str = "auto",
+                  **cache) -> "LLM":
+    """Places params held in the plain [L, ...] layout (random weights, tests) on `layout`;
+    `cache`: `block_size`, `kv_cache_memory` as `LLM` takes them."""
     pipe = Pipeline.build(config, layout, devices=devices, attention=attention,
                           max_len=check_context(config, max_len or 0, decode_chunk))
     return cls.on_pipeline(config, pipe, weights.place_plain(pipe, params),
-                           tokenizer=tokenizer, max_len=max_len, decode_chunk=decode_chunk)
+                           tokenizer=tokenizer, max_len=max_len, decode_chunk=decode_chunk,
+                           **cache)
 
   @classmethod
   def on_pipeline(cls, config: LlamaConfig, pipe: Pipeline, params, *,
                   tokenizer: Tokenizer | None = None, max_len: int | None = None,
-                  decode_chunk: int = 0) -> "LLM":
-    """Wraps params already placed in `pipe`'s layout (e.g. generated on the devices)."""
+                  decode_chunk: int = 0, **cache) -> "LLM":
+    """Wraps params already placed in `pipe`'s layout (e.g. generated on the devices);
+    `cache`: the KV cache's knobs as `LLM` takes them."""
     self = cls.__new__(cls)
-    self._setup(config, pipe, params, tokenizer, max_len, decode_chunk)
+    self._setup(config, pipe, params, tokenizer, max_len, decode_chunk, **cache)
     return self
 
-  def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk):
+  def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk, **cache):
     self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
+    # the engines' KV cache: block_size, kv_cache_memory, prefix_cache, prefill_chunk
+    self.cache_options = dict(block_size=defaults.BLOCK_SIZE) | cache
     self.dtype = params_lib.activation_dtype(params)
     self.max_len = check_context(config, max_len or 0, decode_chunk)
     self.decode_chunk = decode_chunk or defaults.decode_chunk(pipe.layout)
@@ -161,13 +174,15 @@ class LLM:
     return self.pipeline.layout
 
   def engine(self, *, max_num_seqs: int | None = None, reserve: dict[str, int] | None = None,
-             watchdog=None) -> engine_lib.Engine:
-    """A batch engine over this model's pipeline, weights, context and stop ids."""
-    return engine_lib.Engine(self.pipeline, self.params, max_len=self.max_len,
-                             decode_chunk=self.decode_chunk,
-                             eos_ids=self.config.eos_token_ids, max_num_seqs=max_num_seqs,
-                             reserve=reserve, watchdog=watchdog,
-                             detokenize=self.tokenizer.decode if self.tokenizer else None)
+             watchdog=None, **cache) -> engine_lib.Engine:
+    """A batch engine over this model's pipeline, weights, context and stop ids; its KV
+    cache as this LLM's, or as `cache` says (`Engine`'s block_size, kv_cache_memory,
+    kv_blocks, prefix_cache, prefill_chunk)."""
+    return engine_lib.Engine(
+        self.pipeline, self.params, max_len=self.max_len, decode_chunk=self.decode_chunk,
+        eos_ids=self.config.eos_token_ids, max_num_seqs=max_num_seqs, reserve=reserve,
+        watchdog=watchdog, detokenize=self.tokenizer.decode if self.tokenizer else None,
+        **(self.cache_options | cache))
 
   def encode(self, prompts: Sequence[str | Sequence[int]], fit: int | None = None
              ) -> list[tuple[list[int], int]]:
@@ -310,11 +325,11 @@ class LLM:
     # that failed mid-call may hold queued requests, so it is dropped.
     eng = self._engines.pop(max_num_seqs, None) or self.engine(max_num_seqs=max_num_seqs)
     for i, (p, _) in enumerate(encoded):
-      eng.submit(engine_lib.Request(
+      eng.submit(requests.Request(
           key=str(i), prompt=p, max_new_tokens=min(max_new_tokens, self.max_len - len(p) + 1),
           stop=stop, stop_token_ids=stop_ids, logprobs=logprobs,
           **{f: np.asarray(a)[i].item() for f, a in knobs._asdict().items()}))
-    done: dict[str, engine_lib.Finished] = {}
+    done: dict[str, requests.Finished] = {}
     eng.run(lambda f: done.__setitem__(f.request.key, f))
     self._engines[max_num_seqs] = eng
     return [dataclasses.replace(self._completion(done[str(i)], len(p), cut), sample=i % n)

@@ -236,7 +236,8 @@ def test_cli_bad_workload_is_one_line(tmp_path):
                         timeout=120)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: {f}:1: unknown key 'n' (allowed: input_len, output_len, prompt_ids)")
+      f"error: {f}:1: unknown key 'n' (allowed: input_len, output_len, prompt_ids, "
+      "shared_prefix)")
   assert "Traceback" not in proc.stderr
 
 

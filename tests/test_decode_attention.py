@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpp.axes import PP, TP
 from jaxpp.errors import JaxppError
 from jaxpp.model import decode_attention as da
-from jaxpp.model import llama
+from jaxpp.model import kv_cache, llama
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel.layout import Layout
@@ -32,16 +32,17 @@ def _inputs(seed, lead, B, K, G, S, H):
           draw(B, K, H), draw(B, K, H))
 
 
-def _reference(q, keys, values, k_new, v_new, lengths, firsts=None):
+def _reference(q, keys, values, k_new, v_new, lengths, firsts=None, softcap=0.0):
   """One softmax over a row's cached positions firsts[b] .. lengths[b] - 1 and its new
-  token."""
+  token, each score capped at +-softcap with tanh first when softcap > 0."""
   S = keys.shape[2]
   firsts = jnp.zeros_like(lengths) if firsts is None else firsts
-  s = jnp.einsum("BKGH,BKSH->BKGS", q, keys)
+  cap = (lambda s: s) if not softcap else (lambda s: softcap * jnp.tanh(s / softcap))
+  s = cap(jnp.einsum("BKGH,BKSH->BKGS", q, keys))
   at = jnp.arange(S)
   s = jnp.where((at < lengths[:, None, None, None]) & (at >= firsts[:, None, None, None]), s,
                 -jnp.inf)
-  s_new = jnp.einsum("BKGH,BKH->BKG", q, k_new)[..., None]
+  s_new = cap(jnp.einsum("BKGH,BKH->BKG", q, k_new))[..., None]
   p = jax.nn.softmax(jnp.concatenate([s, s_new], -1), -1)
   return jnp.einsum("BKGS,BKSH->BKGH", p[..., :S], values) + p[..., S:] * v_new[:, :, None]
 
@@ -152,6 +153,141 @@ def test_kernel_splits_over_tp_without_gathering_the_cache():
   assert not [l for l in hlo.splitlines() if "all-gather" in l or "all-to-all" in l]
 
 
+def _paged(seed, keys, values, BS, lengths, firsts=None):
+  """The dense cache [*lead, B, K, S, H] as a pool [*lead, NB, K, BS, H] and tables [B, S/BS]:
+  each row's blocks at shuffled, non-contiguous pool blocks; block 0 (NaN) belongs to no row
+  and is what every table entry outside a row's [firsts, lengths) window names."""
+  *lead, B, K, S, H = keys.shape
+  nblk = S // BS
+  ids = 1 + np.random.default_rng(seed).permutation(B * nblk).reshape(B, nblk)
+  firsts = np.zeros_like(lengths) if firsts is None else np.asarray(firsts)
+  j = np.arange(nblk)
+  used = (j < -(-np.asarray(lengths)[:, None] // BS)) & (j >= firsts[:, None] // BS)
+  tables = jnp.asarray(np.where(used, ids, 0), jnp.int32)
+
+  def pool(dense):
+    blocks = np.asarray(dense).reshape(*lead, B, K, nblk, BS, H)
+    blocks = np.moveaxis(blocks, -3, -4).reshape(*lead, B * nblk, K, BS, H)
+    out = np.full((*lead, 1 + B * nblk, K, BS, H), np.nan, np.float32)
+    out[..., ids.ravel(), :, :, :] = blocks
+    return jnp.asarray(out)
+
+  return pool(keys), pool(values), tables
+
+
+def _outside(lengths, firsts, S):
+  """[1, B, 1, S, 1]: positions outside each row's [firsts, lengths) window."""
+  at = jnp.arange(S)
+  return ((at >= lengths[:, None]) | (at < firsts[:, None]))[None, :, None, :, None]
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3])
+@pytest.mark.parametrize("G", [1, 4])
+def test_paged_kernel_matches_the_dense_kernel_and_softmax(splits, G):
+  """Rows none cached, one, a partial block, whole blocks and full, their blocks shuffled
+  through the pool: the dense kernel's pieces (same block size) and the plain softmax."""
+  lead, B, K, S, H, BS = (2, 3), 6, 2, 64, 16, 16
+  q, keys, values, k_new, v_new = _inputs(10 + G, lead, B, K, G, S, H)
+  lengths = jnp.asarray([0, 1, 20, 32, 63, 64], jnp.int32)
+  pk, pv, tables = _paged(G, keys, values, BS, lengths)
+  assert len(set(np.asarray(tables[-1]))) == 4 and 0 in np.asarray(tables[0])
+  paged = jax.jit(lambda a, b: da.attend_cached(
+      q, pk, pv, (a, b), lengths, tables=tables, splits=splits))
+  dense = jax.jit(lambda a, b: da.attend_cached(
+      q, keys, values, (a, b), lengths, splits=splits, block_s=BS))
+  for at in ((0, 0), (1, 2)):
+    got = paged(*map(jnp.int32, at))  # traced lead indices, as a layer loop passes them
+    for g, w in zip(got, dense(*map(jnp.int32, at))):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    want = _reference(q, keys[at], values[at], k_new, v_new, lengths)
+    np.testing.assert_allclose(da.combine(*got, q, k_new, v_new, jnp.float32), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_paged_kernel_reads_no_junk(splits):
+  """NaN at a row's positions past its length and before its window's start (mid-block, on
+  a block edge, blocks in, at the row's end), and in the block its unused table entries
+  name: none of it reaches the output, and each split's pieces are the dense kernel's (a
+  split that read a block outside the window would have a denominator, not 0)."""
+  lead, B, K, G, S, H, BS = (2,), 5, 2, 4, 128, 16, 16
+  q, keys, values, k_new, v_new = _inputs(5, lead, B, K, G, S, H)
+  lengths = jnp.asarray([70, 128, 100, 9, 33], jnp.int32)
+  firsts = jnp.asarray([5, 64, 37, 9, 0], jnp.int32)
+  junk = _outside(lengths, firsts, S)
+  poisoned = [jnp.where(junk, jnp.nan, a) for a in (keys, values)]
+  pk, pv, tables = _paged(1, *poisoned, BS, lengths, firsts)
+  pieces = da.attend_cached(q, pk, pv, (1,), lengths, firsts, tables=tables, splits=splits)
+  dense = da.attend_cached(q, *poisoned, (1,), lengths, firsts, splits=splits, block_s=BS)
+  for g, w in zip(pieces, dense):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  got = da.combine(*pieces, q, k_new, v_new, jnp.float32)
+  want = _reference(q, keys[1], values[1], k_new, v_new, lengths, firsts)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_soft_capped_scores_match_the_capped_softmax():
+  q, keys, values, k_new, v_new = _inputs(6, (1,), 3, 2, 4, 64, 16)
+  q = q * 8  # scores large enough for a cap of 2 to bite
+  lengths = jnp.asarray([5, 64, 40], jnp.int32)
+  pk, pv, tables = _paged(2, keys, values, 32, lengths)
+  pieces = lambda cap: da.attend_cached(q, pk, pv, (0,), lengths, tables=tables, softcap=cap)
+  got = da.combine(*pieces(2.0), q, k_new, v_new, jnp.float32, softcap=2.0)
+  want = _reference(q, keys[0], values[0], k_new, v_new, lengths, softcap=2.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  plain = da.combine(*pieces(0.0), q, k_new, v_new, jnp.float32)
+  assert not np.allclose(plain, want, atol=1e-3)  # the cap changes the answer
+
+
+@pytest.mark.parametrize("BS", [8, 12, 24])
+def test_paged_kernel_refuses_blocks_it_cannot_tile(BS):
+  q = jnp.zeros((2, 2, 4, 16))
+  pool = jnp.zeros((1, 5, 2, BS, 16))
+  with pytest.raises(ValueError, match=f"^pool blocks of BS={BS} positions: .* >= 16$"):
+    da.attend_cached(q, pool, pool, (0,), jnp.zeros((2,), jnp.int32),
+                     tables=jnp.zeros((2, 3), jnp.int32))
+
+
+def test_paged_kernel_refuses_tables_of_other_rows():
+  q, pool = jnp.zeros((2, 2, 4, 16)), jnp.zeros((1, 5, 2, 16, 16))
+  lengths = jnp.zeros((2,), jnp.int32)
+  for tables in (jnp.zeros((3, 4), jnp.int32), jnp.zeros((2,), jnp.int32)):
+    with pytest.raises(ValueError, match=r"^tables \(.*\) do not match q's B=2 rows$"):
+      da.attend_cached(q, pool, pool, (0,), lengths, tables=tables)
+  with pytest.raises(ValueError, match="does not match the cache"):  # a pool of 1 kv head
+    da.attend_cached(q, pool[:, :, :1], pool[:, :, :1], (0,), lengths,
+                     tables=jnp.zeros((2, 4), jnp.int32))
+
+
+def test_paged_kernel_splits_over_tp_without_gathering_the_pool():
+  """As the dense kernel: under an automatic 'tp' each device runs the paged kernel on its
+  own kv heads of the pool (the tables whole on each), and no collective moves the pool."""
+  mesh = make_mesh(pp=2, tp=4)
+  lead, B, K, G, S, H, BS = (2, 3), 3, 4, 2, 64, 16, 16
+  q, keys, values, _, _ = _inputs(7, lead, B, K, G, S, H)
+  lengths = jnp.asarray([5, 64, 40], jnp.int32)
+  pk, pv, tables = _paged(3, keys, values, BS, lengths)
+  put = lambda a, spec: jax.device_put(jnp.stack([a, a]), NamedSharding(mesh, spec))
+  kv_spec = P(PP, *(None,) * (len(lead) + 1), TP)  # the pool's K axis
+
+  def stage(q, keys, values, lengths, tables):
+    out = da.attend(q[0], keys[0], values[0], (jnp.int32(1), jnp.int32(2)), lengths,
+                    tables=tables)
+    return jax.tree.map(lambda a: a[None], out)
+
+  run = jax.jit(jax.shard_map(stage, mesh=mesh, in_specs=(P(PP), P(PP), P(PP), P(), P()),
+                              out_specs=P(PP), axis_names={PP}, check_vma=False))
+  args = (put(q, P(PP, None, TP)), put(pk, kv_spec), put(pv, kv_spec), lengths, tables)
+  got = run(*args)
+  want = da.attend_cached(q, keys, values, (1, 2), lengths, block_s=BS)
+  for g, w in zip(got, want):  # both stages hold the same inputs
+    for stage_out in g:
+      np.testing.assert_allclose(stage_out, w, rtol=1e-6, atol=1e-6)
+  hlo = run.lower(*args).compile().as_text()
+  assert "paged_decode_attention" in str(jax.make_jaxpr(run)(*args))
+  assert not [l for l in hlo.splitlines() if "all-gather" in l or "all-to-all" in l]
+
+
 def test_pipeline_resolves_attention():
   c = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16)
@@ -173,7 +309,7 @@ def test_model_attention_takes_the_kernel_only_for_one_token_steps():
   lead, B, K, G, S, H = (2,), 3, 2, 2, 128, 16
   q, keys, values, k_new, v_new = _inputs(2, lead, B, K, G, S, H)
   start = jnp.asarray([4, 0, 127], jnp.int32)
-  cache = llama.LayerCache(keys, values, (1,))
+  cache = kv_cache.LayerCache(keys, values, (1,))
 
   def attend(q, k, v, fused):
     T = q.shape[1]

@@ -6,7 +6,7 @@ import pytest
 import jaxpp
 from jaxpp.load import checkpoint
 from jaxpp.model import decode_state, sampling
-from jaxpp.serve import engine, reference
+from jaxpp.serve import reference, requests
 from tests import hf_models
 
 
@@ -27,7 +27,7 @@ def prompts(n, seed=0):
 
 
 def request(i, prompt, **kw):
-  return engine.Request(key=f"r{i}", prompt=prompt, max_new_tokens=kw.pop("max_new", 6), **kw)
+  return requests.Request(key=f"r{i}", prompt=prompt, max_new_tokens=kw.pop("max_new", 6), **kw)
 
 
 def run_all(eng):
@@ -126,8 +126,8 @@ def test_request_that_cannot_fit_is_refused_not_truncated(llm):
   eng = llm.engine(max_num_seqs=2)
   with pytest.raises(jaxpp.JaxppError, match=r"prompt of 30 tokens \+ max_new_tokens=12 does "
                                              r"not fit max_len=40"):
-    eng.submit(engine.Request("big", [1] * 30, 12))
-  eng.submit(engine.Request("fits", [1] * 30, 11))  # 30 + 11 - 1 = 40 positions
+    eng.submit(requests.Request("big", [1] * 30, 12))
+  eng.submit(requests.Request("fits", [1] * 30, 11))  # 30 + 11 - 1 = 40 positions
 
 
 def test_priority_reserve_keeps_slots_for_interactive(llm):
@@ -176,11 +176,6 @@ def test_bad_engine_settings(llm):
   eng = llm.engine(max_num_seqs=2)
   with pytest.raises(jaxpp.JaxppError, match="unknown priority 'urgent'"):
     eng.submit(request(0, [1, 2], priority="urgent"))
-
-
-def test_measure_bubble_is_a_fraction(llm):
-  eng = llm.engine(max_num_seqs=2)
-  assert 0.0 <= eng.measure_bubble() <= 1.0
 
 
 def test_finer_prefill_refills_like_the_reference(ckpt):

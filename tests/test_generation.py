@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxpp
-from jaxpp.model import llama
+from jaxpp.model import kv_cache
 from tests import hf_models
 
 PROMPTS = [[1, 5, 9, 33, 70, 12, 8], [1, 44]]
@@ -43,7 +43,7 @@ def test_generation_stops_at_the_context(ckpt):
   assert c.finish_reason == "length"
   assert len(c.token_ids) == 16 - len(prompt) + 1  # the last token needs no cache slot
   # ...although the cache itself is rounded up to aligned positions
-  assert llama.cache_positions(16) == llama.CACHE_ALIGN == 128
+  assert kv_cache.cache_positions(16) == kv_cache.CACHE_ALIGN == 128
   assert llm.pipeline.init_cache(1, 16, np.float32)[0].shape[-2] == 128
 
 

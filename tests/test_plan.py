@@ -68,12 +68,20 @@ def test_kv_cache_bytes():
   copies = 2 * D * 8 * H  # wk and wv of the 8 replicas beyond the 8 heads
   assert layout_lib.block_params_per_device(L8B, 16) == \
       (L8B.block_param_count() + copies - norms) / 16 + norms
-  w = Workload(input_len=1000, output_len=24, concurrency=10)
+  w = Workload(input_len=1000, output_len=24, concurrency=10, block_size=0)
   mem = estimate.memory_per_stage(L8B, Layout(1, 1), w, H100)
   assert mem.kv == 10 * 1024 * 32 * 4096
-  # pp=2, m=2: 5 slots per micro-batch, 16 layers per stage; pp=3 pads 32 layers to 11.
+  # dense, pp=2, m=2: 5 slots per micro-batch, 16 layers per stage; pp=3 pads 32 layers to
+  # 11 and its 10 sequences to 3 x 4 slots
   assert estimate.memory_per_stage(L8B, Layout(2, 1), w, H100).kv == 2 * 5 * 1024 * 16 * 4096
   assert estimate.memory_per_stage(L8B, Layout(3, 1), w, H100).kv == 3 * 4 * 1024 * 11 * 4096
+  # paged (the engine's default): each sequence its own blocks of 64, no padding slots
+  paged = dataclasses.replace(w, block_size=64)
+  assert estimate.memory_per_stage(L8B, Layout(3, 1), paged, H100).kv == 10 * 1024 * 11 * 4096
+  short = dataclasses.replace(paged, input_len=100, output_len=20, max_len=1024)
+  assert estimate.memory_per_stage(L8B, Layout(1, 1), short, H100).kv == 10 * 128 * 32 * 4096
+  assert estimate.memory_per_stage(L8B, Layout(1, 1), dataclasses.replace(
+      short, block_size=0), H100).kv == 10 * 1024 * 32 * 4096
 
 
 def test_decode_step_on_one_gpu_is_weights_over_bandwidth():
@@ -381,10 +389,11 @@ def test_planner_memory_for_replicas_matches_what_is_allocated():
 
   from jaxpp.bench.random_weights import random_llm
   from jaxpp.parallel.mesh import per_device_bytes
+  from jaxpp.serve.requests import Request
   cfg, layout = presets.model_config("tiny"), Layout(2, 2, dp=2)
-  w = Workload(input_len=12, output_len=4, concurrency=8, max_len=32)
+  w = Workload(input_len=12, output_len=4, concurrency=8, max_len=32, block_size=0)
   llm = random_llm(cfg, np.float32, max_len=32, decode_chunk=4, layout=layout)
-  eng = llm.engine(max_num_seqs=8)
+  eng = llm.engine(max_num_seqs=8, block_size=0)
   mem = estimate.memory_per_stage(cfg, layout, w, H100, bytes_per_param=4,
                                   assume=Assumptions(dtype_bytes=4))
   weights = per_device_bytes(llm.params)
@@ -392,6 +401,16 @@ def test_planner_memory_for_replicas_matches_what_is_allocated():
   assert len(weights) == len(kv) == 8
   assert max(kv.values()) == min(kv.values()) == mem.kv
   assert max(weights.values()) == pytest.approx(mem.weights, rel=0.01)
+  # paged: the blocks the workload's 8 sequences hold at once, 4 a replica
+  w = dataclasses.replace(w, block_size=16)
+  mem = estimate.memory_per_stage(cfg, layout, w, H100, bytes_per_param=4,
+                                  assume=Assumptions(dtype_bytes=4))
+  eng = llm.engine(max_num_seqs=8, block_size=16)
+  for i in range(8):
+    eng.submit(Request(str(i), list(range(1, 13)), 4))
+  eng.run(lambda f: None)
+  assert eng.stats.max_live == 8
+  assert eng.stats.kv["peak_blocks"] * llm.pipeline.block_bytes(16, 4) == mem.kv
 
 
 def test_recommend_weighs_replicas():

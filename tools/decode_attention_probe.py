@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxpp.model import decode_attention, llama
+from jaxpp.model import decode_attention, kv_cache, llama
 
 flags.DEFINE_list("shapes", ["32x64x8x4x1152"], "LxBxKxGxS shapes to time")
 flags.DEFINE_integer("head_dim", 128, "head dim H")
@@ -64,7 +64,7 @@ def _stream(attend_one, L: int):
   @jax.jit
   def run(q, kn, vn, ck, cv, lengths):
     def layer(l, acc):
-      out = attend_one(q[l], kn[l], vn[l], llama.LayerCache(ck, cv, (l,)), lengths)
+      out = attend_one(q[l], kn[l], vn[l], kv_cache.LayerCache(ck, cv, (l,)), lengths)
       return acc + out.astype(jnp.float32)
     return jax.lax.fori_loop(0, L, layer, jnp.zeros(q.shape[1:], jnp.float32))
   return run

@@ -7,12 +7,13 @@
 #   bash tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]
 #
 # SLOTS 0 lets the job pick (engine.max_num_seqs=0: what memory holds); STEPS, a list of
-# cold, warm, bench, workload, config, rerun and long, says what to run (default cold warm
-# bench):
+# cold, warm, bench, workload, config, config_warm, rerun and long, says what to run
+# (default cold warm bench):
 # cold / warm run configs/harbor.py with the overrides below; `workload` is `jaxpp.bench
 # --workload` of the job's own input at SLOTS slots (the engine on the same requests
 # without the job around it); `config` runs configs/harbor_8b_1gpu.py as shipped (only the
-# checkpoint, input and output set; SLOTS ignored) and `rerun` repeats that command on its
+# checkpoint, input and output set; SLOTS ignored), `config_warm` runs it again from the
+# start (compile cache warm from `config`) and `rerun` repeats that command on its
 # finished output (nothing left to do: the start-up of a no-op rerun); `long` runs that
 # config on long documents (35 tickets each, ~6,600 tokens; LONG_DOCS of them, default 96)
 # at max_len 8192 with attention=xla, then auto. BENCH_FLAGS adds flags to the bench's
@@ -25,6 +26,7 @@ out=${1:?usage: tools/job_speed.sh OUT_DIR [REPEAT] [SLOTS] [STEPS]}
 repeat=${2:-10}
 slots=${3:-0}
 steps=${4:-cold warm bench}
+has() { [[ " $steps " == *" $1 "* ]]; }  # whether STEPS names step $1
 mkdir -p "$out" out
 ckpt=out/llama3-8b-random
 [[ -f $ckpt/model.safetensors.index.json ]] || python tools/random_checkpoint.py \
@@ -65,18 +67,19 @@ tuned() {  # the issue's workload on configs/harbor.py
     --config.mesh.tp=1 --config.engine.max_len=1024 --config.engine.max_num_seqs=$slots \
     --config.sampling.max_new_tokens=64
 }
-[[ $steps == *cold* ]] && { rm -rf ~/.cache/jaxpp/xla; tuned cold; }
-[[ $steps == *warm* ]] && tuned warm
-[[ $steps == *config* ]] && job config configs/harbor_8b_1gpu.py
-[[ $steps == *rerun* ]] && KEEP=1 LOG=rerun job config configs/harbor_8b_1gpu.py
-if [[ $steps == *workload* ]]; then
+has cold && { rm -rf ~/.cache/jaxpp/xla; tuned cold; }
+has warm && tuned warm
+has config && job config configs/harbor_8b_1gpu.py
+has config_warm && LOG=config_warm job config configs/harbor_8b_1gpu.py
+has rerun && KEEP=1 LOG=rerun job config configs/harbor_8b_1gpu.py
+if has workload; then
   python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 \
     --workload=out/tickets_x$repeat.jsonl --tokenizer=$ckpt --max_len=1024 --output_len=64 \
     --max_num_seqs=$slots --out="$out/workload" ${BENCH_FLAGS:-} > "$out/workload.log" 2>&1 \
     || tail -30 "$out/workload.log"
   tail -4 "$out/workload.log"
 fi
-if [[ $steps == *long* ]]; then  # long documents: the prefill attention's case
+if has long; then  # long documents: the prefill attention's case
   # LONG_DOCS documents, each 35 consecutive tickets (~6,600 tokens), through the shipped
   # 1-GPU config at max_len 8192, with XLA's attention and then with the default (auto)
   python - "${LONG_DOCS:-96}" <<'PY'
@@ -95,7 +98,7 @@ PY
       --config.model.attention=$attention
   done
 fi
-[[ $steps == *bench* ]] || exit 0
+has bench || exit 0
 python -m jaxpp.bench --model=llama3-8b --hardware=h200 --layouts=pp1tp1 --input_len=1024 \
   --output_len=128 --num_requests=256 --max_num_seqs=64 --out="$out/bench" \
   > "$out/bench.log" 2>&1 || tail -30 "$out/bench.log"

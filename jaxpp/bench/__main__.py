@@ -72,6 +72,14 @@ def define_flags() -> None:
                 "decode kernel at tp=1 and cuDNN's flash prefill), kernel, xla; a list runs "
                 "every layout once per entry")
   f.DEFINE_bool("quant_embed", d.quant_embed, "also store the embedding and LM head in 8 bits")
+  f.DEFINE_list("block_size", [str(b) for b in d.block_size], "paged KV block positions per "
+                "run (0: a dense cache, max_len per slot); a list runs each")
+  f.DEFINE_float("kv_cache_memory", d.kv_cache_memory, "KV budget per device: 0 = 0.8 of free "
+                 "memory after the weights, <= 1 = that share, > 1 = GB")
+  f.DEFINE_list("prefix_cache", list(d.prefix_cache), "per run: true lets prompts that start "
+                "alike share cached blocks; a list (false,true) runs each")
+  f.DEFINE_integer("prefill_chunk", d.prefill_chunk, "prompt tokens prefilled a step, long "
+                   "prompts in chunks between decode calls (0: whole prompts)")
   f.DEFINE_integer("scan_unroll", d.scan_unroll, "layers per stage-scan iteration (0 = all)")
   f.DEFINE_string("out", d.out, "directory for results.json and results.md")
   f.DEFINE_string("profile_dir", d.profile_dir, "if set, trace one extra wave per layout (the "

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
 from jaxpp.errors import JaxppError
-from jaxpp.model import decode_state, llama, sampling
+from jaxpp.model import decode_state, kv_cache, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import reference
@@ -84,7 +84,7 @@ def run(pipe: Pipeline, params: dict, prompts: list[list[int]], *,
     tokens = np.zeros((B, int(lengths.max())), np.int32)
     for i, p in enumerate(wave):
       tokens[i, :len(p)] = p
-    cache = jax.jit(llama.init_cache, static_argnums=(0, 1, 2, 3),
+    cache = jax.jit(kv_cache.init_cache, static_argnums=(0, 1, 2, 3),
                     out_shardings=(cache_sharding, cache_sharding))(config, B, max_len, dtype)
     knobs = sampling.SamplingParams.make(B)
     start = time.perf_counter()

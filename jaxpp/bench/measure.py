@@ -28,7 +28,7 @@ from jaxpp.model import quant as quant_lib
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.mesh import per_device_bytes
-from jaxpp.serve import engine as engine_lib
+from jaxpp.serve import defaults, requests
 from jaxpp.serve.stats import percentiles
 
 
@@ -86,9 +86,13 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   else:
 
     def run(batch, new_tokens):
-      eng = llm.engine(max_num_seqs=slots, watchdog=dog)
+      eng = llm.engine(max_num_seqs=slots, watchdog=dog,
+                       block_size=args.get("block_size", defaults.BLOCK_SIZE),
+                       kv_cache_memory=args.get("kv_cache_memory", 0.0),
+                       prefix_cache=args.get("prefix_cache", False),
+                       prefill_chunk=args.get("prefill_chunk", 0))
       for i, (p, n) in enumerate(zip(batch, new_tokens)):
-        eng.submit(engine_lib.Request(str(i), p, n))
+        eng.submit(requests.Request(str(i), p, n))
       eng.run(lambda f: None)
       return eng
 
@@ -102,12 +106,13 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
     warm.precompile_prefills([len(p) for p in prompts], admissions=(
         [[len(prompts[0])] * n for n in waves] if fixed else None))
     compile_s = time.perf_counter() - start
-    bubble_measured, microbatches = warm.measure_bubble(), pipe.microbatches
+    microbatches = pipe.microbatches
     prefill_m = warm.prefiller.prefill_m
     del warm  # frees its KV cache before the timed engine allocates one
     wall = time.perf_counter()
     st = run(prompts, lens).stats
     wall = time.perf_counter() - wall
+    bubble_measured = st.idle_share()  # from the timed run's own decode calls, as the job
   profile = None
   if args.get("profile_dir"):
     profile = str(trace_wave(run, prompts[:slots], lens[:slots], text, args["profile_dir"]))
@@ -125,11 +130,16 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       virtual_stages=pipe.v, layer_split=list(pipe.partition.counts),
       quant=args.get("quant", "none"),
       attention=pipe.kernels.label(),
+      block_size=0 if tp_baseline else args.get("block_size", defaults.BLOCK_SIZE),
+      prefix_cache=bool(args.get("prefix_cache")) and not tp_baseline,
+      prefill_chunk=0 if tp_baseline else args.get("prefill_chunk", 0),
+      kv_cache=getattr(st, "kv", {}), max_live=getattr(st, "max_live", None),
       weight_gb_per_device=max(per_device_bytes(llm.params).values()) / 1e9,
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
       requests=len(prompts), workload=args.get("workload", "random"),
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-      prefill_padding=(1 - st.prompt_tokens / st.prefill_positions
+      prefill_tokens=getattr(st, "prefill_tokens", st.prompt_tokens),
+      prefill_padding=(1 - getattr(st, "prefill_tokens", st.prompt_tokens) / st.prefill_positions
                        if getattr(st, "prefill_positions", 0) else None),
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
@@ -211,7 +221,8 @@ def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean
   roofline counts `2 * params` FLOPs a prompt token plus causal attention's `2 * L^2 * N * H`
   a layer for a prompt of L tokens (QK^T and PV over the lower triangle).
   """
-  n, head = st.prompt_tokens, head_bytes
+  # the prompt tokens the prefills computed (a prefix served from the cache is not)
+  n, head = getattr(st, "prefill_tokens", st.prompt_tokens), head_bytes
   kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
   # every micro-batch of every replica re-reads its stage's weights each round; KV read once
   # per token
@@ -220,7 +231,7 @@ def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean
   attention_flops = sum(2 * L * L for L in prompt_lengths) * (
       config.num_heads * config.head_dim * config.num_layers)
   prefill_flops = 2 * config.param_count() * n + attention_flops
-  tokens = n + st.completion_tokens
+  tokens = st.prompt_tokens + st.completion_tokens
   return dict(
       requests_per_second=requests / wall,
       total_tokens_per_second=tokens / wall,

@@ -6,7 +6,9 @@ file is mostly checking it, and every mistake in it must be one line naming `fil
 A line is `{"input_len": 700, "output_len": 90}` (a random-token prompt of that length,
 drawn from the bench's seeded generator, as the fixed-length workload's are) or
 `{"prompt_ids": [128000, 791, 4062], "output_len": 90}`; blank lines are skipped. Exactly
-`output_len` tokens are generated per request (stop ids ignored).
+`output_len` tokens are generated per request (stop ids ignored). With `"shared_prefix": N`
+beside input_len, the prompt's first N tokens are the same for every line that names the
+same N (a template or system prompt, for the prefix cache), the rest its own.
 
 A job input file (lines `{"id": ..., "text": ...}`, e.g. data/tickets.jsonl) is read as the
 job reads it (`job/files.py`), each ticket turned into its prompt by the job's own
@@ -30,7 +32,7 @@ from jaxpp.load.tokenizer import Tokenizer
 
 DEFAULT_TEMPLATE = "Ticket:\n{text}\nSummary:"  # configs/harbor.py's
 
-KEYS = ("input_len", "output_len", "prompt_ids")
+KEYS = ("input_len", "output_len", "prompt_ids", "shared_prefix")
 FIRST_ID = 3  # random prompts avoid the ids tokenizers keep for specials, as before
 
 
@@ -113,7 +115,7 @@ def from_tickets(path: str, vocab_size: int, *, tokenizer: str = "", template: s
 def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,
           name: str | None = None) -> RequestSet:
   """Requests from JSONL `lines`; `where` (the file) prefixes every error's line number."""
-  prompts, output_lens = [], []
+  prompts, output_lens, prefixes = [], [], {}
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -135,7 +137,16 @@ def parse(lines, where: str, vocab_size: int, rng: np.random.Generator, *,
       raise JaxppError(f"{at}: needs exactly one of input_len or prompt_ids")
     if "input_len" in req:
       n = _positive(req["input_len"], "input_len", at)
-      prompts.append(rng.integers(FIRST_ID, vocab_size, n).tolist())
+      shared = req.get("shared_prefix", 0)
+      if not _is_int(shared) or not 0 <= shared <= n:
+        raise JaxppError(f"{at}: shared_prefix must be an integer in [0, input_len], got "
+                         f"{json.dumps(shared)}")
+      if shared and shared not in prefixes:  # (no draw for 0: older files' prompts stay)
+        prefixes[shared] = rng.integers(FIRST_ID, vocab_size, shared).tolist()
+      prompts.append(prefixes.get(shared, []) +
+                     rng.integers(FIRST_ID, vocab_size, n - shared).tolist())
+    elif "shared_prefix" in req:
+      raise JaxppError(f"{at}: shared_prefix goes with input_len, not prompt_ids")
     else:
       prompts.append(_prompt_ids(req["prompt_ids"], vocab_size, at))
   if not prompts:

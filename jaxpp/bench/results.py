@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def markdown(rows: list[dict], header: str) -> str:
   """One row a measured run; a missing figure (a baseline without a bubble) reads –."""
-  cols = [("layout", "{}"), ("quant", "{}"), ("attention", "{}"),
+  cols = [("layout", "{}"), ("quant", "{}"), ("attention", "{}"), ("block_size", "{}"),
+          ("max_live", "{}"),
           ("weight_gb_per_device", "{:.1f}"), ("requests_per_second", "{:.2f}"),
           ("total_tokens_per_second", "{:,.0f}"), ("output_tokens_per_second", "{:,.0f}"),
           ("tokens_per_second_per_gpu", "{:,.0f}"), ("prefill_tokens_per_second", "{:,.0f}"),
@@ -20,6 +21,6 @@ def markdown(rows: list[dict], header: str) -> str:
       cells = [str(r.get(c, "")) for c, _ in cols[:3]] + [f"error: {r['error']}"]
       lines.append("| " + " | ".join(cells + [""] * (len(cols) - 4)) + " |")
       continue
-    lines.append("| " + " | ".join("–" if r[c] is None else f.format(r[c])
+    lines.append("| " + " | ".join("–" if r.get(c) is None else f.format(r[c])
                                    for c, f in cols) + " |")
   return "\n".join(lines)

@@ -48,6 +48,10 @@ class BenchOptions:
   quant: tuple[str, ...] = ("none",)
   attention: tuple[str, ...] = ("auto",)
   quant_embed: bool = False
+  block_size: tuple[int, ...] = (64,)  # paged KV blocks' positions per run; 0: dense
+  kv_cache_memory: float = 0.0
+  prefix_cache: tuple[str, ...] = ("false",)  # per run: share prompts' cached prefixes
+  prefill_chunk: int = 0  # prompt tokens prefilled a step (0: whole prompts)
   scan_unroll: int = 1
   out: str = "out/bench"
   profile_dir: str = ""
@@ -67,6 +71,14 @@ def _measure_or_error(config, hw, text: str, prompts, args: dict) -> dict:
     gc.collect()  # drop the failed layout's buffers before the next one allocates
     return dict(layout=text, quant=args.get("quant", "none"),
                 attention=args.get("attention", "auto"), error=f"{type(e).__name__}: {first}")
+
+
+def _flag(text) -> bool:
+  """A list flag's entry as a bool (true/false, 1/0)."""
+  value = str(text).strip().lower()
+  if value not in ("true", "false", "1", "0"):
+    raise JaxppError(f"--prefix_cache entries are true or false, not {text!r}")
+  return value in ("true", "1")
 
 
 def _write(out: pathlib.Path, header: str, rows: list[dict]) -> None:
@@ -96,7 +108,8 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
   args = dict(output_lens=work.output_lens, workload=work.name, dtype=opts.dtype,
               decode_chunk=opts.decode_chunk, max_num_seqs=opts.max_num_seqs,
               scan_unroll=opts.scan_unroll or True, quant_embed=opts.quant_embed,
-              profile_dir=opts.profile_dir, layer_split=opts.layer_split)
+              profile_dir=opts.profile_dir, layer_split=opts.layer_split,
+              kv_cache_memory=opts.kv_cache_memory, prefill_chunk=opts.prefill_chunk)
   for mode in opts.quant:
     quant_lib.Quant(mode, opts.quant_embed)  # every entry checked before the first run
   for impl in opts.attention:
@@ -117,7 +130,9 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
     print(header, flush=True)
   for text in layouts:
     runs = ([{}] if baseline_hf.parse(text) else
-            [dict(quant=q, attention=a) for q in opts.quant for a in opts.attention])
+            [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c))
+             for q in opts.quant for a in opts.attention for b in opts.block_size
+             for c in opts.prefix_cache])
     for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
                   _measure_or_error(config, hw, text, prompts, dict(args, **knobs)))

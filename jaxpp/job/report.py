@@ -102,7 +102,9 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
                  interrupted: str | None = None, read_seconds: float | None = None,
                  steady_prefill_tps: float | None = None,
                  steady_decode_tps: float | None = None, first_call_seconds: float = 0.0,
-                 prefill_calls: int = 0, prefill_shapes: int = 0) -> dict[str, Any]:
+                 prefill_calls: int = 0, prefill_shapes: int = 0,
+                 kv_cache: dict | None = None,
+                 prefill_tokens: int | None = None) -> dict[str, Any]:
   """The job report as a JSON-ready dict; rates are None where nothing was timed.
 
   `*_run` count this run, `*_total` the whole output / errors file (earlier runs included,
@@ -115,7 +117,11 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
   `steady_seconds` is the wall time less start-up and those one-off costs (default: the
   whole wall); `steady_*_tps` are the rates over the calls that were not a program's first
   (`EngineStats.steady_rates`), what a benchmark that compiles first would measure.
-  `prefill_calls` prefills ran, in `prefill_shapes` distinct programs. The projection is this
+  `prefill_calls` prefills ran, in `prefill_shapes` distinct programs. `kv_cache` is a paged
+  cache's blocks (`PagedSlots.stats`: size, count, peak in use, prefix hits; empty: dense).
+  `prefill_tokens` are the prompt tokens the prefills computed (default: all of them; a
+  prefix served from the prefix cache is not computed): the prefill rate counts those.
+  The projection is this
   run's one-off time plus 40,000 documents at the steady rate. `prefill_positions` are the
   token positions the prefill programs computed; over the prompt tokens they give the share
   spent on padding. `bubble_measured` is the decode ring's idle share from the run's own
@@ -123,6 +129,7 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
   per timed call. `truncated_run` counts this run's rows whose prompt the length policy
   cut; `interrupted` names the signal that stopped the run (None: it ran to the end).
   """
+  computed = prompt_tokens if prefill_tokens is None else prefill_tokens
   dps = _rate(written_run, wall_seconds)
   steady_s = wall_seconds if steady_seconds is None else steady_seconds
   steady = _rate(written_run, steady_s)
@@ -139,8 +146,9 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
       "interrupted": interrupted,
       "truncated_run": truncated_run,
       "prompt_tokens": prompt_tokens,
+      "prefill_tokens": computed,
       "prefill_positions": prefill_positions,
-      "prefill_padding": (1 - prompt_tokens / prefill_positions if prefill_positions else None),
+      "prefill_padding": (1 - computed / prefill_positions if prefill_positions else None),
       "completion_tokens": completion_tokens,
       "prefill_seconds": prefill_seconds,
       "decode_seconds": decode_seconds,
@@ -152,8 +160,9 @@ def build_report(*, input_lines: int, written_run: int, written_total: int, reje
       "first_call_seconds": first_call_seconds,
       "prefill_calls": prefill_calls,
       "prefill_shapes": prefill_shapes,
+      "kv_cache": dict(kv_cache or {}),
       "steady_documents_per_second": steady,
-      "prefill_tokens_per_second": _rate(prompt_tokens, prefill_seconds),
+      "prefill_tokens_per_second": _rate(computed, prefill_seconds),
       "decode_tokens_per_second": _rate(completion_tokens, decode_seconds),
       "steady_prefill_tokens_per_second": steady_prefill_tps,
       "steady_decode_tokens_per_second": steady_decode_tps,
@@ -229,12 +238,25 @@ def format_report(r: dict[str, Any]) -> str:
          if r.get("read_seconds") is not None else "") + "), "
       f"compile {human_duration(r.get('compile_seconds'))}",
       f"projection  {PROJECTION_DOCUMENTS:,} tickets in {r['projected_wall_40000']}",
+      kv_line(r.get("kv_cache") or {}),
       f"devices     {r['devices'] or 'n/a'}" + (f"  layout {layout}" if layout else ""),
       reconciliation_line(r),
   ]
   if r.get("interrupted"):
     lines.append(f"interrupted by {r['interrupted']}: rerun the same command to resume")
   return "\n".join(lines)
+
+
+def kv_line(kv: dict[str, Any]) -> str:
+  """'kv cache    peak 812 of 4,095 blocks of 64 positions (19.8%)', or the dense cache."""
+  if not kv:
+    return "kv cache    dense (max_len positions per slot)"
+  line = (f"kv cache    peak {kv['peak_blocks']:,} of {kv['blocks']:,} blocks of "
+          f"{kv['block_size']} positions ({_pct(kv['peak_blocks'] / kv['blocks'])})")
+  if kv.get("prefix_lookup_tokens"):
+    line += (f", prefix cache hit {_pct(kv['prefix_hit_tokens'] / kv['prefix_lookup_tokens'])}"
+             f" of prompt tokens ({kv['prefix_hit_tokens']:,} not prefilled)")
+  return line
 
 
 def report_path(output_path: str | os.PathLike) -> pathlib.Path:

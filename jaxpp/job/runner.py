@@ -53,8 +53,7 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults
-from jaxpp.serve import engine as engine_lib
+from jaxpp.serve import defaults, requests
 from jaxpp.serve.stats import EngineStats
 
 LENGTH_POLICIES = ("truncate", "reject")
@@ -87,9 +86,9 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if job.length_policy not in LENGTH_POLICIES:
     raise JaxppError(f"job.length_policy={job.length_policy!r}; choose one of "
                      f"{', '.join(LENGTH_POLICIES)}")
-  if job.priority not in engine_lib.PRIORITIES:
+  if job.priority not in requests.PRIORITIES:
     raise JaxppError(f"job.priority={job.priority!r}; choose one of "
-                     f"{', '.join(engine_lib.PRIORITIES)}")
+                     f"{', '.join(requests.PRIORITIES)}")
   if config.model.attention not in attention_choice.CHOICES:
     raise JaxppError(f"model.attention={config.model.attention!r}; choose one of "
                      f"{', '.join(attention_choice.CHOICES)}")
@@ -108,6 +107,17 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if eng.max_num_seqs < 0:
     raise JaxppError(f"engine.max_num_seqs={eng.max_num_seqs} must be >= 1 (0 = what free "
                      "memory holds)")
+  if eng.block_size and (eng.block_size < 16 or eng.block_size & (eng.block_size - 1)):
+    raise JaxppError(f"engine.block_size={eng.block_size} must be a power of two >= 16 (0 = "
+                     "a dense cache)")
+  if (eng.prefix_cache or eng.prefill_chunk) and not eng.block_size:
+    raise JaxppError("engine.prefix_cache and engine.prefill_chunk need a paged KV cache "
+                     "(engine.block_size > 0)")
+  if eng.prefill_chunk < 0:
+    raise JaxppError(f"engine.prefill_chunk={eng.prefill_chunk} must be >= 0 (0 = off)")
+  if eng.kv_cache_memory < 0:
+    raise JaxppError(f"engine.kv_cache_memory={eng.kv_cache_memory} must be >= 0 (0 = 0.8 of "
+                     "free memory, <= 1 = that share, > 1 = GB)")
   for cls, n in eng.priority_reserve.items():
     if n < 0:
       raise JaxppError(f"engine.priority_reserve.{cls}={n} must be >= 0")
@@ -255,6 +265,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
       written_total=len(final.done_keys), rejected_run=rejected_run,
       rejected_total=len(final.rejected_lines), skipped_done=counts["skipped_done"],
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
+      prefill_tokens=st.prefill_tokens,
       prefill_positions=st.prefill_positions,
       prefill_seconds=st.prefill_seconds, decode_seconds=st.decode_seconds,
       wall_seconds=wall,
@@ -273,7 +284,7 @@ def _run(config, devices, stack: contextlib.ExitStack) -> dict[str, Any] | None:
       read_seconds=run.read.seconds if run else None,
       steady_seconds=wall - startup_seconds - one_off, steady_prefill_tps=steady_prefill,
       steady_decode_tps=steady_decode, first_call_seconds=st.first_call_seconds(),
-      prefill_calls=st.prefill_calls, prefill_shapes=st.prefill_shapes,
+      prefill_calls=st.prefill_calls, prefill_shapes=st.prefill_shapes, kv_cache=st.kv,
       truncated_run=truncated,
       interrupted=signal.Signals(stop.signum).name if stop.requested else None)
   rep["report_file"] = str(report.write_report(rep, output))
@@ -306,14 +317,22 @@ class _Run:
                                max_len=config.engine.max_len,
                                decode_chunk=config.schedule.decode_chunk)
     self.eng = self.llm.engine(max_num_seqs=config.engine.max_num_seqs,
-                               reserve=dict(config.engine.priority_reserve), watchdog=dog)
+                               reserve=dict(config.engine.priority_reserve), watchdog=dog,
+                               block_size=config.engine.block_size,
+                               kv_cache_memory=config.engine.kv_cache_memory,
+                               prefix_cache=config.engine.prefix_cache,
+                               prefill_chunk=config.engine.prefill_chunk)
+    pages = self.eng.pages
+    kv = (f"KV cache of {pages.blocks - 1:,} blocks of {pages.block_size} positions per "
+          "replica" if pages else "dense KV cache")
     log_line(f"layout {pipe.layout}: {pipe.microbatches} decode micro-batches, decode_chunk "
-             f"{self.llm.decode_chunk}, {self.eng.max_num_seqs} sequences in flight, "
+             f"{self.llm.decode_chunk}, up to {self.eng.max_num_seqs} sequences in flight, "
+             f"{kv}, "
              f"weights in {self.load_seconds:.1f} s (reading files {self.read.seconds:.1f} s"
              f" of it, {self.read.bytes / 1e9:.1f} GB)")
 
   def summarise(self, todo: list[jobio.Ticket], stop: StopSignals
-                ) -> Iterator[tuple[list[engine_lib.Finished], jobio.Ticket]]:
+                ) -> Iterator[tuple[list[requests.Finished], jobio.Ticket]]:
     """Streams the tickets through the engine, its queue kept a little ahead of its slots;
     yields each finished one with its samples (n of them when its knobs ask, seeded as
     `jaxpp.LLM.generate` seeds them). After a stop signal nothing more is admitted and the
@@ -336,9 +355,9 @@ class _Run:
         for k, seed in enumerate(seeds):
           key = ticket.key if n == 1 else f"{ticket.key}\x1f{k}"
           tickets[key] = (ticket, k)
-          eng.submit(engine_lib.Request(key=key, prompt=ticket.prompt, priority=job.priority,
+          eng.submit(requests.Request(key=key, prompt=ticket.prompt, priority=job.priority,
                                         seed=int(seed), **request))
-      if not eng.waiting() and not eng.tokens:
+      if not eng.busy():
         return
       for f in eng.step():
         ticket, k = tickets.pop(f.request.key)
@@ -346,10 +365,11 @@ class _Run:
         done[k] = f
         if all(done):
           yield samples.pop(ticket.key), ticket
+    eng.settle()  # stopped: the decode call in flight ends before the report
 
 
 def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
-               samples: list[engine_lib.Finished], checkpoint: str) -> dict:
+               samples: list[requests.Finished], checkpoint: str) -> dict:
   """An OpenAI batch output line: a choice per sample, the whole completion, a stop string
   left out."""
   piece = lambda t: tokenizer.decode([t])
@@ -368,7 +388,7 @@ def openai_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
 
 
 def summary_row(tokenizer: Tokenizer, ticket: jobio.Ticket,
-                finished: engine_lib.Finished) -> dict:
+                finished: requests.Finished) -> dict:
   """The output line: the first line of the decoded completion, stop token dropped; `line`
   is the ticket's input line (a rerun skips it without tokenizing it again)."""
   text = tokenizer.decode(finished.token_ids).strip()

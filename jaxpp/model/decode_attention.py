@@ -20,6 +20,13 @@ The kernel takes the whole cache and the layer's index (traced scalars are fine)
 slice cut out of the cache inside the layer loop, XLA would copy it first, which is the
 cost the pipeline's constant indices exist to avoid (pipeline.py). On other backends it runs
 in the Pallas interpreter, which is how the CPU tests check it.
+
+The cache can also be paged: a pool of blocks of BS positions that a host allocator hands
+out to each sequence as it grows, so that requests of mixed lengths do not each reserve
+max_len positions. A table [B, nblk] names each row's blocks in order; the paged kernel
+steps one block at a time, reads the row's table entry for each block it visits (a scalar
+load, as it reads the row's length) and folds the block in with the dense kernel's own
+online-softmax step, so the two forms mask, split and round alike.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpp.axes import TP
 
 MIN_TILE = 16  # Triton's smallest dot operand dimension: G query heads are padded to it
-# Cache positions per step; llama.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2
+# Cache positions per step; kv_cache.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2
 # stages and the automatic splits, 64 came within 10% of the best configuration tried on
 # each decode shape on an H200 (tools/decode_attention_probe.py; docs/benchmarks.md).
 BLOCK_S = 64
@@ -48,29 +55,32 @@ NEG_INF = -1e30
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
 
 
-def attend(q, keys, values, at, lengths, firsts=None, **options):
+def attend(q, keys, values, at, lengths, firsts=None, *, tables=None, **options):
   """`attend_cached`, split over kv heads where the surrounding mesh splits them over 'tp'.
 
   GSPMD cannot partition a custom kernel: given one, it would gather the whole cache onto
   every device. Under a mesh whose 'tp' axis is still automatic (the pipeline's stage
   programs, or the GSPMD baseline run under `jax.set_mesh`), each tp device runs the kernel
-  on its own kv heads, which is where q, the cache and the output already lie.
+  on its own kv heads, which is where q, the cache and the output already lie. A paged
+  pool's K axis sits where the cache's does; its `tables` go to every device whole.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if firsts is None:
     firsts = jnp.zeros_like(lengths)
   if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
-    return attend_cached(q, keys, values, at, lengths, firsts, **options)
+    return attend_cached(q, keys, values, at, lengths, firsts, tables=tables, **options)
   heads = P(*(None,) * (keys.ndim - 3), TP)  # the cache's K axis
   out = P(None, None, TP)
   run = jax.shard_map(
-      lambda q, k, v, at, n, f: attend_cached(q, k, v, tuple(at), n, f, **options),
-      mesh=mesh, in_specs=(P(None, TP), heads, heads, P(), P(), P()),
+      lambda q, k, v, at, n, f, t: attend_cached(q, k, v, tuple(at), n, f, tables=t,
+                                                 **options),
+      mesh=mesh, in_specs=(P(None, TP), heads, heads, P(), P(), P(), P()),
       out_specs=(out, out, out), axis_names={TP}, check_vma=False)
-  return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths, firsts)
+  return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths, firsts,
+             tables)  # tables None: an empty pytree
 
 
-def attend_cached(q, keys, values, at, lengths, firsts=None, *, splits: int = 0,
+def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, splits: int = 0,
                   block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 2,
                   interpret: bool | None = None, softcap: float = 0.0):
   """Partial attention of q over cached positions firsts[b] .. lengths[b] - 1 of one
@@ -83,9 +93,21 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, splits: int = 0,
   f32[B, K, G]), each with a leading `splits` axis; rows of length 0 give max NEG_INF and
   zeros. `splits=0` picks the fewest (a power of two) that give TARGET_PROGRAMS programs.
   `interpret` defaults to "not on a GPU".
+
+  Paged: with `tables` (int [B, nblk]) keys and values are a pool [*lead, NB, K, BS, H] of
+  NB blocks, and row b's position p lies at offset p % BS of block tables[b, p // BS]. The
+  kernel then steps one block, BS positions (block_s is not used), and reads the table
+  entries of the blocks overlapping the row's window only: the others may name any block.
   """
   B, K, G, H = q.shape
   lead, (Bc, Kc, S, Hc) = keys.shape[:-4], keys.shape[-4:]
+  if tables is not None:  # a pool: Bc counts its blocks, S is their size
+    if len(tables.shape) != 2 or tables.shape[0] != B:
+      raise ValueError(f"tables {tuple(tables.shape)} do not match q's B={B} rows")
+    if not supports(S):
+      raise ValueError(f"pool blocks of BS={S} positions: the kernel's tiles need a power "
+                       f"of two >= {MIN_TILE}")
+    Bc, block_s = B, S
   if (Bc, Kc, Hc) != (B, K, H) or values.shape != keys.shape or len(at) != len(lead):
     raise ValueError(f"q {q.shape} does not match the cache {keys.shape} at {len(at)} "
                      "lead indices")
@@ -95,12 +117,15 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, splits: int = 0,
     raise ValueError(f"head_dim={H}: the kernel's tiles need a power of two >= {MIN_TILE}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  splits = splits or auto_splits(B * K, S // block_s)
+  blocks = S // block_s if tables is None else tables.shape[1]
+  splits = splits or auto_splits(B * K, blocks)
   Gp = max(MIN_TILE, 1 << (G - 1).bit_length())  # Triton tiles are powers of two
   q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
   flat = functools.reduce(lambda acc, ia: acc * ia[1] + ia[0], zip(at, lead), jnp.int32(0))
-  cache_shape = (-1, B, K, S, H)  # a bitcast: the lead axes as one
-  kernel = functools.partial(_kernel, block_s=block_s, splits=splits, softcap=softcap)
+  cache_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
+  kernel, paged = ((_kernel, ()) if tables is None else
+                   (_paged_kernel, (jnp.asarray(tables, jnp.int32),)))
+  kernel = functools.partial(kernel, block_s=block_s, splits=splits, softcap=softcap)
   acc, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, B, K, Gp, H), jnp.float32),
@@ -109,9 +134,9 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, splits: int = 0,
       grid=(splits, B, K),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name="decode_attention",
+      name="decode_attention" if tables is None else "paged_decode_attention",
   )(jnp.reshape(flat, (1,)), lengths.astype(jnp.int32),
-    (jnp.zeros_like(lengths) if firsts is None else firsts).astype(jnp.int32), q,
+    (jnp.zeros_like(lengths) if firsts is None else firsts).astype(jnp.int32), *paged, q,
     keys.reshape(cache_shape), values.reshape(cache_shape))
   return acc[..., :G, :], m[..., :G], l[..., :G]
 
@@ -121,40 +146,59 @@ def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_r
   """Program (split, row, kv head): online softmax over its share of the row's blocks."""
   p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer, n, first = at_ref[0], len_ref[b], first_ref[b]
+
+  def load(i):
+    pos = pl.ds(i * block_s, block_s)
+    return k_ref[layer, b, h, pos, :], v_ref[layer, b, h, pos, :]
+
+  lo, hi = _share(p, n, first, block_s, splits)
+  out = _attend_blocks(q_ref[b, h], load, lo, hi, first, n, block_s, softcap)
+  for ref, x in zip((acc_ref, m_ref, l_ref), out):
+    ref[p, b, h] = x
+
+
+def _paged_kernel(at_ref, len_ref, first_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref,
+                  l_ref, *, block_s, splits, softcap):
+  """`_kernel` over a pool: the row's i-th block is the pool's block table_ref[b, i]."""
+  p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  layer, n, first = at_ref[0], len_ref[b], first_ref[b]
+
+  def load(i):
+    block = table_ref[b, i]
+    return k_ref[layer, block, h, :, :], v_ref[layer, block, h, :, :]
+
+  lo, hi = _share(p, n, first, block_s, splits)
+  hi = jnp.minimum(hi, table_ref.shape[1])  # never an entry past the table's end
+  out = _attend_blocks(q_ref[b, h], load, lo, hi, first, n, block_s, softcap)
+  for ref, x in zip((acc_ref, m_ref, l_ref), out):
+    ref[p, b, h] = x
+
+
+def _share(p, n, first, block_s, splits):
+  """Split p's blocks lo .. hi - 1 of a row's blocks that overlap [first, n)."""
   blocks = (n + block_s - 1) // block_s
   skipped = first // block_s  # blocks wholly before the window
   per = (blocks - skipped + splits - 1) // splits
   lo = skipped + p * per
-  hi = jnp.minimum(lo + per, blocks)
-  q = q_ref[b, h]  # [Gp, H]
+  return lo, jnp.minimum(lo + per, blocks)
+
+
+def _attend_blocks(q, load, lo, hi, first, n, block_s, softcap):
+  """Online softmax of q [Gp, H] over blocks lo .. hi - 1, `load(i)` giving block i's keys
+  and values [block_s, H] -> (acc [Gp, H], max [Gp], denominator [Gp]) in f32."""
   Gp, H = q.shape
 
   def step(i, carry):
-    acc, m, l = carry
-    pos = pl.ds(i * block_s, block_s)
-    k = k_ref[layer, b, h, pos, :].astype(q.dtype)  # [block_s, H]
-    v = v_ref[layer, b, h, pos, :].astype(q.dtype)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=HIGHEST,
-                            preferred_element_type=jnp.float32)  # [Gp, block_s]
-    s = soft_cap(s, softcap)
+    k, v = (x.astype(q.dtype) for x in load(i))  # [block_s, H]
     at_s = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1)
-    s = jnp.where((at_s >= first) & (at_s < n), s, NEG_INF)
     # a slot's stale positions past n (an earlier request's) stay out even if not finite
     at_v = i * block_s + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where((at_v >= first) & (at_v < n), v, 0)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    e = jnp.exp(s - m_new[:, None])
-    acc = acc * alpha[:, None] + jnp.dot(e.astype(q.dtype), v, precision=HIGHEST,
-                                         preferred_element_type=jnp.float32)
-    return acc, m_new, l * alpha + jnp.sum(e, axis=1)
+    return fold(carry, q, k, v, (at_s >= first) & (at_s < n), softcap)
 
   init = (jnp.zeros((Gp, H), jnp.float32), jnp.full((Gp,), NEG_INF, jnp.float32),
           jnp.zeros((Gp,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(lo, hi, step, init)
-  acc_ref[p, b, h] = acc
-  m_ref[p, b, h] = m
-  l_ref[p, b, h] = l
+  return jax.lax.fori_loop(lo, hi, step, init)
 
 
 def soft_cap(x, cap: float):
@@ -191,3 +235,27 @@ def combine(acc, m, l, q, k_new, v_new, dtype, softcap: float = 0.0):
   total = (jnp.sum(acc * w[..., None], axis=0) +
            w_new[..., None] * v_new.astype(jnp.float32)[:, :, None])
   return (total / denom[..., None]).astype(dtype)
+
+
+def fold(carry, q, k, v, keep, softcap: float = 0.0):
+  """One online-softmax step (flash attention's) of q [R, H] over keys k and values v
+  [C, H] where `keep` [R, C] (None: everywhere), scores capped first as `soft_cap` caps
+  them: (acc [R, H], max [R], denominator [R]), all f32, in and out. Both kernels (this
+  one's and prefix_attention's) fold their tiles with it.
+
+  A row with nothing kept so far counts exp(0) for its masked keys (against v zeroed where
+  it could be junk, so finite): the first kept score sets a max above NEG_INF and its
+  alpha, exp(NEG_INF - max) = 0, wipes that count. Every real token keeps itself, so only
+  padding tokens, whose output is zeroed, can end with nothing kept."""
+  acc, m, l = carry
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=HIGHEST,
+                          preferred_element_type=jnp.float32)  # [R, C]
+  s = soft_cap(s, softcap)
+  if keep is not None:
+    s = jnp.where(keep, s, NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp(m - m_new)
+  e = jnp.exp(s - m_new[:, None])
+  acc = acc * alpha[:, None] + jnp.dot(e.astype(q.dtype), v, precision=HIGHEST,
+                                       preferred_element_type=jnp.float32)
+  return acc, m_new, l * alpha + jnp.sum(e, axis=1)

@@ -49,7 +49,7 @@ def start_state(first: jnp.ndarray, lengths: jnp.ndarray, max_new: jnp.ndarray,
   """State after prefill sampled `first` at position `lengths` (one token generated).
 
   `remaining` is capped at max_len - lengths, so a row stops at max_len even though the
-  cache holds a few positions more (llama.cache_positions) and decode only knows those.
+  cache holds a few positions more (kv_cache.cache_positions) and decode only knows those.
   """
   remaining = jnp.minimum(max_new - 1, max_len - lengths)  # <= 0 once lengths >= max_len
   done = is_stop(first, eos_ids) | (remaining <= 0)

@@ -11,52 +11,24 @@ Cache protocol, shared by prefill and decode: row b's cache holds valid entries 
 after attention. Queries see cached keys before start[b] and new keys causally, so junk
 beyond a row's length (right padding, finished rows) is never read.
 
-Cache layout: [v, Lc, M, b, K, S, H] per device (virtual chunk, layer in chunk, micro-batch,
-row, kv head, position, head dim); the single-device reference uses v = M = 1. Row and kv
-head lead a layer's [b, K, S, H] slice so that attention's two products are plain batched
-matmuls over (b, K) reading the cache where it lies: with positions before heads, GPU
-matmul libraries need a transposed copy of the whole slice per layer and step first.
+The cache's layouts (dense rows, or a paged pool) are `kv_cache.py`'s.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp.model import decode_attention, prefill_attention, quant
+from jaxpp.model import decode_attention, kv_cache, prefill_attention, prefix_attention, quant
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, cos_sin_scale, inverse_frequencies
 
-KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
-
-
-class LayerCache(NamedTuple):
-  """One layer's view of the whole cache: `keys[at]` is its [B, K, S, H] slice.
-
-  The view, not the slice, travels to the attention, so that the fused decode kernel can
-  read the layer where it lies (a slice cut inside the layer loop is a copy on GPU).
-  """
-
-  keys: jnp.ndarray  # [*lead, B, K, S, H]
-  values: jnp.ndarray
-  at: tuple  # indices of the lead axes (ints or traced int scalars)
-
-
 NEG_INF = -1e30
-
-# Cache positions are allocated in multiples of this. cuBLAS wants aligned strides: with a
-# max_len of 1234 XLA copied every layer's cached keys and values into an aligned buffer
-# before each attention product (two ~95 µs copies a layer for the 8B shape on one H200,
-# 43% of the decode step in a profile; docs/benchmarks.md). Positions past a row's length
-# are never read, so the extra ones cost memory only.
-CACHE_ALIGN = 128
-
 
 class RMSNorm(nn.Module):
   """Root-mean-square norm, statistics in float32 (as Llama does). With `offset` (Gemma)
@@ -94,7 +66,8 @@ class Attention(nn.Module):
   kernels: Kernels = Kernels()  # which phases run their fused kernel (attention_choice.py)
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None, window=0):
+  def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
+               window=0):
     """cache: this layer's view of the cache, or None when nothing is cached; segments
     [B, T]: which prompt of a packed row each token belongs to (None: one per row);
     window: the layer's sliding window (an int, or a traced scalar; 0 = none)."""
@@ -135,14 +108,17 @@ def _within(query_pos, key_pos, window):
   return (window == 0) | (query_pos - key_pos < window)
 
 
-def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segments=None,
-           kernels: Kernels = Kernels(), window=0, softcap: float = 0.0):
+def attend(q, k, v, positions, start, cache: kv_cache.LayerCache | None, dtype, *,
+           segments=None, kernels: Kernels = Kernels(), window=0, softcap: float = 0.0):
   """Attention of T new tokens over the cache and themselves (causally) -> [B, T, K, G, H].
 
   q [B, T, K, G, H] (scaled by H**-0.5), k/v [B, T, K, H]: the new tokens'. One-token steps
   with `kernels.decode` run the cache's part in decode_attention's kernel, and a fresh
   prefill (nothing cached) with `kernels.prefill` runs in prefill_attention's; otherwise
-  one softmax over [cached | new] by XLA, reading the cache in place, never concatenated.
+  one softmax over [cached | new] by XLA, reading the cache in place, never concatenated;
+  a piece continuing a prefix in a paged cache (prefix caching, chunked prefill) with
+  `kernels.prefill` runs in prefix_attention's kernel, which reads the prefix's blocks
+  where they lie.
   With `segments` [B, T] (a packed prefill row, nothing cached) a token attends only to
   earlier tokens of its own segment; without, a row is one causal sequence. A `window`
   (int or traced scalar, 0 = none) keeps a token to the keys less than `window` positions
@@ -157,12 +133,18 @@ def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segmen
     out = prefill_attention.attend(q.reshape(B, T, K * G, H), k, v, segs, on_gpu=kernels.gpu,
                                    window=window)
     return out.reshape(B, T, K, G, H)
+  if (cache is not None and cache.tables is not None and T > 1 and kernels.prefill
+      and prefix_attention.supports(H)):  # a piece continuing a cached prefix (paged)
+    lengths = (jnp.full((B,), T, jnp.int32) if segments is None else
+               jnp.sum(segments >= 0, axis=1).astype(jnp.int32))
+    return prefix_attention.attend(q, k, v, cache.keys, cache.values, cache.at, cache.tables,
+                                   start, lengths, window=window, softcap=softcap)
   if cache is not None and kernels.decode and T == 1:
     # the first cached position inside the window (the token itself is at `start`)
     first = (jnp.zeros_like(start) if isinstance(window, int) and window == 0 else
              jnp.where(window == 0, 0, jnp.maximum(start - window + 1, 0)))
     pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start,
-                                     first, softcap=softcap)
+                                     first, softcap=softcap, tables=cache.tables)
     return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype,
                                     softcap=softcap)[:, None]
   causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
@@ -175,8 +157,7 @@ def attend(q, k, v, positions, start, cache: LayerCache | None, dtype, *, segmen
   if cache is None:
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     return jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
-  old_k = cache.keys[cache.at].astype(dtype)
-  old_v = cache.values[cache.at].astype(dtype)
+  old_k, old_v = (a.astype(dtype) for a in kv_cache.layer_keys(cache))
   S = old_k.shape[2]
   idx = jnp.arange(S)[None, None, :]
   cached = (idx < start[:, None, None]) & _within(positions[:, :, None], idx, window)  # [B,T,S]
@@ -216,7 +197,8 @@ class Block(nn.Module):
   kernels: Kernels = Kernels()  # see Attention
 
   @nn.compact
-  def __call__(self, x, positions, start, cache: LayerCache | None, segments=None, window=0):
+  def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
+               window=0):
     c = self.config
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.norm_offset)
     attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, name="attn")(
@@ -230,10 +212,10 @@ class Block(nn.Module):
     return x + mlp_out, new_kv
 
 
-def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, chunk=0,
+def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCache, *, chunk=0,
                microbatch=0, slots=None, segments=None, fresh: bool = False,
                num_layers=None, unroll: int | bool = 1, kernels: Kernels = Kernels(),
-               windows=None):
+               windows=None, pages: kv_cache.Pages | None = None):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
   `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
@@ -251,33 +233,35 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   weights can cost decode bandwidth on GPU). `kernels` says which phases' attention runs
   in its fused kernel (`attend`). `windows` i32[v, Lc] gives each layer's sliding window
   (`window_table`) when the config's layers differ (`c.window` is None); otherwise every
-  layer takes the config's one window, a constant.
+  layer takes the config's one window, a constant. With `pages` the cache is a paged pool
+  [v, Lc, NB, K, BS, H] (`microbatch` and `slots` unused): rows read and write it through
+  `pages` (see kv_cache.Pages).
   """
   if c.window is None and windows is None:
     raise ValueError("layers with different sliding windows need run_blocks' `windows`")
   block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"], kernels=kernels)
   b, T = x.shape[:2]
-  S = cache[0].shape[5]
-  if slots is None:
-    slots = (jnp.full((b,), microbatch, jnp.int32), jnp.arange(b, dtype=jnp.int32))
-  mb, rows = (jnp.broadcast_to(a if a.ndim == 2 else a[:, None], (b, T)) for a in slots)
-  cols = jnp.where(mb >= 0, positions, S)  # a token's column is its position; S: dropped
-
   ck, cv = cache
   k_dtype = ck.dtype
+  if pages is None:
+    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i, microbatch))
+    write = kv_cache.dense_targets(b, T, positions, cache, microbatch, slots)
+  else:
+    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i), pages.tables)
+    write = kv_cache.paged_targets(positions, pages, ck.shape[4])
 
   def layer(carry, _):
     x, i = carry
     params = jax.tree.map(lambda a: a[chunk, i], blocks)
 
     def compute(_):
-      kv = None if fresh else LayerCache(ck, cv, (chunk, i, microbatch))
+      kv = None if fresh else kv_at(i)
       window = c.window if c.window is not None else windows[chunk, i]
       y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window)
       return y, k.astype(k_dtype), v.astype(k_dtype)
 
     def skip(_):
-      new = jnp.zeros((b, T, ck.shape[4], ck.shape[6]), k_dtype)
+      new = jnp.zeros((b, T, ck.shape[-3], ck.shape[-1]), k_dtype)  # K: dense or paged
       return x, new, new
 
     if num_layers is None:
@@ -292,8 +276,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: KVCache, *, c
   (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), None, length=Lc, unroll=unroll)
   # [Lc, b, T] targets (the K axis sliced between them, so k's [Lc, b, T, K, H] fits as is);
   # padding layers' writes land in unread slots
-  at = (chunk, jnp.arange(Lc)[:, None, None], jnp.maximum(mb, 0)[None], rows[None],
-        slice(None), cols[None])
+  at = (chunk, jnp.arange(Lc)[:, None, None]) + tuple(a[None] for a in write[:-1]) + (
+      slice(None), write[-1][None])
   return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
 
 
@@ -322,15 +306,3 @@ def window_table(c: LlamaConfig, layer_index) -> np.ndarray:
   windows = np.asarray(c.sliding_windows or (0,) * c.num_layers, np.int32)
   index = np.asarray(layer_index)
   return np.where(index >= 0, windows[np.maximum(index, 0)], 0).astype(np.int32)
-
-
-def cache_positions(max_len: int) -> int:
-  """Positions a KV cache holds for max_len tokens: max_len rounded up to CACHE_ALIGN."""
-  return -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
-
-
-def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
-  """Zeroed single-device cache: two [1, L, 1, B, K, S, H] arrays (v = M = 1), S =
-  cache_positions(max_len)."""
-  shape = (1, c.num_layers, 1, batch, c.num_kv_heads, cache_positions(max_len), c.head_dim)
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

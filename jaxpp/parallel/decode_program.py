@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import PP
-from jaxpp.model import decode_state, llama, penalties, sampling
+from jaxpp.model import decode_state, kv_cache, llama, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import placement, xla_options
 
@@ -23,20 +23,23 @@ from jaxpp.parallel import placement, xla_options
                  static_argnames=("pipe", "steps", "do_sample", "eos_ids", "logprobs"),
                  donate_argnames=("cache",))
 def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
-           history: penalties.History | None = None, *, steps: int, do_sample: bool,
-           eos_ids: tuple[int, ...], logprobs: int | None = None):
+           history: penalties.History | None = None, tables=None, *, steps: int,
+           do_sample: bool, eos_ids: tuple[int, ...], logprobs: int | None = None):
   """-> (cache, state, emitted i32[M, b, k]); with `logprobs` (static) also each token's
   logprob [M, b, k] and its top alternatives' ids and logprobs [M, b, k, logprobs]
   (`sampling.token_logprobs`). With a `history` the rows' penalties apply, counted over
-  it and the tokens this call generates."""
+  it and the tokens this call generates. A paged cache comes with its rows' block `tables`
+  i32 [M, b, nblk]. A row stops where its cache ends (the engine's budgets stop it at
+  max_len first)."""
   M = state.tokens.shape[0]  # the ring's micro-batches, m
   table = jnp.asarray(pipe.decode_table(M, steps))
   layers = pipe.layer_tables()
   dtype = params_lib.activation_dtype(params)
-  max_len = cache[0].shape[6]
+  # positions a row's cache holds: S, or nblk blocks of BS
+  max_len = cache[0].shape[6] if tables is None else tables.shape[-1] * cache[0].shape[5]
   last_dev, last_chunk = pipe.pp - 1, pipe.v - 1
 
-  def body(params, cache, layers, state, knobs, history=None):
+  def body(params, cache, layers, state, knobs, tables=None, history=None):
     s = jax.lax.axis_index(PP)
     blocks = jax.tree.map(lambda a: a[0], params["blocks"])
     cache = jax.tree.map(lambda a: a[0], cache)
@@ -52,8 +55,9 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
       pos = lengths0[j] + k
       x = jnp.where((s == 0) & (r == 0),
                     llama.embed(pipe.config, params, tok_in[j][:, None], dtype), act_in[j])
+      pages = None if tables is None else kv_cache.Pages(tables[j])
       y, cache = pipe.run_chunk(blocks, layers, cache, x, pos[:, None], pos, r, active,
-                                fresh=False, slot=slot)
+                                fresh=False, slot=slot, pages=pages)
       samples_here = active & (s == last_dev) & (r == last_chunk)
       st_j = jax.tree.map(lambda a: a[j], state)
       knobs_j = jax.tree.map(lambda a: a[j], knobs)
@@ -106,7 +110,8 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
       return cache, state, pick(out[0])
     return cache, state, pick(out[0]), tuple(pipe.everywhere(a, s) for a in out[1:])
 
-  cache_spec, rows = placement.cache_spec(pipe.mesh), P(None, placement.rows_axis(pipe.mesh))
+  cache_spec = placement.cache_spec(pipe.mesh, paged=tables is not None)
+  rows = P(None, placement.rows_axis(pipe.mesh))
   layer_spec = jax.tree.map(lambda _: P(PP), layers)
   state_spec = decode_state.DecodeState(rows, rows, rows, rows)
   out_state = decode_state.DecodeState(P(), P(), P(), P())
@@ -114,9 +119,14 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
   args = (params, cache, layers, state, knobs)
   in_specs = (placement.param_specs(params), (cache_spec, cache_spec), layer_spec, state_spec,
               knob_spec)
-  if history is not None:  # shard_map takes no spec for an absent argument
-    args, in_specs = args + (history,), in_specs + (penalties.History(rows, rows),)
+  # shard_map takes no spec for an absent argument: the optional ones go by name
+  extras = {name: (a, spec) for name, a, spec in (
+      ("tables", tables, rows), ("history", history, penalties.History(rows, rows)))
+      if a is not None}
+  args += tuple(a for a, _ in extras.values())
+  in_specs += tuple(spec for _, spec in extras.values())
+  run = lambda *a: body(*a[:5], **dict(zip(extras, a[5:])))
   return pipe.shard_map(
-      body, in_specs=in_specs,
+      run, in_specs=in_specs,
       out_specs=((cache_spec, cache_spec), out_state, P())
       + (((P(), P(), P()),) if logprobs is not None else ()))(*args)

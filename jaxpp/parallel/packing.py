@@ -34,7 +34,9 @@ class PrefillBatch(NamedTuple):
   tokens: np.ndarray  # i32[M, p, T]
   positions: np.ndarray  # i32[M, p, T]: position in its own prompt
   segments: np.ndarray  # i32[M, p, T]: prompt index within the row, -1 for padding
-  targets: np.ndarray  # i32[M, p, T, 2]: cache (micro-batch, row) the token fills, -1: none
+  # i32[M, p, T, 2]: cache (micro-batch, row) the token fills, or in a paged cache its
+  # (block, offset); -1: none
+  targets: np.ndarray
   ends: np.ndarray  # i32[M, p, q]: index in the row of each prompt's last token
   lengths: np.ndarray  # i32[M, p, q]: each prompt's length (1 where there is no prompt)
 
@@ -94,11 +96,14 @@ def prefill_shape(rows: int, T: int, *, max_microbatches: int, spread: bool,
 
 
 def pack(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int, int]],
-         rows: list[list[int]], M: int, p: int, T: int, q: int
+         rows: list[list[int]], M: int, p: int, T: int, q: int,
+         starts: Sequence[int] | None = None
          ) -> tuple[PrefillBatch, list[tuple[int, int, int]]]:
   """The batch holding `rows` (from `first_fit`) and where each prompt landed: (micro-batch,
   row, segment) per prompt, in the order of `prompts`. Rows fill micro-batch by micro-batch
-  (row i is micro-batch i // p)."""
+  (row i is micro-batch i // p). `targets[k]` is prompt k's cache slot, or one target per
+  token ([n, 2]: a paged cache's (block, offset)). `starts[k]` (default 0) is the position
+  of prompt k's first token: a piece continuing a cached prefix of that many tokens."""
   if len(rows) > M * p:
     raise JaxppError(f"{len(rows)} rows do not fit a prefill of {M} x {p}")
   tokens = np.zeros((M, p, T), np.int32)
@@ -112,19 +117,20 @@ def pack(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int, int]],
     j, r = divmod(i, p)
     at = 0
     for s, k in enumerate(row):
-      n = len(prompts[k])
+      n, start = len(prompts[k]), 0 if starts is None else starts[k]
       tokens[j, r, at:at + n] = prompts[k]
-      positions[j, r, at:at + n] = np.arange(n)
+      positions[j, r, at:at + n] = start + np.arange(n)
       segments[j, r, at:at + n] = s
       slots[j, r, at:at + n] = targets[k]
-      ends[j, r, s], lengths[j, r, s] = at + n - 1, n
+      ends[j, r, s], lengths[j, r, s] = at + n - 1, start + n
       where[k] = (j, r, s)
       at += n
   return PrefillBatch(tokens, positions, segments, slots, ends, lengths), where
 
 
 def pack_replicas(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int, int]],
-                  rows: list[list[list[int]]], M: int, p: int, T: int, q: int
+                  rows: list[list[list[int]]], M: int, p: int, T: int, q: int,
+                  starts: Sequence[int] | None = None
                   ) -> tuple[PrefillBatch, list[tuple[int, int, int]]]:
   """`pack` for dp replicas: rows[d] (from `first_fit` over replica d's prompts) fill rows
   d*p .. d*p + p-1 of every micro-batch, so each replica's share of the batch (the programs
@@ -132,7 +138,7 @@ def pack_replicas(prompts: Sequence[Sequence[int]], targets: Sequence[tuple[int,
   [M, dp*p, ...] and where each prompt landed, rows counted over the whole batch."""
   parts, where = [], [None] * len(prompts)
   for d, replica_rows in enumerate(rows):
-    batch, landed = pack(prompts, targets, replica_rows, M, p, T, q)
+    batch, landed = pack(prompts, targets, replica_rows, M, p, T, q, starts)
     parts.append(batch)
     for i in {k for row in replica_rows for k in row}:
       j, r, s = landed[i]

@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 
 from jaxpp.axes import DP, PP, TP
 from jaxpp.errors import JaxppError
-from jaxpp.model import attention_choice, llama, quant
+from jaxpp.model import attention_choice, kv_cache, llama, quant
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import decode_program, placement, prefill_program
 from jaxpp.parallel import mesh as mesh_lib
@@ -145,26 +145,44 @@ class Pipeline:
   def layer_axes(self) -> tuple[int, int, int]:
     return (self.pp, self.v, self.partition.max_layers)
 
-  def cache_sharding(self) -> NamedSharding:
-    return placement.cache_sharding(self.mesh)
+  def cache_sharding(self, paged: bool = False) -> NamedSharding:
+    return placement.cache_sharding(self.mesh, paged=paged)
 
   def cache_shape(self, rows_per_microbatch: int, max_len: int) -> tuple[int, ...]:
     """[pp, v, Lc, M, b, K, S, H] of the keys (and of the values); S =
-    llama.cache_positions(max_len)."""
+    kv_cache.cache_positions(max_len)."""
     c = self.config
     return self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
-                              llama.cache_positions(max_len), c.head_dim)
+                              kv_cache.cache_positions(max_len), c.head_dim)
 
   def cache_bytes_per_slot(self, max_len: int, dtype_bytes: int) -> int:
     """Keys and values one slot (one row of one micro-batch) holds on each device."""
     _, v, Lc, _, _, K, S, H = self.cache_shape(1, max_len)
     return 2 * v * Lc * (K // self.tp) * S * H * dtype_bytes  # K is split over tp
 
-  def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> llama.KVCache:
+  def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> kv_cache.KVCache:
     """Zeroed KV cache `cache_shape(rows_per_microbatch, max_len)`, created already
     sharded on its stages."""
     shape = self.cache_shape(rows_per_microbatch, max_len)
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
+    return make(), make()
+
+  def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
+    """[pp, v, Lc, dp * blocks, K, BS, H] of a paged cache's keys (and values): `blocks`
+    per replica (its block ids 0 .. blocks - 1, NULL_BLOCK among them)."""
+    c = self.config
+    return self.layer_axes + (self.dp * blocks, c.num_kv_heads, block_size, c.head_dim)
+
+  def block_bytes(self, block_size: int, dtype_bytes: int) -> int:
+    """Keys and values one block holds on each device (its kv heads split over tp)."""
+    _, v, Lc, _, K, BS, H = self.pool_shape(1, block_size)
+    return 2 * v * Lc * (K // self.tp) * BS * H * dtype_bytes
+
+  def init_pool(self, blocks: int, block_size: int, dtype) -> kv_cache.KVCache:
+    """Zeroed paged cache `pool_shape(blocks, block_size)`, created already sharded."""
+    shape = self.pool_shape(blocks, block_size)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype),
+                   out_shardings=self.cache_sharding(paged=True))
     return make(), make()
 
   # --- programs ---------------------------------------------------------------------------
@@ -201,11 +219,12 @@ class Pipeline:
     return tables
 
   def run_chunk(self, blocks, layers, cache, x, positions, start, r, active, *, fresh,
-                 slot=0, slots=None, segments=None):
+                 slot=0, slots=None, segments=None, pages=None):
     """Runs local chunk r (skipped when idle) reading cache `slot`; returns y and the cache.
 
     `slots` (micro-batch slot, row) per row or token redirects the writes and `segments`
-    keeps a packed row's prompts apart, as in llama.run_blocks.
+    keeps a packed row's prompts apart, as in llama.run_blocks; a paged cache is read and
+    written through `pages` (kv_cache.Pages) instead of slots.
     With one stage no tick idles, and with one chunk as well the tick runs no conditional
     at all (XLA's GPU conditional reads its branch index back to the host).
     """
@@ -217,7 +236,7 @@ class Pipeline:
           slots=slots, segments=segments, fresh=fresh,
           num_layers=layers["counts"][chunk] if uneven else None,
           windows=layers.get("windows"),
-          unroll=self.scan_unroll, kernels=self.kernels)
+          unroll=self.scan_unroll, kernels=self.kernels, pages=pages)
 
     # One branch per chunk, so each reads its weights and cache at a constant chunk index
     # (llama.run_blocks); with more than one stage ticks idle in fill and drain: branch 0.

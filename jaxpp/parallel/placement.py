@@ -5,8 +5,10 @@ Params are stacked `[pp, v, Lc, ...]` and split over 'pp' (each stage its own la
 head or FFN axis of each projection over 'tp', and replicated over 'dp' (every replica
 holds the whole model). The KV cache `[pp, v, Lc, M, b, K, S, H]` splits its stages over
 'pp', its rows over 'dp' (each replica owns b / dp rows of every micro-batch) and its kv
-heads over 'tp'. Inside the programs 'pp' and 'dp' are manual (each replica runs its own
-ring on its own rows) and 'tp' is left to GSPMD.
+heads over 'tp'; a paged pool `[pp, v, Lc, NB, K, BS, H]` its blocks over 'dp' instead
+(each replica its own pool, its rows' block tables naming local blocks). Inside the
+programs 'pp' and 'dp' are manual (each replica runs its own ring on its own rows) and 'tp'
+is left to GSPMD.
 """
 
 from __future__ import annotations
@@ -66,20 +68,24 @@ def manual_axes(mesh) -> set[str]:
   return {PP} | ({DP} if mesh.shape[DP] > 1 else set())
 
 
-def cache_sharding(mesh) -> NamedSharding:
-  """[pp, v, Lc, M, b, K, S, H] over stages, replicas' rows and kv heads, spelled as the
-  programs' outputs are (no axis of size 1, no trailing None): jit keys its cache on the
-  spelling, so a fresh cache would otherwise compile every program a second time."""
-  axes = [a if a is None or mesh.shape[a] > 1 else None
-          for a in (PP, None, None, None, DP, TP)]
+def cache_sharding(mesh, paged: bool = False) -> NamedSharding:
+  """A dense cache [pp, v, Lc, M, b, K, S, H] over stages, replicas' rows and kv heads (a
+  paged pool [pp, v, Lc, NB, K, BS, H]: over stages, replicas' blocks and kv heads),
+  spelled as the programs' outputs are (no axis of size 1, no trailing None): jit keys its
+  cache on the spelling, so a fresh cache would otherwise compile every program a second
+  time."""
+  lead = (PP, None, None) if paged else (PP, None, None, None)
+  axes = [a if a is None or mesh.shape[a] > 1 else None for a in lead + (DP, TP)]
   while axes and axes[-1] is None:
     axes.pop()
   return NamedSharding(mesh, P(*axes))
 
 
-def cache_spec(mesh) -> P:
-  """The cache's spec inside the programs: its manual axes only."""
-  return P(PP, None, None, None, rows_axis(mesh)) if rows_axis(mesh) else P(PP)
+def cache_spec(mesh, paged: bool = False) -> P:
+  """The cache's spec inside the programs: its manual axes only (a paged pool's blocks
+  split over 'dp' as a dense cache's rows are)."""
+  lead = (PP, None, None) if paged else (PP, None, None, None)
+  return P(*lead, rows_axis(mesh)) if rows_axis(mesh) else P(PP)
 
 
 def param_specs(params) -> dict:

@@ -4,7 +4,8 @@ Prompts travel in m micro-batches of p rows of T tokens, q prompts at most a row
 (`packing.PrefillBatch`). The tick loop follows the circular schedule's table: at tick t
 device s runs micro-batch j through its local chunk r (`Pipeline.run_chunk`), writing each
 token's keys and values to the cache slot the batch names, and sends the activations one
-device on. The LM head and sampling run once at the end, on each prompt's last token.
+device on. The LM head and sampling run once at the end, on each prompt's last token. With
+a paged cache the batch's targets are each token's (block, offset) instead of its slot.
 `Pipeline.prefill` is this function.
 """
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import PP
-from jaxpp.model import llama, sampling
+from jaxpp.model import kv_cache, llama, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.model import penalties as penalties_lib
 from jaxpp.parallel import placement, xla_options
@@ -26,9 +27,14 @@ from jaxpp.parallel.schedule import circular
 @xla_options.jit(tp_of=lambda pipe, *args, **kwargs: pipe.tp,
                  static_argnames=("pipe", "do_sample", "with_logits", "logprobs", "penalties"),
                  donate_argnames=("cache",))
-def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
+def prefill(pipe, params, cache, batch: PrefillBatch, knobs, prefix=None, *, do_sample: bool,
             with_logits: bool = False, logprobs: int | None = None, penalties: bool = False):
   """A packed prefill on pipeline `pipe` -> (first i32[m, p, q], cache).
+
+  With `prefix` (a paged cache only) each row is one prompt piece continuing a prefix already
+  in the cache: (tables i32 [m, p, nblk], the row's blocks; starts i32 [m, p], its cached
+  positions, where the row's first token sits); the piece attends to that prefix and to
+  itself (prefix caching, chunked prefill).
 
   m is set by the shape (the engine picks it per admission, up to `prefill_mb`; p may
   differ from the cache's rows per micro-batch). Each prompt samples its first token at its
@@ -40,19 +46,19 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
   """
   M, _, T = batch.tokens.shape
   q = batch.ends.shape[-1]
+  paged = cache[0].ndim == 7  # a pool [pp, v, Lc, NB, K, BS, H], not [pp, v, Lc, M, b, ...]
   table = jnp.asarray(circular(pipe.pp, pipe.v, M).table)
   layers = pipe.layer_tables()
   dtype = params_lib.activation_dtype(params)
   D = pipe.config.hidden_size
   last_dev, last_chunk = pipe.pp - 1, pipe.v - 1
 
-  def body(params, cache, layers, batch, knobs):
+  def body(params, cache, layers, batch, knobs, prefix=None):
     s = jax.lax.axis_index(PP)
     blocks = jax.tree.map(lambda a: a[0], params["blocks"])
     cache = jax.tree.map(lambda a: a[0], cache)
     layers = jax.tree.map(lambda a: a[0], layers)
     b = batch.tokens.shape[1]  # this replica's rows
-    start = jnp.zeros((b,), jnp.int32)
 
     def tick(t, carry):
       cache, inbox, final = carry
@@ -61,10 +67,17 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
       j, r = jnp.maximum(j, 0), jnp.maximum(r, 0)
       x = jnp.where((s == 0) & (r == 0),
                     llama.embed(pipe.config, params, batch.tokens[j], dtype), inbox[j])
-      targets = pipe.local_rows(batch.targets[j], cache[0].shape[3])
+      start = jnp.zeros((b,), jnp.int32) if prefix is None else prefix[1][j]
+      if paged:  # each token's (block, offset), blocks the replica's own
+        pages = kv_cache.Pages(None if prefix is None else prefix[0][j],
+                               (batch.targets[j][..., 0], batch.targets[j][..., 1]))
+        slots = None
+      else:
+        targets = pipe.local_rows(batch.targets[j], cache[0].shape[3])
+        pages, slots = None, (pipe.slot(targets[..., 0], s), targets[..., 1])
       y, cache = pipe.run_chunk(blocks, layers, cache, x, batch.positions[j], start, r,
-                                active, fresh=True, segments=batch.segments[j],
-                                slots=(pipe.slot(targets[..., 0], s), targets[..., 1]))
+                                active, fresh=prefix is None, segments=batch.segments[j],
+                                slots=slots, pages=pages)
       last = jnp.take_along_axis(y, batch.ends[j][..., None], axis=1)  # [b, q, D]
       done_here = active & (s == last_dev) & (r == last_chunk)
       final = final.at[j].set(jnp.where(done_here, last, final[j]))
@@ -94,14 +107,19 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, *, do_sample: bool,
       outs += (tuple(pipe.everywhere(a.reshape((M, b, q) + a.shape[1:]), s) for a in lps),)
     return outs
 
-  cache_spec, rows = placement.cache_spec(pipe.mesh), P(None, placement.rows_axis(pipe.mesh))
+  cache_spec = placement.cache_spec(pipe.mesh, paged=paged)
+  rows = P(None, placement.rows_axis(pipe.mesh))
   layer_spec = jax.tree.map(lambda _: P(PP), layers)
   knob_spec = jax.tree.map(lambda _: rows, knobs)
   batch_spec = jax.tree.map(lambda _: rows, batch)
   out_specs = ((P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
                + (((P(), P(), P()),) if logprobs is not None else ()))
-  return pipe.shard_map(
-      body, in_specs=(placement.param_specs(params), (cache_spec, cache_spec), layer_spec,
-                      batch_spec, knob_spec),
-      out_specs=out_specs)(params, cache, layers, batch, knobs)
+  args = (params, cache, layers, batch, knobs)
+  in_specs = (placement.param_specs(params), (cache_spec, cache_spec), layer_spec, batch_spec,
+              knob_spec)
+  if prefix is not None:  # shard_map takes no spec for an absent argument
+    if not paged:
+      raise ValueError("a prefill continuing a cached prefix needs a paged cache")
+    args, in_specs = args + (tuple(prefix),), in_specs + ((rows, rows),)
+  return pipe.shard_map(body, in_specs=in_specs, out_specs=out_specs)(*args)
 

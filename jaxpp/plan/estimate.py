@@ -8,8 +8,9 @@ jaxpp does today, not what an ideal engine would do:
 - every device holds the whole embedding [V, D] and final norm (replicated, `P()`) and the
   LM head vocab-sharded over tp (whole when tp does not divide V), on every stage;
 - a device's block stack is padded to the longest chunk: it holds v * max_layers layers;
-- the KV cache is dense and allocated up front: m * ceil(B/m) slots of max_len positions,
-  rounded up to a multiple of 128 as the engine allocates them (llama.cache_positions);
+- the KV cache is paged (`Workload.block_size`): each sequence in flight holds the blocks of
+  its prompt and completion; a dense one (block_size 0) holds m * ceil(B/m) slots of
+  max_len positions, rounded up to a multiple of 128 (kv_cache.cache_positions);
 - decode attention reads all max_len cached positions of a row (masked) in XLA's form, each
   row's own context in the fused kernel; prefill pads prompts to a power of two (>= 64)
   and, in XLA's form, materialises T x T f32 attention scores (the flash kernel keeps them
@@ -141,10 +142,10 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   held = layout.virtual_stages * part.max_layers  # padded: every device holds the longest
   head = 0 if cfg.tie_word_embeddings else head_params_per_device(cfg, tp)
   weights = bytes_per_param * held * block_params_per_device(cfg, tp) + eb * (V * D + head) + 4 * D
-  b, T = workload.rows(m), workload.prefill_len
+  T = workload.prefill_len
   mp = layout.prefill_m(workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
-  kv = m * b * workload.cache_len * held * kv_bytes_per_token_layer(cfg, tp, a)
+  kv = workload.kv_positions(m) * held * kv_bytes_per_token_layer(cfg, tp, a)
   scores = 0 if kernels(cfg, layout, attention).prefill else (
       bp * cfg.num_heads / tp * T * T * assume.score_bytes)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import llama
+from jaxpp.model import kv_cache
 from jaxpp.parallel import shapes
 
 
@@ -71,10 +71,13 @@ class Workload:
   concurrency: int = 64  # sequences in flight: the engine's max_num_seqs (B)
   max_len: int = 0  # KV positions per slot; 0 = input_len + output_len
   decode_chunk: int = 16  # decode rounds per return to the host; each call fills and drains
+  block_size: int = 64  # positions of a paged KV block, as the engine's; 0 = a dense cache
 
   def __post_init__(self):
     if min(self.input_len, self.output_len, self.concurrency, self.decode_chunk) < 1:
       raise JaxppError("input_len, output_len, concurrency and decode_chunk must be >= 1")
+    if self.block_size < 0:
+      raise JaxppError(f"block_size={self.block_size} must be >= 0 (0 = a dense cache)")
     if self.max_len and self.max_len < self.input_len + self.output_len - 1:
       raise JaxppError(f"max_len={self.max_len} < input_len + output_len - 1 = "
                        f"{self.input_len + self.output_len - 1}: jaxpp would refuse every request")
@@ -82,7 +85,16 @@ class Workload:
   @property
   def cache_len(self) -> int:
     """KV positions per slot as the engine allocates them (rounded up to 128)."""
-    return llama.cache_positions(self.max_len or self.input_len + self.output_len)
+    return kv_cache.cache_positions(self.max_len or self.input_len + self.output_len)
+
+  def kv_positions(self, m: int) -> int:
+    """KV positions one replica's cache holds for the sequences in flight: a dense cache's
+    m * b slots of `cache_len`, a paged one's blocks for each sequence's prompt and
+    completion (jaxpp allocates a request's blocks when it admits it)."""
+    if not self.block_size:
+      return m * self.rows(m) * self.cache_len
+    blocks = -(-(self.input_len + self.output_len) // self.block_size)
+    return self.concurrency * blocks * self.block_size
 
   @property
   def prefill_len(self) -> int:

@@ -5,8 +5,9 @@ A user who changes `pp` should not have to know that harbor.py's four micro-batc
 chosen for pp=4: at pp=1 they make every decode tick re-read all weights for a quarter of
 the rows (decode 3.0x slower on one H200, docs/benchmarks.md). So micro-batches default to
 pp (`Layout.m`), the decode chunk to the shortest whose fill and drain cost at most
-BUBBLE_TARGET of a call, and the slot count to what the devices' free memory holds (up to
-MAX_AUTO_SLOTS), or 4 per micro-batch where a device reports no memory (CPU).
+BUBBLE_TARGET of a call, the slot count to what the devices' free memory holds (up to
+MAX_AUTO_SLOTS; a paged cache: that cap), or 4 per micro-batch where a device reports no
+memory (CPU), and a paged cache's blocks to a share of the free memory (`kv_blocks`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxpp.errors import JaxppError
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
 
@@ -26,6 +28,7 @@ MAX_DECODE_CHUNK = 64
 MAX_AUTO_SLOTS = 256  # sequences in flight chosen by memory (beyond: weights read per row)
 SLOTS_PER_MICROBATCH_CPU = 4
 KV_MEMORY_SHARE = 0.8  # of a device's free memory after weights, for the KV cache
+BLOCK_SIZE = 64  # positions a paged KV block holds (the decode kernel's step; 0: dense)
 
 
 def decode_chunk(layout: Layout) -> int:
@@ -36,27 +39,67 @@ def decode_chunk(layout: Layout) -> int:
   return min(MAX_DECODE_CHUNK, max(MIN_DECODE_CHUNK, -(-need // 8) * 8))
 
 
-def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int) -> int:
-  """Slots of all replicas: each replica as many as KV_MEMORY_SHARE of the fullest
-  device's free memory holds at `max_len` positions each (a multiple of m, at most
-  MAX_AUTO_SLOTS), measured after the weights are placed; SLOTS_PER_MICROBATCH_CPU x m
-  where devices report no memory. A device holds only its own replica's slots.
-
-  Each process reads its own devices; with several, they agree on the smallest count (one
-  small all-gather), since every process must run the same programs.
-  """
-  m = pipe.microbatches
+def _free_bytes(pipe: Pipeline) -> int | None:
+  """The least free memory of this process's devices of `pipe` (None where a device reports
+  none: CPU)."""
   mine = [d for d in pipe.mesh.devices.flat if d.process_index == jax.process_index()]
   stats = [d.memory_stats() for d in mine]
   if not all(s and "bytes_limit" in s for s in stats):
-    fit = SLOTS_PER_MICROBATCH_CPU * m
-  else:
-    free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
-    per_slot = pipe.cache_bytes_per_slot(max_len, dtype_bytes)
-    fit = max(m, min(MAX_AUTO_SLOTS, int(KV_MEMORY_SHARE * max(free, 0) // per_slot)) // m * m)
+    return None
+  return max(min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats), 0)
+
+
+def _agreed(n: int) -> int:
+  """The smallest of every process's `n`: each process reads its own devices, and all must
+  run the same programs (one small all-gather with several)."""
   if jax.process_count() > 1:
-    fit = int(np.min(multihost_utils.process_allgather(np.int32(fit))))
-  return fit * pipe.dp
+    return int(np.min(multihost_utils.process_allgather(np.int32(n))))
+  return n
+
+
+def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int, paged: bool = False) -> int:
+  """Slots of all replicas. A dense cache: each replica as many as KV_MEMORY_SHARE of the
+  fullest device's free memory holds at `max_len` positions each (a multiple of m, at
+  most MAX_AUTO_SLOTS), measured after the weights are placed. A paged cache: the cap,
+  MAX_AUTO_SLOTS a replica (its blocks decide how many are in flight). Either way
+  SLOTS_PER_MICROBATCH_CPU x m where devices report no memory. A device holds only its own
+  replica's slots.
+  """
+  m = pipe.microbatches
+  free = _free_bytes(pipe)
+  if free is None:
+    fit = SLOTS_PER_MICROBATCH_CPU * m
+  elif paged:
+    fit = max(m, MAX_AUTO_SLOTS // m * m)
+  else:
+    per_slot = pipe.cache_bytes_per_slot(max_len, dtype_bytes)
+    fit = max(m, min(MAX_AUTO_SLOTS, int(KV_MEMORY_SHARE * free // per_slot)) // m * m)
+  return _agreed(fit) * pipe.dp
+
+
+def kv_blocks(pipe: Pipeline, block_size: int, dtype_bytes: int, kv_cache_memory: float,
+              dense_equivalent: int) -> int:
+  """Blocks of each replica's KV pool, the null block counted, from the budget per device:
+  `kv_cache_memory` 0 is KV_MEMORY_SHARE of the fullest device's free memory after the
+  weights, a value <= 1 another share of it, above 1 that many GB. Devices that report no
+  memory (CPU) get `dense_equivalent` (what a dense cache of the same slots holds) unless
+  the budget is in GB."""
+  if kv_cache_memory < 0:
+    raise JaxppError(f"kv_cache_memory={kv_cache_memory} must be >= 0 (0: "
+                     f"{KV_MEMORY_SHARE:g} of free memory, <= 1: a share of it, > 1: GB)")
+  per_block = pipe.block_bytes(block_size, dtype_bytes)
+  free = _free_bytes(pipe)
+  if kv_cache_memory > 1:
+    budget = kv_cache_memory * 1e9
+  elif free is None:
+    return dense_equivalent
+  else:
+    budget = (kv_cache_memory or KV_MEMORY_SHARE) * free
+  blocks = int(budget // per_block)
+  if blocks < 2:
+    raise JaxppError(f"kv_cache_memory={kv_cache_memory:g} holds {blocks} KV blocks of "
+                     f"{per_block / 1e6:.1f} MB per device; it needs at least 2")
+  return _agreed(blocks)
 
 
 def warnings(layout: Layout) -> list[str]:

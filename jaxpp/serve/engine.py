@@ -9,12 +9,14 @@ through the pipeline straight into those slots, and the ring goes on with the ne
   rows of every micro-batch and runs its own ring), there to the micro-batch with the
   fewest live sequences; b = dp * ceil(max_num_seqs / (dp * m)), so no micro-batch of a
   replica ever holds more than its share. `max_num_seqs` counts all replicas together.
-- KV admission: each slot owns max_len positions of cache on every stage (the dense cache is
-  allocated up front), so a request is admitted only into a free slot and only if its
-  prompt plus max_new_tokens (less the last token, never fed back) fits max_len; a request
-  that can never fit is refused at submit (the job turns that into an errors-file line),
-  never truncated silently. Requests
-  that do not fit now wait: backpressure, not out-of-memory.
+- KV admission: with a paged cache (`block_size` > 0, the default) a request is admitted
+  into a free slot when its prompt plus max_new_tokens fit its replica's free blocks
+  (`kv_pages.py`), so short requests leave room for more in flight; with a dense cache
+  (`block_size=0`) each slot owns max_len positions on every stage. Either way a request
+  whose prompt plus max_new_tokens (less the last token, never fed back) exceeds max_len
+  or the whole pool is refused at submit (the job turns that into an errors-file line),
+  never truncated silently. Requests that do not fit now wait, in order: backpressure,
+  not out-of-memory.
 - Priority reserve: `reserve[c]` slots are kept for class c; another class may take a free
   slot only while the free slots left cover every other class's unmet reserve.
 - Reproducible sampling: keys come from (request seed, token position) only (`sampling.py`),
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import time
 from typing import Callable, Hashable, Protocol
 
@@ -34,9 +35,11 @@ import numpy as np
 from jaxpp.errors import JaxppError
 from jaxpp.model import decode_state, penalties, sampling
 from jaxpp.model import params as params_lib
-from jaxpp.parallel import schedule, shapes
+from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults, logprobs, stop_strings
+from jaxpp.serve import defaults, kv_pages, logprobs, prompt_pieces, requests, stop_strings
+from jaxpp.serve.requests import PRIORITIES, Finished, Request
+from jaxpp.serve.device_call import InFlight
 from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
 from jaxpp.serve.token_history import TokenHistory
@@ -48,44 +51,15 @@ class StepGuard(Protocol):
 
   def step(self, name: str, key: Hashable = None) -> contextlib.AbstractContextManager: ...
 
-PRIORITIES = ("interactive", "batch")  # admission order
-
-
-@dataclasses.dataclass
-class Request:
-  key: str  # unique id of the request
-  prompt: list[int]
-  max_new_tokens: int
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  min_p: float = 0.0
-  repetition_penalty: float = 1.0  # the penalties as `model/penalties.py` defines them
-  presence_penalty: float = 0.0
-  frequency_penalty: float = 0.0
-  priority: str = "batch"
-  stop: tuple[str, ...] = ()  # stop strings (`stop_strings.py`; needs the engine's detokenize)
-  stop_token_ids: tuple[int, ...] = ()  # ids that end this request besides the EOS ids
-  logprobs: int | None = None  # report each token's logprob and this many alternatives
-
-
-@dataclasses.dataclass
-class Finished:
-  request: Request
-  token_ids: list[int]
-  finish_reason: str  # "stop" (a stop id or stop string) or "length"
-  text: str | None = None  # set when a stop string ended it: the text before the string
-  # with Request.logprobs: each token's logprob, and its top alternatives as (id, logprob)
-  logprobs: list[float] | None = None
-  top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
 class Engine:
   """Schedules requests onto a pipeline holding `params`: submit(), then run().
 
   `max_len` is each slot's context, `decode_chunk` the tokens per return to the host and
-  `eos_ids` the stop ids; `jaxpp.LLM.engine()` passes its own.
+  `eos_ids` the stop ids; `jaxpp.LLM.engine()` passes its own. `block_size` positions a
+  KV block (0: a dense cache), `kv_cache_memory` the pool's budget per device (0: the
+  default share of free memory, <= 1: a share of it, > 1: GB; `defaults.kv_blocks`), or
+  `kv_blocks` > 0 the pool's blocks per replica outright (the null block counted).
+  `max_num_seqs` is then a cap on the sequences in flight.
 
   With a `watchdog`, every device step (prefill, decode chunk) runs under its deadline.
   """
@@ -93,15 +67,21 @@ class Engine:
   def __init__(self, pipe: Pipeline, params, *, max_len: int, decode_chunk: int,
                eos_ids: tuple[int, ...], max_num_seqs: int | None = None,
                reserve: dict[str, int] | None = None, watchdog: StepGuard | None = None,
-               detokenize: stop_strings.Detokenize | None = None):
+               detokenize: stop_strings.Detokenize | None = None,
+               block_size: int = defaults.BLOCK_SIZE, kv_cache_memory: float = 0.0,
+               kv_blocks: int = 0, prefix_cache: bool = False, prefill_chunk: int = 0):
     self.pipe, self.params, self.watchdog = pipe, params, watchdog
     self.detokenize = detokenize  # ids -> text, for requests with stop strings
     self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
+    if prefill_chunk < 0:
+      raise JaxppError(f"prefill_chunk={prefill_chunk} must be >= 0 (0 = whole prompts)")
+    self.prefill_chunk = prefill_chunk
     M = self.M = self.pipe.microbatches
+    dtype = params_lib.activation_dtype(params)
     self.max_num_seqs = max_num_seqs or defaults.max_num_seqs(
-        pipe, max_len, params_lib.activation_dtype(params).itemsize)
+        pipe, max_len, dtype.itemsize, paged=block_size > 0)
     if self.max_num_seqs < 1:
       raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
     self.dp = pipe.dp
@@ -120,7 +100,18 @@ class Engine:
                          f"{self.max_num_seqs} for class {cls!r}")
     shape = (M, self.rows)
     self.prefiller = Prefiller(pipe, max_len, M * self.rows, self.eos_ids)
-    self.cache = self.pipe.init_cache(self.rows, max_len, params_lib.activation_dtype(params))
+    self.pages = None
+    if block_size:
+      blocks = kv_blocks or defaults.kv_blocks(
+          pipe, block_size, dtype.itemsize, kv_cache_memory,
+          dense_equivalent=M * self.replica_rows * -(-max_len // block_size) + 1)
+      self.pages = kv_pages.PagedSlots(M, self.rows, self.dp, max_len, blocks, block_size,
+                                       prefix_cache=prefix_cache)
+      self.cache = self.pipe.init_pool(blocks, block_size, dtype)
+    elif prefix_cache or prefill_chunk:
+      raise JaxppError("prefix_cache and prefill_chunk need a paged KV cache (block_size > 0)")
+    else:
+      self.cache = self.pipe.init_cache(self.rows, max_len, dtype)
     self.state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
                                       np.zeros(shape, np.int32), np.ones(shape, bool))
     self.sampling = sampling.SamplingParams(*(
@@ -131,33 +122,17 @@ class Engine:
     self.logprobs = logprobs.TokenLogprobs()  # for requests that ask (Request.logprobs)
     self.queues = {c: collections.deque() for c in PRIORITIES}
     self.stats = EngineStats()
+    self.prefilling: dict[tuple[int, int], int] = {}  # slot -> its prompt's tokens cached
+    self._pending: InFlight | None = None  # the decode call in flight
     self._decode_programs: set = set()  # keys of decode programs already run (compiled)
-    self._last_decode_end: float | None = None  # host time the last timed decode returned
-    self._prefill_since = 0.0  # prefill seconds since then
 
   # --- admission --------------------------------------------------------------------------
 
   def submit(self, request: Request) -> None:
     """Queues a request; refuses one that could never run (one-line JaxppError)."""
-    if request.priority not in self.queues:
-      raise JaxppError(f"request {request.key}: unknown priority {request.priority!r}; "
-                       f"classes: {', '.join(PRIORITIES)}")
-    # every token but the last is fed back, so it needs a cache position
-    need = len(request.prompt) + request.max_new_tokens - 1
-    if not request.prompt or request.max_new_tokens < 1 or need > self.max_len:
-      raise JaxppError(f"request {request.key}: prompt of {len(request.prompt)} tokens + "
-                       f"max_new_tokens={request.max_new_tokens} does not fit max_len="
-                       f"{self.max_len}")
-    try:  # every knob checked here, once: inside a program a bad one is silent garbage
-      sampling.SamplingParams.checked(1, **{f: getattr(request, f)
-                                            for f in sampling.SamplingParams._fields})
-    except JaxppError as e:
-      raise JaxppError(f"request {request.key}: {e}") from None
-    if request.stop and self.detokenize is None:
-      raise JaxppError(f"request {request.key}: stop strings need a tokenizer")
-    if request.logprobs is not None and not 0 <= request.logprobs <= sampling.MAX_TOP_LOGPROBS:
-      raise JaxppError(f"request {request.key}: logprobs={request.logprobs} must be in [0, "
-                       f"{sampling.MAX_TOP_LOGPROBS}] (alternatives per token)")
+    requests.check(request, self.max_len, stop_strings=self.detokenize is not None)
+    if self.pages is not None:
+      self.pages.check(request.key, len(request.prompt), request.max_new_tokens)
     self.queues[request.priority].append(request)
 
   def live(self) -> np.ndarray:
@@ -172,6 +147,16 @@ class Engine:
 
   def waiting(self) -> int:
     return sum(map(len, self.queues.values()))
+
+  def settle(self) -> None:
+    """Waits for the decode call in flight and takes its tokens (a caller stopping early
+    leaves no device step running, and no watchdog deadline armed)."""
+    if self._pending is not None:
+      self._collect_decode()
+
+  def busy(self) -> bool:
+    """Whether any request is waiting, being prefilled or decoding."""
+    return bool(self.waiting() or self.tokens or self.prefilling or self._pending)
 
   def _live_by_class(self) -> dict[str, int]:
     counts = collections.Counter(o.priority for row in self.owner for o in row if o)
@@ -191,18 +176,29 @@ class Engine:
           break
         full, b = np.iinfo(np.int32).max, self.replica_rows
         open_ = live < b  # [dp, M]: micro-batches of a replica with a free row
+        if self.pages is not None:  # ... and free blocks for the request at the head
+          head = queue[0]
+          open_ &= np.array([[self.pages.fits_now(d, len(head.prompt), head.max_new_tokens)]
+                             for d in range(self.dp)])
         if not open_.any():
           break
         d = int(np.argmin(np.where(open_.any(axis=1), live.sum(axis=1), full)))
         j = int(np.argmin(np.where(open_[d], live[d], full)))
         r = d * b + self.owner[j][d * b:(d + 1) * b].index(None)
         request = queue.popleft()
+        cached = 0
+        if self.pages is not None:  # the prefix cache leaves a penalised prompt whole
+          cached = self.pages.admit((j, r), request.prompt, request.max_new_tokens,
+                                    share=not penalties.is_on(
+                                        request.repetition_penalty, 0.0, 0.0)).cached
+        self.prefilling[(j, r)] = cached
         self.owner[j][r] = request
         live[d, j] += 1
         by_class[cls] += 1
         admitted.append((request, j, r))
     self.stats.max_live_per_microbatch = max(self.stats.max_live_per_microbatch,
                                              int(live.max()))
+    self.stats.max_live = max(self.stats.max_live, int(live.sum()))
     return admitted
 
   # --- device work ------------------------------------------------------------------------
@@ -215,39 +211,55 @@ class Engine:
     """
     return self.watchdog.step(name, key) if self.watchdog else contextlib.nullcontext()
 
-  def _prefill_admitted(self, admitted: list[tuple[Request, int, int]]) -> None:
-    """Prefills newly admitted requests into their slots, packed (`prefill.py`); sets their
-    decode state."""
+  def _prefill(self, pieces: list[prompt_pieces.Piece]) -> None:
+    """Prefills this step's prompt pieces into their slots: first pieces packed, pieces that
+    continue a cached prefix one a row (`prefill.py`); a prompt's last piece sets its
+    decode state, an earlier one parks the row (done, writing nowhere) until the next."""
+    for group in ([x for x in pieces if x.start == 0], [x for x in pieces if x.start > 0]):
+      if group:
+        self._prefill_group(group, continued=group[0].start > 0)
+
+  def _prefill_group(self, pieces: list[prompt_pieces.Piece], continued: bool) -> None:
+    reqs = [self.owner[j][r] for j, r in (x.slot for x in pieces)]
     knobs = []
-    for req, j, r in admitted:
+    for req, x in zip(reqs, pieces):
       values = {f: getattr(req, f) & 0xFFFFFFFF if f == "seed" else getattr(req, f)
                 for f in self.sampling._fields}
       for f, value in values.items():
-        getattr(self.sampling, f)[j, r] = value
+        getattr(self.sampling, f)[x.slot] = value
       knobs.append(values)
     start = time.perf_counter()
-    top = logprobs.wanted(req.logprobs for req, _, _ in admitted)
+    top = logprobs.wanted(req.logprobs for req, x in zip(reqs, pieces) if x.last)
+    pages = self.pages
+    writes = None if pages is None else [pages.writes(x.slot, x.start, x.end) for x in pieces]
+    prefix = ([x.start for x in pieces], [pages.tables[x.slot] for x in pieces]
+              ) if continued else None
     new, self.cache, lps = self.prefiller.run(
-        self.params, self.cache, [req.prompt for req, _, _ in admitted],
-        [(j, r) for _, j, r in admitted], knobs, [req.max_new_tokens for req, _, _ in admitted],
-        lambda key: self._device_step("prefill", key), logprobs=top)
+        self.params, self.cache, [req.prompt[x.start:x.end] for req, x in zip(reqs, pieces)],
+        [x.slot for x in pieces], knobs, [req.max_new_tokens for req in reqs],
+        lambda key: self._device_step("prefill", key), logprobs=top, writes=writes,
+        prefix=prefix)
     seconds = time.perf_counter() - start
-    self.stats.prefill_seconds += seconds
-    self.stats.prefill_calls += 1
-    self._prefill_since += seconds
-    self.stats.prefill_positions += int(np.prod(self.prefiller.last_shape))
-    if self.prefiller.last_first:
-      self.stats.prefill_shapes += 1
-      self.stats.prefill_first_seconds += seconds
-      self.stats.prefill_first_tokens += sum(len(req.prompt) for req, _, _ in admitted)
-    for i, (req, j, r) in enumerate(admitted):
+    computed = sum(x.end - x.start for x in pieces)
+    self.stats.add_prefill(seconds, computed, int(np.prod(self.prefiller.last_shape)),
+                           first=self.prefiller.last_first)
+    self.stats.prefill_since += seconds
+    for i, (req, x) in enumerate(zip(reqs, pieces)):
+      if not x.last:  # parked: no token yet, and its junk writes go to the null block
+        self.prefilling[x.slot] = x.end
+        self.state.done[x.slot], self.state.lengths[x.slot] = True, pages.nblk * pages.block_size
+        continue
+      del self.prefilling[x.slot]
+      if pages is not None:
+        pages.prefilled(x.slot, req.prompt)
       self.stats.prompt_tokens += len(req.prompt)
-      self.tokens[(j, r)] = [int(new.tokens[i])]
-      self.history.start((j, r), req.prompt, int(new.tokens[i]))
+      self.stats.completion_tokens += 1  # each prompt's last piece samples one token
+      self.tokens[x.slot] = [int(new.tokens[i])]
+      self.history.start(x.slot, req.prompt, int(new.tokens[i]))
       if lps is not None:
-        self.logprobs.add((j, r), req.logprobs, *(a[i] for a in lps))
+        self.logprobs.add(x.slot, req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
-        field[j, r] = value[i]
+        field[x.slot] = value[i]
 
   def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
     """Runs the greedy prefill program of every shape an admission of these prompt lengths
@@ -257,13 +269,16 @@ class Engine:
     Admissions of different sizes and prompt lengths are different programs; a benchmark
     calls this first so that no compile lands in its timed run.
     """
+    continued = self.pages is not None and (self.pages.prefix_cache or self.prefill_chunk)
     ran, self.cache = self.prefiller.precompile(
         self.params, self.cache, prompt_lengths, lambda key: self._device_step("prefill", key),
-        admissions)
+        admissions, continued_blocks=self.pages.nblk if continued else 0)
     return ran
 
-  def _decode(self) -> None:
-    """One return-to-host worth of tokens for every live slot."""
+  def _dispatch_decode(self) -> None:
+    """Starts one return-to-host worth of tokens for every live slot; `_collect_decode`
+    takes the results. JAX dispatches asynchronously, so whatever the caller does with the
+    rows `step` returns (detokenize, write, queue more) runs while the devices decode."""
     k = self.decode_chunk
     live = ~self.state.done
     do_sample = bool(np.any(self.sampling.temperature[live] > 0))
@@ -275,26 +290,34 @@ class Engine:
     state = decode_state.DecodeState(*self.state)
     history = self.history.arrays() if penalised else None
     top = logprobs.wanted(self.owner[j][r].logprobs for j, r in self.tokens)
-    eos, key = self.eos_ids, (live.shape, k, do_sample, self.eos_ids, top, penalised)
+    key = (live.shape, k, do_sample, self.eos_ids, top, penalised)
+    guard = contextlib.ExitStack()
+    guard.enter_context(self._device_step("decode", key))
     start = time.perf_counter()
-    with self._device_step("decode", key):
-      self.cache, state, emitted, *lps = self.pipe.decode(
-          self.params, self.cache, state, knobs, history, steps=k, do_sample=do_sample,
-          eos_ids=eos, **({} if top is None else dict(logprobs=top)))
+    out = self.pipe.decode(
+        self.params, self.cache, state, knobs, history, self._tables(), steps=k,
+        do_sample=do_sample, eos_ids=self.eos_ids, **({} if top is None else dict(logprobs=top)))
+    self.cache = out[0]
+    self._pending = InFlight(out[1:], key, start, guard)
+
+  def _collect_decode(self) -> None:
+    """Takes the dispatched decode call's tokens into every live slot."""
+    pending, self._pending = self._pending, None
+    state, emitted, *lps = pending.outputs
+    with pending.guard:
       emitted = np.asarray(emitted)
       lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
-    seconds = time.perf_counter() - start
-    self.state = decode_state.DecodeState(*(np.array(a) for a in state))
+      self.state = decode_state.DecodeState(*(np.array(a) for a in state))
+    seconds = pending.seconds()
     self.stats.decode_seconds += seconds
     self.stats.decode_calls += 1
-    first = key not in self._decode_programs
+    first = pending.key not in self._decode_programs
     if first:  # a compiling first call would skew the timings
-      self._decode_programs.add(key)
-      self._last_decode_end = None
-      self.stats.decode_first_seconds += seconds
+      self._decode_programs.add(pending.key)
+      self.stats.add_first_decode(seconds)
     else:
-      self._time_decode(start, seconds, self.pipe.decode_table(self.M, k))
-    self._prefill_since = 0.0
+      self.stats.add_timed_decode(pending.start, seconds,
+                                  self.pipe.decode_table(self.M, self.decode_chunk))
     for (j, r), toks in self.tokens.items():
       new = [int(t) for t in emitted[j, r] if t >= 0]
       toks.extend(new)
@@ -305,24 +328,9 @@ class Engine:
         self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, r] for a in lps),
                           n=len(new))
 
-  def _time_decode(self, start: float, seconds: float, table: np.ndarray) -> None:
-    """Per-tick time and stage occupancy of one decode call (not a program's first).
-
-    Every tick of the ring is one synchronous step of every stage (each stage's slice is a
-    collective-permute away from the next), so a call's time over its ticks is one
-    stage-step's latency. The stages computed in `busy` of the table's stage-ticks; the
-    rest is fill and drain. The host time since the previous timed call, less the prefills
-    in between, is time the ring sat idle.
-    """
-    ticks = len(table)
-    self.stats.tick_seconds.append(seconds / ticks)
-    busy = float(np.mean(table[..., 0] != schedule.IDLE))
-    self.stats.decode_timed_seconds += seconds
-    self.stats.decode_busy_seconds += seconds * busy
-    if self._last_decode_end is not None:
-      self.stats.decode_gap_seconds += max(start - self._last_decode_end - self._prefill_since,
-                                           0.0)
-    self._last_decode_end = start + seconds
+  def _tables(self) -> np.ndarray | None:
+    """The slots' block tables [M, rows, nblk] for a paged cache's decode (else None)."""
+    return None if self.pages is None else self.pages.tables
 
   def _stop(self, request: Request, toks: list[int]) -> tuple[int, str | None] | None:
     """(tokens to keep, text or None) where the request's own stop ids or strings end it."""
@@ -349,51 +357,37 @@ class Engine:
         done.append(Finished(self.owner[j][r], toks, reason, stop[1] if stop else None,
                              *self.logprobs.pop((j, r), len(toks))))
         self.owner[j][r] = None
+        if self.pages is not None:
+          self.pages.release((j, r))
     return done
 
   def step(self) -> list[Finished]:
-    """Admit + prefill, decode one chunk if anything is live, retire what finished."""
-    admitted = self._admit()
-    if self.waiting() and not admitted and not self.tokens:  # guarded by __init__'s check
-      raise JaxppError("requests are waiting but none can be admitted")
+    """Take the last decode call's tokens, retire what finished, admit, prefill this
+    step's prompt pieces and start the next decode call if anything is live; returns the
+    requests that finished (the devices decode on while the caller handles them)."""
     finished = []
-    if admitted:
-      self.stats.completion_tokens += len(admitted)  # each prefill samples one token
-      self._prefill_admitted(admitted)
+    if self._pending is not None:
+      self._collect_decode()
+      finished += self._retire()
+    admitted = self._admit()
+    if self.waiting() and not admitted and not self.tokens and not self.prefilling:
+      raise JaxppError("requests are waiting but none can be admitted")  # __init__ guards
+    pieces = prompt_pieces.plan(
+        [(slot, len(req.prompt), done, penalties.is_on(req.repetition_penalty, 0.0, 0.0))
+         for slot, done in self.prefilling.items()
+         for req in (self.owner[slot[0]][slot[1]],)], self.prefill_chunk)
+    if pieces:
+      self._prefill(pieces)
       finished += self._retire()
     if self.tokens:
-      self._decode()
-      finished += self._retire()
+      self._dispatch_decode()
+    if self.pages is not None:
+      self.stats.kv = self.pages.stats()
     return finished
-
-  def measure_bubble(self) -> float:
-    """Share of a decode call not spent in steady-state rounds, timed on the device.
-
-    Runs the ring for k and 2k tokens with every slot live (before any request is admitted;
-    the junk it writes sits beyond every row's length and is never read): the difference
-    is k rounds at full pipe, the rest of a k-token call is fill, drain and host overhead.
-    """
-    if self.tokens:
-      raise JaxppError("measure_bubble runs before requests are admitted")
-    k, shape = self.decode_chunk, (self.M, self.rows)
-    # Host arrays, as `_decode` passes them, so the timed calls are the engine's own.
-    state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
-                                 np.full(shape, 4 * k, np.int32), np.zeros(shape, bool))
-    knobs = self.sampling
-    seconds = {}
-    for steps in (k, 2 * k, k, 2 * k):  # first pass compiles, second is timed
-      start = time.perf_counter()
-      with self._device_step("decode", (shape, steps, False, ())):
-        self.cache, _, out = self.pipe.decode(self.params, self.cache, state, knobs,
-                                              steps=steps, do_sample=False, eos_ids=())
-        np.asarray(out)
-      seconds[steps] = time.perf_counter() - start
-    steady = seconds[2 * k] - seconds[k]  # k rounds with the pipe full
-    return float(min(max(1.0 - steady / seconds[k], 0.0), 1.0))
 
   def run(self, on_finished: Callable[[Finished], None]) -> EngineStats:
     """Runs until every submitted request has finished; calls back as each one does."""
-    while self.waiting() or self.tokens:
+    while self.busy():
       for f in self.step():
         on_finished(f)
     return self.stats

@@ -54,46 +54,72 @@ class Prefiller:
 
   def run(self, params, cache, prompts: Sequence[Sequence[int]],
           targets: Sequence[tuple[int, int]], knobs: Sequence[dict], max_new: Sequence[int],
-          step: Callable, logprobs: int | None = None
+          step: Callable, logprobs: int | None = None,
+          writes: Sequence[np.ndarray] | None = None,
+          prefix: tuple[Sequence[int], Sequence[np.ndarray]] | None = None
           ) -> tuple[decode_state.DecodeState, object, tuple | None]:
     """Prefills `prompts` into cache slots `targets`; returns (each prompt's decode state
     as host arrays, in the order given; the new cache; with `logprobs`, each first token's
     logprob [n] and top alternatives' ids and logprobs [n, logprobs], else None).
     `knobs[i]` holds prompt i's sampling fields; `step(key)` is the watchdog's context for
-    the device call. The shape it ran is left in `last_shape` (M, p, T)."""
-    T = self.row_len([len(p) for p in prompts])
-    q = packing.seqs_per_row(T)
+    the device call. A paged cache takes each prompt token's (block, offset), `writes[i]`
+    i32 [n, 2]. With `prefix` = (starts, tables) each of `prompts` is a piece continuing a
+    cached prefix of starts[i] positions in the blocks of tables[i] (i32 [nblk]): one piece a
+    row, no packing. The shape it ran is left in `last_shape` (M, p, T)."""
     mine = [[i for i, (_, r) in enumerate(targets) if r // self.replica_rows == d]
             for d in range(self.dp)]
-    rows = [[[mine[d][k] for k in row]
-             for row in packing.first_fit([len(prompts[i]) for i in mine[d]], T, q)]
-            for d in range(self.dp)]
+    if prefix is None:
+      T = self.row_len([len(p) for p in prompts])
+      q = packing.seqs_per_row(T)
+      rows = [[[mine[d][k] for k in row]
+               for row in packing.first_fit([len(prompts[i]) for i in mine[d]], T, q)]
+              for d in range(self.dp)]
+    else:
+      T, q = shapes.prefill_len(max(map(len, prompts)), self.max_len), 1
+      rows = [[[i] for i in mine[d]] for d in range(self.dp)]
     M, p = self.shape(max(map(len, rows)), T)
     self.last_shape = (M, self.dp * p, T)
-    batch, where = packing.pack_replicas(prompts, targets, rows, M, p, T, q)
+    batch, where = packing.pack_replicas(prompts, targets if writes is None else writes,
+                                         rows, M, p, T, q,
+                                         starts=None if prefix is None else prefix[0])
+    arrays = None if prefix is None else self._prefix_arrays(prefix, where, M, p)
     knob_arrays = _knob_arrays(M, self.dp * p, q)
     budget = np.ones((M, self.dp * p, q), np.int32)
     for i, (j, r, s) in enumerate(where):
       for f, value in knobs[i].items():
         knob_arrays[f][j, r, s] = value
       budget[j, r, s] = max_new[i]
-    state, cache, lps = self._call(params, cache, batch, knob_arrays, budget, step, logprobs)
+    state, cache, lps = self._call(params, cache, batch, knob_arrays, budget, step, logprobs,
+                                   arrays)
     flat = [(j * self.dp * p + r) * q + s for j, r, s in where]
     lps = None if lps is None else tuple(
         a.reshape((int(np.prod(a.shape[:3])),) + a.shape[3:])[flat] for a in lps)
     return decode_state.DecodeState(*(a[flat] for a in state)), cache, lps
 
-  def _call(self, params, cache, batch, knob_arrays, budget, step, logprobs=None):
+  def _prefix_arrays(self, prefix, where, M: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tables i32 [M, dp*p, nblk], starts i32 [M, dp*p]) of the rows `where` holds: each
+    row's blocks and cached positions (padding rows: the null block, 0)."""
+    starts, tables = prefix
+    table_rows = np.zeros((M, self.dp * p, len(tables[0])), np.int32)
+    start_rows = np.zeros((M, self.dp * p), np.int32)
+    for i, (j, r, _) in enumerate(where):
+      table_rows[j, r], start_rows[j, r] = tables[i], starts[i]
+    return table_rows, start_rows
+
+  def _call(self, params, cache, batch, knob_arrays, budget, step, logprobs=None,
+            prefix=None):
     knobs = sampling.SamplingParams(*knob_arrays.values())  # numpy: jit places it
     do_sample = knobs.needs_sampling()
     # a first token's only penalty is the prompt's repetition penalty (no output yet)
     penalties = bool(np.any(np.asarray(knobs.repetition_penalty) != 1))
-    key = (batch.tokens.shape, batch.ends.shape, do_sample, logprobs, penalties)
+    key = (batch.tokens.shape, batch.ends.shape, do_sample, logprobs, penalties,
+           prefix is not None)
     self.last_first = key not in self.programs
     self.programs.add(key)
     with step(key):
-      first, cache, *lps = self.pipe.prefill(params, cache, batch, knobs, do_sample=do_sample,
-                                             logprobs=logprobs, penalties=penalties)
+      first, cache, *lps = self.pipe.prefill(params, cache, batch, knobs, prefix,
+                                             do_sample=do_sample, logprobs=logprobs,
+                                             penalties=penalties)
       first = np.asarray(first)
       lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
     # Over every prompt position of the shape, so these few eager ops compile once per
@@ -123,17 +149,27 @@ class Prefiller:
       Ts.add(T)
     return {self.shape(rows, T) + (T,) for T in Ts for rows in range(1, self.slots + 1)}
 
-  def precompile(self, params, cache, prompt_lengths, step, admissions=None
-                 ) -> tuple[int, object]:
+  def precompile(self, params, cache, prompt_lengths, step, admissions=None,
+                 continued_blocks: int = 0) -> tuple[int, object]:
     """Runs every prefill shape of `shapes_for` once with greedy knobs, filling no slot;
-    returns (how many ran, the cache)."""
+    with `continued_blocks` (a paged cache's table width, when prompts may continue a cached
+    prefix) also every shape of pieces one a row (1 row to one per slot, T as lone
+    prompts'); returns (how many ran, the cache)."""
     todo = sorted(self.shapes_for(prompt_lengths, admissions))
     for M, p, T in todo:
       q, p = packing.seqs_per_row(T), self.dp * p
       batch, _ = packing.pack([], [], [], M, p, T, q)
       _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, q),
                                np.ones((M, p, q), np.int32), step)
-    return len(todo), cache
+    pieces = sorted({self.shape(rows, T) + (T,) for T in {t for _, _, t in todo}
+                     for rows in range(1, self.slots + 1)}) if continued_blocks else []
+    for M, p, T in pieces:
+      p = self.dp * p
+      batch, _ = packing.pack([], [], [], M, p, T, 1)
+      prefix = (np.zeros((M, p, continued_blocks), np.int32), np.zeros((M, p), np.int32))
+      _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, 1),
+                               np.ones((M, p, 1), np.int32), step, prefix=prefix)
+    return len(todo) + len(pieces), cache
 
 
 def _knob_arrays(M: int, p: int, q: int) -> dict[str, np.ndarray]:

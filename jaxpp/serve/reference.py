@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxpp.model import decode_state, llama, sampling
+from jaxpp.model import decode_state, kv_cache, llama, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
@@ -92,7 +92,7 @@ def forward_logits(config: LlamaConfig, params, tokens):
   """Full-sequence logits f32[B, T, V] for unpadded tokens (used to check parity)."""
   B, T = tokens.shape
   dtype = params_lib.activation_dtype(params)
-  cache = llama.init_cache(config, B, T, dtype)
+  cache = kv_cache.init_cache(config, B, T, dtype)
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = llama.embed(config, params, tokens, dtype)
   x, _ = llama.run_blocks(config, _one_chunk(params), x, positions,
@@ -113,7 +113,7 @@ def reference_generate(config: LlamaConfig, params, prompts: list[list[int]],
   tokens = jnp.asarray([p + [0] * (max(map(len, prompts)) - len(p)) for p in prompts],
                        jnp.int32)
   do_sample = knobs.needs_sampling()
-  cache = llama.init_cache(config, B, max_len, params_lib.activation_dtype(params))
+  cache = kv_cache.init_cache(config, B, max_len, params_lib.activation_dtype(params))
   first, cache = plain_prefill(config, params, cache, tokens, lengths, knobs,
                          do_sample=do_sample)
   eos = config.eos_token_ids

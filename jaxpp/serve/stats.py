@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxpp.parallel import schedule
+
 
 @dataclasses.dataclass
 class EngineStats:
@@ -30,6 +32,7 @@ class EngineStats:
   """
 
   prefill_seconds: float = 0.0
+  prefill_tokens: int = 0  # prompt tokens the prefills computed (a cached prefix is not)
   decode_seconds: float = 0.0
   prompt_tokens: int = 0
   prefill_positions: int = 0  # token positions the prefill programs computed (m * p * T)
@@ -43,9 +46,50 @@ class EngineStats:
   decode_first_tokens: int = 0
   tick_seconds: list[float] = dataclasses.field(default_factory=list)
   max_live_per_microbatch: int = 0  # the most live rows of one replica in one micro-batch
+  max_live: int = 0  # the most sequences in flight at once, all replicas
   decode_timed_seconds: float = 0.0
   decode_busy_seconds: float = 0.0
   decode_gap_seconds: float = 0.0
+  # a paged cache's blocks (`PagedSlots.stats`): size, count, peak in use, prefix hits
+  kv: dict = dataclasses.field(default_factory=dict)
+  last_decode_end: float | None = None  # host time the last timed decode call returned
+  prefill_since: float = 0.0  # prefill seconds since then
+
+  def add_first_decode(self, seconds: float) -> None:
+    """A decode program's first call: untimed (it compiles), and it breaks the gap count."""
+    self.decode_first_seconds += seconds
+    self.last_decode_end = None
+    self.prefill_since = 0.0
+
+  def add_timed_decode(self, start: float, seconds: float, table: np.ndarray) -> None:
+    """Per-tick time and stage occupancy of one decode call (not a program's first) that
+    began at host time `start` and ran the schedule `table`.
+
+    Every tick of the ring is one synchronous step of every stage (each stage's slice is a
+    collective-permute away from the next), so a call's time over its ticks is one
+    stage-step's latency. The stages computed in `busy` of the table's stage-ticks; the
+    rest is fill and drain. The host time since the previous timed call, less the prefills
+    in between (`prefill_since`), is time the ring sat idle.
+    """
+    self.tick_seconds.append(seconds / len(table))
+    busy = float(np.mean(table[..., 0] != schedule.IDLE))
+    self.decode_timed_seconds += seconds
+    self.decode_busy_seconds += seconds * busy
+    if self.last_decode_end is not None:
+      self.decode_gap_seconds += max(start - self.last_decode_end - self.prefill_since, 0.0)
+    self.last_decode_end, self.prefill_since = start + seconds, 0.0
+
+  def add_prefill(self, seconds: float, tokens: int, positions: int, *, first: bool) -> None:
+    """One prefill call: `tokens` prompt tokens computed in a program of `positions`
+    (padding included); `first`: its program's first call."""
+    self.prefill_seconds += seconds
+    self.prefill_tokens += tokens
+    self.prefill_positions += positions
+    self.prefill_calls += 1
+    if first:
+      self.prefill_shapes += 1
+      self.prefill_first_seconds += seconds
+      self.prefill_first_tokens += tokens
 
   def first_call_seconds(self) -> float:
     """Seconds in programs' first calls (trace, compile or cache load, one run): a one-off
@@ -57,7 +101,7 @@ class EngineStats:
     where no such call ran."""
     def rate(tokens: int, seconds: float) -> float | None:
       return tokens / seconds if seconds > 0 else None
-    return (rate(self.prompt_tokens - self.prefill_first_tokens,
+    return (rate(self.prefill_tokens - self.prefill_first_tokens,
                  self.prefill_seconds - self.prefill_first_seconds),
             rate(self.completion_tokens - self.decode_first_tokens,
                  self.decode_seconds - self.decode_first_seconds))

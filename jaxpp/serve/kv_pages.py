@@ -1,0 +1,111 @@
+"""The engine's paged KV cache on the host: each replica's block allocator and every slot's
+block table.
+
+A dense cache gives every slot max_len positions on every stage up front, so the number of
+sequences in flight is fixed by the longest request a run could meet. With pages, each
+replica's pool holds `blocks` blocks of `block_size` positions (`Pipeline.pool_shape`); a
+request is admitted when a slot is free and its prompt plus max_new_tokens fit the free
+blocks (allocated whole on admission: no growth, so no preemption and nothing to recompute),
+and its blocks return when it finishes. The tables [M, rows, nblk] go to every decode call
+(the rows' blocks); a prefill gets each prompt token's (block, offset) instead. A finished
+slot's table is reset to NULL_BLOCK before the next call, so the junk a finished row keeps
+writing lands in the null block, never in blocks handed on to another request.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jaxpp.errors import JaxppError
+from jaxpp.model.kv_cache import NULL_BLOCK
+from jaxpp.serve.kv_blocks import Allocation, BlockAllocator
+
+
+class PagedSlots:
+  """Block allocators (one a replica, `blocks` each, the null block among them) and the
+  block tables of M x rows slots with a context of `max_len` positions."""
+
+  def __init__(self, M: int, rows: int, dp: int, max_len: int, blocks: int, block_size: int,
+               prefix_cache: bool = False):
+    if block_size < 16 or block_size & (block_size - 1):
+      raise JaxppError(f"block_size={block_size} must be a power of two >= 16 (0: a dense "
+                       "cache)")
+    self.block_size, self.dp, self.replica_rows = block_size, dp, rows // dp
+    self.prefix_cache = prefix_cache
+    self.nblk = math.ceil(max_len / block_size)
+    self.allocators = [BlockAllocator(blocks, block_size, prefix_cache=prefix_cache)
+                       for _ in range(dp)]
+    self.tables = np.full((M, rows, self.nblk), NULL_BLOCK, np.int32)
+    self.held: dict[tuple[int, int], Allocation] = {}
+
+  @property
+  def blocks(self) -> int:
+    """Blocks each replica's pool holds (the null block counted)."""
+    return self.allocators[0].num_blocks
+
+  def replica(self, row: int) -> int:
+    return row // self.replica_rows
+
+  def positions(self, prompt_len: int, max_new: int) -> int:
+    """Cache positions a request writes: its prompt and every token but the last, plus the
+    one a finished row keeps writing until its slot is retired, within the table's nblk
+    blocks (a write past them goes to the null block)."""
+    return min(prompt_len + max_new, self.nblk * self.block_size)
+
+  def check(self, key: str, prompt_len: int, max_new: int) -> None:
+    """Refuses a request no replica's pool could ever hold (one line)."""
+    need = self.positions(prompt_len, max_new)
+    if not self.allocators[0].fits_ever(need):
+      raise JaxppError(
+          f"request {key}: prompt of {prompt_len} tokens + max_new_tokens={max_new} needs "
+          f"{self.allocators[0].blocks_for(need)} KV blocks of {self.block_size} positions; "
+          f"the cache holds {self.blocks - 1} (raise engine.kv_cache_memory or lower "
+          "max_len)")
+
+  def admit(self, slot: tuple[int, int], prompt: Sequence[int], max_new: int,
+            share: bool = True) -> Allocation | None:
+    """Blocks for a request in `slot` (its table filled), or None when its replica's free
+    blocks do not hold it now; with the prefix cache on its `cached` prompt tokens are
+    already in the first of them (`share=False`: none are)."""
+    d = self.replica(slot[1])
+    got = self.allocators[d].admit(prompt, self.positions(len(prompt), max_new), share)
+    if got is None:
+      return None
+    self.held[slot] = got
+    self.tables[slot][:len(got.blocks)] = got.blocks
+    return got
+
+  def writes(self, slot: tuple[int, int], start: int, end: int) -> np.ndarray:
+    """i32 [end - start, 2]: (block, offset) of the slot's prompt positions [start, end)."""
+    got = self.held[slot]
+    at = np.arange(start, end)
+    blocks = np.asarray(got.blocks, np.int32)[at // self.block_size]
+    return np.stack([blocks, at % self.block_size], axis=1).astype(np.int32)
+
+  def prefilled(self, slot: tuple[int, int], prompt: Sequence[int]) -> None:
+    """The slot's prompt is in its blocks: its full blocks may now serve other prompts."""
+    self.allocators[self.replica(slot[1])].register(self.held[slot], prompt)
+
+  def release(self, slot: tuple[int, int]) -> None:
+    """The slot's request finished: its blocks go back, its table to the null block."""
+    got = self.held.pop(slot)
+    self.allocators[self.replica(slot[1])].release(got)
+    self.tables[slot] = NULL_BLOCK
+
+  def fits_now(self, d: int, prompt_len: int, max_new: int) -> bool:
+    """Whether replica d could take such a request now, ignoring the prefix cache's hits
+    (a cheap check for choosing a replica: `admit` decides)."""
+    a = self.allocators[d]
+    return a.blocks_for(self.positions(prompt_len, max_new)) <= a.free_blocks + a.cached_blocks
+
+  def stats(self) -> dict:
+    """Peak and current blocks in use and the prefix cache's hits, over the replicas."""
+    a = self.allocators
+    return dict(block_size=self.block_size, blocks=self.blocks - 1,
+                peak_blocks=max(x.peak_used for x in a),
+                prefix_hit_tokens=sum(x.hit_tokens for x in a),
+                prefix_lookup_tokens=sum(x.lookup_tokens for x in a),
+                prefix_evictions=sum(x.evictions for x in a))
