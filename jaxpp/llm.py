@@ -118,8 +118,8 @@ class LLM:
     block projections in 8 bits (also the embedding and LM head with `quant_embed`);
     `params_cache_dir` keeps the placed (quantised) params with orbax so the next run
     restores them instead of re-reading the HF checkpoint; `attention` picks both phases'
-    attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel and
-    cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla". The KV cache is paged in
+    attention (model/attention_choice.py): "auto" (on GPUs the fused decode kernel at
+    tp = 1 and cuDNN's flash prefill; einsums elsewhere), "kernel" or "xla". The KV cache is paged in
     blocks of `block_size` positions (0: dense, max_len per slot) within `kv_cache_memory`
     per device (0: a share of the free memory, <= 1: that share, > 1: GB); `prefix_cache`
     lets prompts that start alike share their cached blocks, and `prefill_chunk` > 0 cuts

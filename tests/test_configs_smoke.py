@@ -232,6 +232,9 @@ def test_cli_jaxpp_error_is_one_line(tmp_path):
     ("schedule", "decode_chunk", -1, r"^decode_chunk=-1 must be >= 1 \(0 = from the layout\)$"),
     ("model", "dtype", "float16", r"^dtype 'float16' is not supported; choose one of"),
     ("engine", "max_num_seqs", -1, r"^engine.max_num_seqs=-1 must be >= 1 \(0 = what free"),
+    ("engine", "block_size", 24, r"^engine.block_size=24 must be a power of two >= 16"),
+    ("engine", "kv_cache_memory", -1.0, r"^engine.kv_cache_memory=-1.0 must be >= 0"),
+    ("engine", "prefill_chunk", -8, r"^engine.prefill_chunk=-8 must be >= 0"),
     ("watchdog", "min_seconds", 0.0, r"^watchdog: multiple=.* must be > 0"),
 ])
 def test_out_of_range_values_are_refused_before_the_probe(harbor, capsys, group, key, value,

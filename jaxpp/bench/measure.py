@@ -116,6 +116,9 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
   profile = None
   if args.get("profile_dir"):
     profile = str(trace_wave(run, prompts[:slots], lens[:slots], text, args["profile_dir"]))
+  # the prompt tokens the prefills computed (a prefix served from the cache is not; the
+  # GSPMD baseline computes them all)
+  computed = getattr(st, "prefill_tokens", st.prompt_tokens)
   head_name = "embed" if config.tie_word_embeddings else "lm_head"
   row = _numbers(config, hw, st, wall, len(prompts), microbatches, _mean_ctx(prompts, lens),
                  devices=pipe.mesh.size, rounds=st.decode_calls * args["decode_chunk"],
@@ -138,8 +141,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
       requests=len(prompts), workload=args.get("workload", "random"),
       prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens,
-      prefill_tokens=getattr(st, "prefill_tokens", st.prompt_tokens),
-      prefill_padding=(1 - getattr(st, "prefill_tokens", st.prompt_tokens) / st.prefill_positions
+      prefill_tokens=computed,
+      prefill_padding=(1 - computed / st.prefill_positions
                        if getattr(st, "prefill_positions", 0) else None),
       scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,

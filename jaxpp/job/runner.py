@@ -53,7 +53,7 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults, requests
+from jaxpp.serve import defaults, kv_pages, requests
 from jaxpp.serve.stats import EngineStats
 
 LENGTH_POLICIES = ("truncate", "reject")
@@ -107,17 +107,8 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
   if eng.max_num_seqs < 0:
     raise JaxppError(f"engine.max_num_seqs={eng.max_num_seqs} must be >= 1 (0 = what free "
                      "memory holds)")
-  if eng.block_size and (eng.block_size < 16 or eng.block_size & (eng.block_size - 1)):
-    raise JaxppError(f"engine.block_size={eng.block_size} must be a power of two >= 16 (0 = "
-                     "a dense cache)")
-  if (eng.prefix_cache or eng.prefill_chunk) and not eng.block_size:
-    raise JaxppError("engine.prefix_cache and engine.prefill_chunk need a paged KV cache "
-                     "(engine.block_size > 0)")
-  if eng.prefill_chunk < 0:
-    raise JaxppError(f"engine.prefill_chunk={eng.prefill_chunk} must be >= 0 (0 = off)")
-  if eng.kv_cache_memory < 0:
-    raise JaxppError(f"engine.kv_cache_memory={eng.kv_cache_memory} must be >= 0 (0 = 0.8 of "
-                     "free memory, <= 1 = that share, > 1 = GB)")
+  kv_pages.check_options(eng.block_size, eng.kv_cache_memory, eng.prefix_cache,
+                         eng.prefill_chunk, where="engine.")
   for cls, n in eng.priority_reserve.items():
     if n < 0:
       raise JaxppError(f"engine.priority_reserve.{cls}={n} must be >= 0")

@@ -83,10 +83,7 @@ def kv_blocks(pipe: Pipeline, block_size: int, dtype_bytes: int, kv_cache_memory
   `kv_cache_memory` 0 is KV_MEMORY_SHARE of the fullest device's free memory after the
   weights, a value <= 1 another share of it, above 1 that many GB. Devices that report no
   memory (CPU) get `dense_equivalent` (what a dense cache of the same slots holds) unless
-  the budget is in GB."""
-  if kv_cache_memory < 0:
-    raise JaxppError(f"kv_cache_memory={kv_cache_memory} must be >= 0 (0: "
-                     f"{KV_MEMORY_SHARE:g} of free memory, <= 1: a share of it, > 1: GB)")
+  the budget is in GB (`kv_pages.check_options` has refused a negative one)."""
   per_block = pipe.block_bytes(block_size, dtype_bytes)
   free = _free_bytes(pipe)
   if kv_cache_memory > 1:

@@ -75,8 +75,7 @@ class Engine:
     self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
-    if prefill_chunk < 0:
-      raise JaxppError(f"prefill_chunk={prefill_chunk} must be >= 0 (0 = whole prompts)")
+    kv_pages.check_options(block_size, kv_cache_memory, prefix_cache, prefill_chunk)
     self.prefill_chunk = prefill_chunk
     M = self.M = self.pipe.microbatches
     dtype = params_lib.activation_dtype(params)
@@ -108,8 +107,6 @@ class Engine:
       self.pages = kv_pages.PagedSlots(M, self.rows, self.dp, max_len, blocks, block_size,
                                        prefix_cache=prefix_cache)
       self.cache = self.pipe.init_pool(blocks, block_size, dtype)
-    elif prefix_cache or prefill_chunk:
-      raise JaxppError("prefix_cache and prefill_chunk need a paged KV cache (block_size > 0)")
     else:
       self.cache = self.pipe.init_cache(self.rows, max_len, dtype)
     self.state = decode_state.DecodeState(np.zeros(shape, np.int32), np.ones(shape, np.int32),
@@ -187,10 +184,9 @@ class Engine:
         r = d * b + self.owner[j][d * b:(d + 1) * b].index(None)
         request = queue.popleft()
         cached = 0
-        if self.pages is not None:  # the prefix cache leaves a penalised prompt whole
+        if self.pages is not None:
           cached = self.pages.admit((j, r), request.prompt, request.max_new_tokens,
-                                    share=not penalties.is_on(
-                                        request.repetition_penalty, 0.0, 0.0)).cached
+                                    share=not _whole(request)).cached
         self.prefilling[(j, r)] = cached
         self.owner[j][r] = request
         live[d, j] += 1
@@ -373,8 +369,7 @@ class Engine:
     if self.waiting() and not admitted and not self.tokens and not self.prefilling:
       raise JaxppError("requests are waiting but none can be admitted")  # __init__ guards
     pieces = prompt_pieces.plan(
-        [(slot, len(req.prompt), done, penalties.is_on(req.repetition_penalty, 0.0, 0.0))
-         for slot, done in self.prefilling.items()
+        [(slot, len(req.prompt), done, _whole(req)) for slot, done in self.prefilling.items()
          for req in (self.owner[slot[0]][slot[1]],)], self.prefill_chunk)
     if pieces:
       self._prefill(pieces)
@@ -391,3 +386,10 @@ class Engine:
       for f in self.step():
         on_finished(f)
     return self.stats
+
+
+def _whole(request: Request) -> bool:
+  """Whether a request's prompt is prefilled whole, in one piece and from no cached prefix:
+  its first token's repetition penalty counts every prompt token, which the prefill of a
+  piece does not see."""
+  return bool(penalties.is_on(request.repetition_penalty, 0.0, 0.0))

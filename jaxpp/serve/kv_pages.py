@@ -21,18 +21,35 @@ import numpy as np
 
 from jaxpp.errors import JaxppError
 from jaxpp.model.kv_cache import NULL_BLOCK
+from jaxpp.serve import defaults
 from jaxpp.serve.kv_blocks import Allocation, BlockAllocator
+
+
+def check_options(block_size: int, kv_cache_memory: float, prefix_cache: bool,
+                  prefill_chunk: int, where: str = "") -> None:
+  """Refuses KV cache knobs no engine can take, one line naming the knob (`where` prefixes
+  its name: the job checks its config's `engine.` section before anything compiles)."""
+  if block_size and (block_size < 16 or block_size & (block_size - 1)):
+    raise JaxppError(f"{where}block_size={block_size} must be a power of two >= 16 (0: a "
+                     "dense cache)")
+  if kv_cache_memory < 0:
+    raise JaxppError(f"{where}kv_cache_memory={kv_cache_memory} must be >= 0 (0: "
+                     f"{defaults.KV_MEMORY_SHARE:g} of free memory after the weights, <= 1: "
+                     "that share, > 1: GB)")
+  if prefill_chunk < 0:
+    raise JaxppError(f"{where}prefill_chunk={prefill_chunk} must be >= 0 (0: whole prompts)")
+  if (prefix_cache or prefill_chunk) and not block_size:
+    raise JaxppError(f"{where}prefix_cache and {where}prefill_chunk need a paged KV cache "
+                     f"({where}block_size > 0)")
 
 
 class PagedSlots:
   """Block allocators (one a replica, `blocks` each, the null block among them) and the
-  block tables of M x rows slots with a context of `max_len` positions."""
+  block tables of M x rows slots with a context of `max_len` positions (`block_size` as
+  `check_options` takes it)."""
 
   def __init__(self, M: int, rows: int, dp: int, max_len: int, blocks: int, block_size: int,
                prefix_cache: bool = False):
-    if block_size < 16 or block_size & (block_size - 1):
-      raise JaxppError(f"block_size={block_size} must be a power of two >= 16 (0: a dense "
-                       "cache)")
     self.block_size, self.dp, self.replica_rows = block_size, dp, rows // dp
     self.prefix_cache = prefix_cache
     self.nblk = math.ceil(max_len / block_size)

@@ -155,21 +155,17 @@ class Prefiller:
     with `continued_blocks` (a paged cache's table width, when prompts may continue a cached
     prefix) also every shape of pieces one a row (1 row to one per slot, T as lone
     prompts'); returns (how many ran, the cache)."""
-    todo = sorted(self.shapes_for(prompt_lengths, admissions))
-    for M, p, T in todo:
-      q, p = packing.seqs_per_row(T), self.dp * p
-      batch, _ = packing.pack([], [], [], M, p, T, q)
-      _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, q),
-                               np.ones((M, p, q), np.int32), step)
-    pieces = sorted({self.shape(rows, T) + (T,) for T in {t for _, _, t in todo}
+    packed = sorted(self.shapes_for(prompt_lengths, admissions))
+    pieces = sorted({self.shape(rows, T) + (T,) for T in {t for _, _, t in packed}
                      for rows in range(1, self.slots + 1)}) if continued_blocks else []
-    for M, p, T in pieces:
-      p = self.dp * p
-      batch, _ = packing.pack([], [], [], M, p, T, 1)
-      prefix = (np.zeros((M, p, continued_blocks), np.int32), np.zeros((M, p), np.int32))
-      _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, 1),
-                               np.ones((M, p, 1), np.int32), step, prefix=prefix)
-    return len(todo) + len(pieces), cache
+    for (M, p, T), continued in [(s, False) for s in packed] + [(s, True) for s in pieces]:
+      q, p = 1 if continued else packing.seqs_per_row(T), self.dp * p
+      batch, _ = packing.pack([], [], [], M, p, T, q)
+      prefix = ((np.zeros((M, p, continued_blocks), np.int32), np.zeros((M, p), np.int32))
+                if continued else None)
+      _, cache, _ = self._call(params, cache, batch, _knob_arrays(M, p, q),
+                               np.ones((M, p, q), np.int32), step, prefix=prefix)
+    return len(packed) + len(pieces), cache
 
 
 def _knob_arrays(M: int, p: int, q: int) -> dict[str, np.ndarray]:
