@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   # weights, <= 1 = that share, > 1 = GB (CPU: what max_num_seqs dense slots would hold)
   c.engine.prefix_cache = True  # prompts that start alike (the template) share cached blocks
   c.engine.prefill_chunk = 0  # prompt tokens prefilled per step, long ones in chunks; 0 = off
+  c.engine.kv_dtype = "auto"  # KV cache storage: "auto" (the activations') or "fp8" (e4m3)
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests

@@ -24,25 +24,32 @@ from jaxpp.model import params as params_lib
 from tests.hf_models import make_checkpoint
 
 
+def grouped_qkv(q, k, v, K: int, H: int):
+  """HF's q [N*H, ...], k and v [K*H, ...] (rows, then any input dim) -> ours [..., K,
+  G + 2, H], head by head: kv head j's query heads j*G .. j*G + G - 1, its key, its value."""
+  G = q.shape[0] // H // K
+  head = lambda w, n: np.moveaxis(w[n * H:(n + 1) * H], 0, -1)  # head n: [..., H]
+  return np.stack([np.stack([head(q, j * G + g) for g in range(G)] + [head(k, j), head(v, j)],
+                            axis=-2) for j in range(K)], axis=-3)
+
+
 def expected_params(model, cfg) -> dict:
   """Our layout, built independently from the torch state_dict (float32 numpy)."""
   sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
   D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   layer = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(cfg.num_layers)])
+  qkv = lambda i: grouped_qkv(*(sd[f"model.layers.{i}.self_attn.{x}_proj.weight"]
+                                for x in "qkv"), K, H)
   flat = {
       ("embed",): sd["model.embed_tokens.weight"],
       ("blocks", "attn_norm", "scale"): layer("input_layernorm.weight"),
-      ("blocks", "attn", "wq"): np.stack([w.T.reshape(D, N, H)
-                                          for w in layer("self_attn.q_proj.weight")]),
-      ("blocks", "attn", "wk"): np.stack([w.T.reshape(D, K, H)
-                                          for w in layer("self_attn.k_proj.weight")]),
-      ("blocks", "attn", "wv"): np.stack([w.T.reshape(D, K, H)
-                                          for w in layer("self_attn.v_proj.weight")]),
+      ("blocks", "attn", "wqkv"): np.stack([qkv(i) for i in range(cfg.num_layers)]),
       ("blocks", "attn", "wo"): np.stack([w.T.reshape(N, H, D)
                                           for w in layer("self_attn.o_proj.weight")]),
       ("blocks", "mlp_norm", "scale"): layer("post_attention_layernorm.weight"),
-      ("blocks", "mlp", "w_gate"): layer("mlp.gate_proj.weight").transpose(0, 2, 1),
-      ("blocks", "mlp", "w_up"): layer("mlp.up_proj.weight").transpose(0, 2, 1),
+      ("blocks", "mlp", "w_gate_up"): np.stack([layer("mlp.gate_proj.weight"),
+                                                layer("mlp.up_proj.weight")], axis=2
+                                               ).transpose(0, 3, 2, 1),
       ("blocks", "mlp", "w_down"): layer("mlp.down_proj.weight").transpose(0, 2, 1),
       ("final_norm", "scale"): sd["model.norm.weight"],
   }
@@ -64,13 +71,10 @@ def pipeline_shardings(cfg, mesh) -> dict:
   specs = {
       ("embed",): P(None, "tp"),
       ("blocks", "attn_norm", "scale"): P("pp", None),
-      ("blocks", "attn", "wq"): P("pp", None, "tp", None),
-      ("blocks", "attn", "wk"): P("pp", None, "tp", None),
-      ("blocks", "attn", "wv"): P("pp", None, "tp", None),
+      ("blocks", "attn", "wqkv"): P("pp", None, "tp", None, None),
       ("blocks", "attn", "wo"): P("pp", "tp", None, None),
       ("blocks", "mlp_norm", "scale"): P("pp", None),
-      ("blocks", "mlp", "w_gate"): P("pp", None, "tp"),
-      ("blocks", "mlp", "w_up"): P("pp", None, "tp"),
+      ("blocks", "mlp", "w_gate_up"): P("pp", None, None, "tp"),
       ("blocks", "mlp", "w_down"): P("pp", "tp", None),
       ("final_norm", "scale"): P(),
       ("lm_head",): P("tp", None),
@@ -104,6 +108,59 @@ def test_load_fp32_matches_torch(tmp_path, variant, sharded):
   assert_params_equal(got, expected_params(model, cfg))
 
 
+@pytest.mark.parametrize("variant", ["gqa", "qwen2", "phi3"])
+def test_fused_leaves_group_each_kv_heads_query_heads(tmp_path, variant):
+  """wqkv[l, :, k, g] is query head k*G + g of q_proj (its rows, transposed), [l, :, k, G]
+  key head k of k_proj and [l, :, k, G + 1] value head k of v_proj; bqkv likewise (Qwen2);
+  w_gate_up[l, :, 0] is gate_proj transposed, [l, :, 1] up_proj. Phi-3 holds q|k|v rows in
+  one qkv_proj and gate|up rows in one gate_up_proj. Beyond the kv heads (tp=8 over K=2)
+  each kv head is copied tp / K times and query head n still sits at [n // G, n % G];
+  `replicate_kv` of the plain leaves (as `place_plain` does it) gives the same."""
+  d, _ = make_checkpoint(tmp_path / "ckpt", variant, num_attention_heads=8,
+                         num_key_value_heads=2)
+  hf = safetensors.numpy.load_file(d / "model.safetensors")
+  cfg = checkpoint.load_config(d)
+  N, H, F = cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+  sizes = dict(q=N * H, k=2 * H, v=2 * H)
+
+  def rows(l: int, x: str, kind: str = "weight"):  # HF's [n * H, ...] of q, k or v
+    name = f"model.layers.{l}.self_attn.{{}}_proj.{kind}"
+    if variant != "phi3":
+      return hf[name.format(x)]
+    start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[x]
+    return hf[name.format("qkv")][start:start + sizes[x]]
+
+  def mlp(l: int, part: int):  # gate (0) or up (1), HF's [F, D]
+    if variant == "phi3":
+      return hf[f"model.layers.{l}.mlp.gate_up_proj.weight"][part * F:(part + 1) * F]
+    return hf[f"model.layers.{l}.mlp.{('gate', 'up')[part]}_proj.weight"]
+
+  loaded = {}
+  for tp in (1, 8):
+    c = cfg.for_tp(tp)
+    K, r = c.num_kv_heads, c.kv_replicas
+    G = N // K
+    assert (K, r) == ((2, 1) if tp == 1 else (8, 4))
+    got = loaded[tp] = {p[-1]: np.asarray(a) for p, a in params_lib.flatten(
+        checkpoint.load_hf_params(d, c, jnp.float32)).items()}
+    assert got["wqkv"].shape == (cfg.num_layers, cfg.hidden_size, K, G + 2, H)
+    for l in range(cfg.num_layers):
+      fused = [(got["wqkv"][l], "weight")] + ([(got["bqkv"][l], "bias")] if c.qkv_bias else [])
+      for leaf, kind in fused:
+        head = lambda x, n: rows(l, x, kind)[n * H:(n + 1) * H].T
+        for n in range(N):
+          np.testing.assert_array_equal(leaf[..., n // G, n % G, :], head("q", n))
+        for k in range(K):  # copy k % r of the checkpoint's kv head k // r
+          np.testing.assert_array_equal(leaf[..., k, G, :], head("k", k // r))
+          np.testing.assert_array_equal(leaf[..., k, G + 1, :], head("v", k // r))
+      for part in (0, 1):
+        np.testing.assert_array_equal(got["w_gate_up"][l][:, part], mlp(l, part).T)
+  for name in params_lib.KV_LEAVES:
+    if name in loaded[1]:
+      np.testing.assert_array_equal(params_lib.replicate_kv(loaded[1][name], cfg.for_tp(8)),
+                                    loaded[8][name])
+
+
 def test_load_config_reads_generation_config(tmp_path):
   d, _ = make_checkpoint(tmp_path / "ckpt")
   (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
@@ -117,7 +174,7 @@ def test_load_bf16_matches_torch_exactly(tmp_path):
   cfg = checkpoint.load_config(d)
   got = checkpoint.load_hf_params(d, cfg, jnp.bfloat16)
   flat = params_lib.flatten(got)
-  assert flat[("blocks", "attn", "wq")].dtype == jnp.bfloat16
+  assert flat[("blocks", "attn", "wqkv")].dtype == jnp.bfloat16
   assert flat[("final_norm", "scale")].dtype == jnp.float32
   assert_params_equal(got, expected_params(model, cfg))  # model holds bf16 values as fp32
 
@@ -143,10 +200,9 @@ def test_sharded_placement_reads_own_shard(tmp_path, sharded):
   got = params_lib.flatten(checkpoint.load_hf_params(d, cfg, jnp.float32, shardings))
   L, D, F, N, K, H = 8, 64, 96, 4, 2, 16
   shard_shapes = {
-      ("blocks", "attn", "wq"): (L // 4, D, N // 2, H),
-      ("blocks", "attn", "wk"): (L // 4, D, K // 2, H),
+      ("blocks", "attn", "wqkv"): (L // 4, D, K // 2, N // K + 2, H),
       ("blocks", "attn", "wo"): (L // 4, N // 2, H, D),
-      ("blocks", "mlp", "w_up"): (L // 4, D, F // 2),
+      ("blocks", "mlp", "w_gate_up"): (L // 4, D, 2, F // 2),
       ("blocks", "mlp", "w_down"): (L // 4, F // 2, D),
       ("blocks", "mlp_norm", "scale"): (L // 4, D),
       ("embed",): (97, D // 2),
@@ -163,8 +219,8 @@ def test_sharded_placement_reads_own_shard(tmp_path, sharded):
       # Each device holds exactly its own slice (its layers, its heads) of the full tensor.
       np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(ref[path])[shard.index])
   # Stage s (mesh row s) holds layers 2s, 2s+1.
-  wq = got[("blocks", "attn", "wq")]
-  for shard in wq.addressable_shards:
+  wqkv = got[("blocks", "attn", "wqkv")]
+  for shard in wqkv.addressable_shards:
     stage = int(np.argwhere(mesh.devices == shard.device)[0][0])
     assert range(*shard.index[0].indices(L)) == range(2 * stage, 2 * stage + 2)
 

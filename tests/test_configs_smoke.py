@@ -235,6 +235,7 @@ def test_cli_jaxpp_error_is_one_line(tmp_path):
     ("engine", "block_size", 24, r"^engine.block_size=24 must be a power of two >= 16"),
     ("engine", "kv_cache_memory", -1.0, r"^engine.kv_cache_memory=-1.0 must be >= 0"),
     ("engine", "prefill_chunk", -8, r"^engine.prefill_chunk=-8 must be >= 0"),
+    ("engine", "kv_dtype", "fp4", r"^engine.kv_dtype='fp4' is not one of auto, fp8"),
     ("watchdog", "min_seconds", 0.0, r"^watchdog: multiple=.* must be > 0"),
 ])
 def test_out_of_range_values_are_refused_before_the_probe(harbor, capsys, group, key, value,

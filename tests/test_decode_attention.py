@@ -292,9 +292,10 @@ def test_pipeline_resolves_attention():
   c = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16)
   pipe = lambda attention, tp=1: Pipeline.build(c, Layout(1, tp), attention=attention)
-  # CPU: einsums for auto (the kernels would run as their stand-ins); kernel: both stand-ins
+  # CPU: einsums for auto (the kernels would run as their stand-ins); kernel: every stand-in
   assert pipe("auto").kernels == Kernels()
-  assert pipe("kernel").kernels == pipe("kernel", tp=2).kernels == Kernels(True, True, False)
+  assert pipe("kernel").kernels == pipe("kernel", tp=2).kernels == Kernels(True, True, False,
+                                                                           weights8=True)
   assert pipe("xla").kernels == Kernels()
   with pytest.raises(JaxppError, match="attention='flash' is not one of auto, kernel, xla"):
     pipe("flash")

@@ -45,8 +45,9 @@ def test_tensors_match_the_param_layout():
   want = {}
   for path in params_lib.leaf_shapes(cfg):  # the leaves this (Llama) config has
     src = params_lib.HF_SOURCES[path]
-    names = [src.name.format(i=i) for i in range(cfg.num_layers)] if src.stacked else [src.name]
-    want.update({n: params_lib.hf_shape(path, cfg) for n in names})
+    for i in range(cfg.num_layers if src.stacked else 1):
+      want.update({name.format(i=i): shape
+                   for name, shape in zip(src.names, params_lib.hf_shapes(path, cfg))})
   with safe_open(str(DEMO / "model.safetensors"), framework="numpy") as f:
     got = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
   assert got == want

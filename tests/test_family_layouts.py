@@ -73,8 +73,8 @@ def test_tp_beyond_the_kv_heads_replicates_them(few_kv_heads, pp, tp, attention)
   llm = check_layout(ckpt, ref, pp=pp, tp=tp, microbatches=pp, attention=attention)
   config = llm.pipeline.config
   assert (config.num_kv_heads, config.kv_replicas) == (tp, tp // K)
-  assert llm.params["blocks"]["attn"]["wk"].sharding.shard_shape(
-      llm.params["blocks"]["attn"]["wk"].shape)[-2] == 1  # one kv head a device
+  wqkv = llm.params["blocks"]["attn"]["wqkv"]  # [pp, v, Lc, D, K, G + 2, H]
+  assert wqkv.sharding.shard_shape(wqkv.shape)[-3:] == (1, 8 // tp + 2, 16)  # one group a device
 
 
 def test_tp_that_neither_divides_nor_covers_the_kv_heads_is_refused():

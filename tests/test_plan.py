@@ -65,7 +65,7 @@ def test_kv_cache_bytes():
   # tp=16 > 8 kv heads: each device holds one replicated head, not half of one
   assert estimate.kv_bytes_per_token_layer(L8B, tp=16) == 512
   D, H, norms = L8B.hidden_size, L8B.head_dim, 2 * L8B.hidden_size
-  copies = 2 * D * 8 * H  # wk and wv of the 8 replicas beyond the 8 heads
+  copies = 2 * D * 8 * H  # key and value heads (wqkv) of the 8 replicas beyond the 8 heads
   assert layout_lib.block_params_per_device(L8B, 16) == \
       (L8B.block_param_count() + copies - norms) / 16 + norms
   w = Workload(input_len=1000, output_len=24, concurrency=10, block_size=0)

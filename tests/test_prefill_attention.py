@@ -117,12 +117,12 @@ def _device(platform, capability=None):
 
 @pytest.mark.parametrize("device,head_dim,want", [
     (_device("gpu", "9.0"), 128, dict(auto=Kernels(True, True, True),
-                                      kernel=Kernels(True, True, True))),
+                                      kernel=Kernels(True, True, True, True))),
     (_device("gpu", "9.0"), 96, dict(auto=Kernels(False, True, True))),  # decode: not 2^n
     (_device("gpu", "9.0"), 12, dict(auto=Kernels(False, False, False))),  # cuDNN: not 8k
     (_device("gpu", "8.0"), 128, dict(auto=Kernels(True, False, False),  # packed: Hopper
-                                      kernel=Kernels(True, False, False))),
-    (_device("cpu"), 128, dict(auto=Kernels(), kernel=Kernels(True, True, False),
+                                      kernel=Kernels(True, False, False, True))),
+    (_device("cpu"), 128, dict(auto=Kernels(), kernel=Kernels(True, True, False, True),
                                xla=Kernels())),
 ])
 def test_attention_choice_per_platform(device, head_dim, want):

@@ -222,17 +222,22 @@ def to_hf(c: LlamaConfig, params) -> dict[str, np.ndarray]:
     layers = [np.asarray(leaf, np.float32)[i] for i in range(c.num_layers)] if src.stacked \
         else [np.asarray(leaf, np.float32)]
     for i, w in enumerate(layers):
-      if path[-1] in ("wq", "wk", "wv"):  # [D, n, H] -> [n*H, D]
-        w = w.reshape(D, -1).T
+      if path[-1] == "wqkv":  # [D, K, G + 2, H] -> q [N*H, D], k and v [K*H, D]
+        G = w.shape[2] - 2
+        parts = [a.reshape(D, -1).T for a in (w[:, :, :G], w[:, :, G], w[:, :, G + 1])]
+      elif path[-1] == "w_gate_up":  # [D, 2, F] -> gate and up [F, D]
+        parts = [w[:, 0].T, w[:, 1].T]
       elif path[-1] == "wo":  # [N, H, D] -> [D, N*H]
-        w = w.reshape(-1, D).T
+        parts = [w.reshape(-1, D).T]
       elif w.ndim == 2 and path != ("embed",):
-        w = w.T
-      name = src.name.format(i=i)
-      w = np.ascontiguousarray(w)
-      assert w.shape == params_lib.hf_shape(path, c), (name, w.shape)
-      assert np.array_equal(src.to_ours(w, c), layers[i]), name  # round-trips exactly
-      out[name] = w
+        parts = [w.T]
+      else:
+        parts = [w]
+      names = [name.format(i=i) for name in src.names]
+      parts = [np.ascontiguousarray(a) for a in parts]
+      assert tuple(a.shape for a in parts) == params_lib.hf_shapes(path, c), names
+      assert np.array_equal(src.to_ours(*parts, c), layers[i]), names  # round-trips exactly
+      out.update(zip(names, parts))
   return out
 
 

@@ -8,9 +8,10 @@ For each layout (`pp4tp1`, `pp2tp2`, `pp1tp4v1m8`, `pp4tp1m4p16`: 16 prefill mic
 (no host copy), and the batch engine runs `num_requests` random-token prompts of
 `input_len` tokens for exactly `output_len` new tokens each (stop ids ignored), or the
 requests of a `--workload` JSONL file, each with its own prompt and output length
-(`requests.py`). A short warm-up wave of every slot, then every prefill an admission
-can pick (`Engine.precompile_prefills`), compile the programs first; compile time is
-reported separately and never timed as throughput.
+(`requests.py`). A short warm-up wave of every slot and the prefills of its waves (with a
+workload file: one untimed run of the same requests) compile the programs first; compile
+time is reported separately and never timed as throughput, and `timed_compiles` counts
+any compile that still fell in the timed run.
 
 Reported per layout, in the form inference servers print: requests/s, total and output
 tokens/s, tokens/s per GPU, prefill and decode rates, achieved HBM GB/s and % of the HBM
@@ -78,6 +79,8 @@ def define_flags() -> None:
                  "memory after the weights, <= 1 = that share, > 1 = GB")
   f.DEFINE_list("prefix_cache", list(d.prefix_cache), "per run: true lets prompts that start "
                 "alike share cached blocks; a list (false,true) runs each")
+  f.DEFINE_list("kv_dtype", list(d.kv_dtype), "KV cache storage per run: auto (the "
+                "activations' dtype), fp8 (e4m3, half the bytes); a list runs each")
   f.DEFINE_integer("prefill_chunk", d.prefill_chunk, "prompt tokens prefilled a step, long "
                    "prompts in chunks between decode calls (0: whole prompts)")
   f.DEFINE_integer("scan_unroll", d.scan_unroll, "layers per stage-scan iteration (0 = all)")

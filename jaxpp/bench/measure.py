@@ -1,8 +1,9 @@
 """One layout measured: warm-up, the timed run, and its rates against the rooflines.
 
 `run_layout` places random weights of the shape on the layout, probes every stage, compiles
-every program the timed run meets (a short wave of every slot, then every prefill an
-admission can pick) and only then times the requests through the batch engine, or through
+every program the timed run meets (a short wave of every slot and the prefills of its waves;
+with a workload file, one untimed run of the same requests) and only then times the
+requests through the batch engine, or through
 the plain GSPMD baseline for `gspmd_tpN`; `hf_row` measures transformers'
 `device_map="auto"`. `_numbers` turns token counts and seconds into the reported rates.
 """
@@ -23,7 +24,9 @@ from jaxpp.bench import plots as bench_plots
 from jaxpp.bench.random_weights import random_llm
 from jaxpp.dist import distributed, health
 from jaxpp.errors import JaxppError
+from jaxpp.job import compile_cache
 from jaxpp.llm import resolve_dtype
+from jaxpp.model import kv_cache
 from jaxpp.model import quant as quant_lib
 from jaxpp.parallel import schedule
 from jaxpp.parallel.layout import Layout
@@ -79,7 +82,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       run(wave, args["decode_chunk"] + 2)  # meets; two decode calls: the 2nd is its own
     compile_s, bubble_measured, microbatches, prefill_m = time.perf_counter() - start, 0.0, 1, 1
     wall = time.perf_counter()
-    result = run(prompts, lens)
+    with compile_cache.CompileClock() as timed_compiles:
+      result = run(prompts, lens)
     wall = time.perf_counter() - wall
     st = types.SimpleNamespace(**result, tick_seconds=[
         s / args["decode_chunk"] for s in result["call_seconds"]])
@@ -90,27 +94,34 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                        block_size=args.get("block_size", defaults.BLOCK_SIZE),
                        kv_cache_memory=args.get("kv_cache_memory", 0.0),
                        prefix_cache=args.get("prefix_cache", False),
-                       prefill_chunk=args.get("prefill_chunk", 0))
+                       prefill_chunk=args.get("prefill_chunk", 0),
+                       kv_dtype=args.get("kv_dtype", "auto"))
       for i, (p, n) in enumerate(zip(batch, new_tokens)):
         eng.submit(requests.Request(str(i), p, n))
       eng.run(lambda f: None)
       return eng
 
-    # One short wave of every slot compiles the decode programs the timed run meets (shapes
-    # depend on the slots, not on lengths)...
-    warm = run(prompts[:slots], [2] * slots)
-    # ...and the prefills of every admission the timed run can meet: with a workload file
-    # any size (requests finish at different times); else full waves and the last one.
-    fixed = args.get("workload", "random") == "random"
-    waves = [n for n in {min(slots, len(prompts)), len(prompts) % slots} if n]
-    warm.precompile_prefills([len(p) for p in prompts], admissions=(
-        [[len(prompts[0])] * n for n in waves] if fixed else None))
+    if args.get("workload", "random") == "random":
+      # One short wave of every slot compiles the decode programs the timed run meets
+      # (shapes depend on the slots, not on lengths), then the prefills of its admissions:
+      # full waves and the last one.
+      warm = run(prompts[:slots], [2] * slots)
+      waves = [n for n in {min(slots, len(prompts)), len(prompts) % slots} if n]
+      warm.precompile_prefills([len(p) for p in prompts],
+                               admissions=[[len(prompts[0])] * n for n in waves])
+    else:
+      # Requests of a workload file finish at different times, so admissions take many
+      # sizes: the run itself, once untimed, compiles exactly the programs the timed run
+      # meets (the engine decides alike on the same requests), where compiling every
+      # admission that could happen took minutes.
+      warm = run(prompts, lens)
     compile_s = time.perf_counter() - start
     microbatches = pipe.microbatches
     prefill_m = warm.prefiller.prefill_m
     del warm  # frees its KV cache before the timed engine allocates one
     wall = time.perf_counter()
-    st = run(prompts, lens).stats
+    with compile_cache.CompileClock() as timed_compiles:  # the warm-up should leave none
+      st = run(prompts, lens).stats
     wall = time.perf_counter() - wall
     bubble_measured = st.idle_share()  # from the timed run's own decode calls, as the job
   profile = None
@@ -126,7 +137,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                  head_bytes=sum(llm.params[name].nbytes
                                 for name in (head_name, head_name + quant_lib.SCALE)
                                 if name in llm.params),
-                 itemsize=jnp.dtype(llm.dtype).itemsize,
+                 itemsize=kv_cache.storage_dtype(args.get("kv_dtype", "auto"),
+                                                 llm.dtype).itemsize,
                  prompt_lengths=[len(p) for p in prompts], replicas=layout.dp)
   return dict(
       layout=text, devices=layout.devices, pp=pipe.pp, tp=layout.tp,
@@ -136,6 +148,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       block_size=0 if tp_baseline else args.get("block_size", defaults.BLOCK_SIZE),
       prefix_cache=bool(args.get("prefix_cache")) and not tp_baseline,
       prefill_chunk=0 if tp_baseline else args.get("prefill_chunk", 0),
+      kv_dtype="auto" if tp_baseline else args.get("kv_dtype", "auto"),
       kv_cache=getattr(st, "kv", {}), max_live=getattr(st, "max_live", None),
       weight_gb_per_device=max(per_device_bytes(llm.params).values()) / 1e9,
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,
@@ -144,7 +157,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       prefill_tokens=computed,
       prefill_padding=(1 - computed / st.prefill_positions
                        if getattr(st, "prefill_positions", 0) else None),
-      scan_unroll=pipe.scan_unroll, compile_seconds=compile_s, wall_seconds=wall, **row,
+      scan_unroll=pipe.scan_unroll, compile_seconds=compile_s,
+      timed_compiles=timed_compiles.compiles, wall_seconds=wall, **row,
       bubble_schedule=schedule.formula_bubble(pipe.pp, pipe.v, microbatches,
                                               args["decode_chunk"]),
       bubble_measured=bubble_measured, tick_seconds=percentiles(st.tick_seconds),

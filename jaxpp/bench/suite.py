@@ -25,6 +25,7 @@ from jaxpp.llm import devices_summary
 from jaxpp.model import attention_choice
 from jaxpp.model import quant as quant_lib
 from jaxpp.plan import presets
+from jaxpp.serve import kv_pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class BenchOptions:
   kv_cache_memory: float = 0.0
   prefix_cache: tuple[str, ...] = ("false",)  # per run: share prompts' cached prefixes
   prefill_chunk: int = 0  # prompt tokens prefilled a step (0: whole prompts)
+  kv_dtype: tuple[str, ...] = ("auto",)  # per run: the KV cache's storage (auto, fp8)
   scan_unroll: int = 1
   out: str = "out/bench"
   profile_dir: str = ""
@@ -112,6 +114,8 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
               kv_cache_memory=opts.kv_cache_memory, prefill_chunk=opts.prefill_chunk)
   for mode in opts.quant:
     quant_lib.Quant(mode, opts.quant_embed)  # every entry checked before the first run
+  for kv in opts.kv_dtype:
+    kv_pages.check_options(0, 0.0, False, 0, where="--", kv_dtype=kv)
   for impl in opts.attention:
     if impl not in attention_choice.CHOICES:
       raise JaxppError(f"--attention={impl!r} is not one of "
@@ -130,9 +134,9 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
     print(header, flush=True)
   for text in layouts:
     runs = ([{}] if baseline_hf.parse(text) else
-            [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c))
+            [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c), kv_dtype=k)
              for q in opts.quant for a in opts.attention for b in opts.block_size
-             for c in opts.prefix_cache])
+             for c in opts.prefix_cache for k in opts.kv_dtype])
     for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
                   _measure_or_error(config, hw, text, prompts, dict(args, **knobs)))

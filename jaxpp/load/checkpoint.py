@@ -4,13 +4,13 @@
 tensor a local shard needs (for stacked block leaves, only the layers on the shard's slice
 of the leading axes) is read once from the memory-mapped safetensors files, copied as it is
 stored to each device whose shard holds it, and converted there (transposed into our
-layout, sliced to the shard, cast) into a preallocated shard buffer. With pipeline
+layout, fused, sliced to the shard, cast) into a preallocated shard buffer; a fused leaf's
+layer (wqkv from q_proj, k_proj and v_proj) gathers its tensors there first. With pipeline
 shardings such as `P('pp', None, 'tp', None)` a stage therefore reads only its own layers,
 the host holds two tensors at a time (one being placed, the next being read by a reader
 thread, so reading the files overlaps the devices' work; `ReadClock` times the reads), and
-the transposes run at device memory speed: on the
-host numpy moves a transposed bf16 matrix at 0.3 GB/s (1.3 in bands of rows on a thread),
-which made the 16 GB of an 8B model an 89 s load on an H200 host.
+the transposes run at device memory speed: on the host numpy moves a transposed bf16 matrix
+at 0.3 GB/s (1.3 in bands of rows on a thread): an 89 s load of an 8B model on an H200.
 
 Everything is validated (tensor present, HF shape as `config.json` implies) before the first
 byte of weights is read, so a wrong checkpoint fails in a second with a one-line `JaxppError`
@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -245,22 +246,20 @@ def check_checkpoint(ckpt_dir, cfg: LlamaConfig) -> None:
     _validate(reader, cfg, d)
 
 
-def _hf_names(path: params_lib.Path, cfg: LlamaConfig) -> list[str]:
-  src = params_lib.hf_source(path, cfg)
-  if src.stacked:
-    return [src.name.format(i=i) for i in range(cfg.num_layers)]
-  return [src.name]
+def _layer_names(src: params_lib.HFSource, i: int) -> tuple[str, ...]:
+  """The HF tensors of layer `i` of a leaf (an unstacked leaf's names have no `{i}`)."""
+  return tuple(name.format(i=i) for name in src.names)
 
 
 def _validate(reader: _Reader, cfg: LlamaConfig, d: pathlib.Path) -> None:
   """Every tensor the config implies is present with the shape the config implies."""
   for path in params_lib.leaf_shapes(cfg):
-    want = params_lib.hf_shape(path, cfg)
-    for name in _hf_names(path, cfg):
-      got = reader.shape(name)
-      if got != want:
-        raise JaxppError(f"checkpoint {d}: tensor {name!r} has shape {got} but config.json "
-                         f"implies {want}")
+    src = params_lib.hf_source(path, cfg)
+    for i in range(cfg.num_layers if src.stacked else 1):
+      for name, want in zip(_layer_names(src, i), params_lib.hf_shapes(path, cfg)):
+        if (got := reader.shape(name)) != want:
+          raise JaxppError(f"checkpoint {d}: tensor {name!r} has shape {got} but "
+                           f"config.json implies {want}")
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -285,24 +284,29 @@ def _place_leaf(reader: _Reader, path: params_lib.Path, cfg: LlamaConfig, dtype:
   lead = layer_index.ndim if src.stacked else 0
   indices = sharding.addressable_devices_indices_map(shape)
   shards: dict[jax.Device, jax.Array] = {}
-  targets = collections.defaultdict(list)  # HF tensor name -> [(device, pos, rest index)]
+  targets = collections.defaultdict(list)  # a layer's HF names -> [(device, pos, rest index)]
   for device, index in indices.items():
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     if not src.stacked:
-      targets[src.name].append((device, None, index))
+      targets[src.names].append((device, None, index))
       continue
     local = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
     shards[device] = jnp.zeros(local, dtype, device=device)
     for pos, i in np.ndenumerate(layer_index[index[:lead]]):
       if i >= 0:
-        targets[src.name.format(i=i)].append((device, np.asarray(pos, np.int32), index[lead:]))
-  for name, raw in reader.read_ahead(list(targets)):
-    places = targets[name]
+        targets[_layer_names(src, i)].append((device, np.asarray(pos, np.int32), index[lead:]))
+  reads = reader.read_ahead([name for names in targets for name in names])
+  for names, places in targets.items():
+    parts = collections.defaultdict(list)  # device -> this layer's tensors on it
+    for _, raw in itertools.islice(reads, len(names)):
+      for device in dict.fromkeys(device for device, _, _ in places):
+        parts[device].append(jax.device_put(raw, device))
+      jax.block_until_ready(list(parts.values()))
+      del raw
     for device, pos, rest in places:
-      value = src.to_ours(jax.device_put(raw, device), cfg)[rest].astype(dtype)
+      value = src.to_ours(*parts[device], cfg)[rest].astype(dtype)
       shards[device] = value if pos is None else _write_layer(shards[device], pos, value)
     jax.block_until_ready([shards[device] for device, _, _ in places])
-    del raw
   return jax.make_array_from_single_device_arrays(shape, sharding,
                                                   [shards[d] for d in indices])
 

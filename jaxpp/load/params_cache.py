@@ -6,11 +6,12 @@ own layers). Later runs restore straight onto the devices, each reading only its
 with no transposes and no re-quantisation.
 
 A cache is only valid for what it was built from, so `DIR/jaxpp_params.json` records the
-architecture, the checkpoint's weight files (names and sizes), the dtype, the quantisation and
-the stacking of layers into stages (pp, virtual stages, split: it fixes the arrays' shapes;
-tp does not, so one cache serves every tp). A mismatch is a one-line error naming the field,
-never a silent reuse of the wrong weights. The description is written after orbax has
-finished, so a run killed mid-save leaves no description and the next run rebuilds.
+version of our params layout (`FORMAT`), the architecture, the checkpoint's weight files
+(names and sizes), the dtype, the quantisation and the stacking of layers into stages (pp,
+virtual stages, split: it fixes the arrays' shapes; tp does not, so one cache serves every
+tp). A mismatch is a one-line error naming the field, never a silent reuse of the wrong
+weights. The description is written after orbax has finished, so a run killed mid-save
+leaves no description and the next run rebuilds.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from jaxpp.model.config import LlamaConfig
 
 DESCRIPTION = "jaxpp_params.json"
 PARAMS = "params"
-FORMAT = 1
+# The version of the params layout (`params.py`) a cache holds, bumped whenever a leaf
+# changes, so that a cache of another layout is refused, never restored (2: fused wqkv,
+# bqkv and w_gate_up).
+FORMAT = 2
 
 
 def describe(ckpt_dir, config: LlamaConfig, dtype, layer_index,

@@ -1,7 +1,9 @@
-"""Which attention a layout runs in each phase, from the one `attention` knob.
+"""Which attention a layout runs in each phase, from the one `attention` knob, and with it
+whether decode's 8-bit projections run in their kernel.
 
-One knob covers both phases so that a comparison (`jaxpp.bench --attention=xla,auto`) swaps
-all of attention at once:
+One knob covers both phases (and the 8-bit matmul kernel, the other fused kernel a decode
+step runs) so that a comparison (`jaxpp.bench --attention=xla,auto`) swaps every Pallas
+and cuDNN kernel against XLA's einsums at once:
 
 - "xla": einsums in both phases (`llama.attend`), the reference and the CPU path;
 - "kernel": decode in decode_attention's Pallas kernel (interpreted off GPUs, which is how
@@ -11,6 +13,12 @@ all of attention at once:
   tp = 1 (at tp > 1 it is checked on CPUs but not yet timed) and the prefill kernel at
   every tp (each device runs it on its own heads; it replaces [T, T] f32 scores, which at
   long prompts do not even fit).
+
+With 8-bit weights (`quant.py`), "kernel" also runs a decode step's block projections in
+`int8_matmul.py`'s kernel, which reads each layer's 8-bit weights in place, where XLA's
+einsum widens them to the activation dtype in a separate pass first (docs/quantization.md).
+"auto" keeps XLA's einsum there until the kernel's speed inside the model is measured on a
+GPU (`tools/quant_bench.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class Kernels(NamedTuple):
   decode: bool = False  # one-token steps over a cache: decode_attention's kernel
   prefill: bool = False  # fresh prefill (nothing cached yet): prefill_attention's path
   gpu: bool = False  # the devices run cuDNN: prefill's path calls it (else its XLA form)
+  weights8: bool = False  # decode's 8-bit projections: int8_matmul's kernel
 
   def label(self) -> str:
     """How result rows name it: "kernel" (both phases), "decode-kernel", "prefill-kernel"
@@ -59,7 +68,7 @@ def decide(choice: str, *, on_gpu: bool, cudnn: bool, tp: int, head_dim: int) ->
   cudnn = cudnn and prefill_attention.supports(head_dim)
   if choice == "xla":
     return Kernels()
-  if choice == "kernel":  # off GPUs both kernels' stand-ins run: the CPU tests' path
-    return Kernels(decode=True, prefill=cudnn or not on_gpu, gpu=cudnn)
+  if choice == "kernel":  # off GPUs the kernels' stand-ins run: the CPU tests' path
+    return Kernels(decode=True, prefill=cudnn or not on_gpu, gpu=cudnn, weights8=True)
   return Kernels(decode=on_gpu and tp == 1 and decode_attention.supports(head_dim),
                  prefill=cudnn, gpu=cudnn)

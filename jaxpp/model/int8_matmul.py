@@ -14,16 +14,17 @@ has few rows (M), so the work is a memory-bound stream of weights: the grid span
 and, where those are too few to keep every SM loading, splits K too (partial sums in f32,
 added by XLA: cheap, as M is small). float8_e4m3fn storage runs through the same code.
 
-The model does not call it yet; `tools/weight_stream_probe.py` measures it: on an H200 its
-best configuration streamed 1,667 GB/s of int8 (docs/benchmarks.md), i.e. a layer in about
-the time cuBLAS takes for the same layer in bf16, so it would make int8 decode as fast as
-bf16, not faster. The block projections switch to it once a configuration beats bf16's time
-(docs/quantization.md).
+The model calls it through `LayerWeight` for every block projection of a decode step
+(`Kernels.weights8`, attention_choice.py): `run_blocks` hands each layer a view of the
+stacks (a free reshape to [layers, in, out]) and its index, and `project` multiplies.
+`tools/weight_stream_probe.py` measures the kernel alone against cuBLAS (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,57 @@ MIN_TILE = 16  # the smallest dot operand dimension Triton takes (tl.dot: M, N, 
 # SM has another program's loads in flight while one finishes.
 TARGET_PROGRAMS = 264
 MAX_SPLIT_K = 8
+
+
+class LayerWeight(NamedTuple):
+  """One layer of a stacked 8-bit projection, read in place: `stack` [L, in, out] (8-bit),
+  `scale` [L, out], `layer` the layer's index (traced), `out_shape` the output dims the
+  projection's einsum gives (e.g. (K, G + 2, H) for wqkv), `in_dims` how many trailing dims
+  of x it contracts."""
+
+  stack: jax.Array
+  scale: jax.Array
+  layer: jax.Array
+  out_shape: tuple[int, ...]
+  in_dims: int
+
+  @classmethod
+  def of(cls, w, scale, lead: int, index, in_dims: int) -> LayerWeight:
+    """The view of layer `index` (a tuple, one per lead axis) of `w` [*lead_axes, *in,
+    *out] with `scale` [*lead_axes, *out]; reshapes only (the stacks stay where they are)."""
+    lead_shape, rest = w.shape[:lead], w.shape[lead:]
+    ins, outs = rest[:in_dims], rest[in_dims:]
+    L, n_in, n_out = math.prod(lead_shape), math.prod(ins), math.prod(outs)
+    flat = jnp.int32(0)
+    for i, n in zip(index, lead_shape):  # row-major flat index of the layer
+      flat = flat * n + jnp.asarray(i, jnp.int32)
+    return cls(w.reshape(L, n_in, n_out), scale.reshape(L, n_out), flat, tuple(outs), in_dims)
+
+
+def project(x, w: LayerWeight, interpret: bool | None = None):
+  """x [*rows, *in] times the layer's weight -> [*rows, *out] in x.dtype: `quant.einsum` of
+  the dequantised layer, without widening it first. `interpret` defaults to "not on a
+  GPU" (the CPU tests' path)."""
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  rows = x.shape[:x.ndim - w.in_dims]
+  flat = x.reshape(math.prod(rows), -1)
+  out = stacked_matmul(flat, w.stack, w.scale, w.layer, interpret=interpret,
+                       **decode_tiles(*flat.shape, w.stack.shape[-1]))
+  return out.reshape(rows + w.out_shape)
+
+
+# The tiles decode uses: the weight stream probe's fastest on an H200 at 32 rows
+# (docs/benchmarks.md, "Pallas int8 kernel"), with M tiles of up to 128 rows so that a
+# micro-batch of 128 reads each weight tile once.
+DECODE_TILES = dict(block_m=128, block_n=128, block_k=128, split_k=0, num_warps=4,
+                    num_stages=4)
+
+
+def decode_tiles(M: int, K: int, N: int) -> dict:
+  """`stacked_matmul`'s tiles for an [M, K] x [K, N] decode product."""
+  del M, K, N  # one set for every shape until measurements say otherwise
+  return DECODE_TILES
 
 
 def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,

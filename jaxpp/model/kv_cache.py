@@ -14,6 +14,14 @@ Cache layouts, per device:
   BS positions; block NULL_BLOCK is never handed out and takes the writes of padding and
   of positions no block was allocated for. A (block, kv head) tile is contiguous, which is
   what the decode kernel streams.
+
+The cache holds keys and values in the activations' dtype, or with `kv_dtype="fp8"` in
+float8 e4m3, half of bf16's bytes: twice the sequences in the same memory, and half the
+bytes a decode step reads per cached position. No scale is kept (a scale of 1, as vLLM's
+uncalibrated fp8 cache): e4m3 keeps 3 mantissa bits over +-448, which covers keys and
+values after the projections; writes clip to that range first, since e4m3 has no
+infinity and an overflow would become NaN. Every reader widens what it loads back to
+the activations' dtype.
 """
 
 from __future__ import annotations
@@ -22,10 +30,35 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from jaxpp.errors import JaxppError
+from jaxpp.model import quant
 from jaxpp.model.config import LlamaConfig
 
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
 NULL_BLOCK = 0  # a paged pool's block that no sequence owns: writes with nowhere to go
+KV_DTYPES = ("auto", "fp8")  # the cache's storage: the activations' dtype, or e4m3
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite magnitude
+
+
+def storage_dtype(kv_dtype: str, activation_dtype):
+  """The dtype the cache stores for the knob `kv_dtype` (one of KV_DTYPES)."""
+  return jnp.dtype(FP8) if kv_dtype == "fp8" else jnp.dtype(activation_dtype)
+
+
+def check_backend(kv_dtype: str, device) -> None:
+  """An fp8 cache needs float8_e4m3fn conversions on the device: a one-line error where
+  its XLA backend has none."""
+  if kv_dtype == "fp8" and not quant.runs_fp8(device):
+    raise JaxppError(f"kv_dtype='fp8' is not supported on {device.platform}: its XLA "
+                     "backend cannot convert float8_e4m3fn; use kv_dtype='auto'")
+
+
+def to_cache(a, dtype):
+  """New keys or values `a` as the cache stores them (clipped into e4m3's range for fp8)."""
+  if jnp.dtype(dtype) == jnp.dtype(FP8):
+    a = jnp.clip(a, -FP8_MAX, FP8_MAX)
+  return a.astype(dtype)
 
 
 class LayerCache(NamedTuple):

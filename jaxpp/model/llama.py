@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp.model import decode_attention, kv_cache, prefill_attention, prefix_attention, quant
+from jaxpp.model import (decode_attention, int8_matmul, kv_cache, prefill_attention,
+                         prefix_attention, quant)
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, cos_sin_scale, inverse_frequencies
@@ -48,8 +49,13 @@ class RMSNorm(nn.Module):
     return (normed.astype(x.dtype) * scale).astype(x.dtype)
 
 
-def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: bool):
-  """A matmul weight and, when the block is 8-bit, its per-output-channel scale (or None)."""
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: bool,
+            inplace: dict | None = None):
+  """A matmul weight and, when the block is 8-bit, its per-output-channel scale (or None);
+  with `inplace` holding `name` (a decode step's 8-bit views, `layer_views`), that view,
+  which the kernel reads where the stack lies (its scale inside)."""
+  if inplace and name in inplace:
+    return inplace[name], None
   w = module.param(name, nn.initializers.normal(0.02), shape, module.dtype)
   if not quantized:
     return w, None
@@ -67,34 +73,30 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
-               window=0):
+               window=0, inplace=None):
     """cache: this layer's view of the cache, or None when nothing is cached; segments
     [B, T]: which prompt of a packed row each token belongs to (None: one per row);
-    window: the layer's sliding window (an int, or a traced scalar; 0 = none)."""
+    window: the layer's sliding window (an int, or a traced scalar; 0 = none); inplace:
+    8-bit weights read in place by the kernel (`layer_views`), by name."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    wq = _weight(self, "wq", (D, N, H), self.quantized)
-    wk = _weight(self, "wk", (D, K, H), self.quantized)
-    wv = _weight(self, "wv", (D, K, H), self.quantized)
-    wo = _weight(self, "wo", (N, H, D), self.quantized)
+    B, T, G = x.shape[0], x.shape[1], N // K
+    # one projection for q, k and v: per kv head its G query heads, its key, its value
+    wqkv = _weight(self, "wqkv", (D, K, G + 2, H), self.quantized, inplace)
+    wo = _weight(self, "wo", (N, H, D), self.quantized, inplace)
     inv_freq = inverse_frequencies(c)
-    q = quant.einsum("BTD,DNH->BTNH", x, *wq)
-    k = quant.einsum("BTD,DKH->BTKH", x, *wk)
-    v = quant.einsum("BTD,DKH->BTKH", x, *wv)
+    qkv = quant.einsum("BTD,DKJH->BTKJH", x, *wqkv)
     if c.qkv_bias:  # Qwen2
-      zeros = nn.initializers.zeros
-      q = q + self.param("bq", zeros, (N, H), self.dtype)
-      k = k + self.param("bk", zeros, (K, H), self.dtype)
-      v = v + self.param("bv", zeros, (K, H), self.dtype)
+      qkv = qkv + self.param("bqkv", nn.initializers.zeros, (K, G + 2, H), self.dtype)
+    q, k, v = qkv[..., :G, :].reshape(B, T, N, H), qkv[..., G, :], qkv[..., G + 1, :]
     if c.qk_norm:  # Qwen3: each head of q and k normalised over H before RoPE
       q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
       k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
     scale = cos_sin_scale(c)
     q = apply_rope(q, positions, inv_freq, scale)
     k = apply_rope(k, positions, inv_freq, scale)
-    B, T = x.shape[:2]
-    # G = N // K query heads per kv head; Gemma 2 scales by its query_pre_attn_scalar
-    q = q.reshape(B, T, K, N // K, H) * (c.query_scale or H ** -0.5)
+    # query head n = k * G + g, as wqkv groups them; Gemma 2 scales by query_pre_attn_scalar
+    q = q.reshape(B, T, K, G, H) * (c.query_scale or H ** -0.5)
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
                  kernels=self.kernels, window=window, softcap=c.attn_softcap)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
@@ -177,14 +179,14 @@ class MLP(nn.Module):
   quantized: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, inplace=None):
     D, F = self.config.hidden_size, self.config.intermediate_size
-    w_gate = _weight(self, "w_gate", (D, F), self.quantized)
-    w_up = _weight(self, "w_up", (D, F), self.quantized)
-    w_down = _weight(self, "w_down", (F, D), self.quantized)
+    w_gate_up = _weight(self, "w_gate_up", (D, 2, F), self.quantized, inplace)
+    w_down = _weight(self, "w_down", (F, D), self.quantized, inplace)
     act = jax.nn.silu if self.config.activation == "silu" else functools.partial(
         jax.nn.gelu, approximate=True)
-    h = act(quant.einsum("BTD,DF->BTF", x, *w_gate)) * quant.einsum("BTD,DF->BTF", x, *w_up)
+    gate_up = quant.einsum("BTD,DJF->BTJF", x, *w_gate_up)  # one GEMM: gate, then up
+    h = act(gate_up[..., 0, :]) * gate_up[..., 1, :]
     return quant.einsum("BTF,FD->BTD", h, *w_down)
 
 
@@ -198,15 +200,19 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
-               window=0):
+               window=0, inplace=None):
+    """`inplace`: {"attn": {...}, "mlp": {...}} 8-bit views (`layer_views`) or None."""
     c = self.config
+    inplace = inplace or {}
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.norm_offset)
     attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, name="attn")(
-        norm(name="attn_norm")(x), positions, start, cache, segments, window)
+        norm(name="attn_norm")(x), positions, start, cache, segments, window,
+        inplace.get("attn"))
     if c.sandwich_norms:  # Gemma 2: each sublayer's output normalised before its residual
       attn_out = norm(name="attn_post_norm")(attn_out)
     x = x + attn_out
-    mlp_out = MLP(c, self.dtype, self.quantized, name="mlp")(norm(name="mlp_norm")(x))
+    mlp_out = MLP(c, self.dtype, self.quantized, name="mlp")(norm(name="mlp_norm")(x),
+                                                            inplace.get("mlp"))
     if c.sandwich_norms:
       mlp_out = norm(name="mlp_post_norm")(mlp_out)
     return x + mlp_out, new_kv
@@ -239,8 +245,12 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
   """
   if c.window is None and windows is None:
     raise ValueError("layers with different sliding windows need run_blocks' `windows`")
-  block = Block(c, x.dtype, quantized="wq" + quant.SCALE in blocks["attn"], kernels=kernels)
+  quantized = "wqkv" + quant.SCALE in blocks["attn"]
+  block = Block(c, x.dtype, quantized=quantized, kernels=kernels)
   b, T = x.shape[:2]
+  # a decode step's 8-bit projections: the kernel reads each layer where its stack lies
+  inplace = quantized and kernels.weights8 and T == 1
+  sliced = layer_rest(blocks) if inplace else blocks
   ck, cv = cache
   k_dtype = ck.dtype
   if pages is None:
@@ -252,13 +262,15 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
 
   def layer(carry, _):
     x, i = carry
-    params = jax.tree.map(lambda a: a[chunk, i], blocks)
+    params = jax.tree.map(lambda a: a[chunk, i], sliced)
+    views = layer_views(blocks, (chunk, i)) if inplace else None
 
     def compute(_):
       kv = None if fresh else kv_at(i)
       window = c.window if c.window is not None else windows[chunk, i]
-      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window)
-      return y, k.astype(k_dtype), v.astype(k_dtype)
+      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window,
+                              views)
+      return y, kv_cache.to_cache(k, k_dtype), kv_cache.to_cache(v, k_dtype)
 
     def skip(_):
       new = jnp.zeros((b, T, ck.shape[-3], ck.shape[-1]), k_dtype)  # K: dense or paged
@@ -279,6 +291,24 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
   at = (chunk, jnp.arange(Lc)[:, None, None]) + tuple(a[None] for a in write[:-1]) + (
       slice(None), write[-1][None])
   return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
+
+
+def layer_views(blocks, index) -> dict:
+  """{"attn": {...}, "mlp": {...}}: each 8-bit projection of `blocks` (leaves [v, Lc, ...])
+  as an `int8_matmul.LayerWeight` of layer `index` = (chunk, i), for `Block`'s `inplace`."""
+  return {part: {name: int8_matmul.LayerWeight.of(
+                     leaves[name], leaves[name + quant.SCALE], len(index), index,
+                     quant.INPUT_DIMS[name])
+                 for name in quant.INPUT_DIMS if name + quant.SCALE in leaves}
+          for part, leaves in blocks.items() if part in ("attn", "mlp")}
+
+
+def layer_rest(blocks) -> dict:
+  """`blocks` without the leaves `layer_views` covers (8-bit projections and scales)."""
+  covered = set(quant.INPUT_DIMS) | {name + quant.SCALE for name in quant.INPUT_DIMS}
+  return {part: ({name: leaf for name, leaf in leaves.items() if name not in covered}
+                 if part in ("attn", "mlp") else leaves)
+          for part, leaves in blocks.items()}
 
 
 def embed(c: LlamaConfig, params, tokens, dtype) -> jnp.ndarray:

@@ -1,27 +1,40 @@
 """The parameter pytree of a Llama-family model: its shapes and where each leaf comes from.
 
-Layout (dimension alphabet: L layers, D model, F ffn, N/K query/kv heads, H head dim, V vocab):
+Layout (dimension alphabet: L layers, D model, F ffn, N/K query/kv heads, G = N // K query
+heads a kv head, H head dim, V vocab; J, in einsums, a fused leaf's parts):
 
     embed                 [V, D]
     blocks/attn_norm/scale [L, D]
-    blocks/attn/wq        [L, D, N, H]      blocks/attn/wk, wv  [L, D, K, H]
+    blocks/attn/wqkv      [L, D, K, G + 2, H]
     blocks/attn/wo        [L, N, H, D]
-    blocks/attn/bq        [L, N, H]         blocks/attn/bk, bv  [L, K, H]   (qkv_bias)
+    blocks/attn/bqkv      [L, K, G + 2, H]   (qkv_bias)
     blocks/attn/q_norm/scale [L, H]         blocks/attn/k_norm/scale [L, H] (qk_norm)
     blocks/mlp_norm/scale [L, D]
-    blocks/mlp/w_gate     [L, D, F]         blocks/mlp/w_up     [L, D, F]
+    blocks/mlp/w_gate_up  [L, D, 2, F]       gate, then up
     blocks/mlp/w_down     [L, F, D]
     final_norm/scale      [D]
     lm_head               [D, V]            (absent when embeddings are tied)
 
 Block leaves are stacked along a leading layer axis so a pipeline stage can `lax.scan` over
 its own slice; `blocks` indexed at one layer is exactly the params of `model.llama.Block`.
-Each leaf is stored input-dim first so the einsums read `'BTD,DNH->BTNH'` and tensor
-parallelism shards the head / ffn axis. Hugging Face stores `[out, in]`; `HF_SOURCES` says
-which HF tensor each leaf comes from and how to turn one layer of it into ours.
+Each leaf is stored input-dim first so the einsums read `'BTD,DKJH->BTKJH'` and tensor
+parallelism shards the kv-head / ffn axis. Hugging Face stores `[out, in]`; `HF_SOURCES`
+says which HF tensors each leaf comes from and how to turn one layer of them into ours.
+
+The q, k and v projections are one leaf, and gate and up another, so that a decode step
+runs two GEMMs where it ran five, without concatenating weights every layer: alone, an 8B
+model's wk and wv `[4096, 1024]` streamed 1.0 TB/s on an H200 against 3.1-3.5 for the
+other projections (docs/benchmarks.md, "Where the 8B decode step goes"). wqkv[:, k, :G]
+holds kv head k's G query heads (query head n = k * G + g: the grouping attention's
+`[B, T, K, G, H]` reads), wqkv[:, k, G] its key head and wqkv[:, k, G + 1] its value head,
+so a tp device's slice of the K axis holds whole groups. With kv heads replicated for tp
+(`LlamaConfig.for_tp`, `replicate_kv`) K counts the copies and G shrinks to match.
+w_gate_up[:, 0] is the gate, [:, 1] the up projection; tp splits F, so each device holds
+its own gate and up columns.
 
 With 8-bit weights (`quant.py`) the projection leaves (and optionally embed / lm_head) hold
-int8 or fp8 and each gains a `<name>_scale` sibling, e.g. `blocks/attn/wq_scale [L, N, H]`.
+int8 or fp8 and each gains a `<name>_scale` sibling, e.g. `blocks/attn/wqkv_scale
+[L, K, G + 2, H]`.
 """
 
 from __future__ import annotations
@@ -42,38 +55,59 @@ Path = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class HFSource:
-  """One leaf's origin: the HF tensor name (with `{i}` for the layer) and the conversion."""
+  """One leaf's origin: the HF tensors it is built from (names with `{i}` for the layer; a
+  fused leaf has several) and the conversion of one layer of them, `to_ours(*tensors, c)`."""
 
-  name: str
-  to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+  names: tuple[str, ...]
+  to_ours: Callable[..., np.ndarray]
   stacked: bool  # True for per-layer tensors stacked along our leading L axis
 
 
-def _heads(n_attr: str):
-  def convert(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H, D] -> [D, n, H]
-    return replicate_kv(w.T.reshape(c.hidden_size, _stored(c, n_attr), c.head_dim), c,
-                        n_attr)
-  return convert
+KV_LEAVES = ("wqkv", "bqkv")  # leaves (and their 8-bit scales) [..., K, G + 2, H]
 
 
-def _bias(n_attr: str):
-  def convert(b: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [n*H] -> [n, H]
-    return replicate_kv(b.reshape(_stored(c, n_attr), c.head_dim), c, n_attr)
-  return convert
-
-
-def _stored(c: LlamaConfig, n_attr: str) -> int:
-  return c.checkpoint_kv_heads if n_attr == "num_kv_heads" else getattr(c, n_attr)
-
-
-def replicate_kv(a, c: LlamaConfig, n_attr: str = "num_kv_heads"):
-  """A kv leaf [..., K, H] with each head repeated `c.kv_replicas` times (`for_tp`)."""
-  if n_attr != "num_kv_heads" or c.kv_replicas == 1:
+def replicate_kv(a, c: LlamaConfig):
+  """A KV leaf [..., Kc, Gc + 2, H] of the checkpoint's Kc kv heads laid out for `c`'s
+  K = Kc * r kv heads (r = `c.kv_replicas`, `LlamaConfig.for_tp`): copy j of kv head k is
+  kv head k * r + j, with k's key and value and query heads j * G .. j * G + G - 1 of k's
+  group (G = Gc / r), so query head n still sits at [n // G, n % G]. One gather, the same
+  on the host (numpy) and on a device."""
+  r = c.kv_replicas
+  if r == 1:
     return a
-  return a.repeat(c.kv_replicas, axis=-2)
+  G = c.num_heads // c.num_kv_heads
+  heads, slots = np.arange(c.num_kv_heads)[:, None], np.arange(G + 2)[None, :]
+  group = np.where(slots < G, heads % r * G + slots, slots - G + G * r)  # k and v after Gc
+  return a[..., heads // r, group, :]
 
 
-KV_LEAVES = ("wk", "wv", "bk", "bv")  # leaves (and their 8-bit scales) with a kv-head axis
+def _fuse_qkv(q, k, v, c: LlamaConfig):
+  """One layer's q [..., N * H] and k, v [..., Kc * H] (output channels last) -> ours
+  [..., K, G + 2, H]: each kv head's query heads, then its key head, then its value head."""
+  Kc, H = c.checkpoint_kv_heads, c.head_dim
+  lead = q.shape[:-1]
+  parts = (q.reshape(lead + (Kc, -1, H)), k.reshape(lead + (Kc, 1, H)),
+           v.reshape(lead + (Kc, 1, H)))
+  return replicate_kv(jnp.concatenate(parts, axis=-2), c)
+
+
+def _qkv(q, k, v, c: LlamaConfig):  # [n * H, D] each -> [D, K, G + 2, H]
+  return _fuse_qkv(q.T, k.T, v.T, c)
+
+
+def _qkv_rows(w, c: LlamaConfig):
+  """Phi-3's qkv_proj [(N + 2Kc) * H, D] (all q rows, then all k, then all v) -> wqkv."""
+  q, kv = c.num_heads * c.head_dim, c.checkpoint_kv_heads * c.head_dim
+  return _qkv(w[:q], w[q:q + kv], w[q + kv:], c)
+
+
+def _gate_up(gate, up, c: LlamaConfig):  # [F, D] each -> [D, 2, F]
+  del c
+  return jnp.stack([gate.T, up.T], axis=1)
+
+
+def _gate_up_rows(w, c: LlamaConfig):  # Phi-3's gate_up_proj [2F, D]: gate's rows, then up's
+  return w.T.reshape(c.hidden_size, 2, c.intermediate_size)
 
 
 def _out_proj(w: np.ndarray, c: LlamaConfig) -> np.ndarray:  # [D, N*H] -> [N, H, D]
@@ -91,33 +125,26 @@ def _same(w: np.ndarray, c: LlamaConfig) -> np.ndarray:
 
 
 _LAYER = "model.layers.{i}."
+_ATTN = _LAYER + "self_attn."
 HF_SOURCES: dict[Path, HFSource] = {
-    ("embed",): HFSource("model.embed_tokens.weight", _same, False),
-    ("blocks", "attn_norm", "scale"): HFSource(_LAYER + "input_layernorm.weight", _same, True),
-    ("blocks", "attn", "wq"): HFSource(_LAYER + "self_attn.q_proj.weight", _heads("num_heads"),
-                                       True),
-    ("blocks", "attn", "wk"): HFSource(_LAYER + "self_attn.k_proj.weight",
-                                       _heads("num_kv_heads"), True),
-    ("blocks", "attn", "wv"): HFSource(_LAYER + "self_attn.v_proj.weight",
-                                       _heads("num_kv_heads"), True),
-    ("blocks", "attn", "wo"): HFSource(_LAYER + "self_attn.o_proj.weight", _out_proj, True),
-    ("blocks", "attn", "bq"): HFSource(_LAYER + "self_attn.q_proj.bias", _bias("num_heads"),
-                                       True),
-    ("blocks", "attn", "bk"): HFSource(_LAYER + "self_attn.k_proj.bias",
-                                       _bias("num_kv_heads"), True),
-    ("blocks", "attn", "bv"): HFSource(_LAYER + "self_attn.v_proj.bias",
-                                       _bias("num_kv_heads"), True),
-    ("blocks", "attn", "q_norm", "scale"): HFSource(_LAYER + "self_attn.q_norm.weight", _same,
-                                                    True),
-    ("blocks", "attn", "k_norm", "scale"): HFSource(_LAYER + "self_attn.k_norm.weight", _same,
-                                                    True),
-    ("blocks", "mlp_norm", "scale"): HFSource(_LAYER + "post_attention_layernorm.weight",
+    ("embed",): HFSource(("model.embed_tokens.weight",), _same, False),
+    ("blocks", "attn_norm", "scale"): HFSource((_LAYER + "input_layernorm.weight",), _same,
+                                               True),
+    ("blocks", "attn", "wqkv"): HFSource(tuple(_ATTN + f"{x}_proj.weight" for x in "qkv"),
+                                         _qkv, True),
+    ("blocks", "attn", "wo"): HFSource((_ATTN + "o_proj.weight",), _out_proj, True),
+    ("blocks", "attn", "bqkv"): HFSource(tuple(_ATTN + f"{x}_proj.bias" for x in "qkv"),
+                                         _fuse_qkv, True),
+    ("blocks", "attn", "q_norm", "scale"): HFSource((_ATTN + "q_norm.weight",), _same, True),
+    ("blocks", "attn", "k_norm", "scale"): HFSource((_ATTN + "k_norm.weight",), _same, True),
+    ("blocks", "mlp_norm", "scale"): HFSource((_LAYER + "post_attention_layernorm.weight",),
                                               _same, True),
-    ("blocks", "mlp", "w_gate"): HFSource(_LAYER + "mlp.gate_proj.weight", _transpose, True),
-    ("blocks", "mlp", "w_up"): HFSource(_LAYER + "mlp.up_proj.weight", _transpose, True),
-    ("blocks", "mlp", "w_down"): HFSource(_LAYER + "mlp.down_proj.weight", _transpose, True),
-    ("final_norm", "scale"): HFSource("model.norm.weight", _same, False),
-    ("lm_head",): HFSource("lm_head.weight", _transpose, False),
+    ("blocks", "mlp", "w_gate_up"): HFSource(
+        (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"), _gate_up, True),
+    ("blocks", "mlp", "w_down"): HFSource((_LAYER + "mlp.down_proj.weight",), _transpose,
+                                          True),
+    ("final_norm", "scale"): HFSource(("model.norm.weight",), _same, False),
+    ("lm_head",): HFSource(("lm_head.weight",), _transpose, False),
 }
 
 
@@ -125,23 +152,20 @@ def leaf_shapes(c: LlamaConfig) -> dict[Path, tuple[int, ...]]:
   """Our shape for every leaf (stacked leaves include the leading L)."""
   L, D, F, N, K, H, V = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
                          c.num_kv_heads, c.head_dim, c.vocab_size)
+  G = N // K
   shapes = {
       ("embed",): (V, D),
       ("blocks", "attn_norm", "scale"): (L, D),
-      ("blocks", "attn", "wq"): (L, D, N, H),
-      ("blocks", "attn", "wk"): (L, D, K, H),
-      ("blocks", "attn", "wv"): (L, D, K, H),
+      ("blocks", "attn", "wqkv"): (L, D, K, G + 2, H),
       ("blocks", "attn", "wo"): (L, N, H, D),
       ("blocks", "mlp_norm", "scale"): (L, D),
-      ("blocks", "mlp", "w_gate"): (L, D, F),
-      ("blocks", "mlp", "w_up"): (L, D, F),
+      ("blocks", "mlp", "w_gate_up"): (L, D, 2, F),
       ("blocks", "mlp", "w_down"): (L, F, D),
       ("final_norm", "scale"): (D,),
       ("lm_head",): (D, V),
   }
   if c.qkv_bias:
-    shapes |= {("blocks", "attn", "bq"): (L, N, H), ("blocks", "attn", "bk"): (L, K, H),
-               ("blocks", "attn", "bv"): (L, K, H)}
+    shapes[("blocks", "attn", "bqkv")] = (L, K, G + 2, H)
   if c.qk_norm:
     shapes |= {("blocks", "attn", "q_norm", "scale"): (L, H),
                ("blocks", "attn", "k_norm", "scale"): (L, H)}
@@ -153,35 +177,11 @@ def leaf_shapes(c: LlamaConfig) -> dict[Path, tuple[int, ...]]:
   return shapes
 
 
-def _fused_qkv(part: int):
-  """Phi-3's q|k|v rows [(N + 2K) * H, D] -> wq, wk or wv as every family has it."""
-  def convert(w, c: LlamaConfig):
-    q, kv = c.num_heads * c.head_dim, c.checkpoint_kv_heads * c.head_dim
-    start, n_attr = ((0, "num_heads"), (q, "num_kv_heads"), (q + kv, "num_kv_heads"))[part]
-    return _heads(n_attr)(w[start:start + (q if part == 0 else kv)], c)
-  return convert
-
-
-def _fused_half(part: int):
-  """Phi-3's gate|up rows [2F, D] -> w_gate or w_up [D, F]."""
-  def convert(w, c: LlamaConfig):
-    F = c.intermediate_size
-    return w[part * F:(part + 1) * F].T
-  return convert
-
-
-# Checkpoints with `fused_checkpoint` (Phi-3) hold these leaves inside two tensors a layer.
+# Checkpoints with `fused_checkpoint` (Phi-3) hold these leaves' layers in one tensor each.
 FUSED_SOURCES: dict[Path, HFSource] = {
-    ("blocks", "attn", "wq"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(0),
-                                       True),
-    ("blocks", "attn", "wk"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(1),
-                                       True),
-    ("blocks", "attn", "wv"): HFSource(_LAYER + "self_attn.qkv_proj.weight", _fused_qkv(2),
-                                       True),
-    ("blocks", "mlp", "w_gate"): HFSource(_LAYER + "mlp.gate_up_proj.weight", _fused_half(0),
-                                          True),
-    ("blocks", "mlp", "w_up"): HFSource(_LAYER + "mlp.gate_up_proj.weight", _fused_half(1),
-                                        True),
+    ("blocks", "attn", "wqkv"): HFSource((_ATTN + "qkv_proj.weight",), _qkv_rows, True),
+    ("blocks", "mlp", "w_gate_up"): HFSource((_LAYER + "mlp.gate_up_proj.weight",),
+                                             _gate_up_rows, True),
 }
 
 
@@ -189,11 +189,11 @@ FUSED_SOURCES: dict[Path, HFSource] = {
 # (Llama's name for the MLP's input norm), `pre_feedforward_layernorm` the MLP's input's.
 SANDWICH_SOURCES: dict[Path, HFSource] = {
     ("blocks", "attn_post_norm", "scale"): HFSource(
-        _LAYER + "post_attention_layernorm.weight", _same, True),
+        (_LAYER + "post_attention_layernorm.weight",), _same, True),
     ("blocks", "mlp_norm", "scale"): HFSource(
-        _LAYER + "pre_feedforward_layernorm.weight", _same, True),
+        (_LAYER + "pre_feedforward_layernorm.weight",), _same, True),
     ("blocks", "mlp_post_norm", "scale"): HFSource(
-        _LAYER + "post_feedforward_layernorm.weight", _same, True),
+        (_LAYER + "post_feedforward_layernorm.weight",), _same, True),
 }
 
 
@@ -206,27 +206,26 @@ def hf_source(path: Path, c: LlamaConfig) -> HFSource:
   return HF_SOURCES[path]
 
 
-def hf_shape(path: Path, c: LlamaConfig) -> tuple[int, ...]:
-  """The shape the HF tensor behind `path` must have (one layer for stacked leaves)."""
-  if c.fused_checkpoint and path in FUSED_SOURCES:
-    D, H = c.hidden_size, c.head_dim
-    if path[-1] in ("w_gate", "w_up"):
-      return (2 * c.intermediate_size, D)
-    return ((c.num_heads + 2 * c.checkpoint_kv_heads) * H, D)
+def hf_shapes(path: Path, c: LlamaConfig) -> tuple[tuple[int, ...], ...]:
+  """The shape each HF tensor behind `path` must have (one layer for stacked leaves), in
+  the order of `hf_source(path, c).names`."""
+  D, F, H = c.hidden_size, c.intermediate_size, c.head_dim
+  q, kv = c.num_heads * H, c.checkpoint_kv_heads * H  # the checkpoint holds each kv head once
+  fused = c.fused_checkpoint and path in FUSED_SOURCES
+  if path[-1] == "wqkv":
+    return ((q + 2 * kv, D),) if fused else ((q, D), (kv, D), (kv, D))
+  if path[-1] == "bqkv":
+    return ((q,), (kv,), (kv,))
+  if path[-1] == "w_gate_up":
+    return ((2 * F, D),) if fused else ((F, D), (F, D))
   ours = leaf_shapes(c)[path]
   if hf_source(path, c).stacked:
     ours = ours[1:]
-  if path[-1] in KV_LEAVES:  # the checkpoint holds each kv head once
-    ours = ours[:-2] + (c.checkpoint_kv_heads, ours[-1])
-  if path[-1] in ("wq", "wk", "wv"):
-    return (ours[1] * ours[2], ours[0])
-  if path[-1] in ("bq", "bk", "bv"):
-    return (ours[0] * ours[1],)
   if path[-1] == "wo":
-    return (ours[2], ours[0] * ours[1])
+    return ((ours[2], ours[0] * ours[1]),)
   if len(ours) == 2 and path != ("embed",):
-    return (ours[1], ours[0])
-  return ours
+    return ((ours[1], ours[0]),)
+  return (ours,)
 
 
 def nest(flat: dict[Path, object]) -> dict:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpp.errors import JaxppError
+from jaxpp.model import int8_matmul
 
 FORMATS = ("none", "int8", "fp8")
 STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
@@ -36,8 +37,7 @@ SCALE = "_scale"  # suffix of a quantised leaf's scale sibling
 
 # Leading (input, contracted) dimensions of each per-layer matmul leaf; the rest are output
 # channels. Block leaves: see params.py for the layouts.
-INPUT_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1,
-              "lm_head": 1}
+INPUT_DIMS = {"wqkv": 1, "wo": 2, "w_gate_up": 1, "w_down": 1, "lm_head": 1}
 EMBED = "embed"  # [V, D]: quantised per row; its contracted dimension (D) comes last
 
 
@@ -75,9 +75,9 @@ class Quant:
 def detect(params: dict) -> Quant:
   """The setting a (nested) params tree is stored in, read off its leaves."""
   attn = params["blocks"]["attn"]
-  if "wq" + SCALE not in attn:
+  if "wqkv" + SCALE not in attn:
     return Quant()
-  mode = next(m for m, t in STORAGE.items() if jnp.dtype(t) == attn["wq"].dtype)
+  mode = next(m for m, t in STORAGE.items() if jnp.dtype(t) == attn["wqkv"].dtype)
   return Quant(mode, EMBED + SCALE in params)
 
 
@@ -121,7 +121,11 @@ def dequantize(q, scale, axes: tuple[int, ...], dtype):
 
 
 def einsum(spec: str, x, w, scale=None):
-  """`jnp.einsum(spec, x, w)` for a plain or quantised weight (scale over output dims)."""
+  """`jnp.einsum(spec, x, w)` for a plain or quantised weight (scale over output dims), or
+  for `w` an `int8_matmul.LayerWeight` (its scale inside; `spec` must contract x's trailing
+  dims with the weight's leading ones, as every block projection does), the 8-bit kernel."""
+  if isinstance(w, int8_matmul.LayerWeight):
+    return int8_matmul.project(x, w)
   if scale is None:
     return jnp.einsum(spec, x, w)
   return jnp.einsum(spec, x, w.astype(x.dtype)) * scale.astype(x.dtype)
@@ -152,13 +156,13 @@ def check_backend(quant: Quant, device: jax.Device) -> None:
   """fp8 needs float8_e4m3fn arithmetic on the device; a one-line error where it is missing."""
   if quant.mode != "fp8":
     return
-  if not _runs_fp8(device):
+  if not runs_fp8(device):
     raise JaxppError(f"quant='fp8' is not supported on {device.platform} "
                      f"({device.device_kind}): its XLA backend cannot convert float8_e4m3fn; "
                      "use quant='int8'")
 
 
-def _runs_fp8(device: jax.Device) -> bool:
+def runs_fp8(device: jax.Device) -> bool:
   """Compiles and runs a tiny fp8 -> float matmul on `device`; False if XLA refuses."""
   try:
     w = jax.device_put(np.full((8, 8), 0.5, STORAGE["fp8"]), device)

@@ -163,9 +163,7 @@ class Pipeline:
   def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> kv_cache.KVCache:
     """Zeroed KV cache `cache_shape(rows_per_microbatch, max_len)`, created already
     sharded on its stages."""
-    shape = self.cache_shape(rows_per_microbatch, max_len)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.cache_sharding())
-    return make(), make()
+    return _zeros(self.cache_shape(rows_per_microbatch, max_len), dtype, self.cache_sharding())
 
   def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
     """[pp, v, Lc, dp * blocks, K, BS, H] of a paged cache's keys (and values): `blocks`
@@ -180,10 +178,7 @@ class Pipeline:
 
   def init_pool(self, blocks: int, block_size: int, dtype) -> kv_cache.KVCache:
     """Zeroed paged cache `pool_shape(blocks, block_size)`, created already sharded."""
-    shape = self.pool_shape(blocks, block_size)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype),
-                   out_shardings=self.cache_sharding(paged=True))
-    return make(), make()
+    return _zeros(self.pool_shape(blocks, block_size), dtype, self.cache_sharding(paged=True))
 
   # --- programs ---------------------------------------------------------------------------
 
@@ -258,3 +253,11 @@ class Pipeline:
     """Each array sent one device on around the 'pp' ring (the last to the first)."""
     perm = [(i, (i + 1) % self.pp) for i in range(self.pp)]
     return [jax.lax.ppermute(a, PP, perm) for a in arrays]
+
+
+def _zeros(shape: tuple[int, ...], dtype, sharding) -> kv_cache.KVCache:
+  """Zeroed keys and values, each shard filled on its own device (no host copy). One jit of
+  `jnp.zeros` for every call, so JAX's cache serves a second engine of the same shapes
+  without compiling (a fresh lambda each time compiled again)."""
+  make = jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
+  return make(shape, dtype), make(shape, dtype)

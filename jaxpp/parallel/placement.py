@@ -25,8 +25,9 @@ from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel.layout import vocab_sharded_head
 
 # Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
-TP_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0,
-           "bq": 0, "bk": 0, "bv": 0}
+# wqkv [D, K, G + 2, H] and bqkv [K, G + 2, H] split their kv heads (each device whole
+# groups of query heads with their key and value), w_gate_up [D, 2, F] its ffn axis.
+TP_AXIS = {"wqkv": 1, "wo": 0, "w_gate_up": 2, "w_down": 0, "bqkv": 0}
 
 
 def _block_spec(name: str, ndim: int) -> P:

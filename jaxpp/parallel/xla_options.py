@@ -13,7 +13,9 @@ GPU passes decide how well that read goes (other backends ignore both options):
   the copy costs more than the extra kernels save: off, 1.07x on 70B pp2tp1 and 1.10x on
   8B pp1tp2 (2 x H200). Split four ways the weights are small, the step waits on kernel
   latency rather than bandwidth, and one GEMM beats three: on, as XLA ships it (off was
-  0.935x on 8B pp1tp4, 4 x H200).
+  0.935x on 8B pp1tp4, 4 x H200). Those measurements predate the fused projections
+  (params.py stores wq|wk|wv and w_gate|w_up as one weight each), which leave a block no
+  sibling dots to merge; the rule stands until a GPU measures it again.
 
 `jit` builds one jax.jit per option set, so the layout of a call picks its program.
 """

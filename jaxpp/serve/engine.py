@@ -33,7 +33,7 @@ from typing import Callable, Hashable, Protocol
 import numpy as np
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import decode_state, penalties, sampling
+from jaxpp.model import decode_state, kv_cache, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
@@ -59,7 +59,8 @@ class Engine:
   KV block (0: a dense cache), `kv_cache_memory` the pool's budget per device (0: the
   default share of free memory, <= 1: a share of it, > 1: GB; `defaults.kv_blocks`), or
   `kv_blocks` > 0 the pool's blocks per replica outright (the null block counted).
-  `max_num_seqs` is then a cap on the sequences in flight.
+  `max_num_seqs` is then a cap on the sequences in flight. `kv_dtype` "fp8" stores keys
+  and values in e4m3 (`kv_cache.py`), "auto" in the activations' dtype.
 
   With a `watchdog`, every device step (prefill, decode chunk) runs under its deadline.
   """
@@ -69,16 +70,19 @@ class Engine:
                reserve: dict[str, int] | None = None, watchdog: StepGuard | None = None,
                detokenize: stop_strings.Detokenize | None = None,
                block_size: int = defaults.BLOCK_SIZE, kv_cache_memory: float = 0.0,
-               kv_blocks: int = 0, prefix_cache: bool = False, prefill_chunk: int = 0):
+               kv_blocks: int = 0, prefix_cache: bool = False, prefill_chunk: int = 0,
+               kv_dtype: str = "auto"):
     self.pipe, self.params, self.watchdog = pipe, params, watchdog
     self.detokenize = detokenize  # ids -> text, for requests with stop strings
     self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
-    kv_pages.check_options(block_size, kv_cache_memory, prefix_cache, prefill_chunk)
+    kv_pages.check_options(block_size, kv_cache_memory, prefix_cache, prefill_chunk,
+                           kv_dtype=kv_dtype)
     self.prefill_chunk = prefill_chunk
     M = self.M = self.pipe.microbatches
-    dtype = params_lib.activation_dtype(params)
+    dtype = kv_cache.storage_dtype(kv_dtype, params_lib.activation_dtype(params))
+    kv_cache.check_backend(kv_dtype, pipe.mesh.devices.flat[0])
     self.max_num_seqs = max_num_seqs or defaults.max_num_seqs(
         pipe, max_len, dtype.itemsize, paged=block_size > 0)
     if self.max_num_seqs < 1:

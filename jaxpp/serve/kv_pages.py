@@ -20,15 +20,18 @@ from typing import Sequence
 import numpy as np
 
 from jaxpp.errors import JaxppError
-from jaxpp.model.kv_cache import NULL_BLOCK
+from jaxpp.model.kv_cache import KV_DTYPES, NULL_BLOCK
 from jaxpp.serve import defaults
 from jaxpp.serve.kv_blocks import Allocation, BlockAllocator
 
 
 def check_options(block_size: int, kv_cache_memory: float, prefix_cache: bool,
-                  prefill_chunk: int, where: str = "") -> None:
+                  prefill_chunk: int, where: str = "", kv_dtype: str = "auto") -> None:
   """Refuses KV cache knobs no engine can take, one line naming the knob (`where` prefixes
   its name: the job checks its config's `engine.` section before anything compiles)."""
+  if kv_dtype not in KV_DTYPES:
+    raise JaxppError(f"{where}kv_dtype={kv_dtype!r} is not one of {', '.join(KV_DTYPES)} "
+                     "(auto: the activations' dtype; fp8: e4m3, half the bytes)")
   if block_size and (block_size < 16 or block_size & (block_size - 1)):
     raise JaxppError(f"{where}block_size={block_size} must be a power of two >= 16 (0: a "
                      "dense cache)")

@@ -1,0 +1,133 @@
+"""Issue 21's measurement of 8-bit decode on one GPU, in one call: the kernel's tiles tuned
+per projection shape, then the engine in bf16, int8 and fp8 with those tiles.
+
+    python tools/quant_bench.py --out=OUT [--steps=tune,long,short] [--configs=...]
+
+- `tune`: for each [K, N] of the Llama-3-8B block projections (wqkv, wo, w_gate_up,
+  w_down: the fused layout of params.py), a 32-layer int8 stack multiplied layer by layer in a fori_loop (the layer
+  a traced index, as a stage's scan gives it) at `--rows` rows, once per configuration in
+  `--configs` (`weight_stream_probe.py`'s names: bm, bn, bk, s, w, st, and `t` for the
+  swapped dot); prints GB/s of int8 read and keeps each shape's fastest for the runs below
+  (`int8_matmul.decode_tiles`, replaced in this process only).
+- `long`: `jaxpp.bench`'s 256 requests of 1,024 in / 128 out at 64 slots, `--quant=none,
+  int8,fp8` (pp1tp1, `--attention=kernel`: for bf16 the same kernels as auto on one GPU,
+  for 8-bit weights also the decode GEMM kernel); `short`: the same with 128-token prompts;
+  `70b`: the 70B shape's 40-layer stage (docs/bench/llama3-70b-40layers.json), 1,024/128.
+
+Writes OUT/tune.json (GB/s per shape and configuration, and the chosen tiles) and
+OUT/<step>/results.json per bench step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from jaxpp.bench.suite import BenchOptions, run_suite
+from jaxpp.model import int8_matmul, quant
+
+flags.DEFINE_string("out", "out/quant_bench", "output directory")
+flags.DEFINE_list("steps", ["tune", "long", "short"], "tune, long, short, 70b")
+flags.DEFINE_list("quant", ["none", "int8", "fp8"], "weight storage per bench run")
+flags.DEFINE_list("attention", ["kernel"], "the bench's --attention per run: kernel puts "
+                  "decode's 8-bit projections in int8_matmul's kernel (auto does not yet)")
+flags.DEFINE_integer("rows", 64, "activation rows (the bench's decode micro-batch)")
+flags.DEFINE_list("configs", [
+    "bm64_bn128_bk128_s0_w4_st4", "bm64_bn256_bk128_s0_w8_st3", "bm64_bn256_bk64_s0_w4_st4",
+    "bm64_bn64_bk256_s0_w4_st3", "bm64_bn128_bk256_s0_w4_st3", "bm64_bn128_bk128_s0_w4_st4_t"],
+    "kernel configurations to time per shape")
+FLAGS = flags.FLAGS
+SHAPES = {"wqkv": (4096, 6144), "wo": (4096, 4096), "w_gate_up": (4096, 28672),
+          "w_down": (14336, 4096)}
+FIELDS = {"bm": "block_m", "bn": "block_n", "bk": "block_k", "s": "split_k", "w": "num_warps",
+          "st": "num_stages"}
+LAYERS = 32
+
+
+def config_of(name: str) -> dict:
+  """`stacked_matmul` keywords from a name like `bm64_bn128_bk128_s0_w4_st4_t`."""
+  out = {}
+  for field in name.split("_"):
+    key = field.rstrip("0123456789")
+    if field == "t":
+      out["swap"] = True
+    elif key in FIELDS and field[len(key):]:
+      out[FIELDS[key]] = int(field[len(key):])
+    else:
+      raise app.UsageError(f"bad field {field!r} in {name!r}")
+  return out
+
+
+def time_stream(x, q, s, config: dict, repeats: int = 20) -> float:
+  """Seconds per pass over the stack, one product per layer."""
+  matmul = functools.partial(int8_matmul.stacked_matmul, **config)
+
+  @jax.jit
+  def stream(x, q, s):
+    def layer(l, acc):
+      return acc + matmul(x, q, s, l).astype(jnp.float32)[:, :8].sum()
+    return jax.lax.fori_loop(0, LAYERS, layer, jnp.float32(0))
+
+  jax.block_until_ready(stream(x, q, s))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = stream(x, q, s)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def tune(out: pathlib.Path) -> dict:
+  """{(K, N): config} of the fastest configuration per shape; writes tune.json."""
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (FLAGS.rows, 14336), jnp.bfloat16)
+  report, best = {}, {}
+  for names, (K, N) in SHAPES.items():
+    w = jax.random.normal(jax.random.fold_in(key, K + N), (LAYERS, K, N), jnp.bfloat16)
+    q, s = jax.jit(quant.quantize, static_argnums=(1, 2, 3))(w, "int8", (1,), jnp.bfloat16)
+    del w
+    rates = {}
+    for name in FLAGS.configs:
+      try:
+        t = time_stream(x[:, :K], q, s, config_of(name))
+        rates[name] = q.size / t / 1e9
+        print(f"{names} [{K}, {N}] {name}: {t * 1e3:.3f} ms, {rates[name]:,.0f} GB/s",
+              flush=True)
+      except Exception as e:  # noqa: BLE001 - a tile Triton rejects: note it, go on
+        print(f"{names} {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    top = max(rates, key=rates.get)
+    best[(K, N)] = config_of(top)
+    report[names] = dict(shape=[K, N], gb_per_s=rates, best=top)
+  (out / "tune.json").write_text(json.dumps(report, indent=1))
+  return best
+
+
+def main(argv):
+  del argv
+  out = pathlib.Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  gpu = jax.devices()[0].device_kind
+  hw = "h200" if "H200" in gpu else "h100"
+  if "tune" in FLAGS.steps:
+    best = tune(out)
+    default = int8_matmul.decode_tiles
+    int8_matmul.decode_tiles = lambda M, K, N: best.get((K, N)) or default(M, K, N)
+  runs = dict(long=dict(model="llama3-8b", input_len=1024),
+              short=dict(model="llama3-8b", input_len=128),
+              **{"70b": dict(model="docs/bench/llama3-70b-40layers.json", input_len=1024)})
+  for step in FLAGS.steps:
+    if step in runs:
+      run_suite(BenchOptions(hardware=hw, layouts="pp1tp1", output_len=128,
+                             num_requests=256, max_num_seqs=64,
+                             quant=tuple(FLAGS.quant), attention=tuple(FLAGS.attention),
+                             out=str(out / step),
+                             **runs[step]))
+
+
+if __name__ == "__main__":
+  app.run(main)
