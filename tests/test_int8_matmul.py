@@ -103,3 +103,11 @@ def test_rejects(K, N, L, split_k):
           jax.ShapeDtypeStruct((L, N), jnp.float32), 0)
   with pytest.raises(ValueError):
     jax.eval_shape(functools.partial(matmul, split_k=split_k), *args)
+
+
+def test_tile_names_parse_and_bad_fields_are_named():
+  from jaxpp.model.int8_matmul import tiles_of
+  assert tiles_of("bm64_bn128_bk256_s0_w8_st3_t") == dict(
+      block_m=64, block_n=128, block_k=256, split_k=0, num_warps=8, num_stages=3, swap=True)
+  with pytest.raises(ValueError, match="bad field 'bq64' in tile name 'bn64_bq64'"):
+    tiles_of("bn64_bq64")

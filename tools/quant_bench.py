@@ -45,23 +45,15 @@ flags.DEFINE_list("configs", [
 FLAGS = flags.FLAGS
 SHAPES = {"wqkv": (4096, 6144), "wo": (4096, 4096), "w_gate_up": (4096, 28672),
           "w_down": (14336, 4096)}
-FIELDS = {"bm": "block_m", "bn": "block_n", "bk": "block_k", "s": "split_k", "w": "num_warps",
-          "st": "num_stages"}
 LAYERS = 32
 
 
 def config_of(name: str) -> dict:
-  """`stacked_matmul` keywords from a name like `bm64_bn128_bk128_s0_w4_st4_t`."""
-  out = {}
-  for field in name.split("_"):
-    key = field.rstrip("0123456789")
-    if field == "t":
-      out["swap"] = True
-    elif key in FIELDS and field[len(key):]:
-      out[FIELDS[key]] = int(field[len(key):])
-    else:
-      raise app.UsageError(f"bad field {field!r} in {name!r}")
-  return out
+  """`stacked_matmul` keywords from a configuration's name (`int8_matmul.tiles_of`)."""
+  try:
+    return int8_matmul.tiles_of(name)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def time_stream(x, q, s, config: dict, repeats: int = 20) -> float:

@@ -29,7 +29,6 @@ left out keep `stacked_matmul`'s defaults. On CPU the kernel runs in the Pallas 
 from __future__ import annotations
 
 import functools
-import re
 import time
 
 import jax
@@ -54,9 +53,6 @@ flags.DEFINE_list("pallas_configs", [
     "Pallas kernel configurations to time (see the module docstring); empty: none")
 FLAGS = flags.FLAGS
 
-CONFIG_FIELDS = {"bm": "block_m", "bn": "block_n", "bk": "block_k", "s": "split_k",
-                 "w": "num_warps", "st": "num_stages"}
-
 
 def _layer(x, w_in, w_out, s_in=None, s_out=None):
   h = jax.nn.silu(quant.einsum("BD,DF->BF", x, w_in, s_in))
@@ -64,18 +60,11 @@ def _layer(x, w_in, w_out, s_in=None, s_out=None):
 
 
 def pallas_config(name: str) -> dict:
-  """`stacked_matmul` keyword arguments from a name like `bn128_bk256_s0_w4_st3_t`."""
-  config = {}
-  for field in name.split("_"):
-    match = re.fullmatch(r"([a-z]+)(\d*)", field)
-    key, value = match.groups() if match else (field, "")
-    if key == "t" and not value:
-      config["swap"] = True
-    elif key in CONFIG_FIELDS and value:
-      config[CONFIG_FIELDS[key]] = int(value)
-    else:
-      raise app.UsageError(f"bad field {field!r} in pallas config {name!r}")
-  return config
+  """`stacked_matmul` keyword arguments from a configuration's name (`int8_matmul.tiles_of`)."""
+  try:
+    return int8_matmul.tiles_of(name)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def _pallas_stream(L: int, config: dict):

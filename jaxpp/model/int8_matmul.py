@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import NamedTuple
 
 import jax
@@ -81,6 +82,28 @@ def project(x, w: LayerWeight, interpret: bool | None = None):
 # micro-batch of 128 reads each weight tile once.
 DECODE_TILES = dict(block_m=128, block_n=128, block_k=128, split_k=0, num_warps=4,
                     num_stages=4)
+
+
+TILE_FIELDS = {"bm": "block_m", "bn": "block_n", "bk": "block_k", "s": "split_k",
+               "w": "num_warps", "st": "num_stages"}
+
+
+def tiles_of(name: str) -> dict:
+  """`stacked_matmul` keyword arguments from a tile name like `bm64_bn128_bk256_s0_w4_st3_t`
+  (the probes' `--pallas_configs` / `--configs`): bm, bn, bk block rows, columns and depth,
+  s split-K (0 picks one), w warps, st pipeline stages, a bare `t` the swapped dot; fields
+  left out keep the defaults. ValueError names a bad field."""
+  tiles = {}
+  for field in name.split("_"):
+    match = re.fullmatch(r"([a-z]+)(\d*)", field)
+    key, value = match.groups() if match else (field, "")
+    if key == "t" and not value:
+      tiles["swap"] = True
+    elif key in TILE_FIELDS and value:
+      tiles[TILE_FIELDS[key]] = int(value)
+    else:
+      raise ValueError(f"bad field {field!r} in tile name {name!r}")
+  return tiles
 
 
 def decode_tiles(M: int, K: int, N: int) -> dict:

@@ -37,8 +37,8 @@ from jaxpp.model.config import LlamaConfig
 KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
 NULL_BLOCK = 0  # a paged pool's block that no sequence owns: writes with nowhere to go
 KV_DTYPES = ("auto", "fp8")  # the cache's storage: the activations' dtype, or e4m3
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # e4m3's largest finite magnitude
+FP8 = quant.STORAGE["fp8"]
+FP8_MAX = quant.LARGEST["fp8"]  # e4m3's largest finite magnitude
 
 
 def storage_dtype(kv_dtype: str, activation_dtype):
