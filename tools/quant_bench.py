@@ -35,6 +35,7 @@ from jaxpp.model import int8_matmul, quant
 flags.DEFINE_string("out", "out/quant_bench", "output directory")
 flags.DEFINE_list("steps", ["tune", "long", "short"], "tune, long, short, 70b")
 flags.DEFINE_list("quant", ["none", "int8", "fp8"], "weight storage per bench run")
+flags.DEFINE_list("kv_dtype", ["auto"], "the bench's --kv_dtype per run (auto, fp8)")
 flags.DEFINE_list("attention", ["kernel"], "the bench's --attention per run: kernel puts "
                   "decode's 8-bit projections in int8_matmul's kernel (auto does not yet)")
 flags.DEFINE_integer("rows", 64, "activation rows (the bench's decode micro-batch)")
@@ -117,6 +118,7 @@ def main(argv):
       run_suite(BenchOptions(hardware=hw, layouts="pp1tp1", output_len=128,
                              num_requests=256, max_num_seqs=64,
                              quant=tuple(FLAGS.quant), attention=tuple(FLAGS.attention),
+                             kv_dtype=tuple(FLAGS.kv_dtype),
                              out=str(out / step),
                              **runs[step]))
 
