@@ -3,8 +3,9 @@ per projection shape, then the engine in bf16, int8 and fp8 with those tiles.
 
     python tools/quant_bench.py --out=OUT [--steps=tune,long,short] [--configs=...]
 
-- `tune`: for each [K, N] of the Llama-3-8B block projections (wqkv, wo, w_gate_up,
-  w_down: the fused layout of params.py), a 32-layer int8 stack multiplied layer by layer in a fori_loop (the layer
+- `tune` (or `--tuned=tune.json` of an earlier call): for each [K, N] of the Llama-3-8B
+  block projections (wqkv, wo, w_gate_up, w_down: the fused layout of params.py), a 32-layer
+  int8 stack multiplied layer by layer in a fori_loop (the layer
   a traced index, as a stage's scan gives it) at `--rows` rows, once per configuration in
   `--configs` (`weight_stream_probe.py`'s names: bm, bn, bk, s, w, st, and `t` for the
   swapped dot); prints GB/s of int8 read and keeps each shape's fastest for the runs below
@@ -38,6 +39,8 @@ flags.DEFINE_list("quant", ["none", "int8", "fp8"], "weight storage per bench ru
 flags.DEFINE_list("kv_dtype", ["auto"], "the bench's --kv_dtype per run (auto, fp8)")
 flags.DEFINE_list("attention", ["kernel"], "the bench's --attention per run: kernel puts "
                   "decode's 8-bit projections in int8_matmul's kernel (auto does not yet)")
+flags.DEFINE_string("tuned", "", "a tune.json of an earlier call: its chosen tiles instead "
+                    "of the `tune` step")
 flags.DEFINE_integer("rows", 64, "activation rows (the bench's decode micro-batch)")
 flags.DEFINE_list("configs", [
     "bm64_bn128_bk128_s0_w4_st4", "bm64_bn256_bk128_s0_w8_st3", "bm64_bn256_bk64_s0_w4_st4",
@@ -106,8 +109,13 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   gpu = jax.devices()[0].device_kind
   hw = "h200" if "H200" in gpu else "h100"
+  best = None
   if "tune" in FLAGS.steps:
     best = tune(out)
+  elif FLAGS.tuned:
+    report = json.loads(pathlib.Path(FLAGS.tuned).read_text())
+    best = {tuple(r["shape"]): config_of(r["best"]) for r in report.values()}
+  if best:
     default = int8_matmul.decode_tiles
     int8_matmul.decode_tiles = lambda M, K, N: best.get((K, N)) or default(M, K, N)
   runs = dict(long=dict(model="llama3-8b", input_len=1024),
