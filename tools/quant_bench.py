@@ -5,8 +5,8 @@ per projection shape, then the engine in bf16, int8 and fp8 with those tiles.
 
 - `tune` (or `--tuned=tune.json` of an earlier call): for each [K, N] of the Llama-3-8B
   block projections (wqkv, wo, w_gate_up, w_down: the fused layout of params.py), a 32-layer
-  int8 stack multiplied layer by layer in a fori_loop (the layer
-  a traced index, as a stage's scan gives it) at `--rows` rows, once per configuration in
+  int8 stack multiplied layer by layer in a fori_loop (the layer a traced index, as a
+  stage's scan gives it) at `--rows` rows, once per configuration in
   `--configs` (`weight_stream_probe.py`'s names: bm, bn, bk, s, w, st, and `t` for the
   swapped dot); prints GB/s of int8 read and keeps each shape's fastest for the runs below
   (`int8_matmul.decode_tiles`, replaced in this process only).
