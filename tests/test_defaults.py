@@ -4,12 +4,14 @@ import dataclasses
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxpp
 from jaxpp import Layout
 from jaxpp.job import compile_cache
+from jaxpp.model import kv_cache
 from jaxpp.model import params as params_lib
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.parallel.schedule import formula_bubble
@@ -34,7 +36,7 @@ def test_slots_without_memory_stats_are_four_per_microbatch():
   for layout in (Layout(1), Layout(2, 2), Layout(4, microbatches=8)):
     pipe = Pipeline.build(cfg, layout)
     assert jax.devices()[0].memory_stats() is None  # CPU: no figures to size by
-    assert defaults.max_num_seqs(pipe, 256, 4) == 4 * layout.m
+    assert defaults.max_num_seqs(pipe, 256, jnp.float32) == 4 * layout.m
 
 
 def test_slots_follow_free_memory():
@@ -53,14 +55,17 @@ def test_slots_follow_free_memory():
 
   pipe = types.SimpleNamespace(microbatches=4, dp=1, cache_bytes_per_slot=real.cache_bytes_per_slot,
                                mesh=types.SimpleNamespace(devices=np.array([Device()] * 2)))
-  assert real.cache_bytes_per_slot(1024, 2) == per_slot
-  assert defaults.max_num_seqs(pipe, 1024, 2) == 8  # 0.8 x 10 = 8 slots, two per micro-batch
+  assert real.cache_bytes_per_slot(1024, jnp.bfloat16) == per_slot
+  # fp8: a byte an element, and a bf16 scale per 128-element (token, kv head) entry
+  fp8 = kv_cache.storage_dtype("fp8", jnp.bfloat16)
+  assert real.cache_bytes_per_slot(1024, fp8) == per_slot // 2 + 2 * 16 * 8 * 1024 * 2
+  assert defaults.max_num_seqs(pipe, 1024, jnp.bfloat16) == 8  # 0.8 x 10 = 8 slots, two per micro-batch
   free["bytes_limit"] = 1000 * per_slot
-  assert defaults.max_num_seqs(pipe, 1024, 2) == defaults.MAX_AUTO_SLOTS
+  assert defaults.max_num_seqs(pipe, 1024, jnp.bfloat16) == defaults.MAX_AUTO_SLOTS
   free["bytes_limit"] = per_slot
-  assert defaults.max_num_seqs(pipe, 1024, 2) == 4  # never fewer than m
+  assert defaults.max_num_seqs(pipe, 1024, jnp.bfloat16) == 4  # never fewer than m
   pipe.dp = 3  # each replica's devices hold its own slots: three replicas, three times
-  assert defaults.max_num_seqs(pipe, 1024, 2) == 12
+  assert defaults.max_num_seqs(pipe, 1024, jnp.bfloat16) == 12
 
 
 def test_more_microbatches_than_stages_is_warned_about():

@@ -1,5 +1,6 @@
-"""An fp8 (e4m3) KV cache: half the bytes a cached position takes, every layout alike, and
-the trained model's greedy summaries kept.
+"""An fp8 (e4m3) KV cache with per-token scales: about half the bytes a cached position
+takes, every layout alike, and the trained model's greedy summaries kept (the scales
+themselves: test_kv_scales.py).
 
 Layouts: with `kv_dtype="fp8"` every layout stores the same rounded keys and values
 (fp32 activations differ between layouts only in summation order, far below e4m3's step of
@@ -20,13 +21,6 @@ from tests.test_paged import BLOCK, MAX_LEN, run
 from tests.test_quant import MAX_LEN as TICKET_LEN
 from tests.test_quant import bf16, prompts  # noqa: F401 (fixtures)
 from tests.test_trained_model import MODEL, held_out  # noqa: F401 (fixture)
-
-
-def test_writes_clip_into_e4m3s_range():
-  a = np.array([1.0, -3.0, 1e4, -1e4, 0.1], np.float32)
-  stored = np.asarray(kv_cache.to_cache(a, kv_cache.FP8), np.float32)
-  assert stored.tolist()[:4] == [1.0, -3.0, 448.0, -448.0]  # no NaN from an overflow
-  assert abs(stored[4] - 0.1) <= 0.1 * 2**-4
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +54,22 @@ def test_every_layout_gives_the_single_device_fp8_tokens(model, single_fp8, layo
   assert run(llm, requests, new)[1] == single_fp8
 
 
-def test_fp8_cache_takes_half_the_bytes(model):
+def test_fp8_cache_takes_half_the_bytes_and_its_scales(model):
   """The same pool (CPUs report no free memory, so both hold what dense slots would) in
-  half of bf16's bytes; on a GPU the budget then holds twice the blocks (defaults.kv_blocks
-  divides it by the block's bytes)."""
+  half of bf16's bytes plus a bf16 scale per (token, kv head), as `block_bytes` counts it;
+  on a GPU the budget then holds about twice the blocks (defaults.kv_blocks divides it by
+  the block's bytes)."""
   llm = jaxpp.LLM(model[0], dtype="bfloat16", max_len=MAX_LEN, block_size=BLOCK)
   wide, narrow = llm.engine(), llm.engine(kv_dtype="fp8")
   assert wide.pages.blocks == narrow.pages.blocks
+  assert len(wide.cache) == 2 and len(narrow.cache) == 4
   assert 2 * narrow.cache[0].nbytes == wide.cache[0].nbytes
+  H = narrow.cache[0].shape[-1]
+  assert sum(a.nbytes for a in narrow.cache) == sum(a.nbytes for a in wide.cache) * (
+      1 + 2 / H) / 2
+  per_block = llm.pipeline.block_bytes(BLOCK, narrow.cache[0].dtype)
+  assert per_block * narrow.pages.blocks * llm.pipeline.layout.devices == sum(
+      a.nbytes for a in narrow.cache)
 
 
 def test_trained_model_keeps_its_summaries(bf16, prompts):  # noqa: F811 (fixtures)

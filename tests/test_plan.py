@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from jaxpp.errors import JaxppError
@@ -410,7 +411,7 @@ def test_planner_memory_for_replicas_matches_what_is_allocated():
     eng.submit(Request(str(i), list(range(1, 13)), 4))
   eng.run(lambda f: None)
   assert eng.stats.max_live == 8
-  assert eng.stats.kv["peak_blocks"] * llm.pipeline.block_bytes(16, 4) == mem.kv
+  assert eng.stats.kv["peak_blocks"] * llm.pipeline.block_bytes(16, jnp.float32) == mem.kv
 
 
 def test_recommend_weighs_replicas():

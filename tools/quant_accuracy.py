@@ -67,6 +67,10 @@ SETTINGS = {
     "fp8+embed": dict(dtype="bfloat16", quant="fp8", quant_embed=True),
     "int8 kernel": dict(dtype="bfloat16", quant="int8", attention="kernel"),
     "fp8 kernel": dict(dtype="bfloat16", quant="fp8", attention="kernel"),
+    # the fp8 KV cache (per-token scales): only what reads the cache measures it, i.e. the
+    # greedy outputs (the logit columns come from prefills, which read no cache)
+    "fp8 cache": dict(dtype="bfloat16", kv_dtype="fp8"),
+    "int8 + fp8 cache": dict(dtype="bfloat16", quant="int8", kv_dtype="fp8"),
 }
 
 

@@ -137,8 +137,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                  head_bytes=sum(llm.params[name].nbytes
                                 for name in (head_name, head_name + quant_lib.SCALE)
                                 if name in llm.params),
-                 itemsize=kv_cache.storage_dtype(args.get("kv_dtype", "auto"),
-                                                 llm.dtype).itemsize,
+                 kv_bytes=kv_cache.element_bytes(kv_cache.storage_dtype(
+                     args.get("kv_dtype", "auto"), llm.dtype), config.head_dim),
                  prompt_lengths=[len(p) for p in prompts], replicas=layout.dp)
   return dict(
       layout=text, devices=layout.devices, pp=pipe.pp, tp=layout.tp,
@@ -206,7 +206,7 @@ def hf_row(config, hw, prompts: list[list[int]], args) -> dict:
                  devices=p, rounds=sum(max(lens[i:i + slots]) - 1  # a wave runs to its longest
                                        for i in range(0, len(prompts), slots)),
                  weight_bytes=config.num_layers * config.block_param_count() * itemsize,
-                 head_bytes=head * itemsize, itemsize=itemsize,
+                 head_bytes=head * itemsize, kv_bytes=itemsize,
                  prompt_lengths=[len(p) for p in prompts])
   return dict(
       layout=baseline_hf.NAME, devices=p, pp=p, tp=1, virtual_stages=1, layer_split=None,
@@ -229,18 +229,19 @@ def _mean_ctx(prompts: list[list[int]], lens: list[int]) -> float:
 
 def _numbers(config, hw, st, wall: float, requests: int, microbatches: int, mean_ctx: float,
              *, devices: int, rounds: int, weight_bytes: int, head_bytes: int,
-             itemsize: int, prompt_lengths: list[int], replicas: int = 1) -> dict:
+             kv_bytes: float, prompt_lengths: list[int], replicas: int = 1) -> dict:
   """Rates and roofline shares from a run's token counts and prefill / decode seconds.
 
   `rounds` are the decode steps of the whole batch; `weight_bytes` the blocks' stored bytes
-  and `head_bytes` the LM head's, all of which each micro-batch of a round reads;
+  and `head_bytes` the LM head's, all of which each micro-batch of a round reads; `kv_bytes`
+  a cached element's (`kv_cache.element_bytes`);
   `mean_ctx` the mean context (cache positions) a decode step reads per token. Prefill's
   roofline counts `2 * params` FLOPs a prompt token plus causal attention's `2 * L^2 * N * H`
   a layer for a prompt of L tokens (QK^T and PV over the lower triangle).
   """
   # the prompt tokens the prefills computed (a prefix served from the cache is not)
   n, head = getattr(st, "prefill_tokens", st.prompt_tokens), head_bytes
-  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+  kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * kv_bytes
   # every micro-batch of every replica re-reads its stage's weights each round; KV read once
   # per token
   decode_bytes = rounds * microbatches * replicas * (weight_bytes + head) + \

@@ -27,6 +27,10 @@ max_len positions. A table [B, nblk] names each row's blocks in order; the paged
 steps one block at a time, reads the row's table entry for each block it visits (a scalar
 load, as it reads the row's length) and folds the block in with the dense kernel's own
 online-softmax step, so the two forms mask, split and round alike.
+
+An fp8 cache (kv_cache.py) comes with per-token `scales`: the kernel loads each block's
+scales beside its keys and values and widens them in registers as `kv_cache.widen` does,
+so the cache is read once, at a byte per element and two per token and kv head.
 """
 
 from __future__ import annotations
@@ -55,32 +59,37 @@ NEG_INF = -1e30
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 operands in IEEE, not TF32 (bf16: no effect)
 
 
-def attend(q, keys, values, at, lengths, firsts=None, *, tables=None, **options):
+def attend(q, keys, values, at, lengths, firsts=None, *, tables=None, scales=None,
+           **options):
   """`attend_cached`, split over kv heads where the surrounding mesh splits them over 'tp'.
 
   GSPMD cannot partition a custom kernel: given one, it would gather the whole cache onto
   every device. Under a mesh whose 'tp' axis is still automatic (the pipeline's stage
   programs, or the GSPMD baseline run under `jax.set_mesh`), each tp device runs the kernel
   on its own kv heads, which is where q, the cache and the output already lie. A paged
-  pool's K axis sits where the cache's does; its `tables` go to every device whole.
+  pool's K axis sits where the cache's does; its `tables` go to every device whole, and
+  `scales`' K axis (their last but one) is split as the cache's is.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if firsts is None:
     firsts = jnp.zeros_like(lengths)
   if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
-    return attend_cached(q, keys, values, at, lengths, firsts, tables=tables, **options)
-  heads = P(*(None,) * (keys.ndim - 3), TP)  # the cache's K axis
+    return attend_cached(q, keys, values, at, lengths, firsts, tables=tables,
+                         scales=scales, **options)
+  heads = P(*(None,) * (keys.ndim - 3), TP)  # the cache's K axis, and its scales'
   out = P(None, None, TP)
   run = jax.shard_map(
-      lambda q, k, v, at, n, f, t: attend_cached(q, k, v, tuple(at), n, f, tables=t,
-                                                 **options),
-      mesh=mesh, in_specs=(P(None, TP), heads, heads, P(), P(), P(), P()),
+      lambda q, k, v, at, n, f, t, s: attend_cached(q, k, v, tuple(at), n, f, tables=t,
+                                                    scales=s, **options),
+      mesh=mesh, in_specs=(P(None, TP), heads, heads, P(), P(), P(), P(),
+                           (heads, heads) if scales else None),
       out_specs=(out, out, out), axis_names={TP}, check_vma=False)
   return run(q, keys, values, [jnp.asarray(i, jnp.int32) for i in at], lengths, firsts,
-             tables)  # tables None: an empty pytree
+             tables, scales)  # tables None: an empty pytree
 
 
-def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, splits: int = 0,
+def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, scales=None,
+                  splits: int = 0,
                   block_s: int = BLOCK_S, num_warps: int = 4, num_stages: int = 2,
                   interpret: bool | None = None, softcap: float = 0.0):
   """Partial attention of q over cached positions firsts[b] .. lengths[b] - 1 of one
@@ -98,6 +107,9 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, spl
   NB blocks, and row b's position p lies at offset p % BS of block tables[b, p // BS]. The
   kernel then steps one block, BS positions (block_s is not used), and reads the table
   entries of the blocks overlapping the row's window only: the others may name any block.
+
+  fp8: `scales` (key_scales, value_scales) are each entry's scale, the keys' shape less H
+  (kv_cache.py); None: keys and values are read as they are.
   """
   B, K, G, H = q.shape
   lead, (Bc, Kc, S, Hc) = keys.shape[:-4], keys.shape[-4:]
@@ -111,6 +123,9 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, spl
   if (Bc, Kc, Hc) != (B, K, H) or values.shape != keys.shape or len(at) != len(lead):
     raise ValueError(f"q {q.shape} does not match the cache {keys.shape} at {len(at)} "
                      "lead indices")
+  if scales is not None and any(s.shape != keys.shape[:-1] for s in scales):
+    raise ValueError(f"scales {[tuple(s.shape) for s in scales]} are not the cache's "
+                     f"shape less H, {tuple(keys.shape[:-1])}")
   if S % block_s:
     raise ValueError(f"cache positions S={S} are not a multiple of block_s={block_s}")
   if not supports(H):
@@ -125,7 +140,9 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, spl
   cache_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
   kernel, paged = ((_kernel, ()) if tables is None else
                    (_paged_kernel, (jnp.asarray(tables, jnp.int32),)))
-  kernel = functools.partial(kernel, block_s=block_s, splits=splits, softcap=softcap)
+  kernel = functools.partial(kernel, block_s=block_s, splits=splits, softcap=softcap,
+                             scaled=scales is not None)
+  scale_refs = () if scales is None else tuple(s.reshape(cache_shape[:-1]) for s in scales)
   acc, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, B, K, Gp, H), jnp.float32),
@@ -137,41 +154,55 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, spl
       name="decode_attention" if tables is None else "paged_decode_attention",
   )(jnp.reshape(flat, (1,)), lengths.astype(jnp.int32),
     (jnp.zeros_like(lengths) if firsts is None else firsts).astype(jnp.int32), *paged, q,
-    keys.reshape(cache_shape), values.reshape(cache_shape))
+    keys.reshape(cache_shape), values.reshape(cache_shape), *scale_refs)
   return acc[..., :G, :], m[..., :G], l[..., :G]
 
 
-def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *,
-            block_s, splits, softcap):
-  """Program (split, row, kv head): online softmax over its share of the row's blocks."""
+def _kernel(at_ref, len_ref, first_ref, q_ref, k_ref, v_ref, *refs, block_s, splits, softcap,
+            scaled):
+  """Program (split, row, kv head): online softmax over its share of the row's blocks;
+  `refs`: the scales' refs when `scaled`, then the outputs."""
   p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer, n, first = at_ref[0], len_ref[b], first_ref[b]
+  scale_refs, outs = (refs[:2], refs[2:]) if scaled else (None, refs)
 
   def load(i):
-    pos = pl.ds(i * block_s, block_s)
-    return k_ref[layer, b, h, pos, :], v_ref[layer, b, h, pos, :]
+    where = (layer, b, h, pl.ds(i * block_s, block_s))
+    return widened(k_ref, v_ref, scale_refs, where, q_ref.dtype)
 
   lo, hi = _share(p, n, first, block_s, splits)
   out = _attend_blocks(q_ref[b, h], load, lo, hi, first, n, block_s, softcap)
-  for ref, x in zip((acc_ref, m_ref, l_ref), out):
+  for ref, x in zip(outs, out):
     ref[p, b, h] = x
 
 
-def _paged_kernel(at_ref, len_ref, first_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref,
-                  l_ref, *, block_s, splits, softcap):
+def _paged_kernel(at_ref, len_ref, first_ref, table_ref, q_ref, k_ref, v_ref, *refs, block_s,
+                  splits, softcap, scaled):
   """`_kernel` over a pool: the row's i-th block is the pool's block table_ref[b, i]."""
   p, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer, n, first = at_ref[0], len_ref[b], first_ref[b]
+  scale_refs, outs = (refs[:2], refs[2:]) if scaled else (None, refs)
 
   def load(i):
-    block = table_ref[b, i]
-    return k_ref[layer, block, h, :, :], v_ref[layer, block, h, :, :]
+    where = (layer, table_ref[b, i], h, slice(None))
+    return widened(k_ref, v_ref, scale_refs, where, q_ref.dtype)
 
   lo, hi = _share(p, n, first, block_s, splits)
   hi = jnp.minimum(hi, table_ref.shape[1])  # never an entry past the table's end
   out = _attend_blocks(q_ref[b, h], load, lo, hi, first, n, block_s, softcap)
-  for ref, x in zip((acc_ref, m_ref, l_ref), out):
+  for ref, x in zip(outs, out):
     ref[p, b, h] = x
+
+
+def widened(k_ref, v_ref, scale_refs, where, dtype):
+  """The keys and values [C, H] at `where` (indices of the positions, C of them) in
+  `dtype`, times their scales [C] when the cache keeps them (`kv_cache.widen`'s arithmetic,
+  so kernel and XLA read an fp8 cache alike). prefix_attention's kernel reads its pool with it too."""
+  k, v = k_ref[where + (slice(None),)], v_ref[where + (slice(None),)]
+  if scale_refs is None:
+    return k.astype(dtype), v.astype(dtype)
+  return tuple((x.astype(jnp.float32) * s[where].astype(jnp.float32)[:, None]).astype(dtype)
+               for x, s in zip((k, v), scale_refs))
 
 
 def _share(p, n, first, block_s, splits):
@@ -185,11 +216,12 @@ def _share(p, n, first, block_s, splits):
 
 def _attend_blocks(q, load, lo, hi, first, n, block_s, softcap):
   """Online softmax of q [Gp, H] over blocks lo .. hi - 1, `load(i)` giving block i's keys
-  and values [block_s, H] -> (acc [Gp, H], max [Gp], denominator [Gp]) in f32."""
+  and values [block_s, H] in q's dtype -> (acc [Gp, H], max [Gp], denominator [Gp]) in
+  f32."""
   Gp, H = q.shape
 
   def step(i, carry):
-    k, v = (x.astype(q.dtype) for x in load(i))  # [block_s, H]
+    k, v = load(i)  # [block_s, H] in q's dtype
     at_s = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (Gp, block_s), 1)
     # a slot's stale positions past n (an earlier request's) stay out even if not finite
     at_v = i * block_s + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)

@@ -16,12 +16,16 @@ Cache layouts, per device:
   what the decode kernel streams.
 
 The cache holds keys and values in the activations' dtype, or with `kv_dtype="fp8"` in
-float8 e4m3, half of bf16's bytes: twice the sequences in the same memory, and half the
-bytes a decode step reads per cached position. No scale is kept (a scale of 1, as vLLM's
-uncalibrated fp8 cache): e4m3 keeps 3 mantissa bits over +-448, which covers keys and
-values after the projections; writes clip to that range first, since e4m3 has no
-infinity and an overflow would become NaN. Every reader widens what it loads back to
-the activations' dtype.
+float8 e4m3, about half of bf16's bytes: twice the sequences in the same memory, and half
+the bytes a decode step reads per cached position. An fp8 cache keeps one scale per token
+and kv head (its largest magnitude over the head dim / 448, in bf16) beside each entry:
+`key_scales`/`value_scales` of the keys' shape without the head dim, so a cache is the
+tuple (keys, values) or (keys, values, key_scales, value_scales). Per-token scales need no
+calibration and follow each token's own range: a key of Qwen2 (biased projections, keys in
+the hundreds) keeps e4m3's 3 mantissa bits instead of clipping at +-448, and a small value
+keeps them instead of sinking into e4m3's subnormals. The scale costs 2 bytes per 128
+(1.6% of the cache at head dim 128). Every reader (decode kernel, prefix kernel, XLA)
+widens an entry as `widen` does: e4m3 to f32, times its scale, to the activations' dtype.
 """
 
 from __future__ import annotations
@@ -34,16 +38,28 @@ from jaxpp.errors import JaxppError
 from jaxpp.model import quant
 from jaxpp.model.config import LlamaConfig
 
-KVCache = tuple[jnp.ndarray, jnp.ndarray]  # keys, values
+KVCache = tuple  # (keys, values), or with an fp8 cache (keys, values, key_scales, value_scales)
 NULL_BLOCK = 0  # a paged pool's block that no sequence owns: writes with nowhere to go
-KV_DTYPES = ("auto", "fp8")  # the cache's storage: the activations' dtype, or e4m3
+KV_DTYPES = ("auto", "fp8")  # the cache's storage: the activations' dtype, or scaled e4m3
 FP8 = quant.STORAGE["fp8"]
 FP8_MAX = quant.LARGEST["fp8"]  # e4m3's largest finite magnitude
+SCALE_DTYPE = jnp.bfloat16  # an fp8 entry's scale: x is stored as x / scale, |x / scale| <= 448
 
 
 def storage_dtype(kv_dtype: str, activation_dtype):
   """The dtype the cache stores for the knob `kv_dtype` (one of KV_DTYPES)."""
   return jnp.dtype(FP8) if kv_dtype == "fp8" else jnp.dtype(activation_dtype)
+
+
+def scaled(dtype) -> bool:
+  """Whether a cache stored in `dtype` keeps per-token scales (fp8 does)."""
+  return jnp.dtype(dtype) == jnp.dtype(FP8)
+
+
+def element_bytes(dtype, head_dim: int) -> float:
+  """Bytes a cached key (or value) element costs in `dtype`, its share of a scale included."""
+  extra = jnp.dtype(SCALE_DTYPE).itemsize / head_dim if scaled(dtype) else 0.0
+  return jnp.dtype(dtype).itemsize + extra
 
 
 def check_backend(kv_dtype: str, device) -> None:
@@ -54,11 +70,25 @@ def check_backend(kv_dtype: str, device) -> None:
                      "backend cannot convert float8_e4m3fn; use kv_dtype='auto'")
 
 
-def to_cache(a, dtype):
-  """New keys or values `a` as the cache stores them (clipped into e4m3's range for fp8)."""
-  if jnp.dtype(dtype) == jnp.dtype(FP8):
-    a = jnp.clip(a, -FP8_MAX, FP8_MAX)
-  return a.astype(dtype)
+def to_cache(a, dtype) -> tuple:
+  """New keys or values `a` [..., H] as the cache stores them: (a in `dtype`,) or, for
+  fp8, (a / scale in e4m3, scale [...]) with each token's scale its largest magnitude over
+  H / 448 (rounded to SCALE_DTYPE, so the quotient is clipped into e4m3's range)."""
+  if not scaled(dtype):
+    return (a.astype(dtype),)
+  amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=-1)
+  # an all-zero token gets the smallest normal scale, not 0 (0 / 0 would store NaN)
+  scale = jnp.maximum(amax / FP8_MAX, jnp.finfo(SCALE_DTYPE).tiny).astype(SCALE_DTYPE)
+  q = jnp.clip(a.astype(jnp.float32) / scale[..., None].astype(jnp.float32), -FP8_MAX, FP8_MAX)
+  return q.astype(dtype), scale
+
+
+def widen(stored, scale, dtype):
+  """Cached entries [..., H] back in the activations' `dtype`: times their per-token scale
+  [...] where the cache keeps one (`scale` None: a plain conversion)."""
+  if scale is None:
+    return stored.astype(dtype)
+  return (stored.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
 
 
 class LayerCache(NamedTuple):
@@ -73,6 +103,7 @@ class LayerCache(NamedTuple):
   values: jnp.ndarray
   at: tuple  # indices of the lead axes (ints or traced int scalars)
   tables: jnp.ndarray | None = None  # paged: i32 [B, nblk]
+  scales: tuple | None = None  # fp8: (key_scales, value_scales), the keys' shape less H
 
 
 class Pages(NamedTuple):
@@ -85,20 +116,25 @@ class Pages(NamedTuple):
   write_at: tuple | None = None
 
 
-def layer_keys(cache: LayerCache) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The layer's cached keys and values as dense rows [B, K, S, H]: a dense cache's slice,
-  or a paged one's blocks gathered through the tables (a copy: the XLA path's price, which
-  the decode kernel avoids by reading the blocks where they lie)."""
+def layer_keys(cache: LayerCache, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The layer's cached keys and values as dense rows [B, K, S, H] in `dtype` (`widen`ed):
+  a dense cache's slice, or a paged one's blocks gathered through the tables (a copy: the
+  XLA path's price, which the decode kernel avoids by reading the blocks where they lie)."""
+  scales = cache.scales or (None, None)
   if cache.tables is None:
-    return cache.keys[cache.at], cache.values[cache.at]
-  B, nblk = cache.tables.shape
+    pick = lambda a: None if a is None else a[cache.at]
+  else:
+    B, nblk = cache.tables.shape
 
-  def gather(pool):
-    blocks = pool[cache.at + (cache.tables,)]  # [B, nblk, K, BS, H]
-    K, BS, H = blocks.shape[2:]
-    return blocks.transpose(0, 2, 1, 3, 4).reshape(B, K, nblk * BS, H)
+    def pick(pool):
+      if pool is None:
+        return None
+      blocks = pool[cache.at + (cache.tables,)]  # [B, nblk, K, BS(, H)]
+      blocks = jnp.moveaxis(blocks, 2, 1)
+      return blocks.reshape(B, blocks.shape[1], nblk * blocks.shape[3], *blocks.shape[4:])
 
-  return gather(cache.keys), gather(cache.values)
+  return tuple(widen(pick(a), pick(s), dtype)
+               for a, s in ((cache.keys, scales[0]), (cache.values, scales[1])))
 
 
 # Cache positions are allocated in multiples of this. cuBLAS wants aligned strides: with a
@@ -142,6 +178,15 @@ def cache_positions(max_len: int) -> int:
 
 def init_cache(c: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
   """Zeroed single-device cache: two [1, L, 1, B, K, S, H] arrays (v = M = 1), S =
-  cache_positions(max_len)."""
+  cache_positions(max_len), and their scales [1, L, 1, B, K, S] when `dtype` is fp8."""
   shape = (1, c.num_layers, 1, batch, c.num_kv_heads, cache_positions(max_len), c.head_dim)
-  return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  return zeros(shape, dtype)
+
+
+def zeros(shape, dtype, make=jnp.zeros) -> KVCache:
+  """A zeroed cache whose keys and values are `shape` in `dtype`: (keys, values), and their
+  scales (`shape` less H) for fp8; `make(shape, dtype)` builds each array."""
+  kv = (make(shape, dtype), make(shape, dtype))
+  if not scaled(dtype):
+    return kv
+  return kv + (make(shape[:-1], SCALE_DTYPE), make(shape[:-1], SCALE_DTYPE))

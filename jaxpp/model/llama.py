@@ -140,13 +140,15 @@ def attend(q, k, v, positions, start, cache: kv_cache.LayerCache | None, dtype, 
     lengths = (jnp.full((B,), T, jnp.int32) if segments is None else
                jnp.sum(segments >= 0, axis=1).astype(jnp.int32))
     return prefix_attention.attend(q, k, v, cache.keys, cache.values, cache.at, cache.tables,
-                                   start, lengths, window=window, softcap=softcap)
+                                   start, lengths, window=window, softcap=softcap,
+                                   scales=cache.scales)
   if cache is not None and kernels.decode and T == 1:
     # the first cached position inside the window (the token itself is at `start`)
     first = (jnp.zeros_like(start) if isinstance(window, int) and window == 0 else
              jnp.where(window == 0, 0, jnp.maximum(start - window + 1, 0)))
     pieces = decode_attention.attend(q[:, 0], cache.keys, cache.values, cache.at, start,
-                                     first, softcap=softcap, tables=cache.tables)
+                                     first, softcap=softcap, tables=cache.tables,
+                                     scales=cache.scales)
     return decode_attention.combine(*pieces, q[:, 0], k[:, 0], v[:, 0], dtype,
                                     softcap=softcap)[:, None]
   causal = positions[:, None, None, None, :] <= positions[:, None, None, :, None]
@@ -159,7 +161,7 @@ def attend(q, k, v, positions, start, cache: kv_cache.LayerCache | None, dtype, 
   if cache is None:
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     return jnp.einsum("BKGTU,BUKH->BTKGH", probs, v)
-  old_k, old_v = (a.astype(dtype) for a in kv_cache.layer_keys(cache))
+  old_k, old_v = kv_cache.layer_keys(cache, dtype)
   S = old_k.shape[2]
   idx = jnp.arange(S)[None, None, :]
   cached = (idx < start[:, None, None]) & _within(positions[:, :, None], idx, window)  # [B,T,S]
@@ -224,7 +226,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
                windows=None, pages: kv_cache.Pages | None = None):
   """Scans x [b, T, D] through the Lc layers of one chunk; returns (x, cache).
 
-  `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H]. Layer i reads
+  `blocks` leaves are [v, Lc, ...] and `cache` leaves [v, Lc, M, b, K, S, H] (an fp8
+  cache's scales: the same less H; kv_cache.py). Layer i reads
   its weights at [chunk, i] and rows their cached keys at [chunk, i, microbatch], both
   inside the layer loop: with chunk and microbatch constants XLA (GPU) hands cuBLAS those
   slices in place; a traced chunk or micro-batch made it copy them first (pipeline.py
@@ -251,13 +254,15 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
   # a decode step's 8-bit projections: the kernel reads each layer where its stack lies
   inplace = quantized and kernels.weights8 and T == 1
   sliced = layer_rest(blocks) if inplace else blocks
-  ck, cv = cache
+  ck, cv, *scales = cache  # scales: an fp8 cache's (key_scales, value_scales)
   k_dtype = ck.dtype
   if pages is None:
-    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i, microbatch))
+    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i, microbatch), None,
+                                          tuple(scales) or None)
     write = kv_cache.dense_targets(b, T, positions, cache, microbatch, slots)
   else:
-    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i), pages.tables)
+    kv_at = lambda i: kv_cache.LayerCache(ck, cv, (chunk, i), pages.tables,
+                                          tuple(scales) or None)
     write = kv_cache.paged_targets(positions, pages, ck.shape[4])
 
   def layer(carry, _):
@@ -270,27 +275,27 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
       window = c.window if c.window is not None else windows[chunk, i]
       y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window,
                               views)
-      return y, kv_cache.to_cache(k, k_dtype), kv_cache.to_cache(v, k_dtype)
+      (k, *k_scale), (v, *v_scale) = (kv_cache.to_cache(a, k_dtype) for a in (k, v))
+      return (y, k, v, *k_scale, *v_scale)
 
-    def skip(_):
-      new = jnp.zeros((b, T, ck.shape[-3], ck.shape[-1]), k_dtype)  # K: dense or paged
-      return x, new, new
+    def skip(_):  # K: dense or paged
+      return (x,) + kv_cache.zeros((b, T, ck.shape[-3], ck.shape[-1]), k_dtype)
 
     if num_layers is None:
-      x, k, v = compute(None)
+      x, *new = compute(None)
     else:
-      x, k, v = jax.lax.cond(i < num_layers, compute, skip, None)
-    return (x, i + 1), (k, v)
+      x, *new = jax.lax.cond(i < num_layers, compute, skip, None)
+    return (x, i + 1), tuple(new)
 
   # The loop only reads the cache; all layers' new keys/values are written after it in one
   # scatter. Writing inside the loop made XLA copy the whole cache once per layer.
   Lc = ck.shape[1]
-  (x, _), (k, v) = jax.lax.scan(layer, (x, jnp.int32(0)), None, length=Lc, unroll=unroll)
-  # [Lc, b, T] targets (the K axis sliced between them, so k's [Lc, b, T, K, H] fits as is);
-  # padding layers' writes land in unread slots
+  (x, _), new = jax.lax.scan(layer, (x, jnp.int32(0)), None, length=Lc, unroll=unroll)
+  # [Lc, b, T] targets (the K axis sliced between them, so k's [Lc, b, T, K, H] fits as is,
+  # and a scale's [Lc, b, T, K]); padding layers' writes land in unread slots
   at = (chunk, jnp.arange(Lc)[:, None, None]) + tuple(a[None] for a in write[:-1]) + (
       slice(None), write[-1][None])
-  return x, (ck.at[at].set(k, mode="drop"), cv.at[at].set(v, mode="drop"))
+  return x, tuple(a.at[at].set(n, mode="drop") for a, n in zip(cache, new))
 
 
 def layer_views(blocks, index) -> dict:

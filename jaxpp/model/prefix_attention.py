@@ -25,7 +25,8 @@ blocks its unused table entries name may hold anything, NaN included: they are m
 of the scores and zeroed in the values before any dot, so they never reach the output.
 New tokens at or past a row's `lengths` are padding: they attend to nothing new past the
 row's length and come back as zeros. On other backends than GPUs it runs in the Pallas
-interpreter, which is how the CPU tests check it.
+interpreter, which is how the CPU tests check it. An fp8 pool's per-token `scales` are
+read beside its blocks and applied in registers, as decode_attention's kernel does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
-from jaxpp.model.decode_attention import MIN_TILE, NEG_INF, fold
+from jaxpp.model.decode_attention import MIN_TILE, NEG_INF, fold, widened
 from jaxpp.model.decode_attention import supports as _tile_side
 
 # Query rows (tokens x query heads) per program: the height of flash attention's query tile
@@ -58,7 +59,7 @@ def supports(head_dim: int) -> bool:
 
 
 def attend(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, window=0,
-           softcap: float = 0.0, **options):
+           softcap: float = 0.0, scales=None, **options):
   """`attend_paged`, split over kv heads where the surrounding mesh splits them over 'tp'.
 
   GSPMD cannot partition a custom kernel: it would gather the whole pool onto every device.
@@ -69,21 +70,24 @@ def attend(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, window
   mesh = jax.sharding.get_abstract_mesh()
   run = functools.partial(attend_paged, softcap=softcap, **options)
   if mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1:
-    return run(q, k_new, v_new, keys, values, at, tables, starts, lengths, window=window)
+    return run(q, k_new, v_new, keys, values, at, tables, starts, lengths, window=window,
+               scales=scales)
   static = isinstance(window, int)  # an int window stays static (0: no mask at all)
-  heads = P(*(None,) * (keys.ndim - 3), TP)  # the pool's K axis
+  heads = P(*(None,) * (keys.ndim - 3), TP)  # the pool's K axis, and its scales'
   new = P(None, None, TP)  # q [B, T, K, G, H], k_new/v_new [B, T, K, H], the output
   kernel = jax.shard_map(
-      lambda q, kn, vn, k, v, at, t, s, n, w: run(q, kn, vn, k, v, tuple(at), t, s, n,
-                                                  window=window if static else w),
-      mesh=mesh, in_specs=(new, new, new, heads, heads, P(), P(), P(), P(), P()),
+      lambda q, kn, vn, k, v, at, t, s, n, w, sc: run(q, kn, vn, k, v, tuple(at), t, s, n,
+                                                      window=window if static else w,
+                                                      scales=sc),
+      mesh=mesh, in_specs=(new, new, new, heads, heads, P(), P(), P(), P(), P(),
+                           (heads, heads) if scales else None),
       out_specs=new, axis_names={TP}, check_vma=False)
   return kernel(q, k_new, v_new, keys, values, [jnp.asarray(i, jnp.int32) for i in at],
-                tables, starts, lengths, jnp.int32(0) if static else window)
+                tables, starts, lengths, jnp.int32(0) if static else window, scales)
 
 
 def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, window=0,
-                 softcap: float = 0.0, block_q: int = 0, block_k: int = 0, block_g: int = 0,
+                 softcap: float = 0.0, scales=None, block_q: int = 0, block_k: int = 0, block_g: int = 0,
                  num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
   """Attention of each row's T new tokens over its cached prefix and themselves.
 
@@ -95,7 +99,8 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   attends to the cached positions p < starts[b] and the new tokens j <= i, j < lengths[b];
   with `window` > 0 (an int, or a traced int32 scalar with 0 = none) only to keys less
   than `window` positions before it; with `softcap` > 0 every score becomes
-  softcap * tanh(score / softcap) first (Gemma 2). One softmax over both in f32 ->
+  softcap * tanh(score / softcap) first (Gemma 2). An fp8 pool comes with `scales`
+  (key_scales, value_scales) [*lead, NB, K, BS] (kv_cache.py). One softmax over both in f32 ->
   [B, T, K, G, H] in q's dtype, zeros at padding tokens.
 
   A program takes block_q new tokens (a power of two >= 16) times block_g of the G query
@@ -108,6 +113,9 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   """
   B, T, K, G, H, nblk = _check(q, k_new, v_new, keys, values, at, tables, starts,
                                lengths, window, block_q, block_k)
+  if scales is not None and any(s.shape != keys.shape[:-1] for s in scales):
+    raise ValueError(f"scales {[tuple(s.shape) for s in scales]} are not the pool's shape "
+                     f"less H, {tuple(keys.shape[:-1])}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   Gp = 1 << (G - 1).bit_length()  # Triton tiles are powers of two
@@ -128,7 +136,8 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   win = jnp.where(jnp.asarray(window) > 0, window, NO_WINDOW).astype(jnp.int32)
   pool_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
   kernel = functools.partial(_kernel, block_q=block_q, block_g=block_g, block_k=block_k,
-                             windowed=windowed, softcap=softcap)
+                             windowed=windowed, softcap=softcap, scaled=scales is not None)
+  scale_refs = () if scales is None else tuple(s.reshape(pool_shape[:-1]) for s in scales)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((B, Tp, K, Gp, H), q.dtype),
@@ -138,7 +147,7 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
       name="prefix_attention",
   )(jnp.reshape(flat, (1,)).astype(jnp.int32), jnp.asarray(starts, jnp.int32),
     jnp.asarray(lengths, jnp.int32), jnp.reshape(win, (1,)), jnp.asarray(tables, jnp.int32),
-    q, k_new, v_new, keys.reshape(pool_shape), values.reshape(pool_shape))
+    q, k_new, v_new, keys.reshape(pool_shape), values.reshape(pool_shape), *scale_refs)
   return out if (Tp, Gp) == (T, G) else out[:, :T, :, :G]
 
 
@@ -176,10 +185,11 @@ def _check(q, k_new, v_new, keys, values, at, tables, starts, lengths, window, b
 
 
 def _kernel(at_ref, start_ref, len_ref, win_ref, table_ref, q_ref, kn_ref, vn_ref, k_ref,
-            v_ref, o_ref, *, block_q, block_g, block_k, windowed, softcap):
+            v_ref, *refs, block_q, block_g, block_k, windowed, softcap, scaled):
   """Program (query tile and head group, row, kv head): the tile's block_q tokens x block_g
   heads as rows, one online softmax over the row's prefix blocks, then its new keys up to
-  the diagonal."""
+  the diagonal. `refs`: the pool's scales when `scaled`, then the output."""
+  scale_refs, o_ref = (refs[:2], refs[2]) if scaled else (None, refs[0])
   ig, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer, start, n, window = at_ref[0], start_ref[b], len_ref[b], win_ref[0]
   groups, H = q_ref.shape[-2] // block_g, q_ref.shape[-1]
@@ -196,7 +206,7 @@ def _kernel(at_ref, start_ref, len_ref, win_ref, table_ref, q_ref, kn_ref, vn_re
   def prefix(masked):
     def step(j, carry):  # the row's prefix block j: positions j*BS .. j*BS + BS - 1
       block = table_ref[b, j]
-      k, v = (r[layer, block, h, :, :].astype(q.dtype) for r in (k_ref, v_ref))  # [BS, H]
+      k, v = widened(k_ref, v_ref, scale_refs, (layer, block, h, slice(None)), q.dtype)
       if not masked:  # a block wholly inside the prefix, no window: every key counts
         return fold(carry, q, k, v, None, softcap)
       at_s = j * BS + jax.lax.broadcasted_iota(jnp.int32, (R, BS), 1)

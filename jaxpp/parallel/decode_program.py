@@ -117,7 +117,7 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
   out_state = decode_state.DecodeState(P(), P(), P(), P())
   knob_spec = jax.tree.map(lambda _: rows, knobs)
   args = (params, cache, layers, state, knobs)
-  in_specs = (placement.param_specs(params), (cache_spec, cache_spec), layer_spec, state_spec,
+  in_specs = (placement.param_specs(params), (cache_spec,) * len(cache), layer_spec, state_spec,
               knob_spec)
   # shard_map takes no spec for an absent argument: the optional ones go by name
   extras = {name: (a, spec) for name, a, spec in (
@@ -128,5 +128,5 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
   run = lambda *a: body(*a[:5], **dict(zip(extras, a[5:])))
   return pipe.shard_map(
       run, in_specs=in_specs,
-      out_specs=((cache_spec, cache_spec), out_state, P())
+      out_specs=((cache_spec,) * len(cache), out_state, P())
       + (((P(), P(), P()),) if logprobs is not None else ()))(*args)

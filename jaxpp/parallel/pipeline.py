@@ -155,10 +155,12 @@ class Pipeline:
     return self.layer_axes + (self.microbatches, rows_per_microbatch, c.num_kv_heads,
                               kv_cache.cache_positions(max_len), c.head_dim)
 
-  def cache_bytes_per_slot(self, max_len: int, dtype_bytes: int) -> int:
-    """Keys and values one slot (one row of one micro-batch) holds on each device."""
+  def cache_bytes_per_slot(self, max_len: int, dtype) -> int:
+    """Keys and values one slot (one row of one micro-batch) holds on each device, stored
+    in `dtype` (an fp8 cache's scales included)."""
     _, v, Lc, _, _, K, S, H = self.cache_shape(1, max_len)
-    return 2 * v * Lc * (K // self.tp) * S * H * dtype_bytes  # K is split over tp
+    # K is split over tp
+    return round(2 * v * Lc * (K // self.tp) * S * H * kv_cache.element_bytes(dtype, H))
 
   def init_cache(self, rows_per_microbatch: int, max_len: int, dtype) -> kv_cache.KVCache:
     """Zeroed KV cache `cache_shape(rows_per_microbatch, max_len)`, created already
@@ -171,10 +173,11 @@ class Pipeline:
     c = self.config
     return self.layer_axes + (self.dp * blocks, c.num_kv_heads, block_size, c.head_dim)
 
-  def block_bytes(self, block_size: int, dtype_bytes: int) -> int:
-    """Keys and values one block holds on each device (its kv heads split over tp)."""
+  def block_bytes(self, block_size: int, dtype) -> int:
+    """Keys and values one block holds on each device (its kv heads split over tp), stored
+    in `dtype` (an fp8 cache's scales included)."""
     _, v, Lc, _, K, BS, H = self.pool_shape(1, block_size)
-    return 2 * v * Lc * (K // self.tp) * BS * H * dtype_bytes
+    return round(2 * v * Lc * (K // self.tp) * BS * H * kv_cache.element_bytes(dtype, H))
 
   def init_pool(self, blocks: int, block_size: int, dtype) -> kv_cache.KVCache:
     """Zeroed paged cache `pool_shape(blocks, block_size)`, created already sharded."""
@@ -256,8 +259,9 @@ class Pipeline:
 
 
 def _zeros(shape: tuple[int, ...], dtype, sharding) -> kv_cache.KVCache:
-  """Zeroed keys and values, each shard filled on its own device (no host copy). One jit of
-  `jnp.zeros` for every call, so JAX's cache serves a second engine of the same shapes
-  without compiling (a fresh lambda each time compiled again)."""
+  """Zeroed keys and values (and an fp8 cache's scales: `kv_cache.zeros`), each shard
+  filled on its own device (no host copy). One jit of `jnp.zeros` for every call, so JAX's
+  cache serves a second engine of the same shapes without compiling (a fresh lambda each
+  time compiled again). The sharding's spec stops at the K axis, so it fits the scales."""
   make = jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
-  return make(shape, dtype), make(shape, dtype)
+  return kv_cache.zeros(shape, dtype, make)

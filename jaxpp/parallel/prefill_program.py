@@ -112,10 +112,10 @@ def prefill(pipe, params, cache, batch: PrefillBatch, knobs, prefix=None, *, do_
   layer_spec = jax.tree.map(lambda _: P(PP), layers)
   knob_spec = jax.tree.map(lambda _: rows, knobs)
   batch_spec = jax.tree.map(lambda _: rows, batch)
-  out_specs = ((P(), (cache_spec, cache_spec)) + ((P(),) if with_logits else ())
+  out_specs = ((P(), (cache_spec,) * len(cache)) + ((P(),) if with_logits else ())
                + (((P(), P(), P()),) if logprobs is not None else ()))
   args = (params, cache, layers, batch, knobs)
-  in_specs = (placement.param_specs(params), (cache_spec, cache_spec), layer_spec, batch_spec,
+  in_specs = (placement.param_specs(params), (cache_spec,) * len(cache), layer_spec, batch_spec,
               knob_spec)
   if prefix is not None:  # shard_map takes no spec for an absent argument
     if not paged:

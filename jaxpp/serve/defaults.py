@@ -57,13 +57,13 @@ def _agreed(n: int) -> int:
   return n
 
 
-def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int, paged: bool = False) -> int:
+def max_num_seqs(pipe: Pipeline, max_len: int, dtype, paged: bool = False) -> int:
   """Slots of all replicas. A dense cache: each replica as many as KV_MEMORY_SHARE of the
   fullest device's free memory holds at `max_len` positions each (a multiple of m, at
   most MAX_AUTO_SLOTS), measured after the weights are placed. A paged cache: the cap,
   MAX_AUTO_SLOTS a replica (its blocks decide how many are in flight). Either way
   SLOTS_PER_MICROBATCH_CPU x m where devices report no memory. A device holds only its own
-  replica's slots.
+  replica's slots. `dtype`: the cache's storage (kv_cache.storage_dtype).
   """
   m = pipe.microbatches
   free = _free_bytes(pipe)
@@ -72,19 +72,19 @@ def max_num_seqs(pipe: Pipeline, max_len: int, dtype_bytes: int, paged: bool = F
   elif paged:
     fit = max(m, MAX_AUTO_SLOTS // m * m)
   else:
-    per_slot = pipe.cache_bytes_per_slot(max_len, dtype_bytes)
+    per_slot = pipe.cache_bytes_per_slot(max_len, dtype)
     fit = max(m, min(MAX_AUTO_SLOTS, int(KV_MEMORY_SHARE * free // per_slot)) // m * m)
   return _agreed(fit) * pipe.dp
 
 
-def kv_blocks(pipe: Pipeline, block_size: int, dtype_bytes: int, kv_cache_memory: float,
+def kv_blocks(pipe: Pipeline, block_size: int, dtype, kv_cache_memory: float,
               dense_equivalent: int) -> int:
   """Blocks of each replica's KV pool, the null block counted, from the budget per device:
   `kv_cache_memory` 0 is KV_MEMORY_SHARE of the fullest device's free memory after the
   weights, a value <= 1 another share of it, above 1 that many GB. Devices that report no
   memory (CPU) get `dense_equivalent` (what a dense cache of the same slots holds) unless
   the budget is in GB (`kv_pages.check_options` has refused a negative one)."""
-  per_block = pipe.block_bytes(block_size, dtype_bytes)
+  per_block = pipe.block_bytes(block_size, dtype)
   free = _free_bytes(pipe)
   if kv_cache_memory > 1:
     budget = kv_cache_memory * 1e9

@@ -84,7 +84,7 @@ class Engine:
     dtype = kv_cache.storage_dtype(kv_dtype, params_lib.activation_dtype(params))
     kv_cache.check_backend(kv_dtype, pipe.mesh.devices.flat[0])
     self.max_num_seqs = max_num_seqs or defaults.max_num_seqs(
-        pipe, max_len, dtype.itemsize, paged=block_size > 0)
+        pipe, max_len, dtype, paged=block_size > 0)
     if self.max_num_seqs < 1:
       raise JaxppError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
     self.dp = pipe.dp
@@ -106,7 +106,7 @@ class Engine:
     self.pages = None
     if block_size:
       blocks = kv_blocks or defaults.kv_blocks(
-          pipe, block_size, dtype.itemsize, kv_cache_memory,
+          pipe, block_size, dtype, kv_cache_memory,
           dense_equivalent=M * self.replica_rows * -(-max_len // block_size) + 1)
       self.pages = kv_pages.PagedSlots(M, self.rows, self.dp, max_len, blocks, block_size,
                                        prefix_cache=prefix_cache)
