@@ -111,3 +111,82 @@ def test_tile_names_parse_and_bad_fields_are_named():
       block_m=64, block_n=128, block_k=256, split_k=0, num_warps=8, num_stages=3, swap=True)
   with pytest.raises(ValueError, match="bad field 'bq64' in tile name 'bn64_bq64'"):
     tiles_of("bn64_bq64")
+
+
+@pytest.mark.parametrize("name, shape, in_dims", [
+    ("wqkv", (32, 4, 4, 16), 1),  # [D, K, G + 2, H]: kv heads split (column-parallel)
+    ("w_gate_up", (32, 2, 64), 1),  # [D, 2, F]: F split, not the flat output's outer axis
+    ("wo", (8, 16, 32), 2),  # [N, H, D]: query heads split (row-parallel: a sum over tp)
+    ("w_down", (64, 32), 1)])  # [F, D]
+def test_projections_split_over_tp_without_gathering_the_weights(name, shape, in_dims,
+                                                                 monkeypatch):
+  """Inside a stage program whose 'tp' is automatic, each tp device runs the kernel on its
+  own shard of the stage's [v, Lc, ...] stack: the layer's dequantised product, the
+  kernel given a quarter of the layer, and no collective gathers a weight (a row-parallel
+  projection adds one all-reduce). On a GPU the kernel is a custom call GSPMD cannot
+  split; interpreted on CPU it is plain HLO, so the shard shape is what tells here."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jaxpp.axes import PP, TP
+  from jaxpp.model import int8_matmul
+  from jaxpp.model import params as params_lib
+  from jaxpp.parallel.mesh import make_mesh
+
+  mesh = make_mesh(pp=2, tp=4)
+  tp_axis = params_lib.TP_AXIS[name]
+  seen = []
+  traced = int8_matmul.stacked_matmul
+  monkeypatch.setattr(int8_matmul, "stacked_matmul",
+                      lambda x, w, *a, **k: seen.append(w.shape) or traced(x, w, *a, **k))
+  w = np.random.default_rng(4).standard_normal((1, 2) + shape, np.float32)
+  q, s = jax.jit(quant.quantize, static_argnums=(1, 2, 3))(
+      w, "int8", tuple(range(2, 2 + in_dims)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((3, 1) + shape[:in_dims]),
+                  jnp.float32)
+  split = lambda at: P(PP, *(None,) * at, TP)
+  put = lambda a, spec: jax.device_put(jnp.stack([a, a]), NamedSharding(mesh, spec))
+  column = tp_axis >= in_dims
+  args = (x, put(q, split(2 + tp_axis)),
+          put(s, split(2 + tp_axis - in_dims) if column else P(PP)))
+
+  def stage(x, q, s):
+    view = int8_matmul.LayerWeight(q[0], s[0], (jnp.int32(0), jnp.int32(1)), in_dims,
+                                   tp_axis)
+    return int8_matmul.project(x, view)[None]
+
+  run = jax.jit(jax.shard_map(stage, mesh=mesh, in_specs=(P(), P(PP), P(PP)),
+                              out_specs=P(PP), axis_names={PP}, check_vma=False))
+  got = run(*args)
+  want = jnp.tensordot(x, q[0, 1].astype(jnp.float32), in_dims) * s[0, 1]
+  for stage_out in got:  # both stages hold the same inputs
+    _assert_close(stage_out, want, 1e-5)
+  assert seen == [(2, np.prod(shape[:in_dims]) // (1 if column else 4),
+                   np.prod(shape[in_dims:]) // (4 if column else 1))]
+  hlo = run.lower(*args).compile().as_text()
+  assert not [l for l in hlo.splitlines() if "all-gather" in l or "all-to-all" in l]
+  assert any("all-reduce" in l for l in hlo.splitlines()) == (not column)
+
+
+def test_an_axis_tp_does_not_divide_runs_whole():
+  """A head of 18 vocab columns on tp=4 (an LM head whose vocab tp does not divide): the
+  kernel takes it whole on each device rather than a shard_map that cannot split it."""
+  from jax.sharding import PartitionSpec as P
+
+  from jaxpp.axes import PP
+  from jaxpp.model import int8_matmul
+  from jaxpp.parallel.mesh import make_mesh
+
+  mesh = make_mesh(pp=2, tp=4)
+  q, s = _stack(1, 32, 18, seed=6)
+  x = _rows(3, 32)[:, None]  # [B, T, D]
+
+  def stage(x, q, s):
+    head = int8_matmul.LayerWeight(q[0], s[0], (0,), 1, tp_axis=1)
+    return int8_matmul.project(x, head, out_dtype=jnp.float32)[None]
+
+  run = jax.jit(jax.shard_map(stage, mesh=mesh, in_specs=(P(), P(PP), P(PP)),
+                              out_specs=P(PP), axis_names={PP}, check_vma=False))
+  got = run(x, jnp.stack([q, q]), jnp.stack([s, s]))
+  assert got.dtype == jnp.float32
+  _assert_close(got[0], quant.einsum("BTD,DV->BTV", x, q[0], s[0]), 1e-5)

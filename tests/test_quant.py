@@ -139,9 +139,9 @@ def test_every_layout_gives_the_single_device_quantised_run(single_quantised, pr
                                          ("fp8", "pp2tp1")])
 def test_the_8bit_decode_kernel_gives_the_single_device_tokens(single_quantised, prompts,
                                                                monkeypatch, mode, layout):
-  """attention="kernel" runs decode's 8-bit projections in int8_matmul's kernel (Pallas
-  interpreter here), reading each layer of the stage's stacks in place: every layout
-  gives the XLA single-device run's tokens."""
+  """attention="kernel" runs decode's 8-bit projections and LM head in int8_matmul's
+  kernel (Pallas interpreter here), reading each layer of the stage's stacks in place:
+  every layout gives the XLA single-device run's tokens."""
   from jaxpp.model import int8_matmul
   calls = []
   traced = int8_matmul.stacked_matmul
@@ -151,8 +151,13 @@ def test_the_8bit_decode_kernel_gives_the_single_device_tokens(single_quantised,
                   layout=layout, attention="kernel")
   assert [c.token_ids for c in llm.generate(prompts[:8], max_new_tokens=16)] == (
       single_quantised[mode][1])
-  # each traced layer ran its 4 projections (wqkv, wo, w_gate_up, w_down) in the kernel
-  assert calls and len(calls) % 4 == 0
+  # the 8-bit LM head (quant_embed) ran in the kernel, on its tp device's share of the
+  # vocab, and each traced layer its 4 projections (wqkv, wo, w_gate_up, w_down)
+  c = llm.config
+  head = (1, c.hidden_size, c.vocab_size // llm.pipeline.tp)
+  assert head in calls
+  blocks = [shape for shape in calls if shape != head]
+  assert blocks and len(blocks) % 4 == 0
 
 
 def test_load_time_quantisation_is_quantize_params_of_the_loaded_weights():

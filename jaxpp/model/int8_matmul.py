@@ -15,8 +15,9 @@ and, where those are too few to keep every SM loading, splits K too (partial sum
 added by XLA: cheap, as M is small). float8_e4m3fn storage runs through the same code.
 
 The model calls it through `LayerWeight` for every block projection of a decode step
-(`Kernels.weights8`, attention_choice.py): `run_blocks` hands each layer a view of the
-stacks (a free reshape to [layers, in, out]) and its index, and `project` multiplies.
+(`Kernels.weights8`, attention_choice.py): `run_blocks` hands each layer the stage's stacks
+and its index, and `project` multiplies, seeing a stack as [layers, in, out] (a free
+reshape); under tensor parallelism each tp device runs the kernel on its own shard.
 `tools/weight_stream_probe.py` measures the kernel alone against cuBLAS (docs/benchmarks.md).
 """
 
@@ -31,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from jaxpp.axes import TP
 
 MIN_TILE = 16  # the smallest dot operand dimension Triton takes (tl.dot: M, N, K >= 16)
 # Automatic split-K aims for this many programs: two per SM on H100/H200 (132 SMs), so each
@@ -40,41 +44,72 @@ MAX_SPLIT_K = 8
 
 
 class LayerWeight(NamedTuple):
-  """One layer of a stacked 8-bit projection, read in place: `stack` [L, in, out] (8-bit),
-  `scale` [L, out], `layer` the layer's index (traced), `out_shape` the output dims the
-  projection's einsum gives (e.g. (K, G + 2, H) for wqkv), `in_dims` how many trailing dims
-  of x it contracts."""
+  """One layer of a stacked 8-bit projection, read in place: `stack` [*lead, *in, *out]
+  (8-bit) and `scale` [*lead, *out] as the stage holds them, `index` the layer's indices
+  into the lead axes (traced), `in_dims` how many of the leaf's dims (and x's trailing
+  ones) the projection contracts, `tp_axis` which of its per-layer dims [*in, *out]
+  tensor parallelism splits (params.TP_AXIS; None: none)."""
 
   stack: jax.Array
   scale: jax.Array
-  layer: jax.Array
-  out_shape: tuple[int, ...]
+  index: tuple
   in_dims: int
-
-  @classmethod
-  def of(cls, w, scale, lead: int, index, in_dims: int) -> LayerWeight:
-    """The view of layer `index` (a tuple, one per lead axis) of `w` [*lead_axes, *in,
-    *out] with `scale` [*lead_axes, *out]; reshapes only (the stacks stay where they are)."""
-    lead_shape, rest = w.shape[:lead], w.shape[lead:]
-    ins, outs = rest[:in_dims], rest[in_dims:]
-    L, n_in, n_out = math.prod(lead_shape), math.prod(ins), math.prod(outs)
-    flat = jnp.int32(0)
-    for i, n in zip(index, lead_shape):  # row-major flat index of the layer
-      flat = flat * n + jnp.asarray(i, jnp.int32)
-    return cls(w.reshape(L, n_in, n_out), scale.reshape(L, n_out), flat, tuple(outs), in_dims)
+  tp_axis: int | None = None
 
 
-def project(x, w: LayerWeight, interpret: bool | None = None):
-  """x [*rows, *in] times the layer's weight -> [*rows, *out] in x.dtype: `quant.einsum` of
-  the dequantised layer, without widening it first. `interpret` defaults to "not on a
-  GPU" (the CPU tests' path)."""
+def project(x, w: LayerWeight, interpret: bool | None = None, out_dtype=None):
+  """x [*rows, *in] times the layer's weight -> [*rows, *out] in `out_dtype` (default
+  x.dtype): `quant.einsum` of the dequantised layer, without widening it first.
+  `interpret` defaults to "not on a GPU" (the CPU tests' path).
+
+  GSPMD cannot partition a custom kernel: given tp-split stacks it would gather each
+  layer's whole weight onto every device. Under a mesh whose 'tp' axis is still automatic
+  (the pipeline's stage programs) each tp device therefore runs the kernel on its own
+  shard, where weights, scales and activations already lie: a column-parallel projection
+  (wqkv, w_gate_up: an output axis split) returns its output split the same way; a
+  row-parallel one (wo, w_down: the contracted axis split) sums its partial products over
+  'tp', as XLA's partitioned einsum does. An axis that tp does not divide is not split.
+  """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  rows = x.shape[:x.ndim - w.in_dims]
-  flat = x.reshape(math.prod(rows), -1)
-  out = stacked_matmul(flat, w.stack, w.scale, w.layer, interpret=interpret,
-                       **decode_tiles(*flat.shape, w.stack.shape[-1]))
-  return out.reshape(rows + w.out_shape)
+  run = functools.partial(_project_local, in_dims=w.in_dims, interpret=interpret,
+                          out_dtype=out_dtype or x.dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  lead = len(w.index)
+  if (w.tp_axis is None or mesh.empty or TP not in mesh.auto_axes or mesh.shape[TP] == 1
+      or w.stack.shape[lead + w.tp_axis] % mesh.shape[TP]):
+    return run(x, w.stack, w.scale, w.index)
+  rows = x.ndim - w.in_dims
+  split = lambda before: P(*(None,) * before, TP)
+  column = w.tp_axis >= w.in_dims
+  out_axis = w.tp_axis - w.in_dims  # column: the split axis among the output dims
+  sharded = jax.shard_map(
+      lambda x, stack, scale, index: (run(x, stack, scale, tuple(index)) if column else
+                                      jax.lax.psum(run(x, stack, scale, tuple(index)), TP)),
+      mesh=mesh,
+      in_specs=(P() if column else split(rows + w.tp_axis), split(lead + w.tp_axis),
+                split(lead + out_axis) if column else P(), P()),
+      out_specs=split(rows + out_axis) if column else P(),
+      axis_names={TP}, check_vma=False)
+  return sharded(x, w.stack, w.scale, [jnp.asarray(i, jnp.int32) for i in w.index])
+
+
+def _project_local(x, stack, scale, index, *, in_dims: int, interpret: bool, out_dtype):
+  """`project` on one device: the stack seen as [layers, in, out] (a free reshape) and the
+  layer's flat index, through `stacked_matmul`."""
+  lead = len(index)
+  lead_shape, rest = stack.shape[:lead], stack.shape[lead:]
+  ins, outs = rest[:in_dims], rest[in_dims:]
+  L, n_in, n_out = math.prod(lead_shape), math.prod(ins), math.prod(outs)
+  layer = jnp.int32(0)
+  for i, n in zip(index, lead_shape):  # row-major flat index of the layer
+    layer = layer * n + jnp.asarray(i, jnp.int32)
+  rows = x.shape[:x.ndim - in_dims]
+  flat = x.reshape(math.prod(rows), n_in)
+  out = stacked_matmul(flat, stack.reshape(L, n_in, n_out), scale.reshape(L, n_out), layer,
+                       interpret=interpret, out_dtype=out_dtype,
+                       **decode_tiles(*flat.shape, n_out))
+  return out.reshape(rows + tuple(outs))
 
 
 # The tiles decode uses: the weight stream probe's fastest on an H200 at 32 rows
@@ -114,8 +149,10 @@ def decode_tiles(M: int, K: int, N: int) -> dict:
 
 def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
                    block_k: int = 256, split_k: int = 0, num_warps: int = 4,
-                   num_stages: int = 3, swap: bool = False, interpret: bool = False):
-  """`(x @ w[layer].astype(x.dtype)) * scale[layer]` in x.dtype, accumulated in f32.
+                   num_stages: int = 3, swap: bool = False, interpret: bool = False,
+                   out_dtype=None):
+  """`(x @ w[layer].astype(x.dtype)) * scale[layer]` in `out_dtype` (default x.dtype),
+  accumulated in f32.
 
   x: [M, K] activations; w: [L, K, N] int8 or float8_e4m3fn; scale: [L, N]; layer: an int
   scalar, usually traced (a scan or fori_loop step). Block sizes are upper bounds, shrunk to
@@ -148,18 +185,19 @@ def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
 
   x_pad = jnp.pad(x, ((0, m_blocks * bm - M), (0, 0)))
   partial = split_k > 1
-  out_dtype = jnp.float32 if partial else x.dtype
+  out_dtype = out_dtype or x.dtype
+  store = jnp.float32 if partial else out_dtype
   kernel = functools.partial(_kernel, n=N, bm=bm, bn=bn, bk=bk, steps=K // split_k // bk,
                              swap=swap)
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((split_k, m_blocks * bm, N), out_dtype),
+      out_shape=jax.ShapeDtypeStruct((split_k, m_blocks * bm, N), store),
       grid=(m_blocks, n_blocks, split_k),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="stacked_int8_matmul",
   )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), x_pad, w, scale)
-  out = out.sum(0).astype(x.dtype) if partial else out[0]
+  out = out.sum(0).astype(out_dtype) if partial else out[0]
   return out[:M]
 
 

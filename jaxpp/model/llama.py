@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxpp.model import (decode_attention, int8_matmul, kv_cache, prefill_attention,
                          prefix_attention, quant)
+from jaxpp.model import params as params_lib
 from jaxpp.model.attention_choice import Kernels
 from jaxpp.model.config import LlamaConfig
 from jaxpp.model.rope import apply_rope, cos_sin_scale, inverse_frequencies
@@ -300,10 +301,11 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
 
 def layer_views(blocks, index) -> dict:
   """{"attn": {...}, "mlp": {...}}: each 8-bit projection of `blocks` (leaves [v, Lc, ...])
-  as an `int8_matmul.LayerWeight` of layer `index` = (chunk, i), for `Block`'s `inplace`."""
-  return {part: {name: int8_matmul.LayerWeight.of(
-                     leaves[name], leaves[name + quant.SCALE], len(index), index,
-                     quant.INPUT_DIMS[name])
+  as an `int8_matmul.LayerWeight` of layer `index` = (chunk, i), for `Block`'s `inplace`
+  (with the axis tp splits, so that each tp device runs the kernel on its own shard)."""
+  return {part: {name: int8_matmul.LayerWeight(
+                     leaves[name], leaves[name + quant.SCALE], tuple(index),
+                     quant.INPUT_DIMS[name], params_lib.TP_AXIS.get(name))
                  for name in quant.INPUT_DIMS if name + quant.SCALE in leaves}
           for part, leaves in blocks.items() if part in ("attn", "mlp")}
 
@@ -325,14 +327,20 @@ def embed(c: LlamaConfig, params, tokens, dtype) -> jnp.ndarray:
   return x if c.embed_scale == 1.0 else x * jnp.asarray(c.embed_scale, dtype)
 
 
-def logits(c: LlamaConfig, params, x) -> jnp.ndarray:
+def logits(c: LlamaConfig, params, x, kernels: Kernels = Kernels()) -> jnp.ndarray:
   """Final norm and LM head (the embedding when tied): [B, T, D] -> f32 [B, T, V], capped
-  with `final_softcap` (Gemma 2)."""
+  with `final_softcap` (Gemma 2). An 8-bit untied head (`quant_embed`) in a one-token step
+  with `kernels.weights8` runs in int8_matmul's kernel, as the block projections do (XLA
+  would widen all V x D weights to bf16 first, every step), split over 'tp' by vocab."""
   x = RMSNorm(c.rms_norm_eps, c.norm_offset).apply({"params": params["final_norm"]}, x)
   name, spec = ("embed", "BTD,VD->BTV") if c.tie_word_embeddings else ("lm_head", "BTD,DV->BTV")
-  out = jnp.einsum(spec, x, params[name].astype(x.dtype), preferred_element_type=jnp.float32)
   scale = params.get(name + quant.SCALE)
-  out = out if scale is None else out * scale.astype(jnp.float32)
+  if name == "lm_head" and scale is not None and kernels.weights8 and x.shape[1] == 1:
+    head = int8_matmul.LayerWeight(params[name][None], scale[None], (0,), 1, tp_axis=1)
+    out = int8_matmul.project(x, head, out_dtype=jnp.float32)
+  else:
+    out = jnp.einsum(spec, x, params[name].astype(x.dtype), preferred_element_type=jnp.float32)
+    out = out if scale is None else out * scale.astype(jnp.float32)
   return decode_attention.soft_cap(out, c.final_softcap)
 
 

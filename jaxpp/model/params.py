@@ -63,6 +63,12 @@ class HFSource:
   stacked: bool  # True for per-layer tensors stacked along our leading L axis
 
 
+# Which axis of each per-layer block leaf (its shape above without L) tensor parallelism
+# splits: wqkv [D, K, G + 2, H] and bqkv [K, G + 2, H] their kv heads (each device whole
+# groups of query heads with their key and value), wo [N, H, D] its query heads, w_gate_up
+# [D, 2, F] and w_down [F, D] the ffn axis. The projections' 8-bit scales follow their
+# leaf's output axes (`quant.py`).
+TP_AXIS = {"wqkv": 1, "wo": 0, "w_gate_up": 2, "w_down": 0, "bqkv": 0}
 KV_LEAVES = ("wqkv", "bqkv")  # leaves (and their 8-bit scales) [..., K, G + 2, H]
 
 

@@ -63,7 +63,7 @@ def decode(pipe, params, cache, state: decode_state.DecodeState, knobs,
       knobs_j = jax.tree.map(lambda a: a[j], knobs)
 
       def sample():
-        logits = llama.logits(pipe.config, params, y)[:, 0]
+        logits = llama.logits(pipe.config, params, y, pipe.kernels)[:, 0]
         seen = None if history is None else penalties.of_history(
             history.tokens[j], lengths0[j], history.prompt_lens[j], out[0][j],
             logits.shape[-1])

@@ -24,16 +24,11 @@ from jaxpp.model import quant
 from jaxpp.model.config import LlamaConfig
 from jaxpp.parallel.layout import vocab_sharded_head
 
-# Which axis of each per-layer leaf (after the [pp, v, Lc] prefix) is split over 'tp'.
-# wqkv [D, K, G + 2, H] and bqkv [K, G + 2, H] split their kv heads (each device whole
-# groups of query heads with their key and value), w_gate_up [D, 2, F] its ffn axis.
-TP_AXIS = {"wqkv": 1, "wo": 0, "w_gate_up": 2, "w_down": 0, "bqkv": 0}
-
 
 def _block_spec(name: str, ndim: int) -> P:
   dims = [None] * ndim
-  if name in TP_AXIS:
-    dims[TP_AXIS[name]] = TP
+  if name in params_lib.TP_AXIS:
+    dims[params_lib.TP_AXIS[name]] = TP
   return P(PP, None, None, *dims)
 
 
