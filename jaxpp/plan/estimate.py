@@ -15,7 +15,10 @@ jaxpp does today, not what an ideal engine would do:
   row's own context in the fused kernel; prefill pads prompts to a power of two (>= 64)
   and, in XLA's form, materialises T x T f32 attention scores (the flash kernel keeps them
   on chip and computes only the causal half);
-- pipeline ticks are lock-step: every tick lasts as long as the slowest device's chunk.
+- pipeline ticks are lock-step: every tick lasts as long as the slowest device's chunk;
+- 8-bit weights stream a byte each in decode only through int8_matmul's kernel
+  (`attention="kernel"`); XLA's path (`auto` today) widens each layer first, which costs
+  `Assumptions.widen_bytes` more per weight (`decode_weight_bytes`).
 
 Formulas, constants and sources: docs/planner.md. Decode runs at a fitted share of the HBM
 bandwidth plus fixed per-layer and per-all-reduce costs, checked against H200 runs
@@ -73,6 +76,18 @@ def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, dtype_bytes: int = 2
   """K and V of one position of one layer on one device: 2 * K/tp * H * bytes (K counting
   the replicas tp > K makes, `LlamaConfig.for_tp`: one head a device)."""
   return 2 * cfg.for_tp(tp).num_kv_heads / tp * cfg.head_dim * dtype_bytes
+
+
+def decode_weight_bytes(stored: float, activation: float, in_kernel: bool,
+                        assume: Assumptions = Assumptions()) -> float:
+  """Bytes a decode step streams per weight stored in `stored` bytes. Weights narrower than
+  the activations (8-bit) are read once by int8_matmul's kernel (`in_kernel`:
+  `Kernels.weights8`); on XLA's path each layer is first widened into an activation-dtype
+  copy in a pass of its own, which costs `assume.widen_bytes` more (fitted: the 0.48x of
+  bf16 that int8 and fp8 decode measured on one H200; docs/planner.md, "8-bit weights")."""
+  if stored >= activation or in_kernel:
+    return stored
+  return stored + assume.widen_bytes
 
 
 def layout_problem(cfg: LlamaConfig, layout: Layout, hw: Hardware,
@@ -225,9 +240,14 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   last = len(part.counts) - 1
   b, T = w.rows(m), w.prefill_len
   context = w.input_len + w.output_len / 2  # the mean cached positions a decode step reads
-  fused = kernels(cfg, layout, attention).decode  # it reads only those; XLA as kv_read says
+  ker = kernels(cfg, layout, attention)
+  fused = ker.decode  # it reads only those; XLA as kv_read says
   ctx = w.cache_len if assume.kv_read == "max_len" and not fused else context
   overhead = assume.kernel_layer_overhead_s if fused else assume.layer_overhead_s
+  block_bytes = decode_weight_bytes(bytes_per_param, a, ker.weights8, assume)
+  # an untied 8-bit head runs in the kernel with the blocks; a tied one (the embedding) never
+  head_bytes = decode_weight_bytes(eb, a, ker.weights8 and not cfg.tie_word_embeddings,
+                                   assume)
 
   def decode_round_s(rows: int) -> float:
     chunk_s = []
@@ -236,7 +256,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
       stream = hw.hbm_bandwidth * assume.decode_efficiency
       # The weight GEMMs and attention are separate kernels, each bound by its own bytes or
       # FLOPs: at hundreds of rows the GEMMs turn compute bound while attention streams KV.
-      gemm_s = max((bytes_per_param * n * blk + eb * head_c) / stream,
+      gemm_s = max((block_bytes * n * blk + head_bytes * head_c) / stream,
                    2 * rows * (n * blk + head_c) / (hw.matmul_flops * assume.prefill_efficiency))
       attn_s = max(rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a) / stream,
                    4 * rows * ctx * n * NH / tp / hw.matmul_flops)

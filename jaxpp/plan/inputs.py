@@ -44,6 +44,12 @@ class Assumptions:
   # for all 4 T^2 N H FLOPs: alone it ran 44 TFLOP/s at T = 1,024 and 47 at 8,192 on an
   # H200 (docs/benchmarks.md, "Prefill attention"); fitted on the same runs' XLA rows.
   xla_attention_efficiency: float = 0.065
+  # Stream bytes per 8-bit weight, beyond reading it, when XLA runs a decode projection:
+  # it widens each layer into a bf16 copy in a pass of its own (writing 2 bytes, the GEMM
+  # reading them again) that runs below the GEMM's share of bandwidth (449 GB/s of int8 on
+  # an H200, docs/quantization.md). Fitted to the 8B int8 run on one H200 and the 70B pp=2
+  # run on two (docs/planner.md, "8-bit weights"); int8_matmul's kernel reads a weight once.
+  widen_bytes: float = 5.5
   collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
   tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
   dtype_bytes: int = 2  # KV cache and activations (bf16)
@@ -58,6 +64,8 @@ class Assumptions:
                  "prefill_attention_efficiency", "xla_attention_efficiency"):
       if not 0 < getattr(self, name) <= 1:
         raise JaxppError(f"{name}={getattr(self, name)} must be in (0, 1]")
+    if self.widen_bytes < 0:
+      raise JaxppError(f"widen_bytes={self.widen_bytes} must be >= 0")
     if self.kv_read not in ("max_len", "context"):
       raise JaxppError(f"kv_read={self.kv_read!r} must be 'max_len' or 'context'")
 
