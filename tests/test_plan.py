@@ -199,6 +199,19 @@ def test_predictions_against_8bit_weights_on_xlas_path(mode, decode, total):
     assert kernel.decode_tokens_per_s > bf16.decode_tokens_per_s > p.decode_tokens_per_s
 
 
+def test_an_fp8_cache_halves_the_kv_bytes_decode_reads():
+  """At 8,192-token prompts the cache is most of a decode step's bytes: fp8 (a byte an
+  element plus its scales) reads about half of them, and holds twice the sequences."""
+  w = Workload(input_len=8192, output_len=128, concurrency=32, decode_chunk=32)
+  h200 = presets.hardware("h200")
+  wide = estimate.predict(L8B, Layout(1, 1), w, h200)
+  narrow = estimate.predict(L8B, Layout(1, 1), dataclasses.replace(w, kv_dtype="fp8"), h200)
+  assert 1.4 < narrow.decode_tokens_per_s / wide.decode_tokens_per_s < 2
+  kv = [estimate.memory_per_stage(L8B, Layout(1, 1), dataclasses.replace(w, kv_dtype=k),
+                                  h200).kv for k in ("auto", "fp8")]
+  assert kv[1] / kv[0] == pytest.approx((1 + 2 / L8B.head_dim) / 2)
+
+
 def test_prefill_is_compute_bound_on_one_gpu():
   """GEMMs at prefill_efficiency; attention either XLA's whole [T, T] at
   xla_attention_efficiency or the flash kernel's causal half at
@@ -256,7 +269,8 @@ def test_kv_read_and_balanced_split():
 
 def test_bad_inputs_are_one_line_errors():
   for make in (lambda: Workload(concurrency=0), lambda: Workload(input_len=100, max_len=50),
-               lambda: Assumptions(kv_read="some"), lambda: presets.hardware("tpu"),
+               lambda: Assumptions(kv_read="some"), lambda: Workload(kv_dtype="fp4"),
+               lambda: Assumptions(widen_bytes=-1.0), lambda: presets.hardware("tpu"),
                lambda: presets.hardware("h100", hbm_bandwidth=-1.0),
                lambda: recommend.recommend(L8B, 0),
                lambda: recommend.recommend(L8B, 2, mode="chat")):
@@ -438,6 +452,14 @@ def test_planner_memory_for_replicas_matches_what_is_allocated():
   eng.run(lambda f: None)
   assert eng.stats.max_live == 8
   assert eng.stats.kv["peak_blocks"] * llm.pipeline.block_bytes(16, jnp.float32) == mem.kv
+  # an fp8 cache: a byte an element and a bf16 scale per (token, kv head), as allocated
+  fp8 = estimate.memory_per_stage(cfg, layout, dataclasses.replace(w, kv_dtype="fp8"), H100,
+                                  bytes_per_param=4, assume=Assumptions(dtype_bytes=4))
+  narrow = llm.engine(max_num_seqs=8, block_size=16, kv_dtype="fp8")
+  assert fp8.kv == pytest.approx(eng.stats.kv["peak_blocks"] * llm.pipeline.block_bytes(
+      16, narrow.cache[0].dtype))
+  assert narrow.pages.blocks * llm.pipeline.block_bytes(16, narrow.cache[0].dtype) == max(
+      per_device_bytes(narrow.cache).values())
 
 
 def test_recommend_weighs_replicas():

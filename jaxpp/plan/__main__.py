@@ -44,7 +44,7 @@ def define_flags() -> None:
   f.DEFINE_string("json", "", "Also write the plan as JSON to this path.")
   define = {float: f.DEFINE_float, int: f.DEFINE_integer, str: f.DEFINE_string}
   for name, field in Workload.__dataclass_fields__.items():
-    f.DEFINE_integer(name, field.default, f"Workload.{name} (jaxpp/plan/inputs.py).")
+    define[type(field.default)](name, field.default, f"Workload.{name} (jaxpp/plan/inputs.py).")
   for name, field in Assumptions.__dataclass_fields__.items():
     define[type(field.default)](name, field.default, f"Assumptions.{name} (docs/planner.md).")
   for name, field in Hardware.__dataclass_fields__.items():

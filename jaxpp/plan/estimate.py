@@ -72,10 +72,11 @@ class Prediction:
 # --- a stage's pieces -----------------------------------------------------------------------
 
 
-def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, dtype_bytes: int = 2) -> float:
+def kv_bytes_per_token_layer(cfg: LlamaConfig, tp: int = 1, element_bytes: float = 2) -> float:
   """K and V of one position of one layer on one device: 2 * K/tp * H * bytes (K counting
-  the replicas tp > K makes, `LlamaConfig.for_tp`: one head a device)."""
-  return 2 * cfg.for_tp(tp).num_kv_heads / tp * cfg.head_dim * dtype_bytes
+  the replicas tp > K makes, `LlamaConfig.for_tp`: one head a device; `element_bytes`:
+  `Workload.kv_element_bytes`)."""
+  return 2 * cfg.for_tp(tp).num_kv_heads / tp * cfg.head_dim * element_bytes
 
 
 def decode_weight_bytes(stored: float, activation: float, in_kernel: bool,
@@ -160,7 +161,8 @@ def memory_per_stage(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: H
   T = workload.prefill_len
   mp = layout.prefill_m(workload.concurrency)
   bp = workload.rows(mp)  # rows of a prefill micro-batch
-  kv = workload.kv_positions(m) * held * kv_bytes_per_token_layer(cfg, tp, a)
+  kv = workload.kv_positions(m) * held * kv_bytes_per_token_layer(
+      cfg, tp, workload.kv_element_bytes(cfg.head_dim, a))
   scores = 0 if kernels(cfg, layout, attention).prefill else (
       bp * cfg.num_heads / tp * T * T * assume.score_bytes)
   qkv_ffn = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
@@ -245,6 +247,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
   ctx = w.cache_len if assume.kv_read == "max_len" and not fused else context
   overhead = assume.kernel_layer_overhead_s if fused else assume.layer_overhead_s
   block_bytes = decode_weight_bytes(bytes_per_param, a, ker.weights8, assume)
+  kv_elem = w.kv_element_bytes(cfg.head_dim, a)
   # an untied 8-bit head runs in the kernel with the blocks; a tied one (the embedding) never
   head_bytes = decode_weight_bytes(eb, a, ker.weights8 and not cfg.tie_word_embeddings,
                                    assume)
@@ -258,7 +261,7 @@ def predict(cfg: LlamaConfig, layout: Layout, workload: Workload, hw: Hardware =
       # FLOPs: at hundreds of rows the GEMMs turn compute bound while attention streams KV.
       gemm_s = max((block_bytes * n * blk + head_bytes * head_c) / stream,
                    2 * rows * (n * blk + head_c) / (hw.matmul_flops * assume.prefill_efficiency))
-      attn_s = max(rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, a) / stream,
+      attn_s = max(rows * ctx * n * kv_bytes_per_token_layer(cfg, tp, kv_elem) / stream,
                    4 * rows * ctx * n * NH / tp / hw.matmul_flops)
       chunk_s.append(gemm_s + attn_s + n * overhead
                      + n * 2 * _allreduce_s(rows * D * a, tp, hw, assume))

@@ -80,8 +80,12 @@ class Workload:
   max_len: int = 0  # KV positions per slot; 0 = input_len + output_len
   decode_chunk: int = 16  # decode rounds per return to the host; each call fills and drains
   block_size: int = 64  # positions of a paged KV block, as the engine's; 0 = a dense cache
+  kv_dtype: str = "auto"  # the cache's storage, as the engine's: auto (= dtype_bytes) or fp8
 
   def __post_init__(self):
+    if self.kv_dtype not in kv_cache.KV_DTYPES:
+      raise JaxppError(f"kv_dtype={self.kv_dtype!r} is not one of "
+                       f"{', '.join(kv_cache.KV_DTYPES)}")
     if min(self.input_len, self.output_len, self.concurrency, self.decode_chunk) < 1:
       raise JaxppError("input_len, output_len, concurrency and decode_chunk must be >= 1")
     if self.block_size < 0:
@@ -103,6 +107,13 @@ class Workload:
       return m * self.rows(m) * self.cache_len
     blocks = -(-(self.input_len + self.output_len) // self.block_size)
     return self.concurrency * blocks * self.block_size
+
+  def kv_element_bytes(self, head_dim: int, dtype_bytes: float) -> float:
+    """Bytes a cached key or value element takes: the activations' `dtype_bytes`, or fp8's
+    byte plus its share of a per-token scale (`kv_cache.element_bytes`)."""
+    if self.kv_dtype == "fp8":
+      return kv_cache.element_bytes(kv_cache.FP8, head_dim)
+    return dtype_bytes
 
   @property
   def prefill_len(self) -> int:
