@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine.prefix_cache = True  # prompts that start alike (the template) share cached blocks
   c.engine.prefill_chunk = 0  # prompt tokens prefilled per step, long ones in chunks; 0 = off
   c.engine.kv_dtype = "auto"  # KV cache storage: "auto" (the activations') or "fp8" (e4m3)
+  c.engine.kv_grow = False  # grow KV blocks as sequences decode, swapping the newest out when full
   c.engine.priority_reserve = ml_collections.ConfigDict()
   c.engine.priority_reserve.interactive = 0  # slots kept free for interactive requests
   c.engine.priority_reserve.batch = 0  # slots kept free for batch requests

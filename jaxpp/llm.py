@@ -112,7 +112,7 @@ class LLM:
                params_cache_dir: str | pathlib.Path | None = None, attention: str = "auto",
                dp: int | None = None, block_size: int = defaults.BLOCK_SIZE,
                kv_cache_memory: float = 0.0, prefix_cache: bool = False,
-               prefill_chunk: int = 0, kv_dtype: str = "auto"):
+               prefill_chunk: int = 0, kv_dtype: str = "auto", kv_grow: bool = False):
     """`layout` is a `Layout` or its name ("pp4tp2v2m8", "dp2pp2tp2"), `dp` (if given) its
     replicas, 0 = as many as the devices hold; `quant` "int8" / "fp8" stores the
     block projections in 8 bits (also the embedding and LM head with `quant_embed`);
@@ -124,7 +124,10 @@ class LLM:
     per device (0: a share of the free memory, <= 1: that share, > 1: GB); `prefix_cache`
     lets prompts that start alike share their cached blocks, and `prefill_chunk` > 0 cuts
     prefills to that many tokens a step (`serve/prompt_pieces.py`); `kv_dtype="fp8"` stores
-    keys and values in e4m3 (model/kv_cache.py), "auto" in the activations' dtype."""
+    keys and values in e4m3 (model/kv_cache.py), "auto" in the activations' dtype;
+    `kv_grow` admits a request with its prompt's blocks and grows them as it decodes,
+    swapping the newest sequence out to host memory when the pool runs dry
+    (`serve/kv_swap.py`)."""
     q = quant_lib.Quant(quant, quant_embed)
     dtype = resolve_dtype(dtype, checkpoint_dir)
     config = checkpoint.load_config(checkpoint_dir)
@@ -136,7 +139,8 @@ class LLM:
                                   cache_dir=params_cache_dir)
     self._setup(config, pipe, params, Tokenizer.from_dir(checkpoint_dir), max_len,
                 decode_chunk, block_size=block_size, kv_cache_memory=kv_cache_memory,
-                prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
+                kv_grow=kv_grow)
 
   @classmethod
   def from_params(cls, config: LlamaConfig, params, *, layout: Layout | str = "pp1tp1",
@@ -164,7 +168,7 @@ class LLM:
   def _setup(self, config, pipe, params, tokenizer, max_len, decode_chunk, **cache):
     self.config, self.pipeline, self.params, self.tokenizer = config, pipe, params, tokenizer
     # the engines' KV cache: block_size, kv_cache_memory, prefix_cache, prefill_chunk,
-    # kv_dtype
+    # kv_dtype, kv_grow
     self.cache_options = dict(block_size=defaults.BLOCK_SIZE) | cache
     self.dtype = params_lib.activation_dtype(params)
     self.max_len = check_context(config, max_len or 0, decode_chunk)
@@ -179,7 +183,7 @@ class LLM:
              watchdog=None, **cache) -> engine_lib.Engine:
     """A batch engine over this model's pipeline, weights, context and stop ids; its KV
     cache as this LLM's, or as `cache` says (`Engine`'s block_size, kv_cache_memory,
-    kv_blocks, prefix_cache, prefill_chunk, kv_dtype)."""
+    kv_blocks, prefix_cache, prefill_chunk, kv_dtype, kv_grow)."""
     return engine_lib.Engine(
         self.pipeline, self.params, max_len=self.max_len, decode_chunk=self.decode_chunk,
         eos_ids=self.config.eos_token_ids, max_num_seqs=max_num_seqs, reserve=reserve,

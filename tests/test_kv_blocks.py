@@ -252,6 +252,50 @@ def test_random_traffic_with_prefix_cache_keeps_the_books():
   assert alloc.evictions > 50 and alloc.hit_tokens > 0.2 * alloc.lookup_tokens
 
 
+def test_growth_takes_fresh_blocks_and_the_old_allocation_is_gone():
+  alloc = BlockAllocator(8, 4, prefix_cache=True)
+  a = alloc.admit(list(range(9)), 10)  # 3 blocks; 2 full prompt blocks published
+  alloc.register(a, list(range(9)))
+  assert alloc.grow(a, 12) is a  # 12 positions still fit 3 blocks
+  b = alloc.grow(a, 13)
+  assert b.blocks == a.blocks + (4,) and b.keys == a.keys and b.cached == a.cached
+  assert alloc.peak_used == 4
+  with pytest.raises(JaxppError, match="^grow of an allocation that is not live"):
+    alloc.grow(a, 20)  # replaced by b
+  assert alloc.grow(b, 30) is None  # 8 blocks needed, 7 in the pool
+  check_books(alloc, [b])
+  alloc.release(b)
+  assert (alloc.free_blocks, alloc.cached_blocks, alloc.used_blocks) == (5, 2, 0)
+
+
+def test_random_traffic_with_growth_keeps_the_books():
+  """Sequences admitted small and grown a block at a time, released at random: the books
+  always match the live allocations, and a failed growth changes nothing."""
+  rng = np.random.default_rng(2)
+  alloc = BlockAllocator(32, 4, prefix_cache=True)
+  stems = [list(rng.integers(0, 50, 16)) for _ in range(3)]
+  live = []
+  for _ in range(3000):
+    roll = rng.random()
+    if live and roll < 0.3:
+      alloc.release(live.pop(int(rng.integers(len(live)))))
+    elif live and roll < 0.7:
+      i = int(rng.integers(len(live)))
+      before = (alloc.free_blocks, alloc.cached_blocks, alloc.used_blocks)
+      grown = alloc.grow(live[i], 4 * len(live[i].blocks) + int(rng.integers(1, 9)))
+      if grown is None:
+        assert (alloc.free_blocks, alloc.cached_blocks, alloc.used_blocks) == before
+      else:
+        live[i] = grown
+    else:
+      prompt = stems[int(rng.integers(3))][:int(rng.integers(1, 17))]
+      a = alloc.admit(prompt, len(prompt) + 1)
+      if a is not None:
+        alloc.register(a, prompt)
+        live.append(a)
+    check_books(alloc, live)
+
+
 # -- errors --------------------------------------------------------------------------------
 
 

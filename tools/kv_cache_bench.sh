@@ -15,7 +15,9 @@
 #           with the prefix cache off, then on;
 #   blocks  1,024/128 at 64 slots with blocks of 16, 32, 64 and 128 positions (decode's
 #           cost of the table against the block size);
-#   chunk   mixed-256 paged as in `mixed`, prompts prefilled in pieces of 512 tokens.
+#   chunk   mixed-256 paged as in `mixed`, prompts prefilled in pieces of 512 tokens;
+#   grow    mixed-256 paged as in `mixed` (blocks of 64), whole reservations against
+#           `--kv_grow` (admit with the prompt's blocks, grow in decode, swap out when full).
 # Results go to OUT_DIR/<step>.json (the bench's results.json) and <step>.log.
 set -euo pipefail
 out=${1:?usage: tools/kv_cache_bench.sh OUT_DIR [STEPS]}
@@ -42,6 +44,9 @@ for s in $steps; do
     blocks)
       bench blocks --input_len=1024 --output_len=128 --num_requests=256 --max_num_seqs=64 \
         --block_size=16,32,64,128 ;;
+    grow)
+      bench grow --workload=docs/bench/mixed-256.jsonl --block_size=64 --kv_cache_memory=10.74 \
+        --max_num_seqs=${MIXED_CAP:-128} --kv_grow=false,true ;;
     chunk)
       bench chunk --workload=docs/bench/mixed-256.jsonl --block_size=64 \
         --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-128} --prefill_chunk=512 ;;

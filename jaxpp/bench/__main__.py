@@ -81,6 +81,9 @@ def define_flags() -> None:
                 "alike share cached blocks; a list (false,true) runs each")
   f.DEFINE_list("kv_dtype", list(d.kv_dtype), "KV cache storage per run: auto (the "
                 "activations' dtype), fp8 (e4m3, half the bytes); a list runs each")
+  f.DEFINE_list("kv_grow", list(d.kv_grow), "per run: true admits with the prompt's blocks "
+                "and grows them in decode, swapping the newest sequence out when the pool is "
+                "full; a list (false,true) runs each")
   f.DEFINE_integer("prefill_chunk", d.prefill_chunk, "prompt tokens prefilled a step, long "
                    "prompts in chunks between decode calls (0: whole prompts)")
   f.DEFINE_integer("scan_unroll", d.scan_unroll, "layers per stage-scan iteration (0 = all)")

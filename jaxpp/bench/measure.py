@@ -95,7 +95,8 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
                        kv_cache_memory=args.get("kv_cache_memory", 0.0),
                        prefix_cache=args.get("prefix_cache", False),
                        prefill_chunk=args.get("prefill_chunk", 0),
-                       kv_dtype=args.get("kv_dtype", "auto"))
+                       kv_dtype=args.get("kv_dtype", "auto"),
+                       kv_grow=args.get("kv_grow", False))
       for i, (p, n) in enumerate(zip(batch, new_tokens)):
         eng.submit(requests.Request(str(i), p, n))
       eng.run(lambda f: None)
@@ -149,6 +150,7 @@ def run_layout(config, hw, text: str, prompts: list[list[int]], args) -> dict:
       prefix_cache=bool(args.get("prefix_cache")) and not tp_baseline,
       prefill_chunk=0 if tp_baseline else args.get("prefill_chunk", 0),
       kv_dtype="auto" if tp_baseline else args.get("kv_dtype", "auto"),
+      kv_grow=bool(args.get("kv_grow")) and not tp_baseline,
       kv_cache=getattr(st, "kv", {}), max_live=getattr(st, "max_live", None),
       weight_gb_per_device=max(per_device_bytes(llm.params).values()) / 1e9,
       microbatches=microbatches, prefill_microbatches=prefill_m, max_num_seqs=slots,

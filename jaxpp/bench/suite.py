@@ -54,6 +54,7 @@ class BenchOptions:
   prefix_cache: tuple[str, ...] = ("false",)  # per run: share prompts' cached prefixes
   prefill_chunk: int = 0  # prompt tokens prefilled a step (0: whole prompts)
   kv_dtype: tuple[str, ...] = ("auto",)  # per run: the KV cache's storage (auto, fp8)
+  kv_grow: tuple[str, ...] = ("false",)  # per run: grow blocks in decode, swap out when full
   scan_unroll: int = 1
   out: str = "out/bench"
   profile_dir: str = ""
@@ -75,11 +76,11 @@ def _measure_or_error(config, hw, text: str, prompts, args: dict) -> dict:
                 attention=args.get("attention", "auto"), error=f"{type(e).__name__}: {first}")
 
 
-def _flag(text) -> bool:
+def _flag(text, name: str = "prefix_cache") -> bool:
   """A list flag's entry as a bool (true/false, 1/0)."""
   value = str(text).strip().lower()
   if value not in ("true", "false", "1", "0"):
-    raise JaxppError(f"--prefix_cache entries are true or false, not {text!r}")
+    raise JaxppError(f"--{name} entries are true or false, not {text!r}")
   return value in ("true", "1")
 
 
@@ -134,9 +135,10 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
     print(header, flush=True)
   for text in layouts:
     runs = ([{}] if baseline_hf.parse(text) else
-            [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c), kv_dtype=k)
+            [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c), kv_dtype=k,
+                  kv_grow=_flag(g, "kv_grow"))
              for q in opts.quant for a in opts.attention for b in opts.block_size
-             for c in opts.prefix_cache for k in opts.kv_dtype])
+             for c in opts.prefix_cache for k in opts.kv_dtype for g in opts.kv_grow])
     for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
                   _measure_or_error(config, hw, text, prompts, dict(args, **knobs)))

@@ -256,6 +256,8 @@ def kv_line(kv: dict[str, Any]) -> str:
   if kv.get("prefix_lookup_tokens"):
     line += (f", prefix cache hit {_pct(kv['prefix_hit_tokens'] / kv['prefix_lookup_tokens'])}"
              f" of prompt tokens ({kv['prefix_hit_tokens']:,} not prefilled)")
+  if kv.get("preemptions"):
+    line += f", {kv['preemptions']:,} sequences swapped out to make room (kv_grow)"
   return line
 
 

@@ -108,7 +108,8 @@ def check_config(config: ml_collections.ConfigDict, model: LlamaConfig) -> int:
     raise JaxppError(f"engine.max_num_seqs={eng.max_num_seqs} must be >= 1 (0 = what free "
                      "memory holds)")
   kv_pages.check_options(eng.block_size, eng.kv_cache_memory, eng.prefix_cache,
-                         eng.prefill_chunk, where="engine.", kv_dtype=eng.kv_dtype)
+                         eng.prefill_chunk, where="engine.", kv_dtype=eng.kv_dtype,
+                         kv_grow=eng.kv_grow)
   for cls, n in eng.priority_reserve.items():
     if n < 0:
       raise JaxppError(f"engine.priority_reserve.{cls}={n} must be >= 0")
@@ -313,7 +314,8 @@ class _Run:
                                kv_cache_memory=config.engine.kv_cache_memory,
                                prefix_cache=config.engine.prefix_cache,
                                prefill_chunk=config.engine.prefill_chunk,
-                               kv_dtype=config.engine.kv_dtype)
+                               kv_dtype=config.engine.kv_dtype,
+                               kv_grow=config.engine.kv_grow)
     pages = self.eng.pages
     kv = (f"KV cache of {pages.blocks - 1:,} blocks of {pages.block_size} positions per "
           "replica" if pages else "dense KV cache")

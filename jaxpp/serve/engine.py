@@ -11,7 +11,10 @@ through the pipeline straight into those slots, and the ring goes on with the ne
   replica ever holds more than its share. `max_num_seqs` counts all replicas together.
 - KV admission: with a paged cache (`block_size` > 0, the default) a request is admitted
   into a free slot when its prompt plus max_new_tokens fit its replica's free blocks
-  (`kv_pages.py`), so short requests leave room for more in flight; with a dense cache
+  (`kv_pages.py`), so short requests leave room for more in flight; with `kv_grow` when
+  its prompt and one decode call fit, its blocks growing as it decodes and the newest
+  sequence swapped out to host memory (and back, exactly) when they run out
+  (`kv_swap.py`); with a dense cache
   (`block_size=0`) each slot owns max_len positions on every stage. Either way a request
   whose prompt plus max_new_tokens (less the last token, never fed back) exceeds max_len
   or the whole pool is refused at submit (the job turns that into an errors-file line),
@@ -37,7 +40,8 @@ from jaxpp.model import decode_state, kv_cache, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import defaults, kv_pages, logprobs, prompt_pieces, requests, stop_strings
+from jaxpp.serve import (defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
+                         stop_strings)
 from jaxpp.serve.requests import PRIORITIES, Finished, Request
 from jaxpp.serve.device_call import InFlight
 from jaxpp.serve.prefill import Prefiller
@@ -71,14 +75,14 @@ class Engine:
                detokenize: stop_strings.Detokenize | None = None,
                block_size: int = defaults.BLOCK_SIZE, kv_cache_memory: float = 0.0,
                kv_blocks: int = 0, prefix_cache: bool = False, prefill_chunk: int = 0,
-               kv_dtype: str = "auto"):
+               kv_dtype: str = "auto", kv_grow: bool = False):
     self.pipe, self.params, self.watchdog = pipe, params, watchdog
     self.detokenize = detokenize  # ids -> text, for requests with stop strings
     self.max_len, self.decode_chunk, self.eos_ids = max_len, decode_chunk, tuple(eos_ids)
     if decode_chunk < 1:
       raise JaxppError(f"decode_chunk={decode_chunk} must be >= 1")
     kv_pages.check_options(block_size, kv_cache_memory, prefix_cache, prefill_chunk,
-                           kv_dtype=kv_dtype)
+                           kv_dtype=kv_dtype, kv_grow=kv_grow)
     self.prefill_chunk = prefill_chunk
     M = self.M = self.pipe.microbatches
     dtype = kv_cache.storage_dtype(kv_dtype, params_lib.activation_dtype(params))
@@ -109,7 +113,8 @@ class Engine:
           pipe, block_size, dtype, kv_cache_memory,
           dense_equivalent=M * self.replica_rows * -(-max_len // block_size) + 1)
       self.pages = kv_pages.PagedSlots(M, self.rows, self.dp, max_len, blocks, block_size,
-                                       prefix_cache=prefix_cache)
+                                       prefix_cache=prefix_cache, grow=kv_grow,
+                                       chunk=decode_chunk)
       self.cache = self.pipe.init_pool(blocks, block_size, dtype)
     else:
       self.cache = self.pipe.init_cache(self.rows, max_len, dtype)
@@ -126,6 +131,8 @@ class Engine:
     self.prefilling: dict[tuple[int, int], int] = {}  # slot -> its prompt's tokens cached
     self._pending: InFlight | None = None  # the decode call in flight
     self._decode_programs: set = set()  # keys of decode programs already run (compiled)
+    self.order: dict[tuple[int, int], int] = {}  # slot -> its sequence's admission number
+    self.swapped: list[kv_swap.Swapped] = []  # preempted sequences (kv_grow)
 
   # --- admission --------------------------------------------------------------------------
 
@@ -147,7 +154,8 @@ class Engine:
                      for d in range(self.dp)])
 
   def waiting(self) -> int:
-    return sum(map(len, self.queues.values()))
+    """Requests not in a slot: queued, or swapped out (kv_grow)."""
+    return sum(map(len, self.queues.values())) + len(self.swapped)
 
   def settle(self) -> None:
     """Waits for the decode call in flight and takes its tokens (a caller stopping early
@@ -167,6 +175,8 @@ class Engine:
     """Moves waiting requests into free slots, interactive first, honouring reserves."""
     admitted = []
     live = self.live_by_replica()
+    if self.swapped and not kv_swap.restore(self, live):
+      return admitted  # nothing new overtakes a preempted sequence
     by_class = self._live_by_class()
     for cls in PRIORITIES:
       queue = self.queues[cls]
@@ -193,6 +203,8 @@ class Engine:
                                     share=not _whole(request)).cached
         self.prefilling[(j, r)] = cached
         self.owner[j][r] = request
+        self.order[(j, r)] = self.stats.admissions
+        self.stats.admissions += 1
         live[d, j] += 1
         by_class[cls] += 1
         admitted.append((request, j, r))
@@ -223,8 +235,7 @@ class Engine:
     reqs = [self.owner[j][r] for j, r in (x.slot for x in pieces)]
     knobs = []
     for req, x in zip(reqs, pieces):
-      values = {f: getattr(req, f) & 0xFFFFFFFF if f == "seed" else getattr(req, f)
-                for f in self.sampling._fields}
+      values = self.sampling_values(req)
       for f, value in values.items():
         getattr(self.sampling, f)[x.slot] = value
       knobs.append(values)
@@ -260,6 +271,11 @@ class Engine:
         self.logprobs.add(x.slot, req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
         field[x.slot] = value[i]
+
+  def sampling_values(self, request: Request) -> dict:
+    """The request's sampling knobs as its slot's row of `self.sampling` holds them."""
+    return {f: getattr(request, f) & 0xFFFFFFFF if f == "seed" else getattr(request, f)
+            for f in self.sampling._fields}
 
   def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
     """Runs the greedy prefill program of every shape an admission of these prompt lengths
@@ -357,6 +373,7 @@ class Engine:
         done.append(Finished(self.owner[j][r], toks, reason, stop[1] if stop else None,
                              *self.logprobs.pop((j, r), len(toks))))
         self.owner[j][r] = None
+        self.order.pop((j, r), None)
         if self.pages is not None:
           self.pages.release((j, r))
     return done
@@ -378,10 +395,12 @@ class Engine:
     if pieces:
       self._prefill(pieces)
       finished += self._retire()
+    if self.tokens and self.pages is not None and self.pages.grow:
+      kv_swap.make_room(self)
     if self.tokens:
       self._dispatch_decode()
     if self.pages is not None:
-      self.stats.kv = self.pages.stats()
+      self.stats.kv = self.pages.stats() | dict(preemptions=self.stats.preemptions)
     return finished
 
   def run(self, on_finished: Callable[[Finished], None]) -> EngineStats:

@@ -2,9 +2,12 @@
 
 Each pipeline stage's KV cache is a pool of `num_blocks` blocks of `block_size` positions,
 and every sequence (a request in a decode slot) reads and writes through its block table.
-The engine admits a request only when all the blocks it will ever write are free (prompt
-plus `max_new_tokens` positions, taken up front), so a sequence never grows and is never
-preempted; the engine gives the blocks back when the request finishes.
+By default the engine admits a request only when all the blocks it will ever write are free
+(prompt plus `max_new_tokens` positions, taken up front), so a sequence never grows and is
+never preempted. With growth on (`kv_grow`) it takes the prompt's blocks and a decode
+call's worth, and `grow`s the allocation as decode goes on (the engine swaps a sequence
+out when the pool runs dry: `serve/kv_swap.py`). The engine gives the blocks back when the
+request finishes.
 
 Block 0 is the NULL block: it is never handed out, so rows of padding and finished rows
 can write there without a branch, and nothing ever reads it.
@@ -166,6 +169,24 @@ class BlockAllocator:
     allocation = Allocation(tuple(blocks), len(hits) * self.block_size, keys)
     self._live[blocks[-1]] = allocation
     return allocation
+
+  def grow(self, allocation: Allocation, positions: int) -> Allocation | None:
+    """The allocation extended with fresh blocks to hold `positions` positions (itself when
+    it already does), or None (nothing changed) if the pool can't give them now. The
+    returned allocation replaces the old one, which is no longer live."""
+    self._check_live(allocation, "grow")
+    need = self.blocks_for(positions) - len(allocation.blocks)
+    if need <= 0:
+      return allocation
+    if need > len(self._free) + len(self._lru):
+      return None
+    fresh = tuple(self._take_fresh() for _ in range(need))
+    self._used += need
+    self._peak_used = max(self._peak_used, self._used)
+    grown = dataclasses.replace(allocation, blocks=allocation.blocks + fresh)
+    del self._live[allocation.blocks[-1]]
+    self._live[fresh[-1]] = grown
+    return grown
 
   def register(self, allocation: Allocation, prompt: Sequence[int]) -> None:
     """Publishes the allocation's full prompt blocks under their keys, once the prefill has

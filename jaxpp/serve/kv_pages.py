@@ -6,7 +6,9 @@ sequences in flight is fixed by the longest request a run could meet. With pages
 replica's pool holds `blocks` blocks of `block_size` positions (`Pipeline.pool_shape`); a
 request is admitted when a slot is free and its prompt plus max_new_tokens fit the free
 blocks (allocated whole on admission: no growth, so no preemption and nothing to recompute),
-and its blocks return when it finishes. The tables [M, rows, nblk] go to every decode call
+and its blocks return when it finishes. With `grow`, admission takes only the prompt's
+blocks and one decode call's (`chunk` tokens), and `ensure` grows a row's blocks before
+each decode call; when the pool cannot, the engine swaps a sequence out (`kv_swap.py`). The tables [M, rows, nblk] go to every decode call
 (the rows' blocks); a prefill gets each prompt token's (block, offset) instead. A finished
 slot's table is reset to NULL_BLOCK before the next call, so the junk a finished row keeps
 writing lands in the null block, never in blocks handed on to another request.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from jaxpp.errors import JaxppError
@@ -26,7 +29,8 @@ from jaxpp.serve.kv_blocks import Allocation, BlockAllocator
 
 
 def check_options(block_size: int, kv_cache_memory: float, prefix_cache: bool,
-                  prefill_chunk: int, where: str = "", kv_dtype: str = "auto") -> None:
+                  prefill_chunk: int, where: str = "", kv_dtype: str = "auto",
+                  kv_grow: bool = False) -> None:
   """Refuses KV cache knobs no engine can take, one line naming the knob (`where` prefixes
   its name: the job checks its config's `engine.` section before anything compiles)."""
   if kv_dtype not in KV_DTYPES:
@@ -41,9 +45,12 @@ def check_options(block_size: int, kv_cache_memory: float, prefix_cache: bool,
                      "that share, > 1: GB)")
   if prefill_chunk < 0:
     raise JaxppError(f"{where}prefill_chunk={prefill_chunk} must be >= 0 (0: whole prompts)")
-  if (prefix_cache or prefill_chunk) and not block_size:
-    raise JaxppError(f"{where}prefix_cache and {where}prefill_chunk need a paged KV cache "
-                     f"({where}block_size > 0)")
+  if kv_grow and jax.process_count() > 1:
+    raise JaxppError(f"{where}kv_grow swaps KV blocks through one process's host memory; "
+                     "it runs in one process only")
+  if (prefix_cache or prefill_chunk or kv_grow) and not block_size:
+    raise JaxppError(f"{where}prefix_cache, {where}prefill_chunk and {where}kv_grow need a "
+                     f"paged KV cache ({where}block_size > 0)")
 
 
 class PagedSlots:
@@ -52,9 +59,10 @@ class PagedSlots:
   `check_options` takes it)."""
 
   def __init__(self, M: int, rows: int, dp: int, max_len: int, blocks: int, block_size: int,
-               prefix_cache: bool = False):
+               prefix_cache: bool = False, grow: bool = False, chunk: int = 1):
     self.block_size, self.dp, self.replica_rows = block_size, dp, rows // dp
     self.prefix_cache = prefix_cache
+    self.grow, self.chunk = grow, chunk
     self.nblk = math.ceil(max_len / block_size)
     self.allocators = [BlockAllocator(blocks, block_size, prefix_cache=prefix_cache)
                        for _ in range(dp)]
@@ -75,6 +83,12 @@ class PagedSlots:
     blocks (a write past them goes to the null block)."""
     return min(prompt_len + max_new, self.nblk * self.block_size)
 
+  def reserve(self, prompt_len: int, max_new: int) -> int:
+    """Positions admission takes: all of `positions`, or with growth the prompt's and one
+    decode call's."""
+    full = self.positions(prompt_len, max_new)
+    return min(full, prompt_len + self.chunk) if self.grow else full
+
   def check(self, key: str, prompt_len: int, max_new: int) -> None:
     """Refuses a request no replica's pool could ever hold (one line)."""
     need = self.positions(prompt_len, max_new)
@@ -90,13 +104,35 @@ class PagedSlots:
     """Blocks for a request in `slot` (its table filled), or None when its replica's free
     blocks do not hold it now; with the prefix cache on its `cached` prompt tokens are
     already in the first of them (`share=False`: none are)."""
+    return self.admit_positions(slot, prompt, self.reserve(len(prompt), max_new), share)
+
+  def admit_positions(self, slot: tuple[int, int], prompt: Sequence[int], positions: int,
+                      share: bool = True) -> Allocation | None:
+    """`admit` of `positions` positions (a swapped-out sequence coming back takes what it
+    held)."""
     d = self.replica(slot[1])
-    got = self.allocators[d].admit(prompt, self.positions(len(prompt), max_new), share)
+    got = self.allocators[d].admit(prompt, positions, share)
     if got is None:
       return None
     self.held[slot] = got
     self.tables[slot][:len(got.blocks)] = got.blocks
     return got
+
+  def ensure(self, slot: tuple[int, int], positions: int) -> bool:
+    """Grows the slot's blocks to hold `positions` positions (its table too); False, with
+    nothing changed, if its replica's pool cannot now."""
+    got = self.allocators[self.replica(slot[1])].grow(self.held[slot], positions)
+    if got is None:
+      return False
+    self.held[slot] = got
+    self.tables[slot][:len(got.blocks)] = got.blocks
+    return True
+
+  def pool_ids(self, slot: tuple[int, int]) -> list[int]:
+    """The slot's blocks as indices of the whole pool's block axis (replica d's block i is
+    d * blocks + i: `Pipeline.pool_shape`)."""
+    offset = self.replica(slot[1]) * self.blocks
+    return [offset + b for b in self.held[slot].blocks]
 
   def writes(self, slot: tuple[int, int], start: int, end: int) -> np.ndarray:
     """i32 [end - start, 2]: (block, offset) of the slot's prompt positions [start, end)."""
@@ -118,8 +154,12 @@ class PagedSlots:
   def fits_now(self, d: int, prompt_len: int, max_new: int) -> bool:
     """Whether replica d could take such a request now, ignoring the prefix cache's hits
     (a cheap check for choosing a replica: `admit` decides)."""
+    return self.fits_positions(d, self.reserve(prompt_len, max_new))
+
+  def fits_positions(self, d: int, positions: int) -> bool:
+    """Whether replica d's free and evictable blocks hold `positions` positions now."""
     a = self.allocators[d]
-    return a.blocks_for(self.positions(prompt_len, max_new)) <= a.free_blocks + a.cached_blocks
+    return a.blocks_for(positions) <= a.free_blocks + a.cached_blocks
 
   def stats(self) -> dict:
     """Peak and current blocks in use and the prefix cache's hits, over the replicas."""

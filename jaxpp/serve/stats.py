@@ -47,6 +47,8 @@ class EngineStats:
   tick_seconds: list[float] = dataclasses.field(default_factory=list)
   max_live_per_microbatch: int = 0  # the most live rows of one replica in one micro-batch
   max_live: int = 0  # the most sequences in flight at once, all replicas
+  admissions: int = 0  # requests given a slot (their admission order numbers the sequences)
+  preemptions: int = 0  # sequences swapped out of the KV pool to make room (kv_grow)
   decode_timed_seconds: float = 0.0
   decode_busy_seconds: float = 0.0
   decode_gap_seconds: float = 0.0
