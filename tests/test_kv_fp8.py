@@ -17,7 +17,7 @@ import jaxpp
 from jaxpp.errors import JaxppError
 from jaxpp.model import kv_cache
 from tests import hf_models
-from tests.test_paged import BLOCK, MAX_LEN, run
+from tests.test_paged import BLOCK, MAX_LEN, run, shared  # noqa: F401 (fixture)
 from tests.test_quant import MAX_LEN as TICKET_LEN
 from tests.test_quant import bf16, prompts  # noqa: F401 (fixtures)
 from tests.test_trained_model import MODEL, held_out  # noqa: F401 (fixture)
@@ -52,6 +52,22 @@ def test_every_layout_gives_the_single_device_fp8_tokens(model, single_fp8, layo
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, layout=layout,
                   attention=attention, block_size=block_size, kv_dtype="fp8")
   assert run(llm, requests, new)[1] == single_fp8
+
+
+def test_prefix_hits_and_chunks_keep_the_fp8_tokens(shared):  # noqa: F811
+  """A token attends to its own pass's keys and values as the fp8 cache will hold them, so
+  a prompt whose prefix comes from the prefix cache, or that is prefilled in chunks (of 16
+  tokens, on pp2tp2 with the kernels), gives the tokens it gives prefilled whole on one
+  device without the prefix cache (unrounded own keys made a prefix hit change tokens)."""
+  ckpt, texts, _ = shared
+  new = [8] * len(texts)
+  whole = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, block_size=BLOCK,
+                    kv_dtype="fp8")
+  want = run(whole, texts, new, max_num_seqs=2)[1]
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, layout="pp2tp2",
+                  attention="kernel", block_size=BLOCK, kv_dtype="fp8")
+  eng, got, _ = run(llm, texts, new, max_num_seqs=2, prefix_cache=True, prefill_chunk=16)
+  assert got == want and eng.stats.kv["prefix_hit_tokens"] > 0
 
 
 def test_fp8_cache_takes_half_the_bytes_and_its_scales(model):

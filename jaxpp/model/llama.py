@@ -71,6 +71,10 @@ class Attention(nn.Module):
   dtype: jnp.dtype
   quantized: bool = False
   kernels: Kernels = Kernels()  # which phases run their fused kernel (attention_choice.py)
+  # the cache stores scaled e4m3 (kv_cache.py): the new tokens attend to their own keys and
+  # values as the cache will hold them, so a token sees the same keys whether they were
+  # computed in its pass or read back from the cache (a prefix hit, an earlier chunk)
+  kv_fp8: bool = False
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
@@ -98,6 +102,8 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, inv_freq, scale)
     # query head n = k * G + g, as wqkv groups them; Gemma 2 scales by query_pre_attn_scalar
     q = q.reshape(B, T, K, G, H) * (c.query_scale or H ** -0.5)
+    if self.kv_fp8:
+      k, v = (kv_cache.widen(*kv_cache.to_cache(a, kv_cache.FP8), a.dtype) for a in (k, v))
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
                  kernels=self.kernels, window=window, softcap=c.attn_softcap)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
@@ -200,6 +206,7 @@ class Block(nn.Module):
   dtype: jnp.dtype
   quantized: bool = False  # 8-bit projections with per-channel scales (quant.py)
   kernels: Kernels = Kernels()  # see Attention
+  kv_fp8: bool = False  # see Attention
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
@@ -208,7 +215,8 @@ class Block(nn.Module):
     c = self.config
     inplace = inplace or {}
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.norm_offset)
-    attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, name="attn")(
+    attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, self.kv_fp8,
+                                 name="attn")(
         norm(name="attn_norm")(x), positions, start, cache, segments, window,
         inplace.get("attn"))
     if c.sandwich_norms:  # Gemma 2: each sublayer's output normalised before its residual
@@ -250,7 +258,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
   if c.window is None and windows is None:
     raise ValueError("layers with different sliding windows need run_blocks' `windows`")
   quantized = "wqkv" + quant.SCALE in blocks["attn"]
-  block = Block(c, x.dtype, quantized=quantized, kernels=kernels)
+  block = Block(c, x.dtype, quantized=quantized, kernels=kernels,
+                kv_fp8=kv_cache.scaled(cache[0].dtype))
   b, T = x.shape[:2]
   # a decode step's 8-bit projections: the kernel reads each layer where its stack lies
   inplace = quantized and kernels.weights8 and T == 1
