@@ -11,11 +11,10 @@ through the pipeline straight into those slots, and the ring goes on with the ne
   replica ever holds more than its share. `max_num_seqs` counts all replicas together.
 - KV admission: with a paged cache (`block_size` > 0, the default) a request is admitted
   into a free slot when its prompt plus max_new_tokens fit its replica's free blocks
-  (`kv_pages.py`), so short requests leave room for more in flight; with `kv_grow` when
-  its prompt and one decode call fit, its blocks growing as it decodes and the newest
-  sequence swapped out to host memory (and back, exactly) when they run out
-  (`kv_swap.py`); with a dense cache
-  (`block_size=0`) each slot owns max_len positions on every stage. Either way a request
+  (`kv_pages.py`), so short requests leave room for more in flight (`kv_grow`: when its
+  prompt and one decode call fit; blocks grow in decode, and the newest sequence is swapped
+  out and back when they run out, `kv_swap.py`); with a dense cache (`block_size=0`) each
+  slot owns max_len positions on every stage. Either way a request
   whose prompt plus max_new_tokens (less the last token, never fed back) exceeds max_len
   or the whole pool is refused at submit (the job turns that into an errors-file line),
   never truncated silently. Requests that do not fit now wait, in order: backpressure,
@@ -200,7 +199,7 @@ class Engine:
         cached = 0
         if self.pages is not None:
           cached = self.pages.admit((j, r), request.prompt, request.max_new_tokens,
-                                    share=not _whole(request)).cached
+                                    share=not requests.whole_prompt(request)).cached
         self.prefilling[(j, r)] = cached
         self.owner[j][r] = request
         self.order[(j, r)] = self.stats.admissions
@@ -235,7 +234,7 @@ class Engine:
     reqs = [self.owner[j][r] for j, r in (x.slot for x in pieces)]
     knobs = []
     for req, x in zip(reqs, pieces):
-      values = self.sampling_values(req)
+      values = requests.sampling_values(req)
       for f, value in values.items():
         getattr(self.sampling, f)[x.slot] = value
       knobs.append(values)
@@ -271,11 +270,6 @@ class Engine:
         self.logprobs.add(x.slot, req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
         field[x.slot] = value[i]
-
-  def sampling_values(self, request: Request) -> dict:
-    """The request's sampling knobs as its slot's row of `self.sampling` holds them."""
-    return {f: getattr(request, f) & 0xFFFFFFFF if f == "seed" else getattr(request, f)
-            for f in self.sampling._fields}
 
   def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
     """Runs the greedy prefill program of every shape an admission of these prompt lengths
@@ -348,21 +342,13 @@ class Engine:
     """The slots' block tables [M, rows, nblk] for a paged cache's decode (else None)."""
     return None if self.pages is None else self.pages.tables
 
-  def _stop(self, request: Request, toks: list[int]) -> tuple[int, str | None] | None:
-    """(tokens to keep, text or None) where the request's own stop ids or strings end it."""
-    at = stop_strings.first_stop_id(toks, request.stop_token_ids)
-    stop = None if at is None else (at, None)
-    if request.stop:
-      found = stop_strings.find_stop(self.detokenize, toks[:at], request.stop)
-      stop = found or stop
-    return stop
-
   def _retire(self) -> list[Finished]:
     """Frees the slots of finished sequences (a stop string ends one here too)."""
     done = []
     eos = self.eos_ids
     for (j, r), toks in list(self.tokens.items()):
-      stop = self._stop(self.owner[j][r], toks)
+      request = self.owner[j][r]
+      stop = stop_strings.stop_of(toks, request.stop_token_ids, request.stop, self.detokenize)
       if stop is not None:
         self.stats.completion_tokens -= len(toks) - stop[0]
         del toks[stop[0]:]
@@ -390,7 +376,8 @@ class Engine:
     if self.waiting() and not admitted and not self.tokens and not self.prefilling:
       raise JaxppError("requests are waiting but none can be admitted")  # __init__ guards
     pieces = prompt_pieces.plan(
-        [(slot, len(req.prompt), done, _whole(req)) for slot, done in self.prefilling.items()
+        [(slot, len(req.prompt), done, requests.whole_prompt(req))
+         for slot, done in self.prefilling.items()
          for req in (self.owner[slot[0]][slot[1]],)], self.prefill_chunk)
     if pieces:
       self._prefill(pieces)
@@ -410,9 +397,3 @@ class Engine:
         on_finished(f)
     return self.stats
 
-
-def _whole(request: Request) -> bool:
-  """Whether a request's prompt is prefilled whole, in one piece and from no cached prefix:
-  its first token's repetition penalty counts every prompt token, which the prefill of a
-  piece does not see."""
-  return bool(penalties.is_on(request.repetition_penalty, 0.0, 0.0))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpp.serve import requests
+
 POOL_AXIS = 3  # the block axis of a pool [pp, v, Lc, dp * blocks, K, BS(, H)] and its scales
 
 
@@ -135,7 +137,7 @@ def restore(eng, live: np.ndarray) -> bool:
     eng.owner[j][r], eng.order[slot], eng.tokens[slot] = request, back.order, back.tokens
     for field, value in zip(eng.state, back.state):
       field[slot] = value
-    for name, value in eng.sampling_values(request).items():
+    for name, value in requests.sampling_values(request).items():
       getattr(eng.sampling, name)[slot] = value
     eng.history.start(slot, request.prompt, back.tokens[0])
     eng.history.extend(slot, back.tokens[1:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import sampling
+from jaxpp.model import penalties, sampling
 
 PRIORITIES = ("interactive", "batch")  # admission order
 
@@ -68,3 +68,17 @@ def check(request: Request, max_len: int, *, stop_strings: bool) -> None:
   if request.logprobs is not None and not 0 <= request.logprobs <= sampling.MAX_TOP_LOGPROBS:
     raise JaxppError(f"request {request.key}: logprobs={request.logprobs} must be in [0, "
                      f"{sampling.MAX_TOP_LOGPROBS}] (alternatives per token)")
+
+
+def whole_prompt(request: Request) -> bool:
+  """Whether a request's prompt is prefilled whole, in one piece and from no cached prefix:
+  its first token's repetition penalty counts every prompt token, which the prefill of a
+  piece does not see."""
+  return bool(penalties.is_on(request.repetition_penalty, 0.0, 0.0))
+
+
+def sampling_values(request: Request) -> dict:
+  """The request's sampling knobs as its slot's row of the engine's SamplingParams holds
+  them (the seed as 32 bits)."""
+  return {f: getattr(request, f) & 0xFFFFFFFF if f == "seed" else getattr(request, f)
+          for f in sampling.SamplingParams._fields}

@@ -47,3 +47,14 @@ def first_stop_id(token_ids: Sequence[int], stop_ids: Sequence[int]) -> int | No
   are looked for here, at each return to the host."""
   stops = set(stop_ids)
   return next((i + 1 for i, t in enumerate(token_ids) if t in stops), None)
+
+
+def stop_of(token_ids: Sequence[int], stop_ids: Sequence[int], stops: Sequence[str],
+            detokenize: Detokenize | None) -> tuple[int, str | None] | None:
+  """(tokens to keep, text or None) where a request's own stop ids or stop strings end
+  its tokens so far, or None."""
+  at = first_stop_id(token_ids, stop_ids)
+  stop = None if at is None else (at, None)
+  if stops:
+    stop = find_stop(detokenize, token_ids[:at], stops) or stop
+  return stop
