@@ -39,7 +39,9 @@ def test_hf_generation_matches_jaxpp_reference(tmp_path, variant):
   assert got["tokens"] == ref
   assert (got["prompt_tokens"], got["completion_tokens"]) == (36, 40)
   assert got["devices"] == ["cpu"]
-  assert 0 < got["prefill_seconds"] < got["wall_seconds"]
+  # prefill is timed by a separate one-token call, so on a loaded CPU it may outlast the
+  # whole 8-token call of a model this small: both are timed, their order is noise
+  assert got["prefill_seconds"] > 0 and got["wall_seconds"] > 0
   assert got["decode_seconds"] == pytest.approx(got["wall_seconds"] - got["prefill_seconds"])
 
 
