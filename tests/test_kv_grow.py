@@ -48,16 +48,17 @@ def test_swapped_sequences_give_the_reference_tokens(model, layout, attention): 
   _assert_pool_empty(eng)
 
 
-@pytest.mark.parametrize("kv_dtype, prefix_cache", [("fp8", False), ("auto", True)])
+@pytest.mark.parametrize("kv_dtype, prefix_cache, chunk", [("fp8", False, 0), ("auto", True, 8)])
 def test_logprobs_penalties_and_scales_come_back_with_a_sequence(model, kv_dtype,  # noqa: F811
-                                                                 prefix_cache):
+                                                                 prefix_cache, chunk):
   """The same requests with and without growth (a pool that never swaps): identical
   tokens, logprobs and alternatives, penalties applied alike; an fp8 cache's scales swap
-  with its blocks, and the prefix cache's shared blocks are copied out like private ones."""
+  with its blocks, and the prefix cache's shared blocks are copied out like private ones,
+  beside prompts prefilled in chunks of 8 (parked rows hold their blocks meanwhile)."""
   ckpt, prompts, new, _ = model
   llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, layout="pp1tp1",
                   attention="kernel", block_size=BLOCK, kv_dtype=kv_dtype,
-                  prefix_cache=prefix_cache)
+                  prefix_cache=prefix_cache, prefill_chunk=chunk)
   shared = [prompts[0][:16] + p[:20] for p in prompts]  # a full block alike
   _, want = finished(llm, shared, new, max_num_seqs=4)
   eng, got = finished(llm, shared, new, max_num_seqs=4, kv_blocks=POOL, kv_grow=True)
