@@ -71,10 +71,11 @@ class Attention(nn.Module):
   dtype: jnp.dtype
   quantized: bool = False
   kernels: Kernels = Kernels()  # which phases run their fused kernel (attention_choice.py)
-  # the cache stores scaled e4m3 (kv_cache.py): the new tokens attend to their own keys and
-  # values as the cache will hold them, so a token sees the same keys whether they were
-  # computed in its pass or read back from the cache (a prefix hit, an earlier chunk)
-  kv_fp8: bool = False
+  # the cache's storage (None: the activations' dtype). Attention returns the new keys and
+  # values as the cache stores them (`kv_cache.to_cache`); with scaled e4m3 the new tokens
+  # also attend to them so, and a token sees the same keys whether they were computed in
+  # its pass or read back from the cache (a prefix hit, an earlier chunk)
+  kv_dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
@@ -82,7 +83,8 @@ class Attention(nn.Module):
     """cache: this layer's view of the cache, or None when nothing is cached; segments
     [B, T]: which prompt of a packed row each token belongs to (None: one per row);
     window: the layer's sliding window (an int, or a traced scalar; 0 = none); inplace:
-    8-bit weights read in place by the kernel (`layer_views`), by name."""
+    8-bit weights read in place by the kernel (`layer_views`), by name. Returns the output
+    and the new keys' and values' stored forms (each `kv_cache.to_cache`'s tuple)."""
     c = self.config
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     B, T, G = x.shape[0], x.shape[1], N // K
@@ -102,12 +104,13 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, inv_freq, scale)
     # query head n = k * G + g, as wqkv groups them; Gemma 2 scales by query_pre_attn_scalar
     q = q.reshape(B, T, K, G, H) * (c.query_scale or H ** -0.5)
-    if self.kv_fp8:
-      k, v = (kv_cache.widen(*kv_cache.to_cache(a, kv_cache.FP8), a.dtype) for a in (k, v))
+    stored = tuple(kv_cache.to_cache(a, self.kv_dtype or a.dtype) for a in (k, v))
+    if kv_cache.scaled(self.kv_dtype or k.dtype):
+      k, v = (kv_cache.widen(*kept, k.dtype) for kept in stored)
     out = attend(q, k, v, positions, start, cache, self.dtype, segments=segments,
                  kernels=self.kernels, window=window, softcap=c.attn_softcap)
     out = quant.einsum("BTNH,NHD->BTD", out.reshape(B, T, N, H), *wo)
-    return out, (k, v)
+    return out, stored
 
 
 def _within(query_pos, key_pos, window):
@@ -206,7 +209,7 @@ class Block(nn.Module):
   dtype: jnp.dtype
   quantized: bool = False  # 8-bit projections with per-channel scales (quant.py)
   kernels: Kernels = Kernels()  # see Attention
-  kv_fp8: bool = False  # see Attention
+  kv_dtype: jnp.dtype | None = None  # see Attention
 
   @nn.compact
   def __call__(self, x, positions, start, cache: kv_cache.LayerCache | None, segments=None,
@@ -215,7 +218,7 @@ class Block(nn.Module):
     c = self.config
     inplace = inplace or {}
     norm = functools.partial(RMSNorm, c.rms_norm_eps, c.norm_offset)
-    attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, self.kv_fp8,
+    attn_out, new_kv = Attention(c, self.dtype, self.quantized, self.kernels, self.kv_dtype,
                                  name="attn")(
         norm(name="attn_norm")(x), positions, start, cache, segments, window,
         inplace.get("attn"))
@@ -259,7 +262,7 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
     raise ValueError("layers with different sliding windows need run_blocks' `windows`")
   quantized = "wqkv" + quant.SCALE in blocks["attn"]
   block = Block(c, x.dtype, quantized=quantized, kernels=kernels,
-                kv_fp8=kv_cache.scaled(cache[0].dtype))
+                kv_dtype=cache[0].dtype)
   b, T = x.shape[:2]
   # a decode step's 8-bit projections: the kernel reads each layer where its stack lies
   inplace = quantized and kernels.weights8 and T == 1
@@ -283,9 +286,8 @@ def run_blocks(c: LlamaConfig, blocks, x, positions, start, cache: kv_cache.KVCa
     def compute(_):
       kv = None if fresh else kv_at(i)
       window = c.window if c.window is not None else windows[chunk, i]
-      y, (k, v) = block.apply({"params": params}, x, positions, start, kv, segments, window,
-                              views)
-      (k, *k_scale), (v, *v_scale) = (kv_cache.to_cache(a, k_dtype) for a in (k, v))
+      y, ((k, *k_scale), (v, *v_scale)) = block.apply(
+          {"params": params}, x, positions, start, kv, segments, window, views)
       return (y, k, v, *k_scale, *v_scale)
 
     def skip(_):  # K: dense or paged
