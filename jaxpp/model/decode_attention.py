@@ -44,6 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
+from jaxpp.model import kv_cache
 
 MIN_TILE = 16  # Triton's smallest dot operand dimension: G query heads are padded to it
 # Cache positions per step; kv_cache.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2
@@ -123,9 +124,6 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, sca
   if (Bc, Kc, Hc) != (B, K, H) or values.shape != keys.shape or len(at) != len(lead):
     raise ValueError(f"q {q.shape} does not match the cache {keys.shape} at {len(at)} "
                      "lead indices")
-  if scales is not None and any(s.shape != keys.shape[:-1] for s in scales):
-    raise ValueError(f"scales {[tuple(s.shape) for s in scales]} are not the cache's "
-                     f"shape less H, {tuple(keys.shape[:-1])}")
   if S % block_s:
     raise ValueError(f"cache positions S={S} are not a multiple of block_s={block_s}")
   if not supports(H):
@@ -142,7 +140,7 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, sca
                    (_paged_kernel, (jnp.asarray(tables, jnp.int32),)))
   kernel = functools.partial(kernel, block_s=block_s, splits=splits, softcap=softcap,
                              scaled=scales is not None)
-  scale_refs = () if scales is None else tuple(s.reshape(cache_shape[:-1]) for s in scales)
+  scale_refs = scale_operands(scales, keys)
   acc, m, l = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((splits, B, K, Gp, H), jnp.float32),
@@ -194,15 +192,25 @@ def _paged_kernel(at_ref, len_ref, first_ref, table_ref, q_ref, k_ref, v_ref, *r
     ref[p, b, h] = x
 
 
+def scale_operands(scales, keys) -> tuple:
+  """An fp8 cache's (key_scales, value_scales) as the kernels take them, their lead axes
+  as one as the cache's are; () without scales; ValueError if they are not the cache's
+  shape less H. prefix_attention's kernel takes its pool's so too."""
+  if scales is None:
+    return ()
+  if any(s.shape != keys.shape[:-1] for s in scales):
+    raise ValueError(f"scales {[tuple(s.shape) for s in scales]} are not the cache's "
+                     f"shape less H, {tuple(keys.shape[:-1])}")
+  return tuple(s.reshape((-1, *keys.shape[-4:-1])) for s in scales)
+
+
 def widened(k_ref, v_ref, scale_refs, where, dtype):
   """The keys and values [C, H] at `where` (indices of the positions, C of them) in
-  `dtype`, times their scales [C] when the cache keeps them (`kv_cache.widen`'s arithmetic,
-  so kernel and XLA read an fp8 cache alike). prefix_attention's kernel reads its pool with it too."""
-  k, v = k_ref[where + (slice(None),)], v_ref[where + (slice(None),)]
-  if scale_refs is None:
-    return k.astype(dtype), v.astype(dtype)
-  return tuple((x.astype(jnp.float32) * s[where].astype(jnp.float32)[:, None]).astype(dtype)
-               for x, s in zip((k, v), scale_refs))
+  `dtype` by `kv_cache.widen`, times their scales [C] where the cache keeps them, so
+  kernel and XLA read an fp8 cache alike (prefix_attention's kernel reads with it too)."""
+  scales = (None, None) if scale_refs is None else (s[where] for s in scale_refs)
+  return tuple(kv_cache.widen(r[where + (slice(None),)], scale, dtype)
+               for r, scale in zip((k_ref, v_ref), scales))
 
 
 def _share(p, n, first, block_s, splits):

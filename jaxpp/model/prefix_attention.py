@@ -40,7 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
-from jaxpp.model.decode_attention import MIN_TILE, NEG_INF, fold, widened
+from jaxpp.model.decode_attention import MIN_TILE, NEG_INF, fold, scale_operands, widened
 from jaxpp.model.decode_attention import supports as _tile_side
 
 # Query rows (tokens x query heads) per program: the height of flash attention's query tile
@@ -87,7 +87,8 @@ def attend(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, window
 
 
 def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, window=0,
-                 softcap: float = 0.0, scales=None, block_q: int = 0, block_k: int = 0, block_g: int = 0,
+                 softcap: float = 0.0, scales=None, block_q: int = 0, block_k: int = 0,
+                 block_g: int = 0,
                  num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
   """Attention of each row's T new tokens over its cached prefix and themselves.
 
@@ -100,8 +101,8 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   with `window` > 0 (an int, or a traced int32 scalar with 0 = none) only to keys less
   than `window` positions before it; with `softcap` > 0 every score becomes
   softcap * tanh(score / softcap) first (Gemma 2). An fp8 pool comes with `scales`
-  (key_scales, value_scales) [*lead, NB, K, BS] (kv_cache.py). One softmax over both in f32 ->
-  [B, T, K, G, H] in q's dtype, zeros at padding tokens.
+  (key_scales, value_scales) [*lead, NB, K, BS] (kv_cache.py). One softmax over both in
+  f32 -> [B, T, K, G, H] in q's dtype, zeros at padding tokens.
 
   A program takes block_q new tokens (a power of two >= 16) times block_g of the G query
   heads (a power of two dividing G rounded up to one; G is padded to that), and steps
@@ -113,9 +114,6 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   """
   B, T, K, G, H, nblk = _check(q, k_new, v_new, keys, values, at, tables, starts,
                                lengths, window, block_q, block_k)
-  if scales is not None and any(s.shape != keys.shape[:-1] for s in scales):
-    raise ValueError(f"scales {[tuple(s.shape) for s in scales]} are not the pool's shape "
-                     f"less H, {tuple(keys.shape[:-1])}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   Gp = 1 << (G - 1).bit_length()  # Triton tiles are powers of two
@@ -137,7 +135,7 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   pool_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
   kernel = functools.partial(_kernel, block_q=block_q, block_g=block_g, block_k=block_k,
                              windowed=windowed, softcap=softcap, scaled=scales is not None)
-  scale_refs = () if scales is None else tuple(s.reshape(pool_shape[:-1]) for s in scales)
+  scale_refs = scale_operands(scales, keys)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((B, Tp, K, Gp, H), q.dtype),
