@@ -40,7 +40,7 @@ from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import (defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
-                         stop_strings)
+                         slots, stop_strings)
 from jaxpp.serve.requests import PRIORITIES, Finished, Request
 from jaxpp.serve.device_call import InFlight
 from jaxpp.serve.prefill import Prefiller
@@ -184,17 +184,12 @@ class Engine:
         owed = sum(max(0, self.reserve[c] - by_class[c]) for c in PRIORITIES if c != cls)
         if free - owed < 1:
           break
-        full, b = np.iinfo(np.int32).max, self.replica_rows
-        open_ = live < b  # [dp, M]: micro-batches of a replica with a free row
-        if self.pages is not None:  # ... and free blocks for the request at the head
-          head = queue[0]
-          open_ &= np.array([[self.pages.fits_now(d, len(head.prompt), head.max_new_tokens)]
-                             for d in range(self.dp)])
-        if not open_.any():
+        head = queue[0]  # a paged cache also needs free blocks for it
+        at = slots.free_row(live, self.owner, self.replica_rows, lambda d: (
+            self.pages is None or self.pages.fits_now(d, len(head.prompt), head.max_new_tokens)))
+        if at is None:
           break
-        d = int(np.argmin(np.where(open_.any(axis=1), live.sum(axis=1), full)))
-        j = int(np.argmin(np.where(open_[d], live[d], full)))
-        r = d * b + self.owner[j][d * b:(d + 1) * b].index(None)
+        d, j, r = at
         request = queue.popleft()
         cached = 0
         if self.pages is not None:

@@ -8,7 +8,8 @@ request is admitted when a slot is free and its prompt plus max_new_tokens fit t
 blocks (allocated whole on admission: no growth, so no preemption and nothing to recompute),
 and its blocks return when it finishes. With `grow`, admission takes only the prompt's
 blocks and one decode call's (`chunk` tokens), and `ensure` grows a row's blocks before
-each decode call; when the pool cannot, the engine swaps a sequence out (`kv_swap.py`). The tables [M, rows, nblk] go to every decode call
+each decode call; when the pool cannot, the engine swaps a sequence out (`kv_swap.py`).
+The tables [M, rows, nblk] go to every decode call
 (the rows' blocks); a prefill gets each prompt token's (block, offset) instead. A finished
 slot's table is reset to NULL_BLOCK before the next call, so the junk a finished row keeps
 writing lands in the null block, never in blocks handed on to another request.
@@ -86,8 +87,13 @@ class PagedSlots:
   def reserve(self, prompt_len: int, max_new: int) -> int:
     """Positions admission takes: all of `positions`, or with growth the prompt's and one
     decode call's."""
-    full = self.positions(prompt_len, max_new)
-    return min(full, prompt_len + self.chunk) if self.grow else full
+    return self.through_call(prompt_len, max_new, prompt_len) if self.grow else (
+        self.positions(prompt_len, max_new))
+
+  def through_call(self, prompt_len: int, max_new: int, length: int) -> int:
+    """Positions a growing sequence holding `length` must have for its next decode call
+    (`chunk` more), at most all of `positions`."""
+    return min(self.positions(prompt_len, max_new), length + self.chunk)
 
   def check(self, key: str, prompt_len: int, max_new: int) -> None:
     """Refuses a request no replica's pool could ever hold (one line)."""
@@ -110,23 +116,21 @@ class PagedSlots:
                       share: bool = True) -> Allocation | None:
     """`admit` of `positions` positions (a swapped-out sequence coming back takes what it
     held)."""
-    d = self.replica(slot[1])
-    got = self.allocators[d].admit(prompt, positions, share)
-    if got is None:
-      return None
-    self.held[slot] = got
-    self.tables[slot][:len(got.blocks)] = got.blocks
-    return got
+    return self._hold(slot, self.allocators[self.replica(slot[1])].admit(prompt, positions,
+                                                                          share))
 
   def ensure(self, slot: tuple[int, int], positions: int) -> bool:
     """Grows the slot's blocks to hold `positions` positions (its table too); False, with
     nothing changed, if its replica's pool cannot now."""
     got = self.allocators[self.replica(slot[1])].grow(self.held[slot], positions)
-    if got is None:
-      return False
-    self.held[slot] = got
-    self.tables[slot][:len(got.blocks)] = got.blocks
-    return True
+    return self._hold(slot, got) is not None
+
+  def _hold(self, slot: tuple[int, int], got: Allocation | None) -> Allocation | None:
+    """Records `got` (unless None) as the slot's blocks, in its table too."""
+    if got is not None:
+      self.held[slot] = got
+      self.tables[slot][:len(got.blocks)] = got.blocks
+    return got
 
   def pool_ids(self, slot: tuple[int, int]) -> list[int]:
     """The slot's blocks as indices of the whole pool's block axis (replica d's block i is

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpp.serve import requests
+from jaxpp.serve import requests, slots
 
 POOL_AXIS = 3  # the block axis of a pool [pp, v, Lc, dp * blocks, K, BS(, H)] and its scales
 
@@ -81,13 +81,13 @@ def make_room(eng) -> None:
   """Before a decode call: grows every decoding row's blocks to hold the call's tokens,
   oldest sequence first; while its replica's pool cannot, swaps out that replica's most
   recently admitted sequence (the row itself, if it is the newest)."""
-  pages, k = eng.pages, eng.decode_chunk
+  pages = eng.pages
   for slot in sorted(eng.tokens, key=eng.order.__getitem__):
     if slot not in eng.tokens:  # swapped out for an older one
       continue
     request = eng.owner[slot[0]][slot[1]]
-    need = min(pages.positions(len(request.prompt), request.max_new_tokens),
-               int(eng.state.lengths[slot]) + k)
+    need = pages.through_call(len(request.prompt), request.max_new_tokens,
+                              int(eng.state.lengths[slot]))
     d = pages.replica(slot[1])
     while not pages.ensure(slot, need):
       victim = max((s for s in eng.tokens if pages.replica(s[1]) == d),
@@ -114,20 +114,18 @@ def restore(eng, live: np.ndarray) -> bool:
   """Brings swapped-out sequences back, oldest first, into free rows whose replica has
   the blocks (`live` [dp, M] counts rows in use and is updated); False while one cannot
   come back yet (the engine then admits nothing new, so it is not overtaken)."""
-  pages, b = eng.pages, eng.replica_rows
+  pages = eng.pages
   while eng.swapped:
     back = min(eng.swapped, key=lambda s: s.order)
     request = back.request
     need = max(back.count * pages.block_size,
-               min(pages.positions(len(request.prompt), request.max_new_tokens),
-                   int(back.state[1]) + eng.decode_chunk))
-    open_ = (live < b) & np.array([[pages.fits_positions(d, need)] for d in range(eng.dp)])
-    if int(live.sum()) >= eng.max_num_seqs or not open_.any():
+               pages.through_call(len(request.prompt), request.max_new_tokens,
+                                  int(back.state[1])))
+    at = slots.free_row(live, eng.owner, eng.replica_rows,
+                        lambda d: pages.fits_positions(d, need))
+    if int(live.sum()) >= eng.max_num_seqs or at is None:
       return False
-    full = np.iinfo(np.int32).max
-    d = int(np.argmin(np.where(open_.any(axis=1), live.sum(axis=1), full)))
-    j = int(np.argmin(np.where(open_[d], live[d], full)))
-    r = d * b + eng.owner[j][d * b:(d + 1) * b].index(None)
+    d, j, r = at
     if pages.admit_positions((j, r), request.prompt, need, share=False) is None:
       return False
     eng.cache = swap_in(eng.cache, pages.pool_ids((j, r))[:back.count], d * pages.blocks,
