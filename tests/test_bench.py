@@ -310,3 +310,21 @@ def test_a_failing_layout_is_a_row_and_the_others_still_run(tmp_path, monkeypatc
   assert written == [False, True, True]  # each layout found the rows before it on disk
   assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["error"]
   assert "| pp2tp1 | none | auto | error: RuntimeError" in (tmp_path / "results.md").read_text()
+
+
+def test_table_shows_the_knobs_that_set_runs_apart():
+  """Two runs that differ only in kv_grow must not print as two identical rows: the knob
+  gets a column, and the paged cache's report (peak blocks, swaps) comes with it."""
+  base = dict(layout="pp1tp1", quant="none", attention="kernel", block_size=64,
+              max_num_seqs=128, kv_dtype="auto", prefix_cache=False, prefill_chunk=0,
+              max_live=111, total_tokens_per_second=1.0)
+  rows = [dict(base, kv_grow=False, kv_cache=dict(peak_blocks=1279, preemptions=0)),
+          dict(base, kv_grow=True, max_live=130, kv_cache=dict(peak_blocks=1279, preemptions=7))]
+  head, _, *body = results.markdown(rows, "header").splitlines()[2:]
+  names = [c.strip() for c in head.strip("|").split("|")]
+  assert "kv_grow" in names and "prefix_cache" not in names and "max_num_seqs" not in names
+  cells = [dict(zip(names, (c.strip() for c in line.strip("|").split("|")))) for line in body]
+  assert [(c["kv_grow"], c["max_live"], c["preemptions"]) for c in cells] == [
+      ("False", "111", "0"), ("True", "130", "7")]
+  dense = results.markdown([dict(base, block_size=0, kv_grow=False)], "h")
+  assert "peak_blocks" not in dense and "kv_grow" not in dense
