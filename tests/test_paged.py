@@ -15,7 +15,7 @@ import jaxpp
 from jaxpp.load import checkpoint
 from jaxpp.model import kv_cache, sampling
 from jaxpp.parallel import pipeline
-from jaxpp.serve import reference, requests
+from jaxpp.serve import decode_rows, reference, requests
 from tests import hf_models
 
 MAX_LEN = 64
@@ -91,6 +91,65 @@ def test_blocks_admit_more_short_requests_than_dense_slots(model):
   eng, got, most = run(llm, [prompts[i] for i in pick], [new[i] for i in pick],
                        max_num_seqs=4, kv_blocks=8)
   assert got == [want[i] for i in pick] and most == 2
+
+
+@pytest.mark.parametrize("layout", ["pp2tp1", "dp2pp2tp1"])
+def test_decode_runs_only_the_rows_in_use(model, layout, monkeypatch):
+  """A paged cache's decode call runs each replica's first rows that hold sequences
+  (`decode_rows.py`): with room for 16 a replica and a trickle of requests, the calls are
+  narrower than the slots, and the rows they leave out keep their state. Greedy rows give
+  the single-device tokens; sampled rows with penalties and logprobs give the tokens and
+  (to f32 rounding) the logprobs of an engine whose every call runs every row (the test
+  fails if a row's results are written back to the wrong row)."""
+  ckpt, prompts, new, want = model
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, layout=layout,
+                  attention="kernel", block_size=BLOCK)
+  dp = llm.pipeline.dp
+  extra = [requests.Request(f"s{i}", p[:12], 9, temperature=0.8, seed=i, logprobs=2,
+                            repetition_penalty=1.3) for i, p in enumerate(prompts[:4])]
+
+  def serve(min_rows):
+    monkeypatch.setattr(decode_rows, "MIN_ROWS", min_rows)
+    eng = llm.engine(max_num_seqs=16 * dp)
+    done = {}
+    for i, (p, n) in enumerate(zip(prompts, new)):  # two new requests between decode calls
+      eng.submit(requests.Request(f"r{i}", p, n))
+      if i % 2:
+        for f in eng.step():
+          done[f.request.key] = f
+    for r in extra:
+      eng.submit(r)
+    eng.run(lambda f: done.__setitem__(f.request.key, f))
+    return eng, done
+
+  whole, want_extra = serve(min_rows=64)
+  eng, done = serve(min_rows=1)
+  assert [done[f"r{i}"].token_ids for i in range(len(prompts))] == want
+  for r in extra:  # a call's width changes a GEMM's f32 sums by an ulp or so
+    got, ref = done[r.key], want_extra[r.key]
+    assert got.token_ids == ref.token_ids
+    assert [i for i, _ in sum(got.top_logprobs, [])] == [i for i, _ in sum(ref.top_logprobs, [])]
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  rows = {key[0][1] for key in eng._decode_programs}  # (M, rows) of each decode program
+  assert {key[0][1] for key in whole._decode_programs} == {eng.rows}
+  assert min(rows) < eng.rows and all(n % dp == 0 for n in rows), rows
+  for a in eng.pages.allocators:
+    assert a.free_blocks == eng.pages.blocks - 1
+
+
+def test_decode_window_takes_and_puts_each_replicas_rows():
+  w = decode_rows.window([1, 9, 2], rows_per_replica=8, dp=2, paged=True)
+  assert w.n == 2 or decode_rows.MIN_ROWS > 2
+  w = decode_rows.RowWindow(8, 2, 2)
+  full = np.arange(2 * 16 * 3).reshape(2, 16, 3)
+  part = w.take(full)
+  assert part.shape == (2, 4, 3) and (part[:, 2] == full[:, 8]).all()
+  assert [w.index(r) for r in (0, 1, 8, 9)] == [0, 1, 2, 3]
+  before = full.copy()
+  w.put(full, -part)
+  assert (full[:, [0, 1, 8, 9]] == -before[:, [0, 1, 8, 9]]).all()
+  assert (full[:, 2:8] == before[:, 2:8]).all() and (full[:, 10:] == before[:, 10:]).all()
+  assert decode_rows.window([3], 8, 1, paged=False).whole
 
 
 def test_dense_cache_is_still_a_choice(model):

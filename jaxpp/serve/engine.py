@@ -39,7 +39,7 @@ from jaxpp.model import decode_state, kv_cache, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import (defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
+from jaxpp.serve import (decode_rows, defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
                          slots, stop_strings)
 from jaxpp.serve.requests import PRIORITIES, Finished, Request
 from jaxpp.serve.device_call import InFlight
@@ -129,6 +129,7 @@ class Engine:
     self.stats = EngineStats()
     self.prefilling: dict[tuple[int, int], int] = {}  # slot -> its prompt's tokens cached
     self._pending: InFlight | None = None  # the decode call in flight
+    self._window: decode_rows.RowWindow | None = None  # the rows that call runs
     self._decode_programs: set = set()  # keys of decode programs already run (compiled)
     self.order: dict[tuple[int, int], int] = {}  # slot -> its sequence's admission number
     self.swapped: list[kv_swap.Swapped] = []  # preempted sequences (kv_grow)
@@ -292,15 +293,20 @@ class Engine:
                                             knobs.frequency_penalty)[live]))
     # Host arrays go to the jitted call as they are: jit copies each straight to the devices
     # that need it, where jnp.asarray would first commit it to one device, then reshard.
-    state = decode_state.DecodeState(*self.state)
-    history = self.history.arrays() if penalised else None
+    # A paged cache's call runs only the rows in use (`decode_rows.py`).
+    w = self._window = decode_rows.window((r for _, r in self.tokens), self.replica_rows,
+                                          self.dp, paged=self.pages is not None)
+    state = decode_state.DecodeState(*map(w.take, self.state))
+    knobs = sampling.SamplingParams(*map(w.take, knobs))
+    history = penalties.History(*map(w.take, self.history.arrays())) if penalised else None
+    tables = None if self.pages is None else w.take(self.pages.tables)
     top = logprobs.wanted(self.owner[j][r].logprobs for j, r in self.tokens)
-    key = (live.shape, k, do_sample, self.eos_ids, top, penalised)
+    key = (state.tokens.shape, k, do_sample, self.eos_ids, top, penalised)
     guard = contextlib.ExitStack()
     guard.enter_context(self._device_step("decode", key))
     start = time.perf_counter()
     out = self.pipe.decode(
-        self.params, self.cache, state, knobs, history, self._tables(), steps=k,
+        self.params, self.cache, state, knobs, history, tables, steps=k,
         do_sample=do_sample, eos_ids=self.eos_ids, **({} if top is None else dict(logprobs=top)))
     self.cache = out[0]
     self._pending = InFlight(out[1:], key, start, guard)
@@ -309,10 +315,12 @@ class Engine:
     """Takes the dispatched decode call's tokens into every live slot."""
     pending, self._pending = self._pending, None
     state, emitted, *lps = pending.outputs
+    w = self._window
     with pending.guard:
       emitted = np.asarray(emitted)
       lps = tuple(np.asarray(a) for a in lps[0]) if lps else None
-      self.state = decode_state.DecodeState(*(np.array(a) for a in state))
+      for full, part in zip(self.state, state):
+        w.put(full, part)
     seconds = pending.seconds()
     self.stats.decode_seconds += seconds
     self.stats.decode_calls += 1
@@ -324,18 +332,14 @@ class Engine:
       self.stats.add_timed_decode(pending.start, seconds,
                                   self.pipe.decode_table(self.M, self.decode_chunk))
     for (j, r), toks in self.tokens.items():
-      new = [int(t) for t in emitted[j, r] if t >= 0]
+      new = [int(t) for t in emitted[j, w.index(r)] if t >= 0]
       toks.extend(new)
       self.history.extend((j, r), new)
       self.stats.completion_tokens += len(new)
       self.stats.decode_first_tokens += len(new) if first else 0
       if lps is not None:
-        self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, r] for a in lps),
+        self.logprobs.add((j, r), self.owner[j][r].logprobs, *(a[j, w.index(r)] for a in lps),
                           n=len(new))
-
-  def _tables(self) -> np.ndarray | None:
-    """The slots' block tables [M, rows, nblk] for a paged cache's decode (else None)."""
-    return None if self.pages is None else self.pages.tables
 
   def _retire(self) -> list[Finished]:
     """Frees the slots of finished sequences (a stop string ends one here too)."""
