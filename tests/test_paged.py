@@ -137,9 +137,11 @@ def test_decode_runs_only_the_rows_in_use(model, layout, monkeypatch):
     assert a.free_blocks == eng.pages.blocks - 1
 
 
-def test_decode_window_takes_and_puts_each_replicas_rows():
-  w = decode_rows.window([1, 9, 2], rows_per_replica=8, dp=2, paged=True)
-  assert w.n == 2 or decode_rows.MIN_ROWS > 2
+def test_decode_window_takes_and_puts_each_replicas_rows(monkeypatch):
+  monkeypatch.setattr(decode_rows, "MIN_ROWS", 2)
+  # rows 1 and 2 of replica 0, row 1 of replica 1: 3 rows a replica, rounded up to 4
+  assert decode_rows.window([1, 9, 2], rows_per_replica=8, dp=2, paged=True).n == 4
+  assert decode_rows.window([6], rows_per_replica=7, dp=1, paged=True).n == 7  # capped
   w = decode_rows.RowWindow(8, 2, 2)
   full = np.arange(2 * 16 * 3).reshape(2, 16, 3)
   part = w.take(full)

@@ -9,10 +9,10 @@ a replica, and a pool that holds fewer sequences, or a light load, would otherwi
 for all of them every step. Even fill (`slots.free_row`) takes each micro-batch's first
 free row, so the rows in use stay near the front.
 
-n is rounded up to a power of two times MIN_ROWS (at most the replica's rows), so a run
-compiles a few decode programs, not one per count. Below about MIN_ROWS rows a decode
-step reads its weights in about the same time whatever the rows, so smaller calls would
-only add programs.
+n is rounded up to a multiple of MIN_ROWS (at most the replica's rows), so a run compiles
+a few decode programs (8 at most for 256 rows), not one per count, and runs at most
+MIN_ROWS - 1 empty rows. Below about MIN_ROWS rows a decode step reads its weights in
+about the same time whatever the rows, so finer steps would only add programs.
 """
 
 from __future__ import annotations
@@ -63,7 +63,4 @@ def window(busy_rows: Iterable[int], rows_per_replica: int, dp: int, paged: bool
   if not paged:
     return RowWindow(b, dp, b)
   need = max((r % b for r in busy_rows), default=0) + 1
-  n = min(b, MIN_ROWS)
-  while n < need:
-    n *= 2
-  return RowWindow(b, dp, min(n, b))
+  return RowWindow(b, dp, min(b, -(-need // MIN_ROWS) * MIN_ROWS))
