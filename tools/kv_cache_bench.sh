@@ -8,9 +8,9 @@
 # STEPS (default `mixed prefix`), any of:
 #   mixed   docs/bench/mixed-256.jsonl, the dense cache's 64 slots of 1,280 positions
 #           against pages of MIXED_BLOCKS (default 16,64) positions given the same memory (64 x 1,280
-#           positions x 128 KiB = 10.74 GB), slots capped at MIXED_CAP (default 128: about
-#           what those blocks hold, so blocks, not slots, bound what is in flight, and
-#           decode runs few empty rows);
+#           positions x 128 KiB = 10.74 GB), slots capped at MIXED_CAP (default 256, the
+#           engine's own cap: blocks, not slots, bound what is in flight, and a decode call
+#           runs only the rows in use, serve/decode_rows.py);
 #   prefix  docs/bench/shared-prefix-256.jsonl (512 shared + 512 distinct tokens, 128 out)
 #           with the prefix cache off, then on;
 #   blocks  1,024/128 at 64 slots with blocks of 16, 32, 64 and 128 positions (decode's
@@ -37,7 +37,7 @@ for s in $steps; do
     mixed)
       bench mixed_dense --workload=docs/bench/mixed-256.jsonl --block_size=0 --max_num_seqs=64
       bench mixed_paged --workload=docs/bench/mixed-256.jsonl --block_size=${MIXED_BLOCKS:-16,64} \
-        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-128} ;;
+        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-256} ;;
     prefix)
       bench prefix --workload=docs/bench/shared-prefix-256.jsonl --max_num_seqs=64 \
         --prefix_cache=false,true ;;
@@ -46,10 +46,10 @@ for s in $steps; do
         --block_size=16,32,64,128 ;;
     grow)
       bench grow --workload=docs/bench/mixed-256.jsonl --block_size=64 --kv_cache_memory=10.74 \
-        --max_num_seqs=${MIXED_CAP:-128} --kv_grow=false,true ;;
+        --max_num_seqs=${MIXED_CAP:-256} --kv_grow=false,true ;;
     chunk)
       bench chunk --workload=docs/bench/mixed-256.jsonl --block_size=64 \
-        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-128} --prefill_chunk=512 ;;
+        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-256} --prefill_chunk=512 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done
