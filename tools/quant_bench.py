@@ -10,6 +10,8 @@ per projection shape, then the engine in bf16, int8 and fp8 with those tiles.
   `--configs` (`weight_stream_probe.py`'s names: bm, bn, bk, s, w, st, and `t` for the
   swapped dot); prints GB/s of int8 read and keeps each shape's fastest for the runs below
   (`int8_matmul.decode_tiles`, replaced in this process only).
+- `gemm`: prefill's GEMMs (`--gemm_tokens` rows) in bf16, dequantise-then-dot and fp8 x fp8,
+  one layer of each fused shape: whether prefill with 8-bit weights can beat bf16's.
 - `long`: `jaxpp.bench`'s 256 requests of 1,024 in / 128 out at 64 slots, `--quant=none,
   int8,fp8` (pp1tp1, `--attention=kernel`: for bf16 the same kernels as auto on one GPU,
   for 8-bit weights also the decode GEMM kernel); `short`: the same with 128-token prompts;
@@ -34,7 +36,8 @@ from jaxpp.bench.suite import BenchOptions, run_suite
 from jaxpp.model import int8_matmul, quant
 
 flags.DEFINE_string("out", "out/quant_bench", "output directory")
-flags.DEFINE_list("steps", ["tune", "long", "short"], "tune, long, short, 70b")
+flags.DEFINE_list("steps", ["tune", "long", "short"], "gemm, tune, long, short, 70b")
+flags.DEFINE_list("gemm_tokens", ["2048", "8192"], "the `gemm` step's rows (prefill tokens)")
 flags.DEFINE_list("quant", ["none", "int8", "fp8"], "weight storage per bench run")
 flags.DEFINE_list("kv_dtype", ["auto"], "the bench's --kv_dtype per run (auto, fp8)")
 flags.DEFINE_list("attention", ["kernel"], "the bench's --attention per run: kernel puts "
@@ -103,6 +106,53 @@ def tune(out: pathlib.Path) -> dict:
   return best
 
 
+def gemm(out: pathlib.Path) -> None:
+  """Prefill's GEMMs at `--gemm_tokens` rows, one layer of each fused shape, in each form
+  8-bit weights could take there: bf16 (the baseline), dequantise-then-dot (today's
+  prefill) for int8 and fp8, and fp8 x fp8 (the activations quantised per row, both scales
+  in the epilogue: cuBLASLt's fp8 GEMM on Hopper). Prints TFLOP/s and each form's largest
+  error against the f32-accumulated bf16 product; writes gemm.json."""
+  key = jax.random.key(1)
+  forms = {
+      "bf16": lambda x, w, q, s: x @ w,
+      "int8 dequantised": lambda x, w, q, s: x @ (q.astype(x.dtype) * s),
+      "fp8 dequantised": lambda x, w, q, s: x @ (q.astype(x.dtype) * s),
+      "fp8 x fp8": lambda x, w, q, s: fp8_product(x, q, s)}
+  report = {}
+  for tokens in map(int, FLAGS.gemm_tokens):
+    for names, (K, N) in SHAPES.items():
+      x = jax.random.normal(key, (tokens, K), jnp.bfloat16)
+      w = jax.random.normal(jax.random.fold_in(key, K + N), (K, N), jnp.bfloat16) / K ** 0.5
+      exact = jnp.dot(x, w, preferred_element_type=jnp.float32)
+      for form, f in forms.items():
+        mode = "int8" if form.startswith("int8") else "fp8"
+        q, s = quant.quantize(w, mode, (0,), jnp.bfloat16)
+        step = jax.jit(f)
+        try:
+          err = float(jnp.max(jnp.abs(step(x, w, q, s) - exact)) / jnp.max(jnp.abs(exact)))
+          start = time.perf_counter()
+          for _ in range(20):
+            y = step(x, w, q, s)
+          jax.block_until_ready(y)
+          t = (time.perf_counter() - start) / 20
+          rate = 2 * tokens * K * N / t / 1e12
+          report[f"{tokens} {names} {form}"] = dict(tflop_per_s=rate, max_error=err)
+          print(f"gemm {tokens} x [{K}, {N}] {form}: {t * 1e3:.3f} ms, {rate:,.0f} TFLOP/s, "
+                f"max error {err:.1e} of the largest output", flush=True)
+        except Exception as e:  # noqa: BLE001 - a form the backend refuses: note it, go on
+          print(f"gemm {names} {form} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+  (out / "gemm.json").write_text(json.dumps(report, indent=1))
+
+
+def fp8_product(x, q, s):
+  """x @ (q * s) with x rounded to e4m3 per row: both operands fp8, f32 accumulation."""
+  xs = jnp.max(jnp.abs(x), axis=1, keepdims=True).astype(jnp.float32) / 448.0
+  xs = jnp.maximum(xs, 1e-12)
+  xq = (x / xs).astype(jnp.float8_e4m3fn)
+  y = jax.lax.dot_general(xq, q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return (y * xs * s.astype(jnp.float32)).astype(x.dtype)
+
+
 def main(argv):
   del argv
   out = pathlib.Path(FLAGS.out)
@@ -110,6 +160,8 @@ def main(argv):
   gpu = jax.devices()[0].device_kind
   hw = "h200" if "H200" in gpu else "h100"
   best = None
+  if "gemm" in FLAGS.steps:
+    gemm(out)
   if "tune" in FLAGS.steps:
     best = tune(out)
   elif FLAGS.tuned:
