@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpp.model import quant
+from jaxpp.model import packed8, quant
 from jaxpp.model.int8_matmul import stacked_matmul
 
 matmul = functools.partial(stacked_matmul, interpret=True)
@@ -73,6 +73,44 @@ def test_fp8_storage():
                 1e-5)
 
 
+@pytest.mark.parametrize("mode, N, blocks", [
+    ("int8", 96, dict(block_n=64)),  # N not a multiple of the tile: the last tile shifted
+    ("fp8", 160, dict(block_n=32, split_k=2, swap=True)),
+    ("int8", 64, dict(block_n=16)),  # eight pairs a tile
+])
+def test_packed_stack_gives_the_unpacked_product(mode, N, blocks):
+  """Stacks stored two values to a 16-bit element (packed8.py, as the model stores its
+  blocks) unpack in the kernel's registers to the same columns: the product equals the
+  unpacked stack's on every layer (a swapped byte order or a pair off by one tile would not)."""
+  q, scale = _stack(3, 128, N, mode=mode)
+  packed = packed8.pack(q)
+  assert packed.shape == (3, 128, N // 2) and packed8.is_packed(packed)
+  x = _rows(5, 128)
+  for layer in range(3):
+    _assert_close(matmul(x, packed, scale, jnp.int32(layer), **blocks),
+                  quant.einsum("BD,DF->BF", x, q[layer], scale[layer]), 1e-5)
+    _assert_close(quant.einsum("BD,DF->BF", x, packed[layer], scale[layer]),
+                  quant.einsum("BD,DF->BF", x, q[layer], scale[layer]), 0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_pairs_round_trip_in_xla_and_in_registers(mode):
+  """pack, unpack (XLA's bitcast) and unpack_tile (the kernel's shifts and join) agree on
+  every 8-bit value, the extremes and negative zero included; an odd axis is refused."""
+  if mode == "int8":
+    q = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+  else:
+    bits = jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8)
+    q = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).reshape(16, 16)
+  as_bits = lambda a: np.asarray(jax.lax.bitcast_convert_type(a, jnp.uint8))
+  packed = packed8.pack(q)
+  assert packed.dtype == (jnp.int16 if mode == "int8" else jnp.uint16)
+  assert (as_bits(packed8.unpack(packed)) == as_bits(q)).all()
+  assert (as_bits(jax.jit(packed8.unpack_tile)(packed)) == as_bits(q)).all()
+  with pytest.raises(ValueError, match="last axis must be even"):
+    packed8.pack(q[:, :15])
+
+
 def test_traced_layer_in_fori_loop():
   """An MLP stream over the stacks with the layer index a loop variable, as a stage runs it."""
   L, D, F = 3, 64, 96
@@ -96,13 +134,23 @@ def test_traced_layer_in_fori_loop():
     (24, 32, 1, 1),  # K has no power-of-two tile >= 16
     (64, 8, 1, 1),  # N below the smallest tile
     (96, 32, 1, 5),  # split_k does not divide K
-    (2**14, 2**14, 8, 1),  # 2 Gi elements: 32-bit offsets would wrap
+    (2**14, 2**14, 8, 1),  # 2 Gi unpacked elements: 32-bit offsets would wrap
 ])
 def test_rejects(K, N, L, split_k):
   args = (jax.ShapeDtypeStruct((4, K), jnp.float32), jax.ShapeDtypeStruct((L, K, N), jnp.int8),
           jax.ShapeDtypeStruct((L, N), jnp.float32), 0)
   with pytest.raises(ValueError):
     jax.eval_shape(functools.partial(matmul, split_k=split_k), *args)
+
+
+def test_a_packed_stack_past_2_gib_is_taken():
+  """The same 2 Gi values packed two to an element: 1 Gi 16-bit elements, which 32-bit
+  offsets reach (traced only: nothing of that size is allocated)."""
+  K = N = 2**14
+  args = (jax.ShapeDtypeStruct((4, K), jnp.float32),
+          jax.ShapeDtypeStruct((8, K, N // 2), jnp.int16),
+          jax.ShapeDtypeStruct((8, N), jnp.float32), 0)
+  assert jax.eval_shape(matmul, *args).shape == (4, N)
 
 
 def test_tile_names_parse_and_bad_fields_are_named():

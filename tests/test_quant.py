@@ -77,8 +77,17 @@ def test_leaf_shapes_and_scales():
             ("embed_scale",): (V,), ("lm_head_scale",): (V,)}
   for path, shape in expect.items():
     assert flat[path].shape == shape and flat[path].dtype == jnp.bfloat16, path
-  assert flat[("blocks", "attn", "wqkv")].dtype == jnp.int8
+  # block leaves hold their int8 values in pairs along the last axis (packed8.py); the
+  # embedding and head stay plain
+  assert flat[("blocks", "attn", "wqkv")] == jax.ShapeDtypeStruct(
+      (2, 1, 2, D, K, N // K + 2, H // 2), jnp.int16)
+  assert flat[("blocks", "mlp", "w_gate_up")].shape == (2, 1, 2, D, 2, F // 2)
+  assert flat[("embed",)].dtype == flat[("lm_head",)].dtype == jnp.int8
   assert flat[("blocks", "attn_norm", "scale")].dtype == jnp.float32  # norms untouched
+  fp8 = params_lib.flatten(params_lib.abstract_params(cfg, jnp.bfloat16, (2, 1, 2),
+                                                      quant.Quant("fp8")))
+  assert fp8[("blocks", "mlp", "w_down")] == jax.ShapeDtypeStruct((2, 1, 2, F, D // 2),
+                                                                  jnp.uint16)
 
 
 # --- against bf16 on the shipped model ------------------------------------------------------

@@ -32,8 +32,8 @@ DESCRIPTION = "jaxpp_params.json"
 PARAMS = "params"
 # The version of the params layout (`params.py`) a cache holds, bumped whenever a leaf
 # changes, so that a cache of another layout is refused, never restored (2: fused wqkv,
-# bqkv and w_gate_up).
-FORMAT = 2
+# bqkv and w_gate_up; 3: 8-bit block leaves packed in pairs, model/packed8.py).
+FORMAT = 3
 
 
 def describe(ckpt_dir, config: LlamaConfig, dtype, layer_index,

@@ -12,7 +12,9 @@ the layer index as a traced scalar, and each program loads its [block_k, block_n
 `w[layer]` straight from the stack, widens them in registers and accumulates in f32. Decode
 has few rows (M), so the work is a memory-bound stream of weights: the grid spans N blocks
 and, where those are too few to keep every SM loading, splits K too (partial sums in f32,
-added by XLA: cheap, as M is small). float8_e4m3fn storage runs through the same code.
+added by XLA: cheap, as M is small). float8_e4m3fn storage runs through the same code, and
+so do stacks stored two 8-bit values to a 16-bit element (`packed8.py`: how every layer of
+a stack past 2 GiB stays addressable), unpacked in registers.
 
 The model calls it through `LayerWeight` for every block projection of a decode step
 (`Kernels.weights8`, attention_choice.py): `run_blocks` hands each layer the stage's stacks
@@ -35,6 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
+from jaxpp.model import packed8
 
 MIN_TILE = 16  # the smallest dot operand dimension Triton takes (tl.dot: M, N, K >= 16)
 # Automatic split-K aims for this many programs: two per SM on H100/H200 (132 SMs), so each
@@ -101,12 +104,14 @@ def _project_local(x, stack, scale, index, *, in_dims: int, interpret: bool, out
   lead_shape, rest = stack.shape[:lead], stack.shape[lead:]
   ins, outs = rest[:in_dims], rest[in_dims:]
   L, n_in, n_out = math.prod(lead_shape), math.prod(ins), math.prod(outs)
+  if packed8.is_packed(stack):  # pairs of the last output axis (packed8.py)
+    n_out, outs = n_out * 2, (*outs[:-1], outs[-1] * 2)
   layer = jnp.int32(0)
   for i, n in zip(index, lead_shape):  # row-major flat index of the layer
     layer = layer * n + jnp.asarray(i, jnp.int32)
   rows = x.shape[:x.ndim - in_dims]
   flat = x.reshape(math.prod(rows), n_in)
-  out = stacked_matmul(flat, stack.reshape(L, n_in, n_out), scale.reshape(L, n_out), layer,
+  out = stacked_matmul(flat, stack.reshape(L, n_in, -1), scale.reshape(L, n_out), layer,
                        interpret=interpret, out_dtype=out_dtype,
                        **decode_tiles(*flat.shape, n_out))
   return out.reshape(rows + tuple(outs))
@@ -154,8 +159,9 @@ def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
   """`(x @ w[layer].astype(x.dtype)) * scale[layer]` in `out_dtype` (default x.dtype),
   accumulated in f32.
 
-  x: [M, K] activations; w: [L, K, N] int8 or float8_e4m3fn; scale: [L, N]; layer: an int
-  scalar, usually traced (a scan or fori_loop step). Block sizes are upper bounds, shrunk to
+  x: [M, K] activations; w: [L, K, N] int8 or float8_e4m3fn, or [L, K, N / 2] of them
+  packed in pairs (`packed8.py`); scale: [L, N]; layer: an int scalar, usually traced (a
+  scan or fori_loop step). Block sizes are upper bounds, shrunk to
   powers of two that fit the shape (Triton tiles are powers of two). `split_k=0` picks the
   smallest power of two that gives TARGET_PROGRAMS programs without shrinking the K tile
   below block_k. `swap` computes w^T x^T, which puts the widened weight tile in the dot's
@@ -163,15 +169,17 @@ def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
   """
   M, K = x.shape
   L, K_w, N = w.shape
+  packed = packed8.is_packed(w)
+  N = 2 * N if packed else N
   if K_w != K or scale.shape != (L, N):
     raise ValueError(f"shapes do not match: x {x.shape}, w {w.shape}, scale {scale.shape}")
   if N < MIN_TILE:
     raise ValueError(f"N={N} is below the smallest tile ({MIN_TILE})")
   if 2**31 <= w.size and w.size * w.dtype.itemsize <= 2**32:
     # Pallas-Triton indexes arrays of at most 4 GiB with 32-bit offsets, which Triton's
-    # pointer arithmetic sign-extends: offsets at and beyond 2^31 would wrap.
-    raise ValueError(f"w {w.shape} has 2-4 Gi elements; Pallas-Triton's 32-bit offsets "
-                     "would overflow: hold fewer layers per stack")
+    # pointer arithmetic sign-extends: offsets at and beyond 2^31 would wrap (packed8.py).
+    raise ValueError(f"w {w.shape} has 2-4 Gi 8-bit elements; Pallas-Triton's 32-bit "
+                     "offsets would overflow: store it packed (packed8.pack)")
   bm = min(block_m, _pow2_at_least(max(M, MIN_TILE)))
   m_blocks = -(-M // bm)
   bn = min(block_n, _pow2_at_most(N))
@@ -188,7 +196,7 @@ def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
   out_dtype = out_dtype or x.dtype
   store = jnp.float32 if partial else out_dtype
   kernel = functools.partial(_kernel, n=N, bm=bm, bn=bn, bk=bk, steps=K // split_k // bk,
-                             swap=swap)
+                             swap=swap, packed=packed)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((split_k, m_blocks * bm, N), store),
@@ -201,8 +209,10 @@ def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
   return out[:M]
 
 
-def _kernel(layer_ref, x_ref, w_ref, scale_ref, out_ref, *, n, bm, bn, bk, steps, swap):
-  """One [bm, bn] output tile over one K split; refs are whole arrays, indexed here.
+def _kernel(layer_ref, x_ref, w_ref, scale_ref, out_ref, *, n, bm, bn, bk, steps, swap,
+            packed):
+  """One [bm, bn] output tile over one K split; refs are whole arrays, indexed here. A
+  packed weight's tile is loaded as [bk, bn / 2] pairs and unpacked in registers.
 
   Where bn does not divide N, the last N tile is shifted left to end at N rather than
   masked: it recomputes a few columns of its neighbour (identical values) and never reads
@@ -212,12 +222,19 @@ def _kernel(layer_ref, x_ref, w_ref, scale_ref, out_ref, *, n, bm, bn, bk, steps
   i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer = layer_ref[0]
   rows = pl.ds(i * bm, bm)
-  cols = pl.ds(j * bn if n % bn == 0 else jnp.minimum(j * bn, n - bn), bn)
+  col0 = j * bn if n % bn == 0 else jnp.minimum(j * bn, n - bn)
+  cols = pl.ds(col0, bn)
+  # a packed tile's pairs start at col0 / 2 (n and bn are even), spelled as a product
+  # where it can be, as `cols` is
+  pairs = pl.ds(j * (bn // 2) if n % bn == 0 else col0 // 2, bn // 2)
 
   def step(t, acc):
     ks = pl.ds((s * steps + t) * bk, bk)
     x = x_ref[rows, ks]
-    w = w_ref[layer, ks, cols].astype(x.dtype)
+    if packed:
+      w = packed8.unpack_tile(w_ref[layer, ks, pairs]).astype(x.dtype)
+    else:
+      w = w_ref[layer, ks, cols].astype(x.dtype)
     if swap:
       return acc + jax.lax.dot_general(w, x, (((0,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32)

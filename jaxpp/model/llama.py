@@ -57,9 +57,11 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], quantized: boo
   which the kernel reads where the stack lies (its scale inside)."""
   if inplace and name in inplace:
     return inplace[name], None
-  w = module.param(name, nn.initializers.normal(0.02), shape, module.dtype)
   if not quantized:
-    return w, None
+    return module.param(name, nn.initializers.normal(0.02), shape, module.dtype), None
+  # stored packed in pairs along the last axis (packed8.py); quant.einsum unpacks
+  w = module.param(name, nn.initializers.normal(0.02), (*shape[:-1], shape[-1] // 2),
+                   module.dtype)
   out_shape = shape[quant.INPUT_DIMS[name]:]
   return w, module.param(name + quant.SCALE, nn.initializers.ones, out_shape, module.dtype)
 

@@ -272,7 +272,8 @@ def abstract_params(c: LlamaConfig, dtype, layer_axes: tuple[int, ...] | None = 
   flat = {}
   for p, s in shapes.items():
     if quant.applies(p):
-      flat[p] = jax.ShapeDtypeStruct(s, quant.storage)
+      stored_dtype, stored_shape = quant.stored(p, s)
+      flat[p] = jax.ShapeDtypeStruct(stored_shape, stored_dtype)
       flat[scale_path(p)] = jax.ShapeDtypeStruct(
           scale_shape(p, s, lead), dtype)
     else:

@@ -17,6 +17,10 @@ Which leaves: the block projections (attention and MLP) always; the embedding an
 only with `Quant(embed=True)` (they are the most sensitive and, at 128k vocabulary, a large
 share of a small model but a small share of a big one). The embedding is scaled per token
 row (its "output" is the gathered row), which also serves a tied LM head.
+
+Block leaves are stored two 8-bit values to a 16-bit element (`packed8.py`: the decode
+kernel could not address layers past 2^31 bytes of a stack otherwise); every reader
+unpacks them, and reads an unpacked leaf (a test's, a tool's) as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpp.errors import JaxppError
-from jaxpp.model import int8_matmul
+from jaxpp.model import int8_matmul, packed8
 
 FORMATS = ("none", "int8", "fp8")
 STORAGE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
@@ -63,6 +67,12 @@ class Quant:
   def storage(self):
     return STORAGE[self.mode]
 
+  def stored(self, path: tuple[str, ...], shape: tuple[int, ...]):
+    """(dtype, shape) of the leaf at `path` of `shape` once `store` has put it away."""
+    if not self.applies(path):
+      raise ValueError(f"{path} is not stored in 8 bits under {self}")
+    return packed8.stored(self.storage, shape) if packs(path) else (self.storage, shape)
+
   def applies(self, path: tuple[str, ...]) -> bool:
     """Whether the leaf at `path` is stored in 8 bits under this setting."""
     if not self.enabled:
@@ -72,12 +82,20 @@ class Quant:
     return self.embed and path in ((EMBED,), ("lm_head",))
 
 
+def packs(path: tuple[str, ...]) -> bool:
+  """Whether an 8-bit leaf at `path` is stored packed (`packed8.py`): the stacked block
+  projections, the arrays that reach 2 GiB; not the embedding or LM head."""
+  return path[0] == "blocks"
+
+
 def detect(params: dict) -> Quant:
   """The setting a (nested) params tree is stored in, read off its leaves."""
   attn = params["blocks"]["attn"]
   if "wqkv" + SCALE not in attn:
     return Quant()
-  mode = next(m for m, t in STORAGE.items() if jnp.dtype(t) == attn["wqkv"].dtype)
+  dtype = jnp.dtype(attn["wqkv"].dtype)
+  dtype = packed8.CONTAINED.get(dtype, dtype)
+  mode = next(m for m, t in STORAGE.items() if jnp.dtype(t) == dtype)
   return Quant(mode, EMBED + SCALE in params)
 
 
@@ -115,8 +133,8 @@ def quantize(w, mode: str, axes: tuple[int, ...], scale_dtype):
 
 
 def dequantize(q, scale, axes: tuple[int, ...], dtype):
-  """The weight a quantised leaf stands for (tests and reference checks)."""
-  return (q.astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), axes)).astype(
+  """The weight a quantised leaf (packed or not) stands for (tests and reference checks)."""
+  return (packed8.unpack(q).astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), axes)).astype(
       dtype)
 
 
@@ -128,7 +146,7 @@ def einsum(spec: str, x, w, scale=None):
     return int8_matmul.project(x, w)
   if scale is None:
     return jnp.einsum(spec, x, w)
-  return jnp.einsum(spec, x, w.astype(x.dtype)) * scale.astype(x.dtype)
+  return jnp.einsum(spec, x, packed8.unpack(w).astype(x.dtype)) * scale.astype(x.dtype)
 
 
 def store(out: dict, path: tuple[str, ...], leaf, quant: Quant, lead: int,
@@ -145,7 +163,11 @@ def store(out: dict, path: tuple[str, ...], leaf, quant: Quant, lead: int,
     return
   scale = scale_path(path)
   axes = reduced_axes(path, np.ndim(leaf), lead)
-  fn = lambda w: quantize(w, quant.mode, axes, leaf.dtype)
+
+  def fn(w):
+    q, s = quantize(w, quant.mode, axes, leaf.dtype)
+    return (packed8.pack(q) if packs(path) else q), s
+
   placed = None if shardings is None else (shardings[path], shardings[scale])
   out[path], out[scale] = jax.jit(fn, out_shardings=placed)(leaf)
   if free:
