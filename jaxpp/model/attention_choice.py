@@ -17,8 +17,8 @@ and cuDNN kernel against XLA's einsums at once:
 With 8-bit weights (`quant.py`), "kernel" also runs a decode step's block projections in
 `int8_matmul.py`'s kernel, which reads each layer's 8-bit weights in place, where XLA's
 einsum widens them to the activation dtype in a separate pass first (docs/quantization.md).
-"auto" keeps XLA's einsum there until the kernel's speed inside the model is measured on a
-GPU (`tools/quant_bench.py`).
+"auto" takes it where it was measured, on a GPU at tp = 1: int8 decode 0.91x of bf16's
+where XLA's path ran 0.48x (one H200, `tools/quant_bench.py`; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -71,4 +71,4 @@ def decide(choice: str, *, on_gpu: bool, cudnn: bool, tp: int, head_dim: int) ->
   if choice == "kernel":  # off GPUs the kernels' stand-ins run: the CPU tests' path
     return Kernels(decode=True, prefill=cudnn or not on_gpu, gpu=cudnn, weights8=True)
   return Kernels(decode=on_gpu and tp == 1 and decode_attention.supports(head_dim),
-                 prefill=cudnn, gpu=cudnn)
+                 prefill=cudnn, gpu=cudnn, weights8=on_gpu and tp == 1)

@@ -16,9 +16,9 @@ jaxpp does today, not what an ideal engine would do:
   and, in XLA's form, materialises T x T f32 attention scores (the flash kernel keeps them
   on chip and computes only the causal half);
 - pipeline ticks are lock-step: every tick lasts as long as the slowest device's chunk;
-- 8-bit weights stream a byte each in decode only through int8_matmul's kernel
-  (`attention="kernel"`); XLA's path (`auto` today) widens each layer first, which costs
-  `Assumptions.widen_bytes` more per weight (`decode_weight_bytes`).
+- 8-bit weights stream in decode at a byte each plus `Assumptions.kernel_bytes` through
+  int8_matmul's kernel (`auto` on a GPU at tp = 1, or `kernel`), plus `widen_bytes` on
+  XLA's path, which widens each layer first (`decode_weight_bytes`).
 
 Formulas, constants and sources: docs/planner.md. Decode runs at a fitted share of the HBM
 bandwidth plus fixed per-layer and per-all-reduce costs, checked against H200 runs
@@ -83,12 +83,13 @@ def decode_weight_bytes(stored: float, activation: float, in_kernel: bool,
                         assume: Assumptions = Assumptions()) -> float:
   """Bytes a decode step streams per weight stored in `stored` bytes. Weights narrower than
   the activations (8-bit) are read once by int8_matmul's kernel (`in_kernel`:
-  `Kernels.weights8`); on XLA's path each layer is first widened into an activation-dtype
-  copy in a pass of its own, which costs `assume.widen_bytes` more (fitted: the 0.48x of
-  bf16 that int8 and fp8 decode measured on one H200; docs/planner.md, "8-bit weights")."""
-  if stored >= activation or in_kernel:
+  `Kernels.weights8`), which streams below cuBLAS's bandwidth: `assume.kernel_bytes` more
+  (fitted: 0.91x of bf16 on one H200). On XLA's path each layer is first widened into an
+  activation-dtype copy in a pass of its own, which costs `assume.widen_bytes` more
+  (fitted: 0.48x of bf16 on the same card; docs/planner.md, "8-bit weights")."""
+  if stored >= activation:
     return stored
-  return stored + assume.widen_bytes
+  return stored + (assume.kernel_bytes if in_kernel else assume.widen_bytes)
 
 
 def layout_problem(cfg: LlamaConfig, layout: Layout, hw: Hardware,

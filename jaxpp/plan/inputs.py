@@ -50,6 +50,11 @@ class Assumptions:
   # an H200, docs/quantization.md). Fitted to the 8B int8 run on one H200 and the 70B pp=2
   # run on two (docs/planner.md, "8-bit weights"); int8_matmul's kernel reads a weight once.
   widen_bytes: float = 5.5
+  # The same through int8_matmul's kernel, which reads each weight once but streams below
+  # cuBLAS's bandwidth (0.7-1.8 TB/s of int8 per projection at 64 rows on an H200, where
+  # bf16's GEMMs stream about 3): fitted to the 8B int8 run through the kernel on one H200
+  # (docs/planner.md, "8-bit weights").
+  kernel_bytes: float = 1.4
   collective_latency_s: float = 20e-6  # fixed cost of one all-reduce or neighbour send
   tick_overhead_s: float = 50e-6  # fixed cost of one pipeline tick (pp > 1)
   dtype_bytes: int = 2  # KV cache and activations (bf16)
@@ -64,8 +69,9 @@ class Assumptions:
                  "prefill_attention_efficiency", "xla_attention_efficiency"):
       if not 0 < getattr(self, name) <= 1:
         raise JaxppError(f"{name}={getattr(self, name)} must be in (0, 1]")
-    if self.widen_bytes < 0:
-      raise JaxppError(f"widen_bytes={self.widen_bytes} must be >= 0")
+    for name in ("widen_bytes", "kernel_bytes"):
+      if getattr(self, name) < 0:
+        raise JaxppError(f"{name}={getattr(self, name)} must be >= 0")
     if self.kv_read not in ("max_len", "context"):
       raise JaxppError(f"kv_read={self.kv_read!r} must be 'max_len' or 'context'")
 
