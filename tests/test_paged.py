@@ -230,6 +230,31 @@ def test_prefix_cache_and_chunks_give_the_reference_tokens(shared, layout, atten
   assert not eng.prefilling and not eng.pages.held
 
 
+@pytest.mark.parametrize("layout, chunk", [("pp1tp1", 0), ("dp2pp1tp1", 24)])
+def test_a_burst_sharing_a_prefix_computes_it_once_a_replica(shared, layout, chunk):
+  """Six prompts with one two-block prefix, submitted together into room for all: each
+  replica admits one first and the others after its prefill, so they all reuse its blocks
+  (admitted together, each would compute them); the tokens are the reference's. With a
+  prefill budget some rows wait a step for their first piece while the others decode:
+  parked past their tables, they write nothing into the shared blocks (at their slots'
+  stale lengths they did, and the replica's other sequences read junk)."""
+  ckpt, prompts, want = shared
+  llm = jaxpp.LLM(ckpt, dtype="float32", max_len=MAX_LEN, decode_chunk=4, layout=layout,
+                  block_size=BLOCK)
+  dp = llm.pipeline.dp
+  eng = llm.engine(max_num_seqs=len(prompts) * dp, prefix_cache=True, prefill_chunk=chunk)
+  for i, p in enumerate(prompts):
+    eng.submit(requests.Request(f"r{i}", p, 8))
+  done = {}
+  for f in eng.step():
+    done[f.request.key] = f.token_ids
+  assert eng.stats.admissions == dp  # one a replica: the rest wait for its prefix blocks
+  eng.run(lambda f: done.__setitem__(f.request.key, f.token_ids))
+  assert [done[f"r{i}"] for i in range(len(prompts))] == want
+  assert eng.stats.kv["prefix_hit_tokens"] == 2 * BLOCK * (len(prompts) - dp)
+  assert not any(eng.pages.computing) and not eng.pages.computing_of
+
+
 def test_a_chunked_prompt_lets_decode_run_between_its_chunks(model):
   """A 41-token prompt with a budget of 8 tokens a step takes 6 steps to prefill; the
   request already decoding gets a decode chunk in each of them, and both finish with the

@@ -12,9 +12,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Hashable
+from typing import Hashable, Protocol
 
 import jax
+
+
+class StepGuard(Protocol):
+  """What the engine needs of a watchdog (`dist.watchdog.Watchdog` is one): a context
+  around each device call and its fetch, keyed by the compiled program it runs."""
+
+  def step(self, name: str, key: Hashable = None) -> contextlib.AbstractContextManager: ...
 
 
 class InFlight:

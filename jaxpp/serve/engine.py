@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from typing import Callable, Hashable, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -42,17 +42,11 @@ from jaxpp.parallel.pipeline import Pipeline
 from jaxpp.serve import (decode_rows, defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
                          slots, stop_strings)
 from jaxpp.serve.requests import PRIORITIES, Finished, Request
-from jaxpp.serve.device_call import InFlight
+from jaxpp.serve.device_call import InFlight, StepGuard
 from jaxpp.serve.prefill import Prefiller
 from jaxpp.serve.stats import EngineStats
 from jaxpp.serve.token_history import TokenHistory
 
-
-class StepGuard(Protocol):
-  """What the engine needs of a watchdog (`dist.watchdog.Watchdog` is one): a context
-  around each device call and its fetch, keyed by the compiled program it runs."""
-
-  def step(self, name: str, key: Hashable = None) -> contextlib.AbstractContextManager: ...
 
 class Engine:
   """Schedules requests onto a pipeline holding `params`: submit(), then run().
@@ -187,7 +181,8 @@ class Engine:
           break
         head = queue[0]  # a paged cache also needs free blocks for it
         at = slots.free_row(live, self.owner, self.replica_rows, lambda d: (
-            self.pages is None or self.pages.fits_now(d, len(head.prompt), head.max_new_tokens)))
+            self.pages is None or self.pages.takes_now(
+                d, head.prompt, head.max_new_tokens, share=not requests.whole_prompt(head))))
         if at is None:
           break
         d, j, r = at
@@ -197,6 +192,7 @@ class Engine:
           cached = self.pages.admit((j, r), request.prompt, request.max_new_tokens,
                                     share=not requests.whole_prompt(request)).cached
         self.prefilling[(j, r)] = cached
+        self._park((j, r))  # until its last piece: a prefill budget may leave it for later
         self.owner[j][r] = request
         self.order[(j, r)] = self.stats.admissions
         self.stats.admissions += 1
@@ -251,9 +247,8 @@ class Engine:
                            first=self.prefiller.last_first)
     self.stats.prefill_since += seconds
     for i, (req, x) in enumerate(zip(reqs, pieces)):
-      if not x.last:  # parked: no token yet, and its junk writes go to the null block
+      if not x.last:
         self.prefilling[x.slot] = x.end
-        self.state.done[x.slot], self.state.lengths[x.slot] = True, pages.nblk * pages.block_size
         continue
       del self.prefilling[x.slot]
       if pages is not None:
@@ -266,6 +261,13 @@ class Engine:
         self.logprobs.add(x.slot, req.logprobs, *(a[i] for a in lps))
       for field, value in zip(self.state, new):
         field[x.slot] = value[i]
+
+  def _park(self, slot: tuple[int, int]) -> None:
+    """A row not yet prefilled: done, and past its table, so its junk writes go to the null
+    block (at a stale length they would land in its new blocks, which prefix hits share)."""
+    self.state.done[slot] = True
+    self.state.lengths[slot] = self.max_len if self.pages is None else (
+        self.pages.nblk * self.pages.block_size)
 
   def precompile_prefills(self, prompt_lengths, admissions=None) -> int:
     """Runs the greedy prefill program of every shape an admission of these prompt lengths

@@ -228,6 +228,10 @@ class BlockAllocator:
 
   # -- counters ----------------------------------------------------------------------------
 
+  def published(self, key: bytes) -> bool:
+    """Whether a prefix key's block is in the pool for prompts to reuse."""
+    return key in self._block_of_key
+
   @property
   def free_blocks(self) -> int:
     """Blocks neither in use nor holding a cached prefix."""

@@ -9,6 +9,10 @@ blocks (allocated whole on admission: no growth, so no preemption and nothing to
 and its blocks return when it finishes. With `grow`, admission takes only the prompt's
 blocks and one decode call's (`chunk` tokens), and `ensure` grows a row's blocks before
 each decode call; when the pool cannot, the engine swaps a sequence out (`kv_swap.py`).
+With the prefix cache, a prompt whose next uncached block another prompt of its replica
+is computing right now waits for it (`takes_now`): admitted together, a burst of prompts
+with one system prompt would each compute it; one after the other, all but the first
+reuse it (SGLang defers in-batch prefix sharers the same way).
 The tables [M, rows, nblk] go to every decode call
 (the rows' blocks); a prefill gets each prompt token's (block, offset) instead. A finished
 slot's table is reset to NULL_BLOCK before the next call, so the junk a finished row keeps
@@ -17,6 +21,7 @@ writing lands in the null block, never in blocks handed on to another request.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Sequence
 
@@ -26,7 +31,7 @@ import numpy as np
 from jaxpp.errors import JaxppError
 from jaxpp.model.kv_cache import KV_DTYPES, NULL_BLOCK
 from jaxpp.serve import defaults
-from jaxpp.serve.kv_blocks import Allocation, BlockAllocator
+from jaxpp.serve.kv_blocks import Allocation, BlockAllocator, block_keys
 
 
 def check_options(block_size: int, kv_cache_memory: float, prefix_cache: bool,
@@ -69,6 +74,10 @@ class PagedSlots:
                        for _ in range(dp)]
     self.tables = np.full((M, rows, self.nblk), NULL_BLOCK, np.int32)
     self.held: dict[tuple[int, int], Allocation] = {}
+    # prefix keys of full prompt blocks being computed: per replica, and per slot until
+    # its prefill is done (`prefilled`) or it leaves (`release`)
+    self.computing = [collections.Counter() for _ in range(dp)]
+    self.computing_of: dict[tuple[int, int], tuple[bytes, ...]] = {}
 
   @property
   def blocks(self) -> int:
@@ -110,7 +119,11 @@ class PagedSlots:
     """Blocks for a request in `slot` (its table filled), or None when its replica's free
     blocks do not hold it now; with the prefix cache on its `cached` prompt tokens are
     already in the first of them (`share=False`: none are)."""
-    return self.admit_positions(slot, prompt, self.reserve(len(prompt), max_new), share)
+    got = self.admit_positions(slot, prompt, self.reserve(len(prompt), max_new), share)
+    if got is not None and self.prefix_cache:
+      self.computing_of[slot] = got.keys[got.cached // self.block_size:]
+      self.computing[self.replica(slot[1])].update(self.computing_of[slot])
+    return got
 
   def admit_positions(self, slot: tuple[int, int], prompt: Sequence[int], positions: int,
                       share: bool = True) -> Allocation | None:
@@ -148,10 +161,16 @@ class PagedSlots:
   def prefilled(self, slot: tuple[int, int], prompt: Sequence[int]) -> None:
     """The slot's prompt is in its blocks: its full blocks may now serve other prompts."""
     self.allocators[self.replica(slot[1])].register(self.held[slot], prompt)
+    self._computed(slot)
+
+  def _computed(self, slot: tuple[int, int]) -> None:
+    self.computing[self.replica(slot[1])].subtract(self.computing_of.pop(slot, ()))
+    self.computing[self.replica(slot[1])] += collections.Counter()  # drops zero counts
 
   def release(self, slot: tuple[int, int]) -> None:
     """The slot's request finished: its blocks go back, its table to the null block."""
     got = self.held.pop(slot)
+    self._computed(slot)
     self.allocators[self.replica(slot[1])].release(got)
     self.tables[slot] = NULL_BLOCK
 
@@ -159,6 +178,19 @@ class PagedSlots:
     """Whether replica d could take such a request now, ignoring the prefix cache's hits
     (a cheap check for choosing a replica: `admit` decides)."""
     return self.fits_positions(d, self.reserve(prompt_len, max_new))
+
+  def takes_now(self, d: int, prompt: Sequence[int], max_new: int, share: bool) -> bool:
+    """`fits_now`, and with the prefix cache (and `share`) the prompt's next uncached
+    block is not being computed by another prompt of replica d: better to wait one step
+    and reuse it than compute it twice."""
+    if not self.fits_now(d, len(prompt), max_new):
+      return False
+    if not (self.prefix_cache and share and self.computing[d]):
+      return True
+    for key in block_keys(prompt, self.block_size)[:max(len(prompt) - 1, 0) // self.block_size]:
+      if not self.allocators[d].published(key):
+        return key not in self.computing[d]
+    return True
 
   def fits_positions(self, d: int, positions: int) -> bool:
     """Whether replica d's free and evictable blocks hold `positions` positions now."""
