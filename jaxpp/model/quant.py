@@ -134,8 +134,8 @@ def quantize(w, mode: str, axes: tuple[int, ...], scale_dtype):
 
 def dequantize(q, scale, axes: tuple[int, ...], dtype):
   """The weight a quantised leaf (packed or not) stands for (tests and reference checks)."""
-  return (packed8.unpack(q).astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), axes)).astype(
-      dtype)
+  wide = packed8.unpack(q).astype(jnp.float32)
+  return (wide * jnp.expand_dims(scale.astype(jnp.float32), axes)).astype(dtype)
 
 
 def einsum(spec: str, x, w, scale=None):

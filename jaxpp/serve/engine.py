@@ -39,8 +39,8 @@ from jaxpp.model import decode_state, kv_cache, penalties, sampling
 from jaxpp.model import params as params_lib
 from jaxpp.parallel import shapes
 from jaxpp.parallel.pipeline import Pipeline
-from jaxpp.serve import (decode_rows, defaults, kv_pages, kv_swap, logprobs, prompt_pieces, requests,
-                         slots, stop_strings)
+from jaxpp.serve import (decode_rows, defaults, kv_pages, kv_swap, logprobs, prompt_pieces,
+                         requests, slots, stop_strings)
 from jaxpp.serve.requests import PRIORITIES, Finished, Request
 from jaxpp.serve.device_call import InFlight, StepGuard
 from jaxpp.serve.prefill import Prefiller

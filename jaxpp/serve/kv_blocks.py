@@ -146,11 +146,7 @@ class BlockAllocator:
     keys, hits = (), []
     if self.prefix_cache:
       keys = block_keys(prompt, self.block_size)
-      for key in keys[:max(n - 1, 0) // self.block_size] if share else ():
-        block = self._block_of_key.get(key)
-        if block is None:
-          break
-        hits.append(block)
+      hits = self.cached_prefix(keys, n) if share else []
     fresh = need - len(hits)
     hits_evictable = sum(1 for b in hits if self._refs[b] == 0)
     if fresh > len(self._free) + len(self._lru) - hits_evictable:
@@ -169,6 +165,17 @@ class BlockAllocator:
     allocation = Allocation(tuple(blocks), len(hits) * self.block_size, keys)
     self._live[blocks[-1]] = allocation
     return allocation
+
+  def cached_prefix(self, keys: tuple[bytes, ...], prompt_len: int) -> list[int]:
+    """The published blocks of the longest run of a prompt's block `keys` from its start,
+    among those lying entirely inside prompt[:-1] (the ones `admit` may reuse)."""
+    hits = []
+    for key in keys[:max(prompt_len - 1, 0) // self.block_size]:
+      block = self._block_of_key.get(key)
+      if block is None:
+        break
+      hits.append(block)
+    return hits
 
   def grow(self, allocation: Allocation, positions: int) -> Allocation | None:
     """The allocation extended with fresh blocks to hold `positions` positions (itself when
@@ -227,10 +234,6 @@ class BlockAllocator:
           self._lru[block] = key
 
   # -- counters ----------------------------------------------------------------------------
-
-  def published(self, key: bytes) -> bool:
-    """Whether a prefix key's block is in the pool for prompts to reuse."""
-    return key in self._block_of_key
 
   @property
   def free_blocks(self) -> int:

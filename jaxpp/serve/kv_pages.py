@@ -21,7 +21,6 @@ writing lands in the null block, never in blocks handed on to another request.
 
 from __future__ import annotations
 
-import collections
 import math
 from typing import Sequence
 
@@ -74,9 +73,8 @@ class PagedSlots:
                        for _ in range(dp)]
     self.tables = np.full((M, rows, self.nblk), NULL_BLOCK, np.int32)
     self.held: dict[tuple[int, int], Allocation] = {}
-    # prefix keys of full prompt blocks being computed: per replica, and per slot until
-    # its prefill is done (`prefilled`) or it leaves (`release`)
-    self.computing = [collections.Counter() for _ in range(dp)]
+    # prefix keys of the full prompt blocks a slot is computing, until its prefill is done
+    # (`prefilled`) or it leaves (`release`)
     self.computing_of: dict[tuple[int, int], tuple[bytes, ...]] = {}
 
   @property
@@ -122,7 +120,6 @@ class PagedSlots:
     got = self.admit_positions(slot, prompt, self.reserve(len(prompt), max_new), share)
     if got is not None and self.prefix_cache:
       self.computing_of[slot] = got.keys[got.cached // self.block_size:]
-      self.computing[self.replica(slot[1])].update(self.computing_of[slot])
     return got
 
   def admit_positions(self, slot: tuple[int, int], prompt: Sequence[int], positions: int,
@@ -161,16 +158,12 @@ class PagedSlots:
   def prefilled(self, slot: tuple[int, int], prompt: Sequence[int]) -> None:
     """The slot's prompt is in its blocks: its full blocks may now serve other prompts."""
     self.allocators[self.replica(slot[1])].register(self.held[slot], prompt)
-    self._computed(slot)
-
-  def _computed(self, slot: tuple[int, int]) -> None:
-    self.computing[self.replica(slot[1])].subtract(self.computing_of.pop(slot, ()))
-    self.computing[self.replica(slot[1])] += collections.Counter()  # drops zero counts
+    self.computing_of.pop(slot, None)
 
   def release(self, slot: tuple[int, int]) -> None:
     """The slot's request finished: its blocks go back, its table to the null block."""
     got = self.held.pop(slot)
-    self._computed(slot)
+    self.computing_of.pop(slot, None)
     self.allocators[self.replica(slot[1])].release(got)
     self.tables[slot] = NULL_BLOCK
 
@@ -185,12 +178,14 @@ class PagedSlots:
     and reuse it than compute it twice."""
     if not self.fits_now(d, len(prompt), max_new):
       return False
-    if not (self.prefix_cache and share and self.computing[d]):
+    computing = {key for slot, keys in self.computing_of.items()
+                 if self.replica(slot[1]) == d for key in keys}
+    if not (self.prefix_cache and share and computing):
       return True
-    for key in block_keys(prompt, self.block_size)[:max(len(prompt) - 1, 0) // self.block_size]:
-      if not self.allocators[d].published(key):
-        return key not in self.computing[d]
-    return True
+    keys = block_keys(prompt, self.block_size)
+    reusable = max(len(prompt) - 1, 0) // self.block_size
+    cached = len(self.allocators[d].cached_prefix(keys, len(prompt)))
+    return cached == reusable or keys[cached] not in computing
 
   def fits_positions(self, d: int, positions: int) -> bool:
     """Whether replica d's free and evictable blocks hold `positions` positions now."""
