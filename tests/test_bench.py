@@ -72,7 +72,8 @@ def test_cli_writes_json_and_markdown(tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--layouts=pp2x", "error: layout 'pp2x' is not of the form"),
-    ("--attention=flash", "error: --attention='flash' is not one of auto, kernel, xla")])
+    ("--attention=flash", "error: --attention='flash' is not one of auto, kernel, xla"),
+    ("--prefill_chunk=0,half", "error: --prefill_chunk entries are whole numbers, not 'half'")])
 def test_cli_bad_flag_is_one_line(tmp_path, flag, message):
   proc = cli.run_module("jaxpp.bench", "--model=tiny", flag, f"--out={tmp_path}", timeout=120)
   assert proc.returncode != 0

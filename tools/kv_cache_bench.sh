@@ -13,9 +13,9 @@
 #           runs only the rows in use, serve/decode_rows.py);
 #   prefix  docs/bench/shared-prefix-256.jsonl (512 shared + 512 distinct tokens, 128 out)
 #           with the prefix cache off, then on;
-#   blocks  1,024/128 at 64 slots with blocks of 16, 32, 64 and 128 positions (decode's
-#           cost of the table against the block size);
-#   chunk   mixed-256 paged as in `mixed`, prompts prefilled in pieces of 512 tokens;
+#   blocks  1,024/128 at 64 slots, the dense cache against blocks of BLOCK_SIZES (default
+#           16,32,64,128) positions: decode's cost of the table by block size, at equal rows;
+#   chunk   mixed-256 paged as in `mixed`, prompts prefilled whole, then in 512-token pieces;
 #   grow    mixed-256 paged as in `mixed` (blocks of 64), whole reservations against
 #           `--kv_grow` (admit with the prompt's blocks, grow in decode, swap out when full).
 # Results go to OUT_DIR/<step>.json (the bench's results.json) and <step>.log.
@@ -43,13 +43,13 @@ for s in $steps; do
         --prefix_cache=false,true ;;
     blocks)
       bench blocks --input_len=1024 --output_len=128 --num_requests=256 --max_num_seqs=64 \
-        --block_size=16,32,64,128 ;;
+        --block_size=0,${BLOCK_SIZES:-16,32,64,128} ;;
     grow)
       bench grow --workload=docs/bench/mixed-256.jsonl --block_size=64 --kv_cache_memory=10.74 \
         --max_num_seqs=${MIXED_CAP:-256} --kv_grow=false,true ;;
     chunk)
       bench chunk --workload=docs/bench/mixed-256.jsonl --block_size=64 \
-        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-256} --prefill_chunk=512 ;;
+        --kv_cache_memory=10.74 --max_num_seqs=${MIXED_CAP:-256} --prefill_chunk=0,512 ;;
     *) echo "unknown step $s" >&2; exit 2 ;;
   esac
 done

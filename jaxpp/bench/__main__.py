@@ -84,8 +84,9 @@ def define_flags() -> None:
   f.DEFINE_list("kv_grow", list(d.kv_grow), "per run: true admits with the prompt's blocks "
                 "and grows them in decode, swapping the newest sequence out when the pool is "
                 "full; a list (false,true) runs each")
-  f.DEFINE_integer("prefill_chunk", d.prefill_chunk, "prompt tokens prefilled a step, long "
-                   "prompts in chunks between decode calls (0: whole prompts)")
+  f.DEFINE_list("prefill_chunk", [str(n) for n in d.prefill_chunk], "prompt tokens "
+                "prefilled a step, long prompts in chunks between decode calls (0: whole "
+                "prompts); a list (0,512) runs each")
   f.DEFINE_integer("scan_unroll", d.scan_unroll, "layers per stage-scan iteration (0 = all)")
   f.DEFINE_string("out", d.out, "directory for results.json and results.md")
   f.DEFINE_string("profile_dir", d.profile_dir, "if set, trace one extra wave per layout (the "

@@ -52,7 +52,7 @@ class BenchOptions:
   block_size: tuple[int, ...] = (64,)  # paged KV blocks' positions per run; 0: dense
   kv_cache_memory: float = 0.0
   prefix_cache: tuple[str, ...] = ("false",)  # per run: share prompts' cached prefixes
-  prefill_chunk: int = 0  # prompt tokens prefilled a step (0: whole prompts)
+  prefill_chunk: tuple[int, ...] = (0,)  # per run: prompt tokens a step (0: whole)
   kv_dtype: tuple[str, ...] = ("auto",)  # per run: the KV cache's storage (auto, fp8)
   kv_grow: tuple[str, ...] = ("false",)  # per run: grow blocks in decode, swap out when full
   scan_unroll: int = 1
@@ -84,6 +84,14 @@ def _flag(text, name: str = "prefix_cache") -> bool:
   return value in ("true", "1")
 
 
+def _count(text, name: str = "prefill_chunk") -> int:
+  """A list flag's entry as a whole number."""
+  try:
+    return int(str(text).strip())
+  except ValueError:
+    raise JaxppError(f"--{name} entries are whole numbers, not {text!r}") from None
+
+
 def _write(out: pathlib.Path, header: str, rows: list[dict]) -> None:
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
@@ -112,11 +120,13 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
               decode_chunk=opts.decode_chunk, max_num_seqs=opts.max_num_seqs,
               scan_unroll=opts.scan_unroll or True, quant_embed=opts.quant_embed,
               profile_dir=opts.profile_dir, layer_split=opts.layer_split,
-              kv_cache_memory=opts.kv_cache_memory, prefill_chunk=opts.prefill_chunk)
+              kv_cache_memory=opts.kv_cache_memory)
   for mode in opts.quant:
     quant_lib.Quant(mode, opts.quant_embed)  # every entry checked before the first run
   for kv in opts.kv_dtype:
     kv_pages.check_options(0, 0.0, False, 0, where="--", kv_dtype=kv)
+  for n in opts.prefill_chunk:
+    _count(n)
   for impl in opts.attention:
     if impl not in attention_choice.CHOICES:
       raise JaxppError(f"--attention={impl!r} is not one of "
@@ -136,9 +146,10 @@ def run_suite(opts: BenchOptions, writer: bool = True) -> list[dict]:
   for text in layouts:
     runs = ([{}] if baseline_hf.parse(text) else
             [dict(quant=q, attention=a, block_size=int(b), prefix_cache=_flag(c), kv_dtype=k,
-                  kv_grow=_flag(g, "kv_grow"))
+                  kv_grow=_flag(g, "kv_grow"), prefill_chunk=_count(n))
              for q in opts.quant for a in opts.attention for b in opts.block_size
-             for c in opts.prefix_cache for k in opts.kv_dtype for g in opts.kv_grow])
+             for c in opts.prefix_cache for k in opts.kv_dtype for g in opts.kv_grow
+             for n in opts.prefill_chunk])
     for knobs in runs:
       rows.append(hf if baseline_hf.parse(text) else
                   _measure_or_error(config, hw, text, prompts, dict(args, **knobs)))
