@@ -117,11 +117,16 @@ def _project_local(x, stack, scale, index, *, in_dims: int, interpret: bool, out
   return out.reshape(rows + tuple(outs))
 
 
-# The tiles decode uses: the weight stream probe's fastest on an H200 at 32 rows
-# (docs/benchmarks.md, "Pallas int8 kernel"), with M tiles of up to 128 rows so that a
-# micro-batch of 128 reads each weight tile once.
-DECODE_TILES = dict(block_m=128, block_n=128, block_k=128, split_k=0, num_warps=4,
-                    num_stages=4)
+# The tiles decode uses, by how many 256-column tiles the output has: the tune step's
+# fastest on one H200 at 64 rows over a 32-layer packed stack (docs/benchmarks.md, "8-bit
+# decode through the kernel"). Wide outputs (the 8B shape's wqkv, 24 tiles; w_gate_up, 112)
+# kept most loads in flight with short K steps and 4 warps (w_gate_up 1,812 GB/s against
+# 1,446 with 128 x 128 tiles); narrow ones (wo, w_down: 16) with deeper steps and 8 warps.
+# M tiles reach 128 rows, so a micro-batch of 128 reads each weight tile once.
+WIDE_OUTPUT_TILES = 24
+WIDE_TILES = dict(block_m=128, block_n=256, block_k=64, split_k=0, num_warps=4, num_stages=4)
+NARROW_TILES = dict(block_m=128, block_n=256, block_k=128, split_k=0, num_warps=8,
+                    num_stages=3)
 
 
 TILE_FIELDS = {"bm": "block_m", "bn": "block_n", "bk": "block_k", "s": "split_k",
@@ -147,9 +152,10 @@ def tiles_of(name: str) -> dict:
 
 
 def decode_tiles(M: int, K: int, N: int) -> dict:
-  """`stacked_matmul`'s tiles for an [M, K] x [K, N] decode product."""
-  del M, K, N  # one set for every shape until measurements say otherwise
-  return DECODE_TILES
+  """`stacked_matmul`'s tiles for an [M, K] x [K, N] decode product (WIDE_TILES or
+  NARROW_TILES by the output's width)."""
+  del M, K  # measured at 64 rows on K of 4,096 and 14,336 alike
+  return WIDE_TILES if N >= WIDE_OUTPUT_TILES * 256 else NARROW_TILES
 
 
 def stacked_matmul(x, w, scale, layer, *, block_m: int = 64, block_n: int = 128,
