@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxpp
+from jaxpp.job import report
 from jaxpp.load import checkpoint
 from jaxpp.model import kv_cache, sampling
 from jaxpp.parallel import pipeline
@@ -133,6 +134,10 @@ def test_decode_runs_only_the_rows_in_use(model, layout, monkeypatch):
   rows = {key[0][1] for key in eng._decode_programs}  # (M, rows) of each decode program
   assert {key[0][1] for key in whole._decode_programs} == {eng.rows}
   assert min(rows) < eng.rows and all(n % dp == 0 for n in rows), rows
+  # the report's mean rows a call: every row without the window, fewer with it
+  assert whole.stats.kv["decode_rows"] == whole.M * whole.rows
+  assert whole.M * dp <= eng.stats.kv["decode_rows"] < whole.M * whole.rows
+  assert "decode calls ran" in report.kv_line(eng.stats.kv)
   for a in eng.pages.allocators:
     assert a.free_blocks == eng.pages.blocks - 1
 

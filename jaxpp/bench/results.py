@@ -6,7 +6,8 @@ from __future__ import annotations
 # the rows differ in it, so a table of runs says what set them apart and no more.
 KNOBS = ("max_num_seqs", "kv_dtype", "prefix_cache", "prefill_chunk", "kv_grow")
 # The paged cache's report (`kv_cache` in a row), a column each when some row is paged.
-KV_REPORT = (("peak_blocks", "{:,}"), ("preemptions", "{:,}"), ("prefix_hit_tokens", "{:,}"))
+KV_REPORT = (("peak_blocks", "{:,}"), ("preemptions", "{:,}"), ("prefix_hit_tokens", "{:,}"),
+             ("decode_rows", "{:.0f}"))
 
 
 def markdown(rows: list[dict], header: str) -> str:

@@ -258,6 +258,8 @@ def kv_line(kv: dict[str, Any]) -> str:
              f" of prompt tokens ({kv['prefix_hit_tokens']:,} not prefilled)")
   if kv.get("preemptions"):
     line += f", {kv['preemptions']:,} sequences swapped out to make room (kv_grow)"
+  if kv.get("decode_rows"):
+    line += f"; decode calls ran {kv['decode_rows']:.0f} rows on average"
   return line
 
 

@@ -324,8 +324,7 @@ class Engine:
       for full, part in zip(self.state, state):
         w.put(full, part)
     seconds = pending.seconds()
-    self.stats.decode_seconds += seconds
-    self.stats.decode_calls += 1
+    self.stats.add_decode(seconds, rows=self.M * w.dp * w.n)
     first = pending.key not in self._decode_programs
     if first:  # a compiling first call would skew the timings
       self._decode_programs.add(pending.key)
@@ -388,7 +387,8 @@ class Engine:
     if self.tokens:
       self._dispatch_decode()
     if self.pages is not None:
-      self.stats.kv = self.pages.stats() | dict(preemptions=self.stats.preemptions)
+      self.stats.kv = self.pages.stats() | dict(preemptions=self.stats.preemptions,
+                                                decode_rows=self.stats.mean_decode_rows())
     return finished
 
   def run(self, on_finished: Callable[[Finished], None]) -> EngineStats:

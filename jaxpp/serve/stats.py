@@ -38,6 +38,7 @@ class EngineStats:
   prefill_positions: int = 0  # token positions the prefill programs computed (m * p * T)
   completion_tokens: int = 0
   decode_calls: int = 0
+  decode_rows: int = 0  # rows the decode calls ran (a paged cache's windows), summed
   prefill_calls: int = 0
   prefill_shapes: int = 0
   prefill_first_seconds: float = 0.0
@@ -56,6 +57,17 @@ class EngineStats:
   kv: dict = dataclasses.field(default_factory=dict)
   last_decode_end: float | None = None  # host time the last timed decode call returned
   prefill_since: float = 0.0  # prefill seconds since then
+
+  def add_decode(self, seconds: float, rows: int) -> None:
+    """One decode call of `rows` rows (all replicas) that took `seconds` to its results."""
+    self.decode_seconds += seconds
+    self.decode_calls += 1
+    self.decode_rows += rows
+
+  def mean_decode_rows(self) -> float:
+    """Rows a decode call ran, on average: the slots with a dense cache, with a paged one
+    the windows of rows in use (`decode_rows.py`), which set the weight GEMMs' M."""
+    return self.decode_rows / self.decode_calls if self.decode_calls else 0.0
 
   def add_first_decode(self, seconds: float) -> None:
     """A decode program's first call: untimed (it compiles), and it breaks the gap count."""
