@@ -80,3 +80,29 @@ def test_growth_needs_a_paged_cache_and_one_process(model, monkeypatch):  # noqa
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(JaxppError, match="^kv_grow swaps KV blocks through one process's host"):
     llm.engine(kv_grow=True)
+
+
+def test_swap_moves_blocks_through_pinned_host_memory_bit_for_bit():
+  """swap_out leaves its copies in pinned host memory (the devices write them by DMA while
+  the host goes on); swap_in puts them, and only them, into other blocks of a pool whose
+  block axis is split over two devices as dp splits it, keeping the pool's sharding."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jaxpp.serve import kv_swap
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("dp",))
+  spec = NamedSharding(mesh, P(None, None, None, "dp"))
+  rng = np.random.default_rng(0)
+  shapes = [(1, 1, 2, 8, 2, 4, 3), (1, 1, 2, 8, 2, 4)]  # keys, and an fp8 cache's scales
+  cache = tuple(jax.device_put(rng.standard_normal(s).astype(np.float32), spec) for s in shapes)
+  before = [np.asarray(a) for a in cache]
+  out = kv_swap.swap_out(cache, [2, 5, 3], null=0)
+  assert all(b.sharding.memory_kind == kv_swap.HOST for b in out)
+  empty = tuple(jax.device_put(np.zeros(s, np.float32), spec) for s in shapes)
+  back = kv_swap.swap_in(empty, [6, 1, 7], null=4, blocks=out)
+  for a, b in zip(back, before):
+    assert a.sharding == spec
+    got = np.asarray(a)
+    np.testing.assert_array_equal(got[:, :, :, [6, 1, 7]], b[:, :, :, [2, 5, 3]])
+    np.testing.assert_array_equal(got[:, :, :, 4], b[:, :, :, 0])  # the padding: null to null
+    assert not got[:, :, :, [0, 2, 3, 5]].any()

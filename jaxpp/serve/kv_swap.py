@@ -12,8 +12,13 @@ if it had never left, and its greedy tokens are the ones it would have produced.
 A swap moves every stage's blocks (all layers, keys, values and an fp8 cache's scales) in
 one gather and one scatter program per power-of-two block count (padded with the null
 block, which no sequence reads), so a run compiles a handful of them. For the Llama-3-8B
-shape a block of 64 positions is 8 MiB in bf16: a 1,024-token sequence is 136 MiB each way,
-milliseconds over PCIe, against the seconds its decode takes.
+shape a block of 64 positions is 8 MiB in bf16: a 1,024-token sequence is 136 MiB each way.
+Neither direction makes the host wait. The copy out goes to pinned host memory, which the
+device writes by DMA while it goes on decoding (the first GPU run copied to ordinary host
+memory and waited: 28 swaps took 27% of the run's wall time, docs/benchmarks.md); the
+gather is ordered before any later program that writes the freed blocks, as JAX orders a
+buffer's readers before the writer it is donated to. The copy back is queued the same way
+ahead of the scatter that places it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from jaxpp.serve import requests, slots
 
 POOL_AXIS = 3  # the block axis of a pool [pp, v, Lc, dp * blocks, K, BS(, H)] and its scales
+HOST = "pinned_host"  # where swapped-out blocks wait: host memory the devices copy to by DMA
 
 
 class Swapped(NamedTuple):
@@ -36,7 +42,7 @@ class Swapped(NamedTuple):
   request: object  # the engine's Request
   tokens: list[int]  # generated so far
   state: tuple  # its DecodeState row (token, length, remaining, done)
-  blocks: tuple  # host copies of its blocks, one array per cache array
+  blocks: tuple  # its blocks in host memory, one array per cache array (padded)
   count: int  # how many of the copied blocks are its own (the rest is padding)
   order: int  # its admission order, kept: a swapped sequence is still the older one
   logprobs: tuple | None  # its `TokenLogprobs` lists so far, if it asked for them
@@ -60,8 +66,10 @@ def _scatter(cache, ids, blocks):
 
 
 def swap_out(cache, ids: list[int], null: int) -> tuple:
-  """Host copies of the pool blocks `ids` (whole-pool indices) of every cache array."""
-  return tuple(np.asarray(a) for a in _gather(cache, padded(ids, null)))
+  """Copies in pinned host memory of the pool blocks `ids` (whole-pool indices) of every
+  cache array, under way when this returns (nothing waits for them here)."""
+  return tuple(jax.device_put(a, a.sharding.with_memory_kind(HOST))
+               for a in _gather(cache, padded(ids, null)))
 
 
 def swap_in(cache, ids: list[int], null: int, blocks: tuple):
@@ -69,7 +77,8 @@ def swap_in(cache, ids: list[int], null: int, blocks: tuple):
   the padding goes to the null block. Each array keeps its sharding, so the decode and
   prefill programs see the cache they were compiled for."""
   shardings = [a.sharding for a in cache]  # read before the scatter donates the arrays
-  out = _scatter(cache, padded(ids, null), blocks)
+  back = tuple(jax.device_put(b, b.sharding.with_memory_kind("device")) for b in blocks)
+  out = _scatter(cache, padded(ids, null), back)
   return tuple(jax.device_put(a, s) for a, s in zip(out, shardings))
 
 
