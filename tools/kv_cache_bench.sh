@@ -18,7 +18,8 @@
 #   chunk   mixed-256 paged as in `mixed`, prompts prefilled whole, then in 512-token pieces;
 #   grow    mixed-256 paged as in `mixed` (blocks of 64), whole reservations against
 #           `--kv_grow` (admit with the prompt's blocks, grow in decode, swap out when full).
-# Results go to OUT_DIR/<step>.json (the bench's results.json) and <step>.log.
+# Results go to OUT_DIR/<step>/ (the bench's results.json and .md, written after each run,
+# so a step cut short keeps what it measured) and OUT_DIR/<step>.log.
 set -euo pipefail
 out=${1:?usage: tools/kv_cache_bench.sh OUT_DIR [STEPS]}
 steps=${2:-mixed prefix}
@@ -28,8 +29,7 @@ mkdir -p "$out"
 bench() {  # $1: step name; the rest: bench flags
   local name=$1; shift
   python -m jaxpp.bench --model=llama3-8b --hardware=$hw --layouts=pp1tp1 \
-    --out=/tmp/kv_bench_$name "$@" > "$out/$name.log" 2>&1 || tail -20 "$out/$name.log"
-  cp /tmp/kv_bench_$name/results.json "$out/$name.json" 2> /dev/null || true
+    --out="$out/$name" "$@" > "$out/$name.log" 2>&1 || tail -20 "$out/$name.log"
   tail -6 "$out/$name.log"
 }
 for s in $steps; do
