@@ -238,3 +238,14 @@ def test_an_axis_tp_does_not_divide_runs_whole():
   got = run(x, jnp.stack([q, q]), jnp.stack([s, s]))
   assert got.dtype == jnp.float32
   _assert_close(got[0], quant.einsum("BTD,DV->BTV", x, q[0], s[0]), 1e-5)
+
+
+def test_layer_index_is_row_major_over_traced_indices():
+  """The flat layer index the three Pallas kernels take (`layer_index.flat`), traced."""
+  from jaxpp.model import layer_index
+  lead = (2, 3, 4)
+  flat = jax.jit(lambda a, b, c: layer_index.flat((a, b, c), lead))
+  for idx in np.ndindex(*lead):
+    assert int(flat(*idx)) == np.ravel_multi_index(idx, lead)
+  with pytest.raises(ValueError, match=r"^2 indices for 3 lead axes \(2, 3, 4\)$"):
+    layer_index.flat((0, 1), lead)

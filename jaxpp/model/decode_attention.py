@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
-from jaxpp.model import kv_cache
+from jaxpp.model import kv_cache, layer_index
 
 MIN_TILE = 16  # Triton's smallest dot operand dimension: G query heads are padded to it
 # Cache positions per step; kv_cache.CACHE_ALIGN keeps S a multiple of it. With 4 warps, 2
@@ -134,7 +134,7 @@ def attend_cached(q, keys, values, at, lengths, firsts=None, *, tables=None, sca
   splits = splits or auto_splits(B * K, blocks)
   Gp = max(MIN_TILE, 1 << (G - 1).bit_length())  # Triton tiles are powers of two
   q = jnp.pad(q, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-  flat = functools.reduce(lambda acc, ia: acc * ia[1] + ia[0], zip(at, lead), jnp.int32(0))
+  flat = layer_index.flat(at, lead)
   cache_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
   kernel, paged = ((_kernel, ()) if tables is None else
                    (_paged_kernel, (jnp.asarray(tables, jnp.int32),)))

@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
-from jaxpp.model import packed8
+from jaxpp.model import layer_index, packed8
 
 MIN_TILE = 16  # the smallest dot operand dimension Triton takes (tl.dot: M, N, K >= 16)
 # Automatic split-K aims for this many programs: two per SM on H100/H200 (132 SMs), so each
@@ -106,9 +106,7 @@ def _project_local(x, stack, scale, index, *, in_dims: int, interpret: bool, out
   L, n_in, n_out = math.prod(lead_shape), math.prod(ins), math.prod(outs)
   if packed8.is_packed(stack):  # pairs of the last output axis (packed8.py)
     n_out, outs = n_out * 2, (*outs[:-1], outs[-1] * 2)
-  layer = jnp.int32(0)
-  for i, n in zip(index, lead_shape):  # row-major flat index of the layer
-    layer = layer * n + jnp.asarray(i, jnp.int32)
+  layer = layer_index.flat(index, lead_shape)
   rows = x.shape[:x.ndim - in_dims]
   flat = x.reshape(math.prod(rows), n_in)
   out = stacked_matmul(flat, stack.reshape(L, n_in, -1), scale.reshape(L, n_out), layer,

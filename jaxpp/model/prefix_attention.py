@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jaxpp.axes import TP
+from jaxpp.model import layer_index
 from jaxpp.model.decode_attention import MIN_TILE, NEG_INF, fold, scale_operands, widened
 from jaxpp.model.decode_attention import supports as _tile_side
 
@@ -129,7 +130,7 @@ def attend_paged(q, k_new, v_new, keys, values, at, tables, starts, lengths, *, 
   if nblk == 0:  # no row has a prefix; Triton takes no empty operand
     tables = jnp.zeros((B, 1), jnp.int32)
   lead = keys.shape[:-4]
-  flat = functools.reduce(lambda acc, ia: acc * ia[1] + ia[0], zip(at, lead), jnp.int32(0))
+  flat = layer_index.flat(at, lead)
   windowed = not (isinstance(window, int) and window == 0)
   win = jnp.where(jnp.asarray(window) > 0, window, NO_WINDOW).astype(jnp.int32)
   pool_shape = (-1, *keys.shape[-4:])  # a bitcast: the lead axes as one
