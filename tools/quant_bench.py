@@ -45,10 +45,11 @@ flags.DEFINE_list("attention", ["kernel"], "the bench's --attention per run: ker
 flags.DEFINE_string("tuned", "", "a tune.json of an earlier call: its chosen tiles instead "
                     "of the `tune` step")
 flags.DEFINE_integer("rows", 64, "activation rows (the bench's decode micro-batch)")
-flags.DEFINE_list("configs", [
-    "bm64_bn128_bk128_s0_w4_st4", "bm64_bn256_bk128_s0_w8_st3", "bm64_bn256_bk64_s0_w4_st4",
-    "bm64_bn64_bk256_s0_w4_st3", "bm64_bn128_bk256_s0_w4_st3", "bm64_bn128_bk128_s0_w4_st4_t"],
-    "kernel configurations to time per shape")
+flags.DEFINE_list("configs", [  # the built-in tiles (decode_tiles), then what to try next
+    "bm64_bn256_bk64_s0_w4_st4", "bm64_bn256_bk128_s0_w8_st3", "bm64_bn128_bk128_s0_w4_st4",
+    "bm64_bn128_bk128_s0_w4_st4_t", "bm64_bn256_bk64_s0_w4_st4_t", "bm64_bn256_bk128_s0_w8_st3_t",
+    "bm64_bn128_bk64_s0_w4_st4", "bm64_bn64_bk128_s0_w4_st4", "bm64_bn256_bk64_s2_w4_st4",
+    "bm64_bn512_bk64_s0_w8_st3_t"], "kernel configurations to time per shape")
 FLAGS = flags.FLAGS
 SHAPES = {"wqkv": (4096, 6144), "wo": (4096, 4096), "w_gate_up": (4096, 28672),
           "w_down": (14336, 4096)}
